@@ -1,0 +1,487 @@
+//! Transport only: TLS, the AMQP session, topology, confirmed publishing and reconnect
+//! backoff. Nothing here knows what a command means.
+
+pub mod tls;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::protocol::BasicProperties;
+use lapin::tcp::{AsyncTcpStream, RustlsConnector};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::uri::{AMQPScheme, AMQPUri, SASLMechanism};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use serde::Serialize;
+
+use crate::config::{AuthMechanism, BrokerConfig};
+
+pub const COMMANDS_EXCHANGE: &str = "rampart.commands";
+pub const ACKS_EXCHANGE: &str = "rampart.acks";
+pub const EVENTS_EXCHANGE: &str = "rampart.events";
+pub const DEAD_EXCHANGE: &str = "rampart.dead";
+pub const DEAD_QUEUE: &str = "rampart.dead";
+
+pub fn host_queue(host_id: &str) -> String {
+    format!("rampart.host.{host_id}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker URL {url}: {message}")]
+    Url { url: String, message: String },
+    #[error("cannot read the broker password file: {0}")]
+    Password(std::io::Error),
+    #[error("connecting to {url} timed out after {secs} s")]
+    Timeout { url: String, secs: u64 },
+    #[error("{url}: {source}")]
+    Connect { url: String, source: lapin::Error },
+    #[error("{context}: {source}")]
+    Amqp {
+        context: &'static str,
+        source: lapin::Error,
+    },
+    #[error("the broker refused (nacked) a message published to {exchange}")]
+    Nacked { exchange: String },
+    #[error("the broker returned an unroutable message published to {exchange} with key {key}")]
+    Unroutable { exchange: String, key: String },
+}
+
+fn amqp(context: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
+    move |source| BrokerError::Amqp { context, source }
+}
+
+/// A broker URL as configured, parsed, with the password (if any) hidden when displayed.
+#[derive(Debug, Clone)]
+pub struct BrokerUrl {
+    pub uri: AMQPUri,
+    pub display: String,
+}
+
+/// Parses one `amqps://` URL; plaintext AMQP is refused: credentials and commands never
+/// travel in the clear.
+pub fn parse_url(url: &str, cfg: &BrokerConfig) -> Result<BrokerUrl, BrokerError> {
+    let err = |message: &str| BrokerError::Url {
+        url: url.to_string(),
+        message: message.to_string(),
+    };
+    let mut uri: AMQPUri = url.parse().map_err(|e: String| err(&e))?;
+    if uri.scheme != AMQPScheme::AMQPS {
+        return Err(err("only amqps:// (TLS) URLs are allowed"));
+    }
+    if uri.authority.host.is_empty() {
+        return Err(err("no host"));
+    }
+    uri.query.heartbeat = Some(cfg.heartbeat_secs);
+    uri.query.auth_mechanism = Some(match cfg.auth {
+        AuthMechanism::External => SASLMechanism::External,
+        AuthMechanism::Plain => SASLMechanism::Plain,
+    });
+    let display = format!(
+        "amqps://{}:{}/{}",
+        uri.authority.host,
+        uri.authority.port,
+        urlencode_vhost(&uri.vhost)
+    );
+    Ok(BrokerUrl { uri, display })
+}
+
+fn urlencode_vhost(vhost: &str) -> String {
+    vhost.replace('%', "%25").replace('/', "%2f")
+}
+
+/// What the TLS handshake established, for status and `connection list`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TlsDetails {
+    pub version: String,
+    pub cipher: String,
+    pub peer_subject: String,
+    pub peer_not_after: String,
+    pub local_addr: String,
+    pub peer_addr: String,
+}
+
+/// One established AMQP session.
+pub struct Session {
+    pub connection: Connection,
+    pub url: String,
+    pub tls: TlsDetails,
+    pub connected_at: SystemTime,
+}
+
+/// Everything needed to open sessions to the configured brokers.
+#[derive(Clone)]
+pub struct Connector {
+    pub urls: Vec<BrokerUrl>,
+    pub server_name: Option<String>,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub connection_name: String,
+    pub connect_timeout: Duration,
+    pub plain_credentials: Option<(String, String)>,
+}
+
+impl Connector {
+    pub fn new(
+        cfg: &BrokerConfig,
+        tls: Arc<rustls::ClientConfig>,
+        connection_name: String,
+    ) -> Result<Connector, BrokerError> {
+        let urls = cfg
+            .urls
+            .iter()
+            .map(|u| parse_url(u, cfg))
+            .collect::<Result<Vec<_>, _>>()?;
+        let plain_credentials = match (cfg.auth, &cfg.username, &cfg.password_file) {
+            (AuthMechanism::Plain, Some(user), Some(file)) => {
+                let pw = std::fs::read_to_string(file).map_err(BrokerError::Password)?;
+                Some((user.clone(), pw.trim_end_matches(['\r', '\n']).to_string()))
+            }
+            _ => None,
+        };
+        Ok(Connector {
+            urls,
+            server_name: cfg.server_name.clone(),
+            tls,
+            connection_name,
+            connect_timeout: Duration::from_secs(cfg.connect_timeout_secs),
+            plain_credentials,
+        })
+    }
+
+    /// One attempt against one URL: TCP, TLS (broker verified), AMQP handshake and login.
+    pub async fn connect(&self, url: &BrokerUrl) -> Result<Session, BrokerError> {
+        let mut uri = url.uri.clone();
+        if let Some((user, pw)) = &self.plain_credentials {
+            uri.authority.userinfo.username = user.clone();
+            uri.authority.userinfo.password = pw.clone();
+        }
+        let server_name = self
+            .server_name
+            .clone()
+            .unwrap_or_else(|| uri.authority.host.clone());
+        let details = Arc::new(Mutex::new(TlsDetails::default()));
+        let seen = details.clone();
+        let tls = RustlsConnector::from(self.tls.clone());
+        let open = async move |uri: AMQPUri, rt| {
+            let addrs: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((uri.authority.host.as_str(), uri.authority.port))
+                    .await?
+                    .collect();
+            let stream = AsyncTcpStream::connect(&rt, addrs).await?;
+            let stream = stream.into_rustls(&tls, &server_name).await?;
+            if let AsyncTcpStream::Rustls(s) = &stream {
+                let (_, conn) = s.get_ref();
+                let mut d = seen.lock().expect("tls details lock");
+                d.version = conn
+                    .protocol_version()
+                    .map(|v| format!("{v:?}"))
+                    .unwrap_or_default();
+                d.cipher = conn
+                    .negotiated_cipher_suite()
+                    .map(|c| format!("{:?}", c.suite()))
+                    .unwrap_or_default();
+                if let Some(peer) = conn.peer_certificates().and_then(|c| c.first())
+                    && let Ok(info) = tls::cert_info(peer)
+                {
+                    d.peer_subject = info.subject;
+                    d.peer_not_after = info.not_after;
+                }
+            }
+            Ok(stream)
+        };
+        let props = ConnectionProperties::default()
+            .with_connection_name(self.connection_name.clone().into());
+        let runtime = lapin::runtime::default_runtime().map_err(|source| BrokerError::Connect {
+            url: url.display.clone(),
+            source,
+        })?;
+        let attempt = Connection::connector(uri, runtime, open, props);
+        let connection = tokio::time::timeout(self.connect_timeout, attempt)
+            .await
+            .map_err(|_| BrokerError::Timeout {
+                url: url.display.clone(),
+                secs: self.connect_timeout.as_secs(),
+            })?
+            .map_err(|source| BrokerError::Connect {
+                url: url.display.clone(),
+                source,
+            })?;
+        let tls = details.lock().expect("tls details lock").clone();
+        Ok(Session {
+            connection,
+            url: url.display.clone(),
+            tls,
+            connected_at: SystemTime::now(),
+        })
+    }
+}
+
+/// Exponential backoff with full jitter: each delay is uniform in [0, min(cap, initial*2^n)].
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, cap: Duration) -> Backoff {
+        Backoff {
+            initial,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// The ceiling of the next delay (before jitter).
+    pub fn ceiling(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.cap)
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.ceiling();
+        self.attempt = self.attempt.saturating_add(1);
+        let ms = rand::random_range(0..=ceiling.as_millis() as u64);
+        Duration::from_millis(ms)
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+fn queue_args(cfg: &BrokerConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(cfg.queue_type.as_str().into()),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(DEAD_EXCHANGE.into()),
+    );
+    // Must be an integer: RabbitMQ closes the channel on a string TTL.
+    args.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongLongInt(i64::from(cfg.message_ttl_ms)),
+    );
+    args
+}
+
+const EXCHANGES: [(&str, ExchangeKind); 4] = [
+    (COMMANDS_EXCHANGE, ExchangeKind::Direct),
+    (ACKS_EXCHANGE, ExchangeKind::Topic),
+    (EVENTS_EXCHANGE, ExchangeKind::Topic),
+    (DEAD_EXCHANGE, ExchangeKind::Fanout),
+];
+
+/// Declares the shared exchanges and the dead-letter queue. Needs configure permission on
+/// them (a manager has it; a least-privilege host does not).
+pub async fn declare_shared_topology(conn: &Connection) -> Result<(), BrokerError> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(amqp("opening a channel"))?;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for (name, kind) in EXCHANGES {
+        ch.exchange_declare(name.into(), kind, durable, FieldTable::default())
+            .await
+            .map_err(amqp("declaring an exchange"))?;
+    }
+    ch.queue_declare(
+        DEAD_QUEUE.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map_err(amqp("declaring the dead-letter queue"))?;
+    ch.queue_bind(
+        DEAD_QUEUE.into(),
+        DEAD_EXCHANGE.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(amqp("binding the dead-letter queue"))?;
+    let _ = ch.close(200, "OK".into()).await;
+    Ok(())
+}
+
+/// Checks that the shared exchanges exist without needing permission to create them.
+async fn check_shared_topology(conn: &Connection) -> Result<(), BrokerError> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(amqp("opening a channel"))?;
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    for (name, kind) in EXCHANGES {
+        if name == DEAD_EXCHANGE {
+            continue; // hosts have no read/configure right on it; the broker dead-letters.
+        }
+        ch.exchange_declare(name.into(), kind, passive, FieldTable::default())
+            .await
+            .map_err(amqp("exchange missing (passive declare)"))?;
+    }
+    let _ = ch.close(200, "OK".into()).await;
+    Ok(())
+}
+
+/// Declares the host's queue and binds it; the same arguments on every side, so
+/// re-declaring is idempotent.
+pub async fn declare_host_queue(
+    ch: &Channel,
+    host_id: &str,
+    cfg: &BrokerConfig,
+) -> Result<(), BrokerError> {
+    let queue = host_queue(host_id);
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        queue_args(cfg),
+    )
+    .await
+    .map_err(amqp("declaring the host queue"))?;
+    ch.queue_bind(
+        queue.as_str().into(),
+        COMMANDS_EXCHANGE.into(),
+        host_id.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(amqp("binding the host queue to rampart.commands"))?;
+    Ok(())
+}
+
+/// The agent's side of the topology: the shared exchanges checked passively (declared when
+/// missing and this user may), then its own queue and binding on the consuming channel.
+pub async fn declare_agent_topology(
+    conn: &Connection,
+    ch: &Channel,
+    host_id: &str,
+    cfg: &BrokerConfig,
+) -> Result<(), BrokerError> {
+    if let Err(missing) = check_shared_topology(conn).await {
+        tracing::info!(error = %missing, "shared topology incomplete; trying to declare it");
+        if let Err(e) = declare_shared_topology(conn).await {
+            tracing::debug!(error = %e, "declaring the shared topology failed");
+            return Err(missing);
+        }
+    }
+    declare_host_queue(ch, host_id, cfg).await
+}
+
+/// A channel in publisher-confirm mode.
+pub async fn confirm_channel(conn: &Connection) -> Result<Channel, BrokerError> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(amqp("opening a channel"))?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(amqp("enabling publisher confirms"))?;
+    Ok(ch)
+}
+
+/// Publishes and waits for the broker's confirm. With `mandatory`, an unroutable message is
+/// an error rather than silently dropped.
+pub async fn publish_confirmed(
+    ch: &Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    props: BasicProperties,
+    mandatory: bool,
+) -> Result<(), BrokerError> {
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions {
+                mandatory,
+                ..Default::default()
+            },
+            body,
+            props,
+        )
+        .await
+        .map_err(amqp("publishing"))?
+        .await
+        .map_err(amqp("waiting for the publisher confirm"))?;
+    match confirm {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable {
+            exchange: exchange.to_string(),
+            key: key.to_string(),
+        }),
+        Confirmation::Nack(_) => Err(BrokerError::Nacked {
+            exchange: exchange.to_string(),
+        }),
+    }
+}
+
+/// Properties of every persistent JSON message this project publishes.
+pub fn json_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter_below_the_ceiling() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let mut ceilings = vec![];
+        for _ in 0..12 {
+            let c = b.ceiling();
+            let d = b.next_delay();
+            assert!(d <= c);
+            ceilings.push(c.as_millis());
+        }
+        assert_eq!(&ceilings[..4], &[100, 200, 400, 800]);
+        assert_eq!(*ceilings.last().unwrap(), 30_000);
+        b.reset();
+        assert_eq!(b.ceiling(), Duration::from_millis(100));
+    }
+
+    fn cfg() -> BrokerConfig {
+        crate::config::Config::parse(
+            r#"[broker]
+            urls = ["amqps://b.example:5671/%2f"]
+            ca_file = "c"
+            cert_file = "c"
+            key_file = "k""#,
+        )
+        .unwrap()
+        .broker
+    }
+
+    #[test]
+    fn urls_carry_heartbeat_and_external_auth() {
+        let u = parse_url("amqps://user:secret@b.example:5671/%2f", &cfg()).unwrap();
+        assert_eq!(u.uri.query.heartbeat, Some(30));
+        assert_eq!(u.uri.query.auth_mechanism, Some(SASLMechanism::External));
+        assert!(!u.display.contains("secret"));
+        assert!(parse_url("amqp://b.example/%2f", &cfg()).is_err());
+    }
+}

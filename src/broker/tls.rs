@@ -1,0 +1,135 @@
+//! TLS material: PEM files -> rustls `ClientConfig`, built by us (not by the AMQP client) so
+//! that the identity can be swapped at run time.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: no PEM {what} found")]
+    Empty { path: PathBuf, what: &'static str },
+    #[error("{path}: bad PEM: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error("{path}: certificate does not parse: {message}")]
+    X509 { path: PathBuf, message: String },
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The facts about a certificate that acks, events and the CLI show.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertInfo {
+    pub subject: String,
+    pub common_name: Option<String>,
+    pub not_after: String,
+    pub not_after_unix: i64,
+    pub sha256: String,
+}
+
+/// A client identity: certificate chain and private key.
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub info: CertInfo,
+}
+
+impl std::fmt::Debug for Identity {
+    // The key never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            path: path.to_path_buf(),
+            what: "certificate",
+        });
+    }
+    Ok(certs)
+}
+
+pub fn load_identity(cert_file: &Path, key_file: &Path) -> Result<Identity, TlsError> {
+    let chain = load_certs(cert_file)?;
+    let key_pem = read(key_file)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
+        path: key_file.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let info = cert_info(&chain[0]).map_err(|message| TlsError::X509 {
+        path: cert_file.to_path_buf(),
+        message,
+    })?;
+    Ok(Identity { chain, key, info })
+}
+
+pub fn load_roots(ca_file: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(ca_file)? {
+        roots.add(cert).map_err(|e| TlsError::X509 {
+            path: ca_file.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
+pub fn cert_info(der: &CertificateDer<'_>) -> Result<CertInfo, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| e.to_string())?;
+    let common_name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string);
+    let not_after = cert.validity().not_after;
+    Ok(CertInfo {
+        subject: cert.subject().to_string(),
+        common_name,
+        not_after: not_after
+            .to_rfc2822()
+            .unwrap_or_else(|_| not_after.to_string()),
+        not_after_unix: not_after.timestamp(),
+        sha256: hex::encode(Sha256::digest(der.as_ref())),
+    })
+}
+
+/// TLS 1.2 and 1.3 only, the broker verified against `roots`, our identity presented.
+pub fn client_config(
+    roots: RootCertStore,
+    identity: &Identity,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
+    Ok(Arc::new(config))
+}

@@ -1,0 +1,364 @@
+//! Typed TOML configuration: one struct per section, unknown keys rejected, `validate()` for
+//! every rule serde cannot express.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::protocol::is_valid_host_id;
+
+/// Where every subcommand looks for its configuration unless `--config` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/rampart/rampart.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This host's id; defaults to the client certificate's CN.
+    pub host_id: Option<String>,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    pub broker: BrokerConfig,
+    #[serde(default)]
+    pub commands: CommandsConfig,
+    #[serde(default)]
+    pub control: ControlConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Only read by `rampart send` (the manager side).
+    #[serde(default)]
+    pub manager: ManagerConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Quorum,
+    Classic,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMechanism {
+    /// SASL EXTERNAL: the broker takes the user name from the client certificate.
+    External,
+    /// SASL PLAIN with `username` and `password_file`, for brokers without the plugin.
+    Plain,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub urls: Vec<String>,
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Name the broker's certificate must carry; defaults to each URL's host.
+    pub server_name: Option<String>,
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: u16,
+    #[serde(default = "default_queue_type")]
+    pub queue_type: QueueType,
+    #[serde(default = "default_message_ttl_ms")]
+    pub message_ttl_ms: u32,
+    #[serde(default = "default_trusted_senders")]
+    pub trusted_senders: Vec<String>,
+    /// Unacknowledged deliveries the broker may push ahead of the one in hand.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    #[serde(default = "default_backoff_initial_ms")]
+    pub backoff_initial_ms: u64,
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+    #[serde(default = "default_connect_timeout_secs")]
+    pub connect_timeout_secs: u64,
+    #[serde(default = "default_auth")]
+    pub auth: AuthMechanism,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandsConfig {
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Ed25519 public keys (PEM, SubjectPublicKeyInfo); when any is set, commands must be signed.
+    #[serde(default)]
+    pub signing_keys: Vec<PathBuf>,
+    /// How many processed command ids (with their acks) are kept for deduplication.
+    #[serde(default = "default_dedup_keep")]
+    pub dedup_keep: usize,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        CommandsConfig {
+            max_body_bytes: default_max_body_bytes(),
+            signing_keys: Vec::new(),
+            dedup_keep: default_dedup_keep(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            socket: default_socket(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    #[serde(default = "default_log_format")]
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_log_level(),
+            format: default_log_format(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ManagerConfig {
+    /// `source` of the commands this manager sends; defaults to the certificate's CN.
+    pub name: Option<String>,
+    /// Ed25519 private key (PKCS#8 PEM) used to sign command bodies.
+    pub signing_key: Option<PathBuf>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/rampart")
+}
+fn default_heartbeat_secs() -> u16 {
+    30
+}
+fn default_queue_type() -> QueueType {
+    QueueType::Quorum
+}
+fn default_message_ttl_ms() -> u32 {
+    7_200_000
+}
+fn default_trusted_senders() -> Vec<String> {
+    vec!["manager".to_string()]
+}
+fn default_prefetch() -> u16 {
+    32
+}
+fn default_backoff_initial_ms() -> u64 {
+    100
+}
+fn default_backoff_max_ms() -> u64 {
+    30_000
+}
+fn default_connect_timeout_secs() -> u64 {
+    10
+}
+fn default_auth() -> AuthMechanism {
+    AuthMechanism::External
+}
+fn default_max_body_bytes() -> usize {
+    16 * 1024 * 1024
+}
+fn default_dedup_keep() -> usize {
+    10_000
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/rampart/rampart.sock")
+}
+fn default_log_level() -> String {
+    "info".to_string()
+}
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(id) = &self.host_id
+            && !is_valid_host_id(id)
+        {
+            return Err(invalid(
+                "host_id",
+                format!("{id:?} does not match ^[a-z0-9][a-z0-9._-]{{0,62}}$"),
+            ));
+        }
+        let b = &self.broker;
+        if b.urls.is_empty() {
+            return Err(invalid(
+                "broker.urls",
+                "at least one broker URL is required",
+            ));
+        }
+        for url in &b.urls {
+            crate::broker::parse_url(url, b).map_err(|e| invalid("broker.urls", e.to_string()))?;
+        }
+        if b.heartbeat_secs == 0 {
+            return Err(invalid("broker.heartbeat_secs", "must be at least 1"));
+        }
+        if b.prefetch == 0 {
+            return Err(invalid("broker.prefetch", "must be at least 1"));
+        }
+        if b.trusted_senders.is_empty() {
+            return Err(invalid(
+                "broker.trusted_senders",
+                "at least one trusted sender is required",
+            ));
+        }
+        if b.backoff_initial_ms == 0 || b.backoff_max_ms < b.backoff_initial_ms {
+            return Err(invalid(
+                "broker.backoff_max_ms",
+                "backoff_initial_ms must be > 0 and <= backoff_max_ms",
+            ));
+        }
+        if b.auth == AuthMechanism::Plain && (b.username.is_none() || b.password_file.is_none()) {
+            return Err(invalid(
+                "broker.auth",
+                "auth = \"plain\" needs broker.username and broker.password_file",
+            ));
+        }
+        if self.commands.dedup_keep < 10_000 {
+            return Err(invalid(
+                "commands.dedup_keep",
+                "the contract requires keeping at least 10000 command ids",
+            ));
+        }
+        if self.commands.max_body_bytes == 0 {
+            return Err(invalid("commands.max_body_bytes", "must be at least 1"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [broker]
+        urls = ["amqps://broker.example:5671/%2f"]
+        ca_file = "/etc/rampart/ca.pem"
+        cert_file = "/etc/rampart/host.pem"
+        key_file = "/etc/rampart/host.key"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_contract_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.broker.heartbeat_secs, 30);
+        assert_eq!(c.broker.queue_type, QueueType::Quorum);
+        assert_eq!(c.broker.message_ttl_ms, 7_200_000);
+        assert_eq!(c.broker.trusted_senders, vec!["manager"]);
+        assert_eq!(c.commands.max_body_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/rampart"));
+        assert_eq!(c.broker.auth, AuthMechanism::External);
+    }
+
+    #[test]
+    fn unknown_key_is_named_in_the_error() {
+        let text = format!("{MINIMAL}\nheartbeat = 5\n");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("heartbeat"), "{err}");
+        let text = MINIMAL.replace("[broker]", "[broker]\nretry_ms = 5");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("retry_ms"), "{err}");
+    }
+
+    #[test]
+    fn plaintext_urls_are_refused() {
+        let text = MINIMAL.replace("amqps://", "amqp://");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("amqps"), "{err}");
+    }
+
+    #[test]
+    fn bad_host_id_is_refused() {
+        let text = format!("host_id = \"Host_1\"\n{MINIMAL}");
+        assert!(Config::parse(&text).is_err());
+    }
+
+    #[test]
+    fn plain_auth_needs_credentials() {
+        let text = MINIMAL.replace("[broker]", "[broker]\nauth = \"plain\"");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("password_file"), "{err}");
+    }
+}

@@ -1,0 +1,358 @@
+//! Wires the stages together: identity and state at start, then the broker session loop
+//! (connect with backoff, declare, consume, dispatch, ack, heartbeat) until a signal.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Event};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::broker::{self, Backoff, BrokerError, Connector, Session};
+use crate::config::{AuthMechanism, Config};
+use crate::dispatch::{Dispatcher, Disposition};
+use crate::protocol::{DecodeContext, Incoming, is_valid_host_id, now_ms};
+use crate::state::Store;
+
+/// A session that lasted this long was stable: the next failure starts backoff afresh.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+
+/// Why a session ended.
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+struct Agent {
+    config: Config,
+    host_id: String,
+    broker_user: String,
+    dispatcher: Dispatcher,
+    started: Instant,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+/// Runs the agent in the foreground until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let b = &config.broker;
+    let identity = broker::tls::load_identity(&b.cert_file, &b.key_file)
+        .context("loading the client identity")?;
+    let roots = broker::tls::load_roots(&b.ca_file).context("loading the broker CA")?;
+    let tls =
+        broker::tls::client_config(roots, &identity).context("building the TLS configuration")?;
+    let cn = identity.info.common_name.clone();
+    let host_id = match (&config.host_id, &cn) {
+        (Some(id), _) => id.clone(),
+        (None, Some(cn)) if is_valid_host_id(cn) => cn.clone(),
+        (None, Some(cn)) => anyhow::bail!(
+            "host_id is not set and the certificate CN {cn:?} is not a valid host id; set host_id"
+        ),
+        (None, None) => anyhow::bail!("host_id is not set and the certificate has no CN"),
+    };
+    let broker_user = match b.auth {
+        AuthMechanism::External => cn.context("EXTERNAL login needs a certificate with a CN")?,
+        AuthMechanism::Plain => b.username.clone().unwrap_or_default(),
+    };
+    let signing_keys = load_signing_keys(&config)?;
+
+    let state_dir = config.state_dir.clone();
+    let keep = config.commands.dedup_keep;
+    let store = tokio::task::spawn_blocking(move || Store::open(&state_dir, keep))
+        .await
+        .expect("state store task panicked")
+        .context("opening the state store")?;
+    tracing::info!(path = %store.path().display(), "state store open");
+
+    let decode = DecodeContext {
+        host_id: host_id.clone(),
+        trusted_senders: b.trusted_senders.clone(),
+        max_body_bytes: config.commands.max_body_bytes,
+        signing_keys,
+    };
+    let connector = Connector::new(b, tls, format!("rampart/{host_id}"))?;
+    let agent = Arc::new(Agent {
+        dispatcher: Dispatcher::new(Arc::new(store), decode, identity.info.clone()),
+        host_id,
+        broker_user,
+        config,
+        started: Instant::now(),
+        last_error: std::sync::Mutex::new(None),
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("stop requested: finishing the command in hand");
+        let _ = stop_tx.send(true);
+    });
+    agent.session_loop(connector, stop_rx).await;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+fn load_signing_keys(config: &Config) -> anyhow::Result<Vec<ed25519_dalek::VerifyingKey>> {
+    use ed25519_dalek::pkcs8::DecodePublicKey;
+    config
+        .commands
+        .signing_keys
+        .iter()
+        .map(|path| {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading signing key {}", path.display()))?;
+            ed25519_dalek::VerifyingKey::from_public_key_pem(&pem)
+                .map_err(|e| anyhow::anyhow!("signing key {}: {e}", path.display()))
+        })
+        .collect()
+}
+
+impl Agent {
+    async fn session_loop(&self, connector: Connector, mut stop: watch::Receiver<bool>) {
+        let b = &self.config.broker;
+        let mut backoff = Backoff::new(
+            Duration::from_millis(b.backoff_initial_ms),
+            Duration::from_millis(b.backoff_max_ms),
+        );
+        let mut next_url = 0usize;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let url = &connector.urls[next_url % connector.urls.len()];
+            next_url += 1;
+            match connector.connect(url).await {
+                Ok(session) => {
+                    tracing::info!(
+                        url = %session.url,
+                        tls_version = %session.tls.version,
+                        cipher = %session.tls.cipher,
+                        broker_certificate = %session.tls.peer_subject,
+                        "connected to broker"
+                    );
+                    let began = Instant::now();
+                    match self.serve(&session, &mut stop).await {
+                        SessionEnd::Shutdown => {
+                            let _ = session.connection.close(200, "agent stopping".into()).await;
+                            return;
+                        }
+                        SessionEnd::Lost(why) => {
+                            tracing::warn!(url = %session.url, error = %why, "broker session lost");
+                            self.note_error(why);
+                            let _ = session.connection.close(200, "reconnecting".into()).await;
+                        }
+                    }
+                    if began.elapsed() >= STABLE_SESSION {
+                        backoff.reset();
+                    }
+                    // After losing a session, try the same broker first.
+                    next_url -= 1;
+                }
+                Err(e) => {
+                    tracing::warn!(url = %url.display, error = %e, "cannot connect to broker");
+                    self.note_error(e.to_string());
+                }
+            }
+            let delay = backoff.next_delay();
+            tracing::info!(delay_ms = delay.as_millis() as u64, "retrying the broker");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    fn note_error(&self, e: String) {
+        *self.last_error.lock().expect("last_error lock") = Some(e);
+    }
+
+    async fn serve(&self, session: &Session, stop: &mut watch::Receiver<bool>) -> SessionEnd {
+        match self.serve_inner(session, stop).await {
+            Ok(end) => end,
+            Err(e) => SessionEnd::Lost(e.to_string()),
+        }
+    }
+
+    async fn serve_inner(
+        &self,
+        session: &Session,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<SessionEnd, BrokerError> {
+        let conn = &session.connection;
+        let b = &self.config.broker;
+        let amqp = |context: &'static str| move |source| BrokerError::Amqp { context, source };
+
+        let consume_ch = conn
+            .create_channel()
+            .await
+            .map_err(amqp("opening a channel"))?;
+        consume_ch
+            .basic_qos(b.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(amqp("setting the prefetch"))?;
+        broker::declare_agent_topology(conn, &consume_ch, &self.host_id, b).await?;
+        let publish_ch = broker::confirm_channel(conn).await?;
+        let mut consumer = consume_ch
+            .basic_consume(
+                broker::host_queue(&self.host_id).as_str().into(),
+                format!("rampart-{}", self.host_id).as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp("consuming the host queue"))?;
+
+        // Subscribed only now: failed declarations above close their channel with an error
+        // event, which must not count as losing the session.
+        let mut events = conn.events_listener();
+        let summary = self
+            .dispatcher
+            .summary()
+            .await
+            .unwrap_or_else(|e| json!({"error": e.to_string()}));
+        self.publish_event(&publish_ch, "state", summary).await?;
+
+        let period = Duration::from_secs(u64::from(b.heartbeat_secs));
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => return Ok(SessionEnd::Shutdown),
+                event = events.next() => match event {
+                    Some(Event::Error(e)) if !conn.status().connected() => {
+                        return Ok(SessionEnd::Lost(e.to_string()));
+                    }
+                    Some(Event::Error(e)) => tracing::warn!(error = %e, "AMQP error on a channel"),
+                    Some(Event::ConnectionBlocked(reason)) => {
+                        tracing::warn!(%reason, "broker blocked this connection (resource alarm)");
+                    }
+                    Some(Event::ConnectionUnblocked) => tracing::info!("broker unblocked this connection"),
+                    Some(_) => {}
+                    None => return Ok(SessionEnd::Lost("connection events ended".into())),
+                },
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(delivery)) => self.process(&publish_ch, delivery).await?,
+                    Some(Err(e)) => return Ok(SessionEnd::Lost(e.to_string())),
+                    None => return Ok(SessionEnd::Lost("the broker cancelled the consumer".into())),
+                },
+                _ = heartbeat.tick() => {
+                    let data = self.heartbeat_data(session);
+                    self.publish_event(&publish_ch, "heartbeat", data).await?;
+                }
+            }
+        }
+    }
+
+    async fn process(
+        &self,
+        publish_ch: &Channel,
+        delivery: lapin::message::Delivery,
+    ) -> Result<(), BrokerError> {
+        let props = &delivery.properties;
+        let signature =
+            props
+                .headers()
+                .as_ref()
+                .and_then(|h| match h.inner().get("x-rampart-signature") {
+                    Some(AMQPValue::LongString(s)) => {
+                        Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                    }
+                    Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_string()),
+                    _ => None,
+                });
+        let incoming = Incoming {
+            message_id: props.message_id().as_ref().map(|s| s.as_str().to_string()),
+            kind: props.kind().as_ref().map(|s| s.as_str().to_string()),
+            user_id: props.user_id().as_ref().map(|s| s.as_str().to_string()),
+            signature,
+            body: delivery.data,
+        };
+        let outcome = self.dispatcher.handle(incoming).await;
+        let ack = &outcome.ack;
+        let mut ack_props = broker::json_properties()
+            .with_message_id(ack.id.as_str().into())
+            .with_type("ack".into())
+            .with_user_id(self.broker_user.as_str().into())
+            .with_timestamp(ack.timestamp / 1000);
+        if let Some(cid) = &ack.correlation_id {
+            ack_props = ack_props.with_correlation_id(cid.as_str().into());
+        }
+        broker::publish_confirmed(
+            publish_ch,
+            broker::ACKS_EXCHANGE,
+            &self.host_id,
+            &ack.to_json(),
+            ack_props,
+            false,
+        )
+        .await?;
+        // Only now, with the ack safely at the broker, does the command leave the queue.
+        let amqp = |context: &'static str| move |source| BrokerError::Amqp { context, source };
+        match outcome.disposition {
+            Disposition::Ack => delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(amqp("acknowledging the delivery"))?,
+            Disposition::Reject => delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await
+                .map_err(amqp("rejecting the delivery"))?,
+        };
+        Ok(())
+    }
+
+    fn heartbeat_data(&self, session: &Session) -> Value {
+        json!({
+            "host": self.host_id,
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "broker": session.url,
+            "firewall": { "generation": 0, "rules": 0, "address_sets": 0, "elements": 0 },
+            "routers": 0,
+            "last_error": *self.last_error.lock().expect("last_error lock"),
+        })
+    }
+
+    async fn publish_event(
+        &self,
+        ch: &Channel,
+        event: &str,
+        data: Value,
+    ) -> Result<(), BrokerError> {
+        let body = json!({
+            "specversion": "1.0",
+            "id": uuid::Uuid::new_v4().to_string(),
+            "type": event,
+            "source": self.host_id,
+            "host": self.host_id,
+            "timestamp": now_ms(),
+            "data": data,
+        });
+        let props = broker::json_properties()
+            .with_type(event.into())
+            .with_user_id(self.broker_user.as_str().into());
+        broker::publish_confirmed(
+            ch,
+            broker::EVENTS_EXCHANGE,
+            &format!("{event}.{}", self.host_id),
+            &serde_json::to_vec(&body).expect("event serialises"),
+            props,
+            false,
+        )
+        .await
+    }
+}

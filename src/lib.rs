@@ -1,0 +1,18 @@
+//! rampart: the host agent. The modules below follow one command through the agent.
+
+/// Transport: TLS, AMQP session, topology, confirmed publishing, backoff.
+pub mod broker;
+/// Command-line interface.
+pub mod cli;
+/// Typed configuration file.
+pub mod config;
+/// Wires the stages into the running daemon.
+pub mod daemon;
+/// Request -> effect -> persisted outcome -> ack, at most once.
+pub mod dispatch;
+/// The manager's side of the bus (`rampart send`, tests).
+pub mod manager;
+/// Wire contract: deliveries -> checked requests; acks.
+pub mod protocol;
+/// Crash-safe store of processed commands and applied state.
+pub mod state;

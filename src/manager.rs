@@ -1,0 +1,292 @@
+//! The manager's side of the bus, as `rampart send` and the tests use it: declare the
+//! topology, publish a command, wait for its ack.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use base64::Engine;
+use ed25519_dalek::Signer;
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Consumer};
+use serde_json::{Value, json};
+
+use crate::broker::{self, BrokerError, Connector, Session};
+use crate::config::{AuthMechanism, Config};
+use crate::protocol::{Ack, now_ms};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Tls(#[from] broker::tls::TlsError),
+    #[error("signing key {path}: {message}")]
+    SigningKey { path: String, message: String },
+    #[error("no broker could be reached: {0}")]
+    Unreachable(String),
+    #[error("no ack for command {id} within {secs} s (is the agent running and connected?)")]
+    Timeout { id: String, secs: u64 },
+    #[error("the ack stream closed before the ack for {0} arrived")]
+    AckStreamClosed(String),
+    #[error("an ack that is not valid JSON arrived: {0}")]
+    BadAck(serde_json::Error),
+}
+
+/// One command as it goes on the wire; every field can be set freely so that tests can
+/// send malformed input too.
+#[derive(Debug, Clone, Default)]
+pub struct Outgoing {
+    pub body: Vec<u8>,
+    pub message_id: Option<String>,
+    pub kind: Option<String>,
+    /// Sets the AMQP `user_id` to the manager's own user (the broker checks it).
+    pub with_user_id: bool,
+    /// Overrides the signature header; `None` signs with the configured key, if any.
+    pub signature: Option<String>,
+}
+
+/// The standard envelope of PROTOCOL.md section 3.
+pub fn command_body(id: &str, kind: &str, source: &str, host: &str, data: &Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "specversion": "1.0",
+        "id": id,
+        "type": kind,
+        "source": source,
+        "host": host,
+        "timestamp": now_ms(),
+        "data": data,
+    }))
+    .expect("a JSON value serialises")
+}
+
+pub struct Manager {
+    session: Session,
+    channel: Channel,
+    acks: Option<Consumer>,
+    ack_queue: String,
+    seen: HashMap<String, Ack>,
+    user: String,
+    name: String,
+    signing_key: Option<ed25519_dalek::SigningKey>,
+    config: Config,
+}
+
+impl Manager {
+    /// Connects once to the first broker that answers.
+    pub async fn connect(config: &Config) -> Result<Manager, ManagerError> {
+        let b = &config.broker;
+        let identity = broker::tls::load_identity(&b.cert_file, &b.key_file)?;
+        let roots = broker::tls::load_roots(&b.ca_file)?;
+        let tls = broker::tls::client_config(roots, &identity)?;
+        let user = match b.auth {
+            AuthMechanism::External => identity.info.common_name.clone().unwrap_or_default(),
+            AuthMechanism::Plain => b.username.clone().unwrap_or_default(),
+        };
+        let name = config.manager.name.clone().unwrap_or_else(|| user.clone());
+        let signing_key = match &config.manager.signing_key {
+            None => None,
+            Some(path) => {
+                use ed25519_dalek::pkcs8::DecodePrivateKey;
+                let err = |message: String| ManagerError::SigningKey {
+                    path: path.display().to_string(),
+                    message,
+                };
+                let pem = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+                Some(
+                    ed25519_dalek::SigningKey::from_pkcs8_pem(&pem)
+                        .map_err(|e| err(e.to_string()))?,
+                )
+            }
+        };
+        let connector = Connector::new(b, tls, format!("rampart-manager/{name}"))?;
+        let mut errors = vec![];
+        let mut session = None;
+        for url in &connector.urls {
+            match connector.connect(url).await {
+                Ok(s) => {
+                    session = Some(s);
+                    break;
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        let session = session.ok_or_else(|| ManagerError::Unreachable(errors.join("; ")))?;
+        broker::declare_shared_topology(&session.connection).await?;
+        let channel = broker::confirm_channel(&session.connection).await?;
+        let q = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| BrokerError::Amqp {
+                context: "declaring the ack queue",
+                source,
+            })?;
+        Ok(Manager {
+            session,
+            channel,
+            acks: None,
+            ack_queue: q.name().as_str().to_string(),
+            seen: HashMap::new(),
+            user,
+            name,
+            signing_key,
+            config: config.clone(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Makes sure `host`'s queue exists (so commands wait for an agent that is down) and
+    /// that its acks reach us.
+    pub async fn watch_host(&mut self, host: &str) -> Result<(), ManagerError> {
+        broker::declare_host_queue(&self.channel, host, &self.config.broker).await?;
+        self.channel
+            .queue_bind(
+                self.ack_queue.as_str().into(),
+                broker::ACKS_EXCHANGE.into(),
+                host.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| BrokerError::Amqp {
+                context: "binding the ack queue",
+                source,
+            })?;
+        if self.acks.is_none() {
+            let consumer = self
+                .channel
+                .basic_consume(
+                    self.ack_queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|source| BrokerError::Amqp {
+                    context: "consuming acks",
+                    source,
+                })?;
+            self.acks = Some(consumer);
+        }
+        Ok(())
+    }
+
+    /// Publishes a standard command and returns its id.
+    pub async fn send(
+        &self,
+        host: &str,
+        kind: &str,
+        id: &str,
+        data: &Value,
+    ) -> Result<(), ManagerError> {
+        let body = command_body(id, kind, &self.name, host, data);
+        self.publish(
+            host,
+            Outgoing {
+                body,
+                message_id: Some(id.to_string()),
+                kind: Some(kind.to_string()),
+                with_user_id: true,
+                signature: None,
+            },
+        )
+        .await
+    }
+
+    /// Publishes raw bytes with the given properties to `host`'s routing key.
+    pub async fn publish(&self, host: &str, out: Outgoing) -> Result<(), ManagerError> {
+        let mut props = broker::json_properties();
+        if let Some(id) = &out.message_id {
+            props = props
+                .with_message_id(id.as_str().into())
+                .with_correlation_id(id.as_str().into());
+        }
+        if let Some(kind) = &out.kind {
+            props = props.with_type(kind.as_str().into());
+        }
+        if out.with_user_id {
+            props = props.with_user_id(self.user.as_str().into());
+        }
+        let signature = out.signature.clone().or_else(|| {
+            self.signing_key.as_ref().map(|k| {
+                base64::engine::general_purpose::STANDARD.encode(k.sign(&out.body).to_bytes())
+            })
+        });
+        if let Some(sig) = signature {
+            let mut headers = FieldTable::default();
+            headers.insert(
+                "x-rampart-signature".into(),
+                AMQPValue::LongString(sig.as_str().into()),
+            );
+            props = props.with_headers(headers);
+        }
+        broker::publish_confirmed(
+            &self.channel,
+            broker::COMMANDS_EXCHANGE,
+            host,
+            &out.body,
+            props,
+            true,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Waits for the next ack correlated with `id` (acks for other ids are kept for later).
+    pub async fn wait_ack(&mut self, id: &str, timeout: Duration) -> Result<Ack, ManagerError> {
+        if let Some(ack) = self.seen.remove(id) {
+            return Ok(ack);
+        }
+        let consumer = self
+            .acks
+            .as_mut()
+            .expect("watch_host must be called before wait_ack");
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let next = tokio::time::timeout_at(deadline, consumer.next())
+                .await
+                .map_err(|_| ManagerError::Timeout {
+                    id: id.to_string(),
+                    secs: timeout.as_secs(),
+                })?;
+            let delivery = match next {
+                Some(Ok(d)) => d,
+                _ => return Err(ManagerError::AckStreamClosed(id.to_string())),
+            };
+            let ack: Ack = serde_json::from_slice(&delivery.data).map_err(ManagerError::BadAck)?;
+            match &ack.correlation_id {
+                Some(c) if c == id => return Ok(ack),
+                Some(c) => {
+                    self.seen.insert(c.clone(), ack);
+                }
+                None => {
+                    self.seen.insert(String::new(), ack);
+                }
+            }
+        }
+    }
+
+    /// Acks that arrived without any correlation id (bodies that were not even JSON).
+    pub fn take_uncorrelated(&mut self) -> Option<Ack> {
+        self.seen.remove("")
+    }
+
+    pub async fn close(self) {
+        let _ = self.session.connection.close(200, "OK".into()).await;
+    }
+}

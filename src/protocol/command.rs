@@ -1,0 +1,567 @@
+//! Command decoding: bytes and AMQP properties in, a checked [`Request`] or a precise
+//! [`Rejection`] out. Security checks (size, sender, signature) run before the body is parsed.
+
+use base64::Engine;
+use serde_json::{Map, Value};
+
+use super::{AckError, ErrorCode};
+
+/// Longest key or value echoed back in an error message, so a hostile body cannot make the
+/// ack or the log line huge.
+const ECHO_MAX: usize = 64;
+
+/// What the broker handed us, before any check.
+#[derive(Debug, Clone, Default)]
+pub struct Incoming {
+    pub body: Vec<u8>,
+    pub message_id: Option<String>,
+    pub kind: Option<String>,
+    pub user_id: Option<String>,
+    pub signature: Option<String>,
+}
+
+/// What decoding needs to know about this agent.
+#[derive(Debug, Clone)]
+pub struct DecodeContext {
+    pub host_id: String,
+    pub trusted_senders: Vec<String>,
+    pub max_body_bytes: usize,
+    pub signing_keys: Vec<ed25519_dalek::VerifyingKey>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub id: String,
+    pub source: String,
+    pub timestamp: u64,
+    pub kind: RequestKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RequestKind {
+    Ping,
+    StateSync,
+}
+
+impl RequestKind {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            RequestKind::Ping => "ping",
+            RequestKind::StateSync => "state.sync",
+        }
+    }
+}
+
+/// A command refused before it could have any effect.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub correlation_id: Option<String>,
+    pub command_type: Option<String>,
+    pub error: AckError,
+}
+
+struct Reject {
+    code: ErrorCode,
+    message: String,
+    field: Option<String>,
+}
+
+fn reject(code: ErrorCode, message: impl Into<String>, field: Option<String>) -> Reject {
+    Reject {
+        code,
+        message: message.into(),
+        field,
+    }
+}
+
+/// Checks one delivery against PROTOCOL.md section 3.
+pub fn decode(ctx: &DecodeContext, incoming: &Incoming) -> Result<Request, Rejection> {
+    let mut correlation_id = incoming.message_id.clone();
+    let mut command_type = incoming.kind.clone();
+    decode_inner(ctx, incoming, &mut correlation_id, &mut command_type).map_err(|r| Rejection {
+        correlation_id,
+        command_type,
+        error: AckError {
+            code: r.code,
+            message: r.message,
+            field: r.field,
+        },
+    })
+}
+
+fn decode_inner(
+    ctx: &DecodeContext,
+    incoming: &Incoming,
+    correlation_id: &mut Option<String>,
+    command_type: &mut Option<String>,
+) -> Result<Request, Reject> {
+    let body = &incoming.body;
+    if body.len() > ctx.max_body_bytes {
+        return Err(reject(
+            ErrorCode::TooLarge,
+            format!(
+                "body is {} bytes, the limit is {}",
+                body.len(),
+                ctx.max_body_bytes
+            ),
+            None,
+        ));
+    }
+    check_sender(ctx, incoming.user_id.as_deref())?;
+    check_signature(ctx, body, incoming.signature.as_deref())?;
+
+    let text = std::str::from_utf8(body).map_err(|e| {
+        reject(
+            ErrorCode::InvalidUtf8,
+            format!(
+                "body is not UTF-8: invalid byte at offset {}",
+                e.valid_up_to()
+            ),
+            None,
+        )
+    })?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        reject(
+            ErrorCode::InvalidJson,
+            format!("body is not JSON: {e}"),
+            None,
+        )
+    })?;
+    let Value::Object(obj) = value else {
+        return Err(reject(
+            ErrorCode::NotAnObject,
+            "body must be a JSON object",
+            Some("$".into()),
+        ));
+    };
+
+    // Learn the id and type first, so that every later rejection is correlated.
+    if correlation_id.is_none()
+        && let Some(Value::String(id)) = obj.get("id")
+        && valid_command_id(id)
+    {
+        *correlation_id = Some(id.clone());
+    }
+    if command_type.is_none()
+        && let Some(Value::String(t)) = obj.get("type")
+        && t.len() <= ECHO_MAX
+    {
+        *command_type = Some(t.clone());
+    }
+
+    const ENVELOPE: [&str; 7] = [
+        "specversion",
+        "id",
+        "type",
+        "source",
+        "host",
+        "timestamp",
+        "data",
+    ];
+    deny_unknown(&obj, &ENVELOPE, "$")?;
+
+    let specversion = required_str(&obj, "specversion", "$")?;
+    if specversion != "1.0" {
+        return Err(reject(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "specversion {} is not supported (expected \"1.0\")",
+                echo(specversion)
+            ),
+            Some("$.specversion".into()),
+        ));
+    }
+    let id = required_str(&obj, "id", "$")?;
+    if !valid_command_id(id) {
+        return Err(reject(
+            ErrorCode::InvalidField,
+            "id must be 1-128 printable ASCII characters",
+            Some("$.id".into()),
+        ));
+    }
+    if let Some(mid) = &incoming.message_id
+        && mid != id
+    {
+        return Err(reject(
+            ErrorCode::IdMismatch,
+            format!(
+                "body id {} differs from AMQP message_id {}",
+                echo(id),
+                echo(mid)
+            ),
+            Some("$.id".into()),
+        ));
+    }
+    let kind = required_str(&obj, "type", "$")?;
+    if let Some(t) = &incoming.kind
+        && t != kind
+    {
+        return Err(reject(
+            ErrorCode::TypeMismatch,
+            format!(
+                "body type {} differs from AMQP type {}",
+                echo(kind),
+                echo(t)
+            ),
+            Some("$.type".into()),
+        ));
+    }
+    let source = required_str(&obj, "source", "$")?;
+    if source.is_empty() || source.chars().count() > 256 || source.chars().any(char::is_control) {
+        return Err(reject(
+            ErrorCode::InvalidField,
+            "source must be 1-256 characters without control characters",
+            Some("$.source".into()),
+        ));
+    }
+    let host = required_str(&obj, "host", "$")?;
+    if host != ctx.host_id {
+        return Err(reject(
+            ErrorCode::WrongHost,
+            format!(
+                "command is for host {}, this is {}",
+                echo(host),
+                ctx.host_id
+            ),
+            Some("$.host".into()),
+        ));
+    }
+    let timestamp = match obj.get("timestamp") {
+        None => return Err(missing("$", "timestamp")),
+        Some(v) => v.as_u64().ok_or_else(|| {
+            reject(
+                ErrorCode::InvalidField,
+                "timestamp must be a non-negative integer (milliseconds since the epoch)",
+                Some("$.timestamp".into()),
+            )
+        })?,
+    };
+    let data = obj.get("data").ok_or_else(|| missing("$", "data"))?;
+
+    let kind = match kind {
+        "ping" => {
+            empty_object(data, "$.data")?;
+            RequestKind::Ping
+        }
+        "state.sync" => {
+            empty_object(data, "$.data")?;
+            RequestKind::StateSync
+        }
+        other => {
+            return Err(reject(
+                ErrorCode::UnknownType,
+                format!("command type {} is not handled by this agent", echo(other)),
+                Some("$.type".into()),
+            ));
+        }
+    };
+    Ok(Request {
+        id: id.to_string(),
+        source: source.to_string(),
+        timestamp,
+        kind,
+    })
+}
+
+fn check_sender(ctx: &DecodeContext, user_id: Option<&str>) -> Result<(), Reject> {
+    match user_id {
+        None => Err(reject(
+            ErrorCode::UntrustedSender,
+            "no user_id property: the broker cannot vouch for the sender",
+            None,
+        )),
+        Some(u) if ctx.trusted_senders.iter().any(|t| t == u) => Ok(()),
+        Some(u) => Err(reject(
+            ErrorCode::UntrustedSender,
+            format!("sender {} is not a trusted sender", echo(u)),
+            None,
+        )),
+    }
+}
+
+fn check_signature(ctx: &DecodeContext, body: &[u8], header: Option<&str>) -> Result<(), Reject> {
+    if ctx.signing_keys.is_empty() {
+        return Ok(());
+    }
+    let Some(header) = header else {
+        return Err(reject(
+            ErrorCode::MissingSignature,
+            "signing keys are configured and the command has no x-rampart-signature header",
+            None,
+        ));
+    };
+    let bad = |why: &str| reject(ErrorCode::BadSignature, why.to_string(), None);
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(header.trim())
+        .map_err(|_| bad("x-rampart-signature is not base64"))?;
+    let sig = ed25519_dalek::Signature::from_slice(&raw)
+        .map_err(|_| bad("x-rampart-signature is not a 64-byte Ed25519 signature"))?;
+    if ctx
+        .signing_keys
+        .iter()
+        .any(|k| k.verify_strict(body, &sig).is_ok())
+    {
+        Ok(())
+    } else {
+        Err(bad(
+            "signature does not verify with any configured signing key",
+        ))
+    }
+}
+
+fn valid_command_id(id: &str) -> bool {
+    (1..=128).contains(&id.len()) && id.bytes().all(|b| (0x20..=0x7e).contains(&b))
+}
+
+/// A value quoted for a one-line message, shortened so hostile input stays small.
+fn echo(s: &str) -> String {
+    let short: String = s.chars().take(ECHO_MAX).collect();
+    if short.len() < s.len() {
+        format!("{short:?}...")
+    } else {
+        format!("{short:?}")
+    }
+}
+
+/// JSON path of `key` under `parent`, in bracket form when the key is not a plain name.
+fn child_path(parent: &str, key: &str) -> String {
+    let plain = !key.is_empty()
+        && key.len() <= ECHO_MAX
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if plain {
+        format!("{parent}.{key}")
+    } else {
+        format!("{parent}[{}]", echo(key))
+    }
+}
+
+fn missing(parent: &str, key: &str) -> Reject {
+    reject(
+        ErrorCode::MissingField,
+        format!("required field {key} is missing"),
+        Some(child_path(parent, key)),
+    )
+}
+
+fn deny_unknown(obj: &Map<String, Value>, allowed: &[&str], parent: &str) -> Result<(), Reject> {
+    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(reject(
+            ErrorCode::UnknownField,
+            format!("unknown field {}", echo(k)),
+            Some(child_path(parent, k)),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn required_str<'a>(
+    obj: &'a Map<String, Value>,
+    key: &str,
+    parent: &str,
+) -> Result<&'a str, Reject> {
+    match obj.get(key) {
+        None => Err(missing(parent, key)),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(reject(
+            ErrorCode::InvalidField,
+            format!("{key} must be a string"),
+            Some(child_path(parent, key)),
+        )),
+    }
+}
+
+fn empty_object(v: &Value, path: &str) -> Result<(), Reject> {
+    match v {
+        Value::Object(m) => deny_unknown(m, &[], path),
+        _ => Err(reject(
+            ErrorCode::InvalidField,
+            "data must be an object",
+            Some(path.to_string()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::Signer;
+
+    fn ctx() -> DecodeContext {
+        DecodeContext {
+            host_id: "host-1".into(),
+            trusted_senders: vec!["manager".into()],
+            max_body_bytes: 1024,
+            signing_keys: vec![],
+        }
+    }
+
+    fn incoming(body: &str) -> Incoming {
+        Incoming {
+            body: body.as_bytes().to_vec(),
+            user_id: Some("manager".into()),
+            ..Default::default()
+        }
+    }
+
+    fn ping(extra: &str) -> String {
+        format!(
+            r#"{{"specversion":"1.0","id":"c1","type":"ping","source":"m","host":"host-1","timestamp":1,"data":{{}}{extra}}}"#
+        )
+    }
+
+    fn code_of(r: Result<Request, Rejection>) -> (ErrorCode, Option<String>) {
+        let e = r.unwrap_err().error;
+        (e.code, e.field)
+    }
+
+    #[test]
+    fn valid_ping_decodes() {
+        let r = decode(&ctx(), &incoming(&ping(""))).unwrap();
+        assert_eq!(r.kind, RequestKind::Ping);
+        assert_eq!(r.id, "c1");
+        assert_eq!(r.timestamp, 1);
+    }
+
+    #[test]
+    fn every_malformation_has_its_code_and_field() {
+        let c = ctx();
+        let cases: Vec<(String, ErrorCode, Option<&str>)> = vec![
+            ("{".into(), ErrorCode::InvalidJson, None),
+            ("[1]".into(), ErrorCode::NotAnObject, Some("$")),
+            (ping(r#","x":1"#), ErrorCode::UnknownField, Some("$.x")),
+            (
+                ping("").replace(r#""data":{}"#, r#""data":{"a b":1}"#),
+                ErrorCode::UnknownField,
+                Some("$.data[\"a b\"]"),
+            ),
+            (
+                ping("").replace("host-1", "host-2"),
+                ErrorCode::WrongHost,
+                Some("$.host"),
+            ),
+            (
+                ping("").replace(r#""ping""#, r#""firewall.apply""#),
+                ErrorCode::UnknownType,
+                Some("$.type"),
+            ),
+            (
+                ping("").replace(r#""1.0""#, r#""2.0""#),
+                ErrorCode::UnsupportedVersion,
+                Some("$.specversion"),
+            ),
+            (
+                ping("").replace(r#""timestamp":1,"#, ""),
+                ErrorCode::MissingField,
+                Some("$.timestamp"),
+            ),
+            (
+                ping("").replace(r#""timestamp":1"#, r#""timestamp":-1"#),
+                ErrorCode::InvalidField,
+                Some("$.timestamp"),
+            ),
+            (
+                ping("").replace(r#""c1""#, r#""""#),
+                ErrorCode::InvalidField,
+                Some("$.id"),
+            ),
+            (
+                ping("").replace(r#""data":{}"#, r#""data":[]"#),
+                ErrorCode::InvalidField,
+                Some("$.data"),
+            ),
+        ];
+        for (body, code, field) in cases {
+            let (got, got_field) = code_of(decode(&c, &incoming(&body)));
+            assert_eq!(got, code, "{body}");
+            assert_eq!(got_field.as_deref(), field, "{body}");
+        }
+    }
+
+    #[test]
+    fn size_utf8_and_sender_are_checked_first() {
+        let c = ctx();
+        let big = Incoming {
+            body: vec![b'x'; 1025],
+            ..incoming("")
+        };
+        assert_eq!(code_of(decode(&c, &big)).0, ErrorCode::TooLarge);
+        let bad_utf8 = Incoming {
+            body: vec![b'{', 0xff, b'}'],
+            ..incoming("")
+        };
+        assert_eq!(code_of(decode(&c, &bad_utf8)).0, ErrorCode::InvalidUtf8);
+        let anonymous = Incoming {
+            user_id: None,
+            ..incoming(&ping(""))
+        };
+        assert_eq!(
+            code_of(decode(&c, &anonymous)).0,
+            ErrorCode::UntrustedSender
+        );
+        let stranger = Incoming {
+            user_id: Some("host-2".into()),
+            ..incoming(&ping(""))
+        };
+        assert_eq!(code_of(decode(&c, &stranger)).0, ErrorCode::UntrustedSender);
+    }
+
+    #[test]
+    fn amqp_properties_must_agree_with_the_body() {
+        let c = ctx();
+        let m = Incoming {
+            message_id: Some("other".into()),
+            ..incoming(&ping(""))
+        };
+        let r = decode(&c, &m).unwrap_err();
+        assert_eq!(r.error.code, ErrorCode::IdMismatch);
+        assert_eq!(r.correlation_id.as_deref(), Some("other"));
+        let t = Incoming {
+            kind: Some("state.sync".into()),
+            ..incoming(&ping(""))
+        };
+        assert_eq!(code_of(decode(&c, &t)).0, ErrorCode::TypeMismatch);
+    }
+
+    #[test]
+    fn rejections_are_correlated_by_body_id_when_possible() {
+        let r = decode(&ctx(), &incoming(&ping(r#","bogus":true"#))).unwrap_err();
+        assert_eq!(r.correlation_id.as_deref(), Some("c1"));
+        assert_eq!(r.command_type.as_deref(), Some("ping"));
+    }
+
+    #[test]
+    fn hostile_keys_are_echoed_short_and_escaped() {
+        let key = format!("{}\n\"; drop", "k".repeat(500));
+        let body = ping(&format!(r#",{}:1"#, serde_json::to_string(&key).unwrap()));
+        let e = decode(&ctx(), &incoming(&body)).unwrap_err().error;
+        assert_eq!(e.code, ErrorCode::UnknownField);
+        assert!(e.message.len() < 200, "{}", e.message);
+        assert!(!e.message.contains('\n'));
+    }
+
+    #[test]
+    fn signatures_are_enforced_when_keys_are_configured() {
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+        let mut c = ctx();
+        c.signing_keys = vec![sk.verifying_key()];
+        let body = ping("");
+        assert_eq!(
+            code_of(decode(&c, &incoming(&body))).0,
+            ErrorCode::MissingSignature
+        );
+        let sig =
+            base64::engine::general_purpose::STANDARD.encode(sk.sign(body.as_bytes()).to_bytes());
+        let signed = Incoming {
+            signature: Some(sig.clone()),
+            ..incoming(&body)
+        };
+        assert!(decode(&c, &signed).is_ok());
+        let tampered = Incoming {
+            signature: Some(sig),
+            ..incoming(&body.replace("\"m\"", "\"n\""))
+        };
+        assert_eq!(code_of(decode(&c, &tampered)).0, ErrorCode::BadSignature);
+    }
+}

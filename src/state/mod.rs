@@ -1,0 +1,228 @@
+//! Crash-safe local state: every processed command id with its ack, committed in the same
+//! redb transaction as the state change the command caused, so a redelivery can never apply
+//! twice. redb is copy-on-write with checksummed pages and fsyncs on commit.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::protocol::Ack;
+
+/// Bumped whenever the tables below change meaning; an agent refuses a newer store.
+const SCHEMA_VERSION: u64 = 1;
+
+/// command id -> (sequence number, stored ack JSON)
+const PROCESSED: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("processed");
+/// sequence number -> command id, oldest first, for pruning
+const PROCESSED_ORDER: TableDefinition<u64, &str> = TableDefinition::new("processed_order");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot create state directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: redb::DatabaseError,
+    },
+    #[error("state store schema {found} is newer than this agent understands ({SCHEMA_VERSION})")]
+    Schema { found: u64 },
+    #[error("state store: {0}")]
+    Db(#[from] redb::Error),
+    #[error("state store holds an ack that does not parse: {0}")]
+    Corrupt(serde_json::Error),
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StateError {
+            fn from(e: $t) -> Self { StateError::Db(e.into()) }
+        }
+    )*};
+}
+db_err!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+pub struct Store {
+    db: Database,
+    keep: usize,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) `state_dir/state.redb`, keeping at least `keep` command ids.
+    pub fn open(state_dir: &Path, keep: usize) -> Result<Store, StateError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| StateError::Dir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        restrict_dir(state_dir);
+        let path = state_dir.join("state.redb");
+        let db = Database::create(&path).map_err(|source| StateError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let store = Store { db, keep, path };
+        store.init_schema()?;
+        Ok(store)
+    }
+
+    fn init_schema(&self) -> Result<(), StateError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            let found = meta.get("schema_version")?.map(|g| g.value());
+            match found {
+                Some(v) if v > SCHEMA_VERSION => return Err(StateError::Schema { found: v }),
+                Some(_) => {}
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION)?;
+                }
+            }
+            tx.open_table(PROCESSED)?;
+            tx.open_table(PROCESSED_ORDER)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The ack stored for a command id, if that id was processed.
+    pub fn lookup(&self, id: &str) -> Result<Option<Ack>, StateError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(PROCESSED)?;
+        let Some(guard) = table.get(id)? else {
+            return Ok(None);
+        };
+        let (_, bytes) = guard.value();
+        serde_json::from_slice(bytes)
+            .map(Some)
+            .map_err(StateError::Corrupt)
+    }
+
+    /// Records `ack` as the outcome of command `id`, durably, in one transaction. The oldest
+    /// records beyond the retention are pruned in the same commit.
+    pub fn record(&self, id: &str, ack: &Ack) -> Result<(), StateError> {
+        let bytes = ack.to_json();
+        let tx = self.db.begin_write()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            let seq = meta.get("next_seq")?.map(|g| g.value()).unwrap_or(0);
+            meta.insert("next_seq", seq + 1)?;
+            let mut processed = tx.open_table(PROCESSED)?;
+            let mut order = tx.open_table(PROCESSED_ORDER)?;
+            if let Some(old) = processed.insert(id, (seq, bytes.as_slice()))? {
+                let (old_seq, _) = old.value();
+                order.remove(old_seq)?;
+            }
+            order.insert(seq, id)?;
+            // Prune in batches so that the common commit touches only its own record.
+            let len = processed.len()? as usize;
+            if len > self.keep + self.keep / 10 {
+                for _ in 0..(len - self.keep) {
+                    let Some((_, old_id)) = order.pop_first()? else {
+                        break;
+                    };
+                    processed.remove(old_id.value())?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// How many processed command ids are held.
+    pub fn processed_count(&self) -> Result<u64, StateError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(PROCESSED)?.len()?)
+    }
+}
+
+/// The state directory holds private material later on (keys): owner only.
+fn restrict_dir(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot restrict state directory to 0700");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Status;
+
+    fn ack(id: &str) -> Ack {
+        Ack::new(
+            "h",
+            Some(id.into()),
+            Some("ping".into()),
+            Status::Applied,
+            None,
+            serde_json::json!({}),
+        )
+    }
+
+    #[test]
+    fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ack("c1");
+        {
+            let s = Store::open(dir.path(), 10_000).unwrap();
+            assert!(s.lookup("c1").unwrap().is_none());
+            s.record("c1", &a).unwrap();
+        }
+        let s = Store::open(dir.path(), 10_000).unwrap();
+        assert_eq!(s.lookup("c1").unwrap(), Some(a));
+        assert_eq!(s.processed_count().unwrap(), 1);
+    }
+
+    #[test]
+    fn retention_keeps_at_least_the_newest_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 20).unwrap();
+        for i in 0..100 {
+            s.record(&format!("c{i}"), &ack(&format!("c{i}"))).unwrap();
+        }
+        let n = s.processed_count().unwrap();
+        assert!((20..=22).contains(&n), "{n}");
+        for i in 80..100 {
+            assert!(s.lookup(&format!("c{i}")).unwrap().is_some(), "c{i}");
+        }
+        assert!(s.lookup("c0").unwrap().is_none());
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), 10).unwrap();
+            let tx = s.db.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert("schema_version", SCHEMA_VERSION + 1)
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        assert!(matches!(
+            Store::open(dir.path(), 10),
+            Err(StateError::Schema { .. })
+        ));
+    }
+}
