@@ -224,6 +224,7 @@ impl Agent {
             .unwrap_or_else(|e| json!({"error": e.to_string()}));
         self.publish_event(&publish_ch, "state", summary).await?;
 
+        tracing::info!(queue = %broker::host_queue(&self.host_id), "serving commands");
         let period = Duration::from_secs(u64::from(b.heartbeat_secs));
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {

@@ -113,7 +113,7 @@ impl Manager {
             }
         }
         let session = session.ok_or_else(|| ManagerError::Unreachable(errors.join("; ")))?;
-        broker::declare_shared_topology(&session.connection).await?;
+        broker::ensure_shared_topology(&session.connection).await?;
         let channel = broker::confirm_channel(&session.connection).await?;
         let q = channel
             .queue_declare(
@@ -247,7 +247,8 @@ impl Manager {
         Ok(())
     }
 
-    /// Waits for the next ack correlated with `id` (acks for other ids are kept for later).
+    /// Waits for the next ack correlated with `id` (acks for other ids are kept for later);
+    /// `""` waits for an ack without correlation id (a body that was not even JSON).
     pub async fn wait_ack(&mut self, id: &str, timeout: Duration) -> Result<Ack, ManagerError> {
         if let Some(ack) = self.seen.remove(id) {
             return Ok(ack);
@@ -269,21 +270,62 @@ impl Manager {
                 _ => return Err(ManagerError::AckStreamClosed(id.to_string())),
             };
             let ack: Ack = serde_json::from_slice(&delivery.data).map_err(ManagerError::BadAck)?;
-            match &ack.correlation_id {
-                Some(c) if c == id => return Ok(ack),
-                Some(c) => {
-                    self.seen.insert(c.clone(), ack);
-                }
-                None => {
-                    self.seen.insert(String::new(), ack);
-                }
+            let correlation = ack.correlation_id.clone().unwrap_or_default();
+            if correlation == id {
+                return Ok(ack);
             }
+            self.seen.insert(correlation, ack);
         }
     }
 
-    /// Acks that arrived without any correlation id (bodies that were not even JSON).
-    pub fn take_uncorrelated(&mut self) -> Option<Ack> {
-        self.seen.remove("")
+    /// A queue of our own bound to `exchange` with `routing_key`, consumed without acks:
+    /// for watching events or dead letters.
+    pub async fn subscribe(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<Consumer, ManagerError> {
+        let amqp = |context: &'static str| move |source| BrokerError::Amqp { context, source };
+        let ch = self
+            .session
+            .connection
+            .create_channel()
+            .await
+            .map_err(amqp("opening a channel"))?;
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp("declaring a subscription queue"))?;
+        ch.queue_bind(
+            q.name().clone(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp("binding a subscription queue"))?;
+        let consumer = ch
+            .basic_consume(
+                q.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp("consuming a subscription queue"))?;
+        Ok(consumer)
     }
 
     pub async fn close(self) {

@@ -318,25 +318,44 @@ pub async fn declare_shared_topology(conn: &Connection) -> Result<(), BrokerErro
     Ok(())
 }
 
-/// Checks that the shared exchanges exist without needing permission to create them.
+/// Checks that the shared exchanges and the dead-letter queue exist; passive declarations
+/// need no permission.
 async fn check_shared_topology(conn: &Connection) -> Result<(), BrokerError> {
     let ch = conn
         .create_channel()
         .await
         .map_err(amqp("opening a channel"))?;
-    let passive = ExchangeDeclareOptions {
+    let missing = "a shared exchange or queue is missing (the manager or the operator declares the topology, see docs/operations.md)";
+    for (name, kind) in EXCHANGES {
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(name.into(), kind, passive, FieldTable::default())
+            .await
+            .map_err(amqp(missing))?;
+    }
+    let passive = QueueDeclareOptions {
         passive: true,
         ..Default::default()
     };
-    for (name, kind) in EXCHANGES {
-        if name == DEAD_EXCHANGE {
-            continue; // hosts have no read/configure right on it; the broker dead-letters.
-        }
-        ch.exchange_declare(name.into(), kind, passive, FieldTable::default())
-            .await
-            .map_err(amqp("exchange missing (passive declare)"))?;
-    }
+    ch.queue_declare(DEAD_QUEUE.into(), passive, FieldTable::default())
+        .await
+        .map_err(amqp(missing))?;
     let _ = ch.close(200, "OK".into()).await;
+    Ok(())
+}
+
+/// Makes sure the shared topology exists: checked passively first (so a least-privilege
+/// user causes no access errors), declared when missing and this user may.
+pub async fn ensure_shared_topology(conn: &Connection) -> Result<(), BrokerError> {
+    if let Err(missing) = check_shared_topology(conn).await {
+        tracing::info!(error = %missing, "shared topology incomplete; trying to declare it");
+        if let Err(e) = declare_shared_topology(conn).await {
+            tracing::debug!(error = %e, "declaring the shared topology failed");
+            return Err(missing);
+        }
+    }
     Ok(())
 }
 
@@ -370,21 +389,15 @@ pub async fn declare_host_queue(
     Ok(())
 }
 
-/// The agent's side of the topology: the shared exchanges checked passively (declared when
-/// missing and this user may), then its own queue and binding on the consuming channel.
+/// The agent's side of the topology: the shared part ensured, then its own queue and
+/// binding on the consuming channel.
 pub async fn declare_agent_topology(
     conn: &Connection,
     ch: &Channel,
     host_id: &str,
     cfg: &BrokerConfig,
 ) -> Result<(), BrokerError> {
-    if let Err(missing) = check_shared_topology(conn).await {
-        tracing::info!(error = %missing, "shared topology incomplete; trying to declare it");
-        if let Err(e) = declare_shared_topology(conn).await {
-            tracing::debug!(error = %e, "declaring the shared topology failed");
-            return Err(missing);
-        }
-    }
+    ensure_shared_topology(conn).await?;
     declare_host_queue(ch, host_id, cfg).await
 }
 

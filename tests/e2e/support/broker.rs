@@ -1,0 +1,236 @@
+//! A real RabbitMQ node of the tests' own: TLS only, certificate (EXTERNAL) login, its own
+//! node name, ports and directories, least-privilege users as docs/operations.md gives them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::pki::{Ca, Role};
+
+pub struct Broker {
+    pub dir: PathBuf,
+    pub node: String,
+    pub port: u16,
+    dist_port: u16,
+    epmd_port: u16,
+    child: std::sync::Mutex<Option<Child>>,
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+impl Broker {
+    /// Starts a node under `dir`, with a server certificate from `ca`.
+    pub fn start(dir: &Path, ca: &Ca, tag: &str) -> Broker {
+        std::fs::create_dir_all(dir).unwrap();
+        let server = ca.issue("localhost", &["localhost", "127.0.0.1"], Role::Server);
+        write(&dir.join("ca.pem"), &ca.pem());
+        write(&dir.join("server.pem"), &server.cert_pem);
+        write(&dir.join("server.key"), &server.key_pem);
+        let port = free_port();
+        let conf = format!(
+            "listeners.tcp = none\n\
+             listeners.ssl.default = 127.0.0.1:{port}\n\
+             ssl_options.cacertfile = {d}/ca.pem\n\
+             ssl_options.certfile = {d}/server.pem\n\
+             ssl_options.keyfile = {d}/server.key\n\
+             ssl_options.verify = verify_peer\n\
+             ssl_options.fail_if_no_peer_cert = true\n\
+             ssl_options.versions.1 = tlsv1.3\n\
+             ssl_options.versions.2 = tlsv1.2\n\
+             auth_mechanisms.1 = EXTERNAL\n\
+             ssl_cert_login_from = common_name\n\
+             loopback_users = none\n\
+             log.console = false\n\
+             log.file.level = info\n",
+            d = dir.display()
+        );
+        write(&dir.join("rabbitmq.conf"), &conf);
+        write(
+            &dir.join("enabled_plugins"),
+            "[rabbitmq_auth_mechanism_ssl].\n",
+        );
+        let status = Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "chown of the broker directory failed");
+        let broker = Broker {
+            dir: dir.to_path_buf(),
+            node: format!("rampart-{tag}-{}@localhost", std::process::id()),
+            port,
+            dist_port: free_port(),
+            epmd_port: free_port(),
+            child: std::sync::Mutex::new(None),
+        };
+        broker.spawn();
+        broker.setup_users();
+        broker
+    }
+
+    fn envs(&self, cmd: &mut Command) {
+        let d = &self.dir;
+        cmd.env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_PID_FILE", d.join("pid"))
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string());
+    }
+
+    fn spawn(&self) {
+        let mut cmd = Command::new("rabbitmq-server");
+        self.envs(&mut cmd);
+        let out = std::fs::File::create(self.dir.join("server.out")).unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        *self.child.lock().unwrap() = Some(
+            cmd.spawn()
+                .expect("starting rabbitmq-server (is it installed?)"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let o = self.ctl(&["await_startup", "--timeout", "30"]);
+            if o.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rabbitmq did not start: {}\n{}",
+                String::from_utf8_lossy(&o.stderr),
+                std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new("rabbitmqctl");
+        self.envs(&mut cmd);
+        cmd.arg("-q").arg("-n").arg(&self.node).args(args);
+        cmd.output().expect("running rabbitmqctl")
+    }
+
+    /// Runs rabbitmqctl and panics with its stderr on failure.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(
+            o.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn add_user(&self, name: &str) {
+        let o = self.ctl(&["add_user", name, &uuid::Uuid::new_v4().to_string()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() || err.contains("already exists"),
+            "add_user {name}: {err}"
+        );
+    }
+
+    fn setup_users(&self) {
+        let _ = self.ctl(&["delete_user", "guest"]);
+        self.add_user("manager");
+        // Exactly the manager permissions docs/operations.md gives.
+        let all = r"^(rampart\..*|amq\.gen-.*)$";
+        self.ctl_ok(&["set_permissions", "-p", "/", "manager", all, all, all]);
+        // A broker user that exists and may publish commands, but is not a trusted sender.
+        self.add_user("intruder");
+        self.ctl_ok(&[
+            "set_permissions",
+            "-p",
+            "/",
+            "intruder",
+            r"^amq\.gen-.*$",
+            r"^(rampart\.commands|amq\.gen-.*)$",
+            r"^amq\.gen-.*$",
+        ]);
+    }
+
+    /// Creates host `id`'s user with the least privilege of PROTOCOL.md section 2.
+    pub fn add_host_user(&self, id: &str) {
+        self.add_user(id);
+        let h = id.replace('.', r"\.");
+        self.ctl_ok(&[
+            "set_permissions",
+            "-p",
+            "/",
+            id,
+            &format!(r"^rampart\.host\.{h}$"),
+            &format!(r"^(rampart\.host\.{h}|rampart\.acks|rampart\.events|rampart\.dead)$"),
+            &format!(r"^(rampart\.host\.{h}|rampart\.commands)$"),
+        ]);
+        self.ctl_ok(&[
+            "set_topic_permissions",
+            "-p",
+            "/",
+            id,
+            "rampart.acks",
+            &format!("^{h}$"),
+            "^$",
+        ]);
+        self.ctl_ok(&[
+            "set_topic_permissions",
+            "-p",
+            "/",
+            id,
+            "rampart.events",
+            &format!(r"^[a-z_]+\.{h}$"),
+            "^$",
+        ]);
+    }
+
+    /// Stops the node (its data stays) and starts it again.
+    pub fn restart(&self) {
+        self.stop_node();
+        self.spawn();
+    }
+
+    fn stop_node(&self) {
+        let _ = self.ctl(&["stop"]);
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the node and its epmd, leaving nothing running.
+    pub fn shutdown(&self) {
+        self.stop_node();
+        let _ = Command::new("epmd")
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .args(["-port", &self.epmd_port.to_string(), "-kill"])
+            .output();
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqps://localhost:{}/%2f", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

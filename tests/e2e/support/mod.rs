@@ -1,0 +1,300 @@
+//! Shared test environment: one broker for the whole run, hosts and agents made per test.
+
+pub mod broker;
+pub mod pki;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use broker::Broker;
+use pki::{Ca, Role};
+use rampart::config::Config;
+use rampart::manager::Manager;
+
+pub struct Env {
+    pub root: PathBuf,
+    pub ca: Ca,
+    pub broker: Broker,
+    pub manager_config: PathBuf,
+    pub intruder_config: PathBuf,
+}
+
+static ENV: OnceLock<Env> = OnceLock::new();
+
+pub fn env() -> &'static Env {
+    ENV.get().expect("the test environment is set up in main")
+}
+
+/// Starts the shared broker; `main` calls this once before any test runs.
+pub fn init(root: &Path) {
+    // The broker runs as the rabbitmq user and must reach its files below the root.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ca = Ca::new("rampart-test-ca");
+    let broker = Broker::start(&root.join("broker"), &ca, "test");
+    let manager_config = write_client(root, &ca, &broker, "manager", "manager", "");
+    let intruder_config = write_client(root, &ca, &broker, "intruder", "intruder", "");
+    // The operator's set-up step: the manager declares the shared topology.
+    declare_topology(&manager_config);
+    let _ = ENV.set(Env {
+        root: root.to_path_buf(),
+        ca,
+        broker,
+        manager_config,
+        intruder_config,
+    });
+}
+
+pub fn teardown() {
+    if let Some(env) = ENV.get() {
+        env.broker.shutdown();
+    }
+}
+
+/// Connects once as the manager given by `config`, which declares the shared topology.
+pub fn declare_topology(config: &Path) {
+    let config = Config::load(config).unwrap();
+    runtime().block_on(async {
+        Manager::connect(&config)
+            .await
+            .expect("manager connects")
+            .close()
+            .await
+    });
+}
+
+/// Writes cert, key, CA and a config for client `cn` in `root/name`; returns the config path.
+fn write_client(
+    root: &Path,
+    ca: &Ca,
+    broker: &Broker,
+    name: &str,
+    cn: &str,
+    extra: &str,
+) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let issued = ca.issue(cn, &[cn], Role::Client);
+    std::fs::write(dir.join("cert.pem"), &issued.cert_pem).unwrap();
+    std::fs::write(dir.join("key.pem"), &issued.key_pem).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let config = format!(
+        "state_dir = \"{d}/state\"\n{extra}\n\
+         [broker]\n\
+         urls = [\"{url}\"]\n\
+         ca_file = \"{d}/ca.pem\"\n\
+         cert_file = \"{d}/cert.pem\"\n\
+         key_file = \"{d}/key.pem\"\n\
+         backoff_initial_ms = 100\n\
+         backoff_max_ms = 2000\n",
+        d = dir.display(),
+        url = broker.url()
+    );
+    let path = dir.join("rampart.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+/// Settings a test may change in a host's configuration.
+#[derive(Clone, Default)]
+pub struct HostOptions {
+    pub heartbeat_secs: Option<u16>,
+    pub ca_file: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub urls: Option<Vec<String>>,
+    pub signing_keys: Vec<PathBuf>,
+    pub max_body_bytes: Option<usize>,
+}
+
+pub struct Host {
+    pub id: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Env {
+    /// A fresh host: certificate, broker user with least privilege, state dir, config.
+    pub fn host(&self, id: &str, opts: HostOptions) -> Host {
+        self.broker.add_host_user(id);
+        self.host_on(&self.broker, id, opts)
+    }
+
+    /// Same, against another broker than the shared one.
+    pub fn host_on(&self, broker: &Broker, id: &str, opts: HostOptions) -> Host {
+        let dir = self.root.join("hosts").join(id);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let issued = self.ca.issue(id, &[id], Role::Client);
+        std::fs::write(dir.join("cert.pem"), &issued.cert_pem).unwrap();
+        std::fs::write(dir.join("key.pem"), &issued.key_pem).unwrap();
+        std::fs::write(dir.join("ca.pem"), self.ca.pem()).unwrap();
+        let d = dir.display();
+        let urls = opts.urls.unwrap_or_else(|| vec![broker.url()]);
+        let mut text = format!("state_dir = \"{d}/state\"\n\n[broker]\n");
+        text += &format!("urls = {}\n", toml_list(&urls));
+        let ca = opts
+            .ca_file
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| format!("{d}/ca.pem"));
+        text += &format!(
+            "ca_file = \"{ca}\"\ncert_file = \"{d}/cert.pem\"\nkey_file = \"{d}/key.pem\"\n"
+        );
+        text += &format!("heartbeat_secs = {}\n", opts.heartbeat_secs.unwrap_or(30));
+        text += "backoff_initial_ms = 100\nbackoff_max_ms = 2000\n";
+        if let Some(name) = opts.server_name {
+            text += &format!("server_name = \"{name}\"\n");
+        }
+        text += "\n[commands]\n";
+        if let Some(max) = opts.max_body_bytes {
+            text += &format!("max_body_bytes = {max}\n");
+        }
+        let keys: Vec<String> = opts
+            .signing_keys
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        text += &format!("signing_keys = {}\n", toml_list(&keys));
+        text += &format!("\n[control]\nsocket = \"{d}/rampart.sock\"\n");
+        let config = dir.join("rampart.toml");
+        std::fs::write(&config, text).unwrap();
+        Host {
+            id: id.to_string(),
+            dir,
+            config,
+        }
+    }
+
+    pub async fn manager(&self) -> Manager {
+        let config = Config::load(&self.manager_config).unwrap();
+        Manager::connect(&config).await.expect("manager connects")
+    }
+
+    pub async fn intruder(&self) -> Manager {
+        let config = Config::load(&self.intruder_config).unwrap();
+        Manager::connect(&config).await.expect("intruder connects")
+    }
+}
+
+fn toml_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("\"{s}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// A running `rampart run` process with its log captured to a file.
+pub struct AgentProc {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl AgentProc {
+    pub fn start(host: &Host) -> AgentProc {
+        AgentProc::start_with_env(host, &[])
+    }
+
+    pub fn start_with_env(host: &Host, envs: &[(&str, &str)]) -> AgentProc {
+        let log = host.dir.join("agent.log");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        writeln!(f, "===== agent start =====").unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
+        cmd.arg("--config")
+            .arg(&host.config)
+            .arg("run")
+            .env("RAMPART_LOG", "info,lapin=off")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("starting rampart");
+        AgentProc { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The part of the log written since the agent's last start.
+    pub fn current_log(&self) -> String {
+        let text = self.log_text();
+        match text.rfind("===== agent start =====") {
+            Some(i) => text[i..].to_string(),
+            None => text,
+        }
+    }
+
+    /// Waits until the current log contains `needle` at least `count` times.
+    pub fn wait_log(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+        wait_until(timeout, || {
+            self.current_log().matches(needle).count() >= count
+        })
+    }
+
+    /// Waits until the agent consumes its queue; panics with the log if it does not.
+    pub fn wait_serving(&self) {
+        if !self.wait_log("serving commands", 1, Duration::from_secs(30)) {
+            panic!("agent never started serving:\n{}", self.current_log());
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
