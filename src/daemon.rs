@@ -12,7 +12,7 @@ use lapin::{Channel, Event};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::broker::{self, Backoff, BrokerError, Connector, Session};
+use crate::broker::{self, Backoff, BrokerError, Connector, Session, amqp};
 use crate::config::{AuthMechanism, Config};
 use crate::dispatch::{Dispatcher, Disposition};
 use crate::protocol::{DecodeContext, Incoming, is_valid_host_id, now_ms};
@@ -192,7 +192,6 @@ impl Agent {
     ) -> Result<SessionEnd, BrokerError> {
         let conn = &session.connection;
         let b = &self.config.broker;
-        let amqp = |context: &'static str| move |source| BrokerError::Amqp { context, source };
 
         let consume_ch = conn
             .create_channel()
@@ -300,7 +299,6 @@ impl Agent {
         )
         .await?;
         // Only now, with the ack safely at the broker, does the command leave the queue.
-        let amqp = |context: &'static str| move |source| BrokerError::Amqp { context, source };
         match outcome.disposition {
             Disposition::Ack => delivery
                 .acker

@@ -12,7 +12,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer};
 use serde_json::{Value, json};
 
-use crate::broker::{self, BrokerError, Connector, Session};
+use crate::broker::{self, BrokerError, Connector, Session, amqp};
 use crate::config::{AuthMechanism, Config};
 use crate::protocol::{Ack, now_ms};
 
@@ -126,10 +126,7 @@ impl Manager {
                 FieldTable::default(),
             )
             .await
-            .map_err(|source| BrokerError::Amqp {
-                context: "declaring the ack queue",
-                source,
-            })?;
+            .map_err(amqp("declaring the ack queue"))?;
         Ok(Manager {
             session,
             channel,
@@ -160,10 +157,7 @@ impl Manager {
                 FieldTable::default(),
             )
             .await
-            .map_err(|source| BrokerError::Amqp {
-                context: "binding the ack queue",
-                source,
-            })?;
+            .map_err(amqp("binding the ack queue"))?;
         if self.acks.is_none() {
             let consumer = self
                 .channel
@@ -177,10 +171,7 @@ impl Manager {
                     FieldTable::default(),
                 )
                 .await
-                .map_err(|source| BrokerError::Amqp {
-                    context: "consuming acks",
-                    source,
-                })?;
+                .map_err(amqp("consuming acks"))?;
             self.acks = Some(consumer);
         }
         Ok(())
@@ -285,7 +276,6 @@ impl Manager {
         exchange: &str,
         routing_key: &str,
     ) -> Result<Consumer, ManagerError> {
-        let amqp = |context: &'static str| move |source| BrokerError::Amqp { context, source };
         let ch = self
             .session
             .connection

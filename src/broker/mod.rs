@@ -37,12 +37,12 @@ pub enum BrokerError {
     Password(std::io::Error),
     #[error("connecting to {url} timed out after {secs} s")]
     Timeout { url: String, secs: u64 },
-    #[error("{url}: {source}")]
-    Connect { url: String, source: lapin::Error },
-    #[error("{context}: {source}")]
+    #[error("{url}: {cause}")]
+    Connect { url: String, cause: lapin::Error },
+    #[error("{context}: {cause}")]
     Amqp {
         context: &'static str,
-        source: lapin::Error,
+        cause: lapin::Error,
     },
     #[error("the broker refused (nacked) a message published to {exchange}")]
     Nacked { exchange: String },
@@ -50,8 +50,9 @@ pub enum BrokerError {
     Unroutable { exchange: String, key: String },
 }
 
-fn amqp(context: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
-    move |source| BrokerError::Amqp { context, source }
+/// Wraps a lapin error with what we were doing.
+pub(crate) fn amqp(context: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
+    move |cause| BrokerError::Amqp { context, cause }
 }
 
 /// A broker URL as configured, parsed, with the password (if any) hidden when displayed.
@@ -194,9 +195,9 @@ impl Connector {
         };
         let props = ConnectionProperties::default()
             .with_connection_name(self.connection_name.clone().into());
-        let runtime = lapin::runtime::default_runtime().map_err(|source| BrokerError::Connect {
+        let runtime = lapin::runtime::default_runtime().map_err(|cause| BrokerError::Connect {
             url: url.display.clone(),
-            source,
+            cause,
         })?;
         let attempt = Connection::connector(uri, runtime, open, props);
         let connection = tokio::time::timeout(self.connect_timeout, attempt)
@@ -205,9 +206,9 @@ impl Connector {
                 url: url.display.clone(),
                 secs: self.connect_timeout.as_secs(),
             })?
-            .map_err(|source| BrokerError::Connect {
+            .map_err(|cause| BrokerError::Connect {
                 url: url.display.clone(),
-                source,
+                cause,
             })?;
         let tls = details.lock().expect("tls details lock").clone();
         Ok(Session {

@@ -11,10 +11,10 @@ use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: no PEM {what} found")]
     Empty { path: PathBuf, what: &'static str },
@@ -23,7 +23,13 @@ pub enum TlsError {
     #[error("{path}: certificate does not parse: {message}")]
     X509 { path: PathBuf, message: String },
     #[error("TLS configuration: {0}")]
-    Rustls(#[from] rustls::Error),
+    Rustls(rustls::Error),
+}
+
+impl From<rustls::Error> for TlsError {
+    fn from(e: rustls::Error) -> Self {
+        TlsError::Rustls(e)
+    }
 }
 
 /// The facts about a certificate that acks, events and the CLI show.
@@ -53,9 +59,9 @@ impl std::fmt::Debug for Identity {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|cause| TlsError::Read {
         path: path.to_path_buf(),
-        source,
+        cause,
     })
 }
 

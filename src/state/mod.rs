@@ -19,20 +19,20 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("cannot create state directory {path}: {source}")]
+    #[error("cannot create state directory {path}: {cause}")]
     Dir {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("state store {path}: {source}")]
+    #[error("state store {path}: {cause}")]
     Open {
         path: PathBuf,
-        source: redb::DatabaseError,
+        cause: redb::DatabaseError,
     },
     #[error("state store schema {found} is newer than this agent understands ({SCHEMA_VERSION})")]
     Schema { found: u64 },
     #[error("state store: {0}")]
-    Db(#[from] redb::Error),
+    Db(redb::Error),
     #[error("state store holds an ack that does not parse: {0}")]
     Corrupt(serde_json::Error),
 }
@@ -45,6 +45,7 @@ macro_rules! db_err {
     )*};
 }
 db_err!(
+    redb::Error,
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
@@ -66,15 +67,15 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (or creates) `state_dir/state.redb`, keeping at least `keep` command ids.
     pub fn open(state_dir: &Path, keep: usize) -> Result<Store, StateError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StateError::Dir {
+        std::fs::create_dir_all(state_dir).map_err(|cause| StateError::Dir {
             path: state_dir.to_path_buf(),
-            source,
+            cause,
         })?;
         restrict_dir(state_dir);
         let path = state_dir.join("state.redb");
-        let db = Database::create(&path).map_err(|source| StateError::Open {
+        let db = Database::create(&path).map_err(|cause| StateError::Open {
             path: path.clone(),
-            source,
+            cause,
         })?;
         let store = Store { db, keep, path };
         store.init_schema()?;

@@ -1,0 +1,180 @@
+//! Round-trip benchmark (not a test): a `ping` through the agent (decode, dedup lookup,
+//! durable record, confirmed ack) beside a bare AMQP echo consumer on the same broker, in the
+//! same run; then pipelined throughput for both. Run with `cargo bench --bench roundtrip`.
+
+#[path = "../tests/e2e/support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use rampart::broker;
+use rampart::manager::Manager;
+use serde_json::json;
+use support::{AgentProc, HostOptions, env};
+
+const SEQUENTIAL: usize = 500;
+const PIPELINED: usize = 2000;
+const ECHO_HOST: &str = "bench-echo";
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A responder doing only the transport work the agent must do: consume with manual ack,
+/// publish a reply with a confirm to rampart.acks, then ack the delivery.
+async fn echo_responder(m: &Manager) -> anyhow::Result<()> {
+    let config = rampart::config::Config::load(&env().manager_config)?;
+    let b = &config.broker;
+    let identity = broker::tls::load_identity(&b.cert_file, &b.key_file)?;
+    let tls = broker::tls::client_config(broker::tls::load_roots(&b.ca_file)?, &identity)?;
+    let connector = broker::Connector::new(b, tls, "bench-echo".into())?;
+    let session = connector.connect(&connector.urls[0]).await?;
+    let _ = m;
+    tokio::spawn(async move {
+        let conn = session.connection;
+        let ch = conn.create_channel().await.unwrap();
+        let q = "rampart.bench.echo";
+        ch.queue_declare(
+            q.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_bind(
+            q.into(),
+            broker::COMMANDS_EXCHANGE.into(),
+            ECHO_HOST.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.basic_qos(32, Default::default()).await.unwrap();
+        let publish = broker::confirm_channel(&conn).await.unwrap();
+        let mut consumer = ch
+            .basic_consume(
+                q.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        while let Some(Ok(d)) = consumer.next().await {
+            let id = d.properties.message_id().clone().unwrap_or_default();
+            let reply = serde_json::to_vec(&json!({
+                "specversion": "1.0", "id": "echo", "type": "ack", "source": ECHO_HOST, "host": ECHO_HOST,
+                "timestamp": 0, "correlation_id": id.as_str(), "command_type": "ping", "status": "applied",
+                "duplicate": false, "error": null, "data": {}
+            })).unwrap();
+            broker::publish_confirmed(
+                &publish,
+                broker::ACKS_EXCHANGE,
+                ECHO_HOST,
+                &reply,
+                broker::json_properties().with_correlation_id(id),
+                false,
+            )
+            .await
+            .unwrap();
+            d.acker.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    });
+    Ok(())
+}
+
+async fn sequential(m: &mut Manager, host: &str, tag: &str) -> anyhow::Result<Vec<Duration>> {
+    let mut times = Vec::with_capacity(SEQUENTIAL);
+    for i in 0..SEQUENTIAL + 20 {
+        let id = format!("{tag}-seq-{i}");
+        let t = Instant::now();
+        m.send(host, "ping", &id, &json!({})).await?;
+        let ack = m.wait_ack(&id, Duration::from_secs(30)).await?;
+        anyhow::ensure!(ack.status == rampart::protocol::Status::Applied);
+        if i >= 20 {
+            times.push(t.elapsed()); // the first 20 warm up
+        }
+    }
+    times.sort();
+    Ok(times)
+}
+
+async fn pipelined(m: &mut Manager, host: &str, tag: &str) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let ids: Vec<String> = (0..PIPELINED).map(|i| format!("{tag}-pipe-{i}")).collect();
+    let data = json!({});
+    // All publishes in flight at once; their confirms are awaited together.
+    futures_util::future::try_join_all(ids.iter().map(|id| m.send(host, "ping", id, &data)))
+        .await?;
+    for i in 0..PIPELINED {
+        m.wait_ack(&format!("{tag}-pipe-{i}"), Duration::from_secs(60))
+            .await?;
+    }
+    Ok(PIPELINED as f64 / t.elapsed().as_secs_f64())
+}
+
+fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(());
+    }
+    let root = tempfile::Builder::new()
+        .prefix("rampart-bench-")
+        .tempdir_in("/tmp")?;
+    support::init(root.path());
+    let host = env().host("bench-agent", HostOptions::default());
+    let agent = AgentProc::start(&host);
+    agent.wait_serving();
+    let result = support::runtime().block_on(async {
+        let mut m = env().manager().await;
+        m.watch_host(&host.id).await?;
+        m.watch_host(ECHO_HOST).await?;
+        echo_responder(&m).await?;
+        let agent_seq = sequential(&mut m, &host.id, "agent").await?;
+        let echo_seq = sequential(&mut m, ECHO_HOST, "echo").await?;
+        let agent_rate = pipelined(&mut m, &host.id, "agent").await?;
+        let echo_rate = pipelined(&mut m, ECHO_HOST, "echo").await?;
+        println!("ping round trip, {SEQUENTIAL} sequential commands (ms):");
+        println!("  {:<28} {:>8} {:>8}", "", "p50", "p99");
+        for (name, t) in [
+            ("agent (rampart run)", &agent_seq),
+            ("bare AMQP echo consumer", &echo_seq),
+        ] {
+            println!(
+                "  {:<28} {:>8.2} {:>8.2}",
+                name,
+                ms(percentile(t, 0.5)),
+                ms(percentile(t, 0.99))
+            );
+        }
+        println!(
+            "  ratio agent/echo           {:>8.2} {:>8.2}",
+            ms(percentile(&agent_seq, 0.5)) / ms(percentile(&echo_seq, 0.5)),
+            ms(percentile(&agent_seq, 0.99)) / ms(percentile(&echo_seq, 0.99))
+        );
+        println!("pipelined, {PIPELINED} commands in flight at once (commands/s):");
+        println!("  agent (rampart run)          {agent_rate:>8.0}");
+        println!("  bare AMQP echo consumer      {echo_rate:>8.0}");
+        println!(
+            "  ratio agent/echo             {:>8.2}",
+            agent_rate / echo_rate
+        );
+        m.close().await;
+        anyhow::Ok(())
+    });
+    drop(agent);
+    support::teardown();
+    result
+}
