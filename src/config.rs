@@ -44,9 +44,77 @@ pub struct Config {
     pub control: ControlConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub firewall: FirewallConfig,
     /// Only read by `rampart send` (the manager side).
     #[serde(default)]
     pub manager: ManagerConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirewallConfig {
+    /// The agent's own table in the `inet` family; no other table is ever touched.
+    #[serde(default = "default_table")]
+    pub table: String,
+    /// Always allowed in, ahead of every rule: `"tcp/22"`, `"udp/53"`.
+    #[serde(default)]
+    pub failsafe_in: Vec<String>,
+    /// Always allowed out, ahead of every rule (the brokers are always allowed).
+    #[serde(default)]
+    pub failsafe_out: Vec<String>,
+    #[serde(default = "default_drift_check_secs")]
+    pub drift_check_secs: u64,
+    #[serde(default = "default_max_rules")]
+    pub max_rules: usize,
+    #[serde(default = "default_max_elements")]
+    pub max_elements: usize,
+    /// The nft binary.
+    #[serde(default = "default_nft")]
+    pub nft: PathBuf,
+}
+
+impl Default for FirewallConfig {
+    fn default() -> Self {
+        FirewallConfig {
+            table: default_table(),
+            failsafe_in: vec![],
+            failsafe_out: vec![],
+            drift_check_secs: default_drift_check_secs(),
+            max_rules: default_max_rules(),
+            max_elements: default_max_elements(),
+            nft: default_nft(),
+        }
+    }
+}
+
+fn default_table() -> String {
+    "rampart".to_string()
+}
+fn default_drift_check_secs() -> u64 {
+    30
+}
+fn default_max_rules() -> usize {
+    100_000
+}
+fn default_max_elements() -> usize {
+    1_000_000
+}
+fn default_nft() -> PathBuf {
+    PathBuf::from("/usr/sbin/nft")
+}
+
+/// `"tcp/22"` -> (protocol, port).
+pub fn parse_failsafe(s: &str) -> Option<(crate::firewall::render::FailsafeProto, u16)> {
+    use crate::firewall::render::FailsafeProto;
+    let (proto, port) = s.split_once('/')?;
+    let proto = match proto {
+        "tcp" => FailsafeProto::Tcp,
+        "udp" => FailsafeProto::Udp,
+        _ => return None,
+    };
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    Some((proto, port))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -301,6 +369,31 @@ impl Config {
         }
         if self.commands.max_body_bytes == 0 {
             return Err(invalid("commands.max_body_bytes", "must be at least 1"));
+        }
+        let f = &self.firewall;
+        let t = f.table.as_bytes();
+        if t.is_empty()
+            || t.len() > 32
+            || !t[0].is_ascii_lowercase()
+            || !t
+                .iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+        {
+            return Err(invalid(
+                "firewall.table",
+                "must match ^[a-z][a-z0-9_]{0,31}$",
+            ));
+        }
+        for (key, list) in [
+            ("firewall.failsafe_in", &f.failsafe_in),
+            ("firewall.failsafe_out", &f.failsafe_out),
+        ] {
+            if let Some(bad) = list.iter().find(|s| parse_failsafe(s).is_none()) {
+                return Err(invalid(key, format!("{bad:?} is not tcp/PORT or udp/PORT")));
+            }
+        }
+        if f.drift_check_secs == 0 {
+            return Err(invalid("firewall.drift_check_secs", "must be at least 1"));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;

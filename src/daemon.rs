@@ -13,10 +13,14 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::broker::{self, Backoff, BrokerError, Connector, Session, amqp};
-use crate::config::{AuthMechanism, Config};
+use crate::config::{AuthMechanism, Config, parse_failsafe};
 use crate::dispatch::{Dispatcher, Disposition};
+use crate::firewall::render::RenderCtx;
+use crate::firewall::spec::{Limits, RuleSet};
+use crate::firewall::{Drift, Firewall};
 use crate::protocol::{DecodeContext, Incoming, is_valid_host_id, now_ms};
 use crate::state::Store;
+use crate::sys::nft::Nft;
 
 /// A session that lasted this long was stable: the next failure starts backoff afresh.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
@@ -32,6 +36,8 @@ struct Agent {
     host_id: String,
     broker_user: String,
     dispatcher: Dispatcher,
+    firewall: Arc<tokio::sync::Mutex<Firewall>>,
+    drift_events: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Value>>,
     started: Instant,
     last_error: std::sync::Mutex<Option<String>>,
 }
@@ -67,15 +73,36 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("opening the state store")?;
     tracing::info!(path = %store.path().display(), "state store open");
 
+    let limits = Limits {
+        max_rules: config.firewall.max_rules,
+        max_elements: config.firewall.max_elements,
+    };
     let decode = DecodeContext {
         host_id: host_id.clone(),
         trusted_senders: b.trusted_senders.clone(),
         max_body_bytes: config.commands.max_body_bytes,
         signing_keys,
+        limits,
     };
     let connector = Connector::new(b, tls, format!("rampart/{host_id}"))?;
+    let store = Arc::new(store);
+
+    // The recorded rule set goes back into the kernel before any broker is contacted, so a
+    // restart or a reboot never leaves the host open.
+    let ctx = render_ctx(&config, &connector).await;
+    let firewall = load_firewall(&store, &config, ctx, limits).await?;
+    let firewall = Arc::new(tokio::sync::Mutex::new(firewall));
+    let (drift_tx, drift_rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(drift_loop(
+        firewall.clone(),
+        Duration::from_secs(config.firewall.drift_check_secs),
+        drift_tx,
+    ));
+
     let agent = Arc::new(Agent {
-        dispatcher: Dispatcher::new(Arc::new(store), decode, identity.info.clone()),
+        dispatcher: Dispatcher::new(store, decode, identity.info.clone(), firewall.clone()),
+        firewall,
+        drift_events: tokio::sync::Mutex::new(drift_rx),
         host_id,
         broker_user,
         config,
@@ -92,6 +119,104 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     agent.session_loop(connector, stop_rx).await;
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// The failsafe: the brokers' addresses (resolved now) and the configured ports.
+async fn render_ctx(config: &Config, connector: &Connector) -> RenderCtx {
+    let mut brokers = vec![];
+    for url in &connector.urls {
+        let a = &url.uri.authority;
+        match tokio::net::lookup_host((a.host.as_str(), a.port)).await {
+            Ok(addrs) => brokers.extend(addrs.map(|sa| (sa.ip(), sa.port()))),
+            Err(e) => {
+                tracing::warn!(url = %url.display, error = %e, "cannot resolve broker for the firewall failsafe")
+            }
+        }
+    }
+    brokers.sort();
+    brokers.dedup();
+    let fw = &config.firewall;
+    RenderCtx {
+        table: fw.table.clone(),
+        brokers,
+        failsafe_in: fw
+            .failsafe_in
+            .iter()
+            .filter_map(|s| parse_failsafe(s))
+            .collect(),
+        failsafe_out: fw
+            .failsafe_out
+            .iter()
+            .filter_map(|s| parse_failsafe(s))
+            .collect(),
+    }
+}
+
+/// Rebuilds the applied rule set from the store (snapshot plus journal) and restores it.
+async fn load_firewall(
+    store: &Arc<Store>,
+    config: &Config,
+    ctx: RenderCtx,
+    limits: Limits,
+) -> anyhow::Result<Firewall> {
+    let s = store.clone();
+    let stored = tokio::task::spawn_blocking(move || s.load_firewall())
+        .await
+        .expect("state store task panicked")
+        .context("reading the stored rule set")?;
+    let snapshot = match &stored.snapshot {
+        Some(bytes) => crate::protocol::decode_stored_rule_set(bytes)
+            .map_err(|e| anyhow::anyhow!("stored rule set does not decode: {e}"))?,
+        None => RuleSet::default(),
+    };
+    let mut fw = Firewall::new(Nft::new(&config.firewall.nft), ctx, limits, snapshot);
+    for entry in &stored.journal {
+        let patch = crate::protocol::decode_stored_patch(entry)
+            .map_err(|e| anyhow::anyhow!("stored patch does not decode: {e}"))?;
+        let plan = fw
+            .plan_patch(&patch)
+            .map_err(|e| anyhow::anyhow!("stored patch does not apply: {e}"))?;
+        fw.commit_patch(plan);
+    }
+    if fw.is_managed() {
+        match fw.restore().await {
+            Ok(()) => tracing::info!(
+                generation = fw.current().generation,
+                rules = fw.current().rules.len(),
+                table = fw.table(),
+                "firewall restored from the state store"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "could not restore the firewall; the drift check will retry")
+            }
+        }
+    }
+    Ok(fw)
+}
+
+/// Every `period`, compares the kernel's table with the record and repairs it.
+async fn drift_loop(
+    firewall: Arc<tokio::sync::Mutex<Firewall>>,
+    period: Duration,
+    events: tokio::sync::mpsc::Sender<Value>,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tick.tick().await;
+        let mut fw = firewall.lock().await;
+        match fw.check_drift().await {
+            Ok(Drift::None) => {}
+            Ok(Drift::Repaired(what)) => {
+                let generation = fw.current().generation;
+                tracing::warn!(%what, generation, table = fw.table(), "firewall drift found and repaired");
+                let event = json!({"kind": "firewall", "what": what, "generation": generation, "repaired": true});
+                if events.try_send(event).is_err() {
+                    tracing::warn!("drift event dropped: too many pending");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "firewall drift check failed"),
+        }
+    }
 }
 
 async fn wait_for_signal() {
@@ -226,6 +351,7 @@ impl Agent {
         tracing::info!(queue = %broker::host_queue(&self.host_id), "serving commands");
         let period = Duration::from_secs(u64::from(b.heartbeat_secs));
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut drift = self.drift_events.lock().await;
         loop {
             tokio::select! {
                 biased;
@@ -248,8 +374,11 @@ impl Agent {
                     None => return Ok(SessionEnd::Lost("the broker cancelled the consumer".into())),
                 },
                 _ = heartbeat.tick() => {
-                    let data = self.heartbeat_data(session);
+                    let data = self.heartbeat_data(session).await;
                     self.publish_event(&publish_ch, "heartbeat", data).await?;
+                }
+                Some(event) = drift.recv() => {
+                    self.publish_event(&publish_ch, "drift", event).await?;
                 }
             }
         }
@@ -314,13 +443,17 @@ impl Agent {
         Ok(())
     }
 
-    fn heartbeat_data(&self, session: &Session) -> Value {
+    async fn heartbeat_data(&self, session: &Session) -> Value {
+        let mut firewall = self.firewall.lock().await.current().summary();
+        if let Value::Object(m) = &mut firewall {
+            m.remove("digest");
+        }
         json!({
             "host": self.host_id,
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_secs": self.started.elapsed().as_secs(),
             "broker": session.url,
-            "firewall": { "generation": 0, "rules": 0, "address_sets": 0, "elements": 0 },
+            "firewall": firewall,
             "routers": 0,
             "last_error": *self.last_error.lock().expect("last_error lock"),
         })

@@ -6,13 +6,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
 
 use crate::broker::tls::CertInfo;
+use crate::firewall::spec::{Patch, RuleSet};
+use crate::firewall::{ApplyPlan, Firewall, FirewallError};
 use crate::protocol::{
     Ack, AckError, DecodeContext, ErrorCode, Incoming, Request, RequestKind, Status, decode,
 };
-use crate::state::Store;
+use crate::state::{Change, StateError, Store};
+
+/// Journal entries after which the firewall snapshot is rewritten.
+const COMPACT_AFTER: u64 = 256;
 
 /// What to do with the AMQP delivery once the ack is confirmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,19 +51,77 @@ impl Fault {
     }
 }
 
+/// A state change to persist with the ack, owned so it can move to the blocking pool.
+enum OwnedChange {
+    None,
+    FirewallReplace(String),
+    FirewallPatch(String),
+}
+
+/// The result of executing one request, before it is stored.
+struct Executed {
+    status: Status,
+    error: Option<AckError>,
+    data: Value,
+    change: OwnedChange,
+}
+
+impl Executed {
+    fn applied(data: Value, change: OwnedChange) -> Executed {
+        Executed {
+            status: Status::Applied,
+            error: None,
+            data,
+            change,
+        }
+    }
+}
+
+/// The one place where firewall errors become ack statuses and codes.
+fn firewall_error(e: &FirewallError) -> (Status, AckError) {
+    let (status, code, field) = match e {
+        FirewallError::Stale { .. } => (Status::Stale, ErrorCode::StaleGeneration, None),
+        FirewallError::UnknownSet { field, .. } => {
+            (Status::Rejected, ErrorCode::UnknownSet, Some(field.clone()))
+        }
+        FirewallError::SetInUse { field, .. } => {
+            (Status::Rejected, ErrorCode::SetInUse, Some(field.clone()))
+        }
+        FirewallError::TooMany { field, .. } => {
+            (Status::Rejected, ErrorCode::TooMany, Some(field.clone()))
+        }
+        FirewallError::Nft(_) => (Status::Failed, ErrorCode::NftFailed, None),
+    };
+    (
+        status,
+        AckError {
+            code,
+            message: e.to_string(),
+            field,
+        },
+    )
+}
+
 pub struct Dispatcher {
     store: Arc<Store>,
     decode: DecodeContext,
     certificate: CertInfo,
+    firewall: Arc<Mutex<Firewall>>,
     fault: Fault,
 }
 
 impl Dispatcher {
-    pub fn new(store: Arc<Store>, decode: DecodeContext, certificate: CertInfo) -> Dispatcher {
+    pub fn new(
+        store: Arc<Store>,
+        decode: DecodeContext,
+        certificate: CertInfo,
+        firewall: Arc<Mutex<Firewall>>,
+    ) -> Dispatcher {
         Dispatcher {
             store,
             decode,
             certificate,
+            firewall,
             fault: Fault::from_env(),
         }
     }
@@ -80,9 +143,6 @@ impl Dispatcher {
                     error = %rejection.error.message,
                     "command rejected"
                 );
-                // Rejections are not recorded: they changed nothing, re-checking a redelivery
-                // gives the same answer, and recording them would let an untrusted sender
-                // reserve a command id before the manager uses it.
                 let ack = Ack::new(
                     self.host_id(),
                     rejection.correlation_id,
@@ -101,16 +161,48 @@ impl Dispatcher {
         match self.lookup(&request.id).await {
             Ok(Some(original)) => {
                 tracing::info!(command_id = %request.id, status = original.status.as_str(), "duplicate command: answering with the stored ack");
+                let disposition = disposition_of(original.status);
                 return Outcome {
                     ack: original.as_duplicate(),
-                    disposition: Disposition::Ack,
+                    disposition,
                 };
             }
             Ok(None) => {}
             Err(e) => return self.store_failure(&request, e),
         }
 
-        let (status, error, mut data) = self.execute(&request).await;
+        let type_name = request.kind.type_name();
+        // The firewall lock is held from plan to commit, so drift repair never interleaves.
+        let mut fw_guard = match &request.kind {
+            RequestKind::FirewallApply(_) | RequestKind::FirewallPatch { .. } => {
+                Some(self.firewall.lock().await)
+            }
+            _ => None,
+        };
+        let (executed, commit) = match &request.kind {
+            RequestKind::Ping => (
+                Executed::applied(json!({}), OwnedChange::None),
+                Commit::None,
+            ),
+            RequestKind::StateSync => match self.summary().await {
+                Ok(summary) => (Executed::applied(summary, OwnedChange::None), Commit::None),
+                Err(e) => return self.store_failure(&request, e),
+            },
+            RequestKind::FirewallApply(rs) => {
+                let fw = fw_guard.as_mut().expect("locked above");
+                firewall_apply(fw, rs).await
+            }
+            RequestKind::FirewallPatch { patch, raw } => {
+                let fw = fw_guard.as_mut().expect("locked above");
+                firewall_patch(fw, patch, raw).await
+            }
+        };
+        let Executed {
+            status,
+            error,
+            mut data,
+            change,
+        } = executed;
         if let Value::Object(map) = &mut data {
             map.insert(
                 "duration_us".into(),
@@ -120,21 +212,48 @@ impl Dispatcher {
         let ack = Ack::new(
             self.host_id(),
             Some(request.id.clone()),
-            Some(request.kind.type_name().to_string()),
+            Some(type_name.to_string()),
             status,
             error,
             data,
         );
-        if let Err(e) = self.record(&request.id, &ack).await {
+        if status == Status::Rejected {
+            // Not recorded (see above): a rejection changed nothing.
+            if let Some(e) = &ack.error {
+                tracing::warn!(command_id = %request.id, command_type = type_name, code = ?e.code, field = e.field.as_deref().unwrap_or("-"), error = %e.message, "command rejected");
+            }
+            return Outcome {
+                ack,
+                disposition: Disposition::Reject,
+            };
+        }
+        if let Err(e) = self.persist(&request.id, &ack, change).await {
+            if let Some(fw) = fw_guard.as_mut()
+                && !matches!(commit, Commit::None)
+                && let Err(re) = fw.restore().await
+            {
+                tracing::error!(error = %re, "could not roll the kernel back to the recorded rule set");
+            }
             return self.store_failure(&request, e);
         }
+        if let Some(fw) = fw_guard.as_mut() {
+            match commit {
+                Commit::None => {}
+                Commit::Replace(rs, layout) => fw.commit_replace(*rs, layout),
+                Commit::Patch(plan) => {
+                    fw.commit_patch(*plan);
+                    self.maybe_compact(fw).await;
+                }
+            }
+        }
+        drop(fw_guard);
         if self.fault == Fault::CrashAfterPersist {
             tracing::error!(command_id = %request.id, "RAMPART_FAULT=crash_after_persist: killing myself");
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         }
         tracing::info!(
             command_id = %request.id,
-            command_type = request.kind.type_name(),
+            command_type = type_name,
             status = ack.status.as_str(),
             duration_us = started.elapsed().as_micros() as u64,
             "command processed"
@@ -145,34 +264,17 @@ impl Dispatcher {
         }
     }
 
-    async fn execute(&self, request: &Request) -> (Status, Option<AckError>, Value) {
-        match request.kind {
-            RequestKind::Ping => (Status::Applied, None, json!({})),
-            RequestKind::StateSync => match self.summary().await {
-                Ok(summary) => (Status::Applied, None, summary),
-                Err(e) => (
-                    Status::Failed,
-                    Some(AckError {
-                        code: ErrorCode::StoreFailed,
-                        message: e.to_string(),
-                        field: None,
-                    }),
-                    json!({}),
-                ),
-            },
-        }
-    }
-
     /// The state summary of PROTOCOL.md section 6.
-    pub async fn summary(&self) -> Result<Value, crate::state::StateError> {
+    pub async fn summary(&self) -> Result<Value, StateError> {
         let store = self.store.clone();
         let processed = tokio::task::spawn_blocking(move || store.processed_count())
             .await
             .expect("state store task panicked")?;
+        let firewall = self.firewall.lock().await.current().summary();
         Ok(json!({
             "host": self.host_id(),
             "version": env!("CARGO_PKG_VERSION"),
-            "firewall": empty_firewall_summary(),
+            "firewall": firewall,
             "routers": [],
             "certificate": {
                 "subject": self.certificate.subject,
@@ -183,7 +285,7 @@ impl Dispatcher {
         }))
     }
 
-    async fn lookup(&self, id: &str) -> Result<Option<Ack>, crate::state::StateError> {
+    async fn lookup(&self, id: &str) -> Result<Option<Ack>, StateError> {
         let store = self.store.clone();
         let id = id.to_string();
         tokio::task::spawn_blocking(move || store.lookup(&id))
@@ -191,16 +293,42 @@ impl Dispatcher {
             .expect("state store task panicked")
     }
 
-    async fn record(&self, id: &str, ack: &Ack) -> Result<(), crate::state::StateError> {
+    async fn persist(&self, id: &str, ack: &Ack, change: OwnedChange) -> Result<(), StateError> {
         let store = self.store.clone();
         let id = id.to_string();
         let ack = ack.clone();
-        tokio::task::spawn_blocking(move || store.record(&id, &ack))
-            .await
-            .expect("state store task panicked")
+        tokio::task::spawn_blocking(move || {
+            let change = match &change {
+                OwnedChange::None => Change::None,
+                OwnedChange::FirewallReplace(s) => Change::FirewallReplace(s),
+                OwnedChange::FirewallPatch(s) => Change::FirewallPatch(s),
+            };
+            store.commit(&id, &ack, change)
+        })
+        .await
+        .expect("state store task panicked")
     }
 
-    fn store_failure(&self, request: &Request, e: crate::state::StateError) -> Outcome {
+    /// Folds the patch journal into a snapshot now and then, so restarts stay fast.
+    async fn maybe_compact(&self, fw: &Firewall) {
+        let store = self.store.clone();
+        let len = tokio::task::spawn_blocking(move || store.journal_len())
+            .await
+            .expect("state store task panicked");
+        if !matches!(len, Ok(n) if n >= COMPACT_AFTER) {
+            return;
+        }
+        let snapshot = fw.current().canonical_json();
+        let store = self.store.clone();
+        let result = tokio::task::spawn_blocking(move || store.compact_firewall(&snapshot))
+            .await
+            .expect("state store task panicked");
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not compact the firewall journal (will retry)");
+        }
+    }
+
+    fn store_failure(&self, request: &Request, e: StateError) -> Outcome {
         tracing::error!(command_id = %request.id, error = %e, "state store failed; command not applied");
         let ack = Ack::new(
             self.host_id(),
@@ -221,15 +349,66 @@ impl Dispatcher {
     }
 }
 
-/// No rule set has been applied by this build: generation 0, nothing in it. The digest is
-/// that of the empty rule set in canonical form, as docs/protocol.md defines.
-fn empty_firewall_summary() -> Value {
-    let canonical = r#"{"address_sets":{},"defaults":{"forward":"allow","in":"allow","out":"allow"},"generation":0,"rules":[]}"#;
-    json!({
-        "generation": 0,
-        "rules": 0,
-        "address_sets": 0,
-        "elements": 0,
-        "digest": hex::encode(Sha256::digest(canonical.as_bytes())),
-    })
+fn disposition_of(status: Status) -> Disposition {
+    if status == Status::Rejected {
+        Disposition::Reject
+    } else {
+        Disposition::Ack
+    }
+}
+
+/// What to change in memory once the outcome is stored.
+enum Commit {
+    None,
+    Replace(Box<RuleSet>, crate::firewall::layout::Layout),
+    Patch(Box<crate::firewall::PatchPlan>),
+}
+
+fn failed_with(fw: &Firewall, e: &FirewallError) -> (Executed, Commit) {
+    let (status, error) = firewall_error(e);
+    let executed = Executed {
+        status,
+        error: Some(error),
+        data: json!({ "generation": fw.current().generation }),
+        change: OwnedChange::None,
+    };
+    (executed, Commit::None)
+}
+
+async fn firewall_apply(fw: &mut Firewall, rs: &RuleSet) -> (Executed, Commit) {
+    match fw.plan_apply(rs) {
+        Err(e) => failed_with(fw, &e),
+        Ok(ApplyPlan::NoOp) => (
+            Executed::applied(
+                json!({ "generation": rs.generation, "noop": true }),
+                OwnedChange::None,
+            ),
+            Commit::None,
+        ),
+        Ok(ApplyPlan::Replace { batch, layout }) => {
+            if let Err(e) = fw.apply_batch(&batch).await {
+                return failed_with(fw, &e);
+            }
+            let executed = Executed::applied(
+                json!({ "generation": rs.generation }),
+                OwnedChange::FirewallReplace(rs.canonical_json()),
+            );
+            (executed, Commit::Replace(Box::new(rs.clone()), layout))
+        }
+    }
+}
+
+async fn firewall_patch(fw: &mut Firewall, patch: &Patch, raw: &str) -> (Executed, Commit) {
+    let plan = match fw.plan_patch(patch) {
+        Ok(plan) => plan,
+        Err(e) => return failed_with(fw, &e),
+    };
+    if let Err(e) = fw.apply_batch(&plan.batch).await {
+        return failed_with(fw, &e);
+    }
+    let executed = Executed::applied(
+        json!({ "generation": patch.generation }),
+        OwnedChange::FirewallPatch(raw.to_string()),
+    );
+    (executed, Commit::Patch(Box::new(plan)))
 }

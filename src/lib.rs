@@ -10,9 +10,13 @@ pub mod config;
 pub mod daemon;
 /// Request -> effect -> persisted outcome -> ack, at most once.
 pub mod dispatch;
+/// Host firewall: checked rule sets, layout, rendering, apply, drift.
+pub mod firewall;
 /// The manager's side of the bus (`rampart send`, tests).
 pub mod manager;
 /// Wire contract: deliveries -> checked requests; acks.
 pub mod protocol;
 /// Crash-safe store of processed commands and applied state.
 pub mod state;
+/// The only code that touches the host: nft (later netlink, namespaces).
+pub mod sys;

@@ -42,6 +42,13 @@ pub enum ErrorCode {
     MissingSignature,
     BadSignature,
     UnknownType,
+    DuplicateId,
+    UnknownSet,
+    SetInUse,
+    UnknownRule,
+    TooMany,
+    StaleGeneration,
+    NftFailed,
     StoreFailed,
 }
 

@@ -27,6 +27,7 @@ pub struct DecodeContext {
     pub trusted_senders: Vec<String>,
     pub max_body_bytes: usize,
     pub signing_keys: Vec<ed25519_dalek::VerifyingKey>,
+    pub limits: crate::firewall::spec::Limits,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +42,12 @@ pub struct Request {
 pub enum RequestKind {
     Ping,
     StateSync,
+    FirewallApply(Box<crate::firewall::spec::RuleSet>),
+    FirewallPatch {
+        patch: Box<crate::firewall::spec::Patch>,
+        /// The `data` JSON as received, compact: what the journal stores.
+        raw: String,
+    },
 }
 
 impl RequestKind {
@@ -48,6 +55,8 @@ impl RequestKind {
         match self {
             RequestKind::Ping => "ping",
             RequestKind::StateSync => "state.sync",
+            RequestKind::FirewallApply(_) => "firewall.apply",
+            RequestKind::FirewallPatch { .. } => "firewall.patch",
         }
     }
 }
@@ -60,13 +69,14 @@ pub struct Rejection {
     pub error: AckError,
 }
 
-struct Reject {
-    code: ErrorCode,
-    message: String,
-    field: Option<String>,
+#[derive(Debug)]
+pub(super) struct Reject {
+    pub(super) code: ErrorCode,
+    pub(super) message: String,
+    pub(super) field: Option<String>,
 }
 
-fn reject(code: ErrorCode, message: impl Into<String>, field: Option<String>) -> Reject {
+pub(super) fn reject(code: ErrorCode, message: impl Into<String>, field: Option<String>) -> Reject {
     Reject {
         code,
         message: message.into(),
@@ -247,6 +257,14 @@ fn decode_inner(
             empty_object(data, "$.data")?;
             RequestKind::StateSync
         }
+        "firewall.apply" => RequestKind::FirewallApply(Box::new(super::firewall::decode_rule_set(
+            data,
+            &ctx.limits,
+        )?)),
+        "firewall.patch" => RequestKind::FirewallPatch {
+            patch: Box::new(super::firewall::decode_patch(data)?),
+            raw: data.to_string(),
+        },
         other => {
             return Err(reject(
                 ErrorCode::UnknownType,
@@ -314,7 +332,7 @@ fn valid_command_id(id: &str) -> bool {
 }
 
 /// A value quoted for a one-line message, shortened so hostile input stays small.
-fn echo(s: &str) -> String {
+pub(super) fn echo(s: &str) -> String {
     let short: String = s.chars().take(ECHO_MAX).collect();
     if short.len() < s.len() {
         format!("{short:?}...")
@@ -324,7 +342,7 @@ fn echo(s: &str) -> String {
 }
 
 /// JSON path of `key` under `parent`, in bracket form when the key is not a plain name.
-fn child_path(parent: &str, key: &str) -> String {
+pub(super) fn child_path(parent: &str, key: &str) -> String {
     let plain = !key.is_empty()
         && key.len() <= ECHO_MAX
         && key
@@ -337,7 +355,7 @@ fn child_path(parent: &str, key: &str) -> String {
     }
 }
 
-fn missing(parent: &str, key: &str) -> Reject {
+pub(super) fn missing(parent: &str, key: &str) -> Reject {
     reject(
         ErrorCode::MissingField,
         format!("required field {key} is missing"),
@@ -345,7 +363,11 @@ fn missing(parent: &str, key: &str) -> Reject {
     )
 }
 
-fn deny_unknown(obj: &Map<String, Value>, allowed: &[&str], parent: &str) -> Result<(), Reject> {
+pub(super) fn deny_unknown(
+    obj: &Map<String, Value>,
+    allowed: &[&str],
+    parent: &str,
+) -> Result<(), Reject> {
     match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(reject(
             ErrorCode::UnknownField,
@@ -356,7 +378,7 @@ fn deny_unknown(obj: &Map<String, Value>, allowed: &[&str], parent: &str) -> Res
     }
 }
 
-fn required_str<'a>(
+pub(super) fn required_str<'a>(
     obj: &'a Map<String, Value>,
     key: &str,
     parent: &str,
@@ -394,6 +416,7 @@ mod tests {
             trusted_senders: vec!["manager".into()],
             max_body_bytes: 1024,
             signing_keys: vec![],
+            limits: Default::default(),
         }
     }
 
@@ -442,7 +465,7 @@ mod tests {
                 Some("$.host"),
             ),
             (
-                ping("").replace(r#""ping""#, r#""firewall.apply""#),
+                ping("").replace(r#""ping""#, r#""router.teleport""#),
                 ErrorCode::UnknownType,
                 Some("$.type"),
             ),

@@ -3,9 +3,27 @@
 
 mod ack;
 mod command;
+mod firewall;
 
 pub use ack::{Ack, AckError, ErrorCode, Status};
 pub use command::{DecodeContext, Incoming, Rejection, Request, RequestKind, decode};
+
+/// A rule set as the state store keeps it (canonical JSON), without limits: what was
+/// accepted once is restored even if the limits were lowered since.
+pub fn decode_stored_rule_set(bytes: &[u8]) -> Result<crate::firewall::spec::RuleSet, String> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let limits = crate::firewall::spec::Limits {
+        max_rules: usize::MAX,
+        max_elements: usize::MAX,
+    };
+    firewall::decode_rule_set(&v, &limits).map_err(|r| format!("{}: {:?}", r.message, r.field))
+}
+
+/// A journal entry (a patch's `data` JSON) from the state store.
+pub fn decode_stored_patch(bytes: &[u8]) -> Result<crate::firewall::spec::Patch, String> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    firewall::decode_patch(&v).map_err(|r| format!("{}: {:?}", r.message, r.field))
+}
 
 /// `^[a-z0-9][a-z0-9._-]{0,62}$`
 pub fn is_valid_host_id(id: &str) -> bool {

@@ -16,6 +16,27 @@ const PROCESSED: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("pro
 /// sequence number -> command id, oldest first, for pruning
 const PROCESSED_ORDER: TableDefinition<u64, &str> = TableDefinition::new("processed_order");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// "snapshot" -> the applied rule set, canonical JSON.
+const FIREWALL: TableDefinition<&str, &[u8]> = TableDefinition::new("firewall");
+/// sequence -> `firewall.patch` data applied on top of the snapshot, in order.
+const FIREWALL_JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("firewall_journal");
+
+/// The state change a command made, committed together with its dedup record.
+#[derive(Debug)]
+pub enum Change<'a> {
+    None,
+    /// A whole rule set (canonical JSON) replaces the firewall state.
+    FirewallReplace(&'a str),
+    /// A patch (its `data` JSON) goes on top of the current firewall state.
+    FirewallPatch(&'a str),
+}
+
+/// The firewall as stored: a snapshot and the patches since, to be replayed in order.
+#[derive(Debug, Default)]
+pub struct StoredFirewall {
+    pub snapshot: Option<Vec<u8>>,
+    pub journal: Vec<Vec<u8>>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -51,6 +72,42 @@ db_err!(
     redb::StorageError,
     redb::CommitError
 );
+
+#[cfg(test)]
+mod firewall_tests {
+    use super::*;
+    use crate::protocol::Status;
+
+    #[test]
+    fn snapshot_and_journal_commit_with_the_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 10_000).unwrap();
+        let ack = Ack::new(
+            "h",
+            Some("a".into()),
+            None,
+            Status::Applied,
+            None,
+            serde_json::json!({}),
+        );
+        s.commit("a", &ack, Change::FirewallReplace("{\"generation\":1}"))
+            .unwrap();
+        s.commit("b", &ack, Change::FirewallPatch("{\"p\":1}"))
+            .unwrap();
+        s.commit("c", &ack, Change::FirewallPatch("{\"p\":2}"))
+            .unwrap();
+        let fw = s.load_firewall().unwrap();
+        assert_eq!(fw.snapshot.as_deref(), Some(&b"{\"generation\":1}"[..]));
+        assert_eq!(
+            fw.journal,
+            vec![b"{\"p\":1}".to_vec(), b"{\"p\":2}".to_vec()]
+        );
+        s.compact_firewall("{\"generation\":3}").unwrap();
+        let fw = s.load_firewall().unwrap();
+        assert!(fw.journal.is_empty());
+        assert!(s.lookup("c").unwrap().is_some());
+    }
+}
 
 pub struct Store {
     db: Database,
@@ -96,6 +153,8 @@ impl Store {
             }
             tx.open_table(PROCESSED)?;
             tx.open_table(PROCESSED_ORDER)?;
+            tx.open_table(FIREWALL)?;
+            tx.open_table(FIREWALL_JOURNAL)?;
         }
         tx.commit()?;
         Ok(())
@@ -121,9 +180,28 @@ impl Store {
     /// Records `ack` as the outcome of command `id`, durably, in one transaction. The oldest
     /// records beyond the retention are pruned in the same commit.
     pub fn record(&self, id: &str, ack: &Ack) -> Result<(), StateError> {
+        self.commit(id, ack, Change::None)
+    }
+
+    /// Records `ack` for command `id` and the state change it made, atomically and durably.
+    pub fn commit(&self, id: &str, ack: &Ack, change: Change<'_>) -> Result<(), StateError> {
         let bytes = ack.to_json();
         let tx = self.db.begin_write()?;
         {
+            match change {
+                Change::None => {}
+                Change::FirewallReplace(snapshot) => {
+                    tx.open_table(FIREWALL)?
+                        .insert("snapshot", snapshot.as_bytes())?;
+                    tx.delete_table(FIREWALL_JOURNAL)?;
+                    tx.open_table(FIREWALL_JOURNAL)?;
+                }
+                Change::FirewallPatch(data) => {
+                    let mut journal = tx.open_table(FIREWALL_JOURNAL)?;
+                    let next = journal.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0);
+                    journal.insert(next, data.as_bytes())?;
+                }
+            }
             let mut meta = tx.open_table(META)?;
             let seq = meta.get("next_seq")?.map(|g| g.value()).unwrap_or(0);
             meta.insert("next_seq", seq + 1)?;
@@ -145,6 +223,37 @@ impl Store {
                 }
             }
         }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The stored firewall: snapshot and journal.
+    pub fn load_firewall(&self) -> Result<StoredFirewall, StateError> {
+        let tx = self.db.begin_read()?;
+        let snapshot = tx
+            .open_table(FIREWALL)?
+            .get("snapshot")?
+            .map(|g| g.value().to_vec());
+        let journal = tx
+            .open_table(FIREWALL_JOURNAL)?
+            .iter()?
+            .map(|e| e.map(|(_, v)| v.value().to_vec()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(StoredFirewall { snapshot, journal })
+    }
+
+    pub fn journal_len(&self) -> Result<u64, StateError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(FIREWALL_JOURNAL)?.len()?)
+    }
+
+    /// Folds the journal into a new snapshot of the same state (no command attached).
+    pub fn compact_firewall(&self, snapshot: &str) -> Result<(), StateError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(FIREWALL)?
+            .insert("snapshot", snapshot.as_bytes())?;
+        tx.delete_table(FIREWALL_JOURNAL)?;
+        tx.open_table(FIREWALL_JOURNAL)?;
         tx.commit()?;
         Ok(())
     }

@@ -1,0 +1,476 @@
+//! The host firewall: rule sets and patches applied to the agent's own nftables table in one
+//! transaction each, drift detected and repaired. `spec` says what is valid, `layout` where
+//! rules live, `render` what text the kernel gets; this module decides and applies.
+
+pub mod layout;
+pub mod render;
+pub mod spec;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+
+use crate::sys::nft::{Nft, NftError};
+use layout::{Changes, Hook, Layout, hooks_of};
+use render::{Family, Range, RenderCtx};
+use spec::{Defaults, Limits, Patch, Rule, RuleSet};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error(
+        "generation conflict: the host is at generation {current}, the command needs {expected}"
+    )]
+    Stale { current: u64, expected: String },
+    #[error("address set {name:?} is not defined")]
+    UnknownSet { name: String, field: String },
+    #[error("address set {name:?} is still used by rule {rule:?}")]
+    SetInUse {
+        name: String,
+        rule: String,
+        field: String,
+    },
+    #[error("the result would have more than {limit} {what}")]
+    TooMany {
+        what: &'static str,
+        limit: usize,
+        field: String,
+    },
+    #[error(transparent)]
+    Nft(#[from] NftError),
+}
+
+/// The result of checking a whole rule set against the current one.
+pub enum ApplyPlan {
+    /// Same generation, same content: nothing to do.
+    NoOp,
+    Replace {
+        batch: String,
+        layout: Layout,
+    },
+}
+
+/// A checked patch, rendered, ready to be applied and then committed.
+pub struct PatchPlan {
+    pub batch: String,
+    generation: u64,
+    defaults: Defaults,
+    sets: BTreeMap<String, Option<BTreeSet<IpNet>>>,
+    delete_rules: Vec<String>,
+    upsert_rules: Vec<Rule>,
+    layout: Layout,
+    refs: HashMap<String, BTreeSet<String>>,
+}
+
+/// What a drift check found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Drift {
+    None,
+    /// The table was missing or changed; it was restored.
+    Repaired(String),
+}
+
+pub struct Firewall {
+    nft: Nft,
+    ctx: RenderCtx,
+    limits: Limits,
+    current: RuleSet,
+    layout: Layout,
+    /// Rules referencing each set, for refusing to delete a set in use.
+    refs: HashMap<String, BTreeSet<String>>,
+    /// Fingerprint of our table as last seen after our own change.
+    baseline: Option<String>,
+    pub applied_at_ms: Option<u64>,
+}
+
+fn refs_of(rs: &RuleSet) -> HashMap<String, BTreeSet<String>> {
+    let mut refs: HashMap<String, BTreeSet<String>> = HashMap::new();
+    for r in rs.rules.values() {
+        for s in r.set_refs() {
+            refs.entry(s.to_string()).or_default().insert(r.id.clone());
+        }
+    }
+    refs
+}
+
+/// The terse listing with counter values removed: what must not change behind our back.
+fn fingerprint(listing: &str) -> String {
+    let mut out = String::with_capacity(listing.len());
+    let mut skip_next = false;
+    for tok in listing.split_whitespace() {
+        if skip_next {
+            skip_next = false;
+            continue;
+        }
+        if tok == "packets" || tok == "bytes" {
+            skip_next = true;
+            continue;
+        }
+        out.push_str(tok);
+        out.push(' ');
+    }
+    hex::encode(Sha256::digest(out.as_bytes()))
+}
+
+impl Firewall {
+    pub fn new(nft: Nft, ctx: RenderCtx, limits: Limits, restored: RuleSet) -> Firewall {
+        Firewall {
+            nft,
+            ctx,
+            limits,
+            layout: Layout::build(restored.rules.values()),
+            refs: refs_of(&restored),
+            current: restored,
+            baseline: None,
+            applied_at_ms: None,
+        }
+    }
+
+    pub fn current(&self) -> &RuleSet {
+        &self.current
+    }
+
+    pub fn table(&self) -> &str {
+        &self.ctx.table
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// True once a rule set has been applied (generation 0 means the host was never given one
+    /// and its firewall is left alone).
+    pub fn is_managed(&self) -> bool {
+        self.current.generation > 0
+    }
+
+    /// Puts the recorded rule set into the kernel (at start, and to repair drift).
+    pub async fn restore(&mut self) -> Result<(), FirewallError> {
+        if !self.is_managed() {
+            return Ok(());
+        }
+        self.layout = Layout::build(self.current.rules.values());
+        let batch = render::render_full(&self.current, &self.layout, &self.ctx);
+        self.nft.apply(&batch).await?;
+        self.baseline = None;
+        Ok(())
+    }
+
+    /// Generation rule of section 4 for a whole rule set.
+    pub fn plan_apply(&self, rs: &RuleSet) -> Result<ApplyPlan, FirewallError> {
+        let current = self.current.generation;
+        if rs.generation == current && self.is_managed() && *rs == self.current {
+            return Ok(ApplyPlan::NoOp);
+        }
+        if rs.generation <= current {
+            return Err(FirewallError::Stale {
+                current,
+                expected: format!("a generation above {current}"),
+            });
+        }
+        let layout = Layout::build(rs.rules.values());
+        let batch = render::render_full(rs, &layout, &self.ctx);
+        Ok(ApplyPlan::Replace { batch, layout })
+    }
+
+    pub async fn apply_batch(&self, batch: &str) -> Result<(), FirewallError> {
+        self.nft.apply(batch).await.map_err(FirewallError::from)
+    }
+
+    pub fn commit_replace(&mut self, rs: RuleSet, layout: Layout) {
+        self.refs = refs_of(&rs);
+        self.current = rs;
+        self.layout = layout;
+        self.baseline = None;
+        self.applied_at_ms = Some(crate::protocol::now_ms());
+    }
+
+    /// Checks a patch against the current rule set and renders the one transaction that
+    /// realises it. Costs grow with the patch and the sets it touches, not with the table.
+    pub fn plan_patch(&self, p: &Patch) -> Result<PatchPlan, FirewallError> {
+        let cur = &self.current;
+        if p.base_generation != cur.generation || !self.is_managed() {
+            return Err(FirewallError::Stale {
+                current: cur.generation,
+                expected: format!("base generation {}", p.base_generation),
+            });
+        }
+        // New content of every set the patch touches (None: deleted).
+        let mut sets: BTreeMap<String, Option<BTreeSet<IpNet>>> = BTreeMap::new();
+        for (name, els) in &p.set_address_sets {
+            sets.insert(name.clone(), Some(els.clone()));
+        }
+        for (key, map, add) in [
+            ("add_addresses", &p.add_addresses, true),
+            ("remove_addresses", &p.remove_addresses, false),
+        ] {
+            for (name, els) in map {
+                let base = match sets.get(name) {
+                    Some(Some(s)) => s.clone(),
+                    Some(None) => unreachable!("deletions are handled after additions"),
+                    None => match cur.sets.get(name) {
+                        Some(s) => s.clone(),
+                        None => {
+                            return Err(FirewallError::UnknownSet {
+                                name: name.clone(),
+                                field: format!("$.data.{key}.{name}"),
+                            });
+                        }
+                    },
+                };
+                let next = if add {
+                    base.union(els).cloned().collect()
+                } else {
+                    base.difference(els).cloned().collect()
+                };
+                sets.insert(name.clone(), Some(next));
+            }
+        }
+        for name in &p.delete_address_sets {
+            if cur.sets.contains_key(name) || sets.contains_key(name) {
+                sets.insert(name.clone(), None);
+            }
+        }
+        let exists = |name: &str| match sets.get(name) {
+            Some(s) => s.is_some(),
+            None => cur.sets.contains_key(name),
+        };
+
+        // Rules: which go, which come; set references kept exact.
+        let mut refs = self.refs.clone();
+        let mut layout = self.layout.clone();
+        let mut ch = Changes::default();
+        let upsert_ids: BTreeSet<&str> = p.upsert_rules.iter().map(|r| r.id.as_str()).collect();
+        let mut gone: Vec<&Rule> = vec![];
+        for id in p
+            .delete_rules
+            .iter()
+            .map(String::as_str)
+            .chain(upsert_ids.iter().copied())
+        {
+            if let Some(old) = cur.rules.get(id) {
+                gone.push(old);
+            }
+        }
+        for old in &gone {
+            for s in old.set_refs() {
+                if let Some(users) = refs.get_mut(s) {
+                    users.remove(&old.id);
+                }
+            }
+            for h in hooks_of(old) {
+                layout.remove(h, &old.key(), &mut ch);
+            }
+        }
+        for (i, r) in p.upsert_rules.iter().enumerate() {
+            let path = format!("$.data.upsert_rules[{i}]");
+            if let Some((name, at)) = r.first_missing_set(exists) {
+                return Err(FirewallError::UnknownSet {
+                    name,
+                    field: format!("{path}.{at}"),
+                });
+            }
+            for s in r.set_refs() {
+                refs.entry(s.to_string()).or_default().insert(r.id.clone());
+            }
+            for h in hooks_of(r) {
+                layout.insert(h, r.key(), &mut ch);
+            }
+        }
+        for (i, name) in p.delete_address_sets.iter().enumerate() {
+            if let Some(rule) = refs.get(name).and_then(|u| u.iter().next()) {
+                return Err(FirewallError::SetInUse {
+                    name: name.clone(),
+                    rule: rule.clone(),
+                    field: format!("$.data.delete_address_sets[{i}]"),
+                });
+            }
+        }
+
+        // Limits on the result.
+        let deleted: BTreeSet<&str> = p
+            .delete_rules
+            .iter()
+            .map(String::as_str)
+            .filter(|id| cur.rules.contains_key(*id) && !upsert_ids.contains(id))
+            .collect();
+        let added = upsert_ids
+            .iter()
+            .filter(|id| !cur.rules.contains_key(**id))
+            .count();
+        if cur.rules.len() - deleted.len() + added > self.limits.max_rules {
+            return Err(FirewallError::TooMany {
+                what: "rules",
+                limit: self.limits.max_rules,
+                field: "$.data.upsert_rules".into(),
+            });
+        }
+        let mut elements = cur.element_count();
+        for (name, new) in &sets {
+            elements -= cur.sets.get(name).map_or(0, BTreeSet::len);
+            elements += new.as_ref().map_or(0, BTreeSet::len);
+        }
+        if elements > self.limits.max_elements {
+            return Err(FirewallError::TooMany {
+                what: "set elements",
+                limit: self.limits.max_elements,
+                field: "$.data".into(),
+            });
+        }
+
+        let mut defaults = cur.defaults;
+        for (hook, new, slot) in [
+            (Hook::Input, p.defaults.input, &mut defaults.input),
+            (Hook::Output, p.defaults.output, &mut defaults.output),
+            (Hook::Forward, p.defaults.forward, &mut defaults.forward),
+        ] {
+            if let Some(new) = new
+                && new != *slot
+            {
+                *slot = new;
+                ch.bases.insert(hook);
+            }
+        }
+
+        let batch = self.render_patch(&sets, p, &layout, &ch, &defaults);
+        Ok(PatchPlan {
+            batch,
+            generation: p.generation,
+            defaults,
+            sets,
+            delete_rules: deleted.into_iter().map(str::to_string).collect(),
+            upsert_rules: p.upsert_rules.clone(),
+            layout,
+            refs,
+        })
+    }
+
+    fn render_patch(
+        &self,
+        sets: &BTreeMap<String, Option<BTreeSet<IpNet>>>,
+        p: &Patch,
+        layout: &Layout,
+        ch: &Changes,
+        defaults: &Defaults,
+    ) -> String {
+        let t = &self.ctx.table;
+        let cur = &self.current;
+        let mut out = String::new();
+        // 1. New sets first, then element changes, so rules below can refer to them.
+        for (name, new) in sets {
+            let Some(new) = new else { continue };
+            let old = cur.sets.get(name);
+            for fam in [Family::V4, Family::V6] {
+                if old.is_none() {
+                    render::add_set_text(&mut out, t, name, fam);
+                }
+                let before: BTreeSet<Range> = old
+                    .map(|o| render::merged(o, fam).into_iter().collect())
+                    .unwrap_or_default();
+                let after: BTreeSet<Range> = render::merged(new, fam).into_iter().collect();
+                let removed: Vec<Range> = before.difference(&after).copied().collect();
+                let added: Vec<Range> = after.difference(&before).copied().collect();
+                render::element_delta_text(&mut out, t, name, fam, &removed, &added);
+            }
+        }
+        // 2. Bucket chains whose rules changed.
+        let upserts: HashMap<&str, &Rule> =
+            p.upsert_rules.iter().map(|r| (r.id.as_str(), r)).collect();
+        let lookup =
+            |id: &str| -> Option<&Rule> { upserts.get(id).copied().or_else(|| cur.rules.get(id)) };
+        for (hook, chain) in &ch.dirty {
+            let Some(bucket) = layout.bucket(*hook, *chain) else {
+                continue;
+            };
+            let lines = render::render_bucket(lookup, *hook, bucket);
+            let exists = ch.existing.contains(&(*hook, *chain));
+            render::rewrite_chain(&mut out, t, &bucket.chain_name(*hook), &lines, exists);
+        }
+        // 3. Base chains whose jumps or default changed.
+        for hook in &ch.bases {
+            let lines = render::render_base(
+                *hook,
+                layout,
+                render::default_of(defaults, *hook),
+                &self.ctx,
+            );
+            render::rewrite_chain(&mut out, t, hook.base_chain(), &lines, true);
+        }
+        // 4. Then what nothing refers to any more.
+        for (hook, chain) in &ch.removed {
+            out.push_str(&format!(
+                "delete chain inet {t} {}_{chain}\n",
+                hook.bucket_prefix()
+            ));
+        }
+        for (name, new) in sets {
+            if new.is_none() && cur.sets.contains_key(name) {
+                for fam in [Family::V4, Family::V6] {
+                    render::delete_set_text(&mut out, t, name, fam);
+                }
+            }
+        }
+        out
+    }
+
+    pub fn commit_patch(&mut self, plan: PatchPlan) {
+        let cur = &mut self.current;
+        for (name, new) in plan.sets {
+            match new {
+                Some(s) => {
+                    cur.sets.insert(name, s);
+                }
+                None => {
+                    cur.sets.remove(&name);
+                }
+            }
+        }
+        for id in &plan.delete_rules {
+            cur.rules.remove(id);
+        }
+        for r in plan.upsert_rules {
+            cur.rules.insert(r.id.clone(), r);
+        }
+        cur.defaults = plan.defaults;
+        cur.generation = plan.generation;
+        self.refs = plan.refs;
+        self.layout = plan.layout;
+        self.baseline = None;
+        self.applied_at_ms = Some(crate::protocol::now_ms());
+    }
+
+    /// Compares our table with what we last applied; restores it when it differs or is gone.
+    pub async fn check_drift(&mut self) -> Result<Drift, FirewallError> {
+        if !self.is_managed() {
+            return Ok(Drift::None);
+        }
+        let listing = self.nft.list_table_terse(&self.ctx.table).await?;
+        let found = match listing {
+            None => Some("table missing".to_string()),
+            Some(text) => {
+                let fp = fingerprint(&text);
+                match &self.baseline {
+                    None => {
+                        self.baseline = Some(fp);
+                        None
+                    }
+                    Some(b) if *b == fp => None,
+                    Some(_) => Some("table changed".to_string()),
+                }
+            }
+        };
+        let Some(what) = found else {
+            return Ok(Drift::None);
+        };
+        self.restore().await?;
+        if let Some(text) = self.nft.list_table_terse(&self.ctx.table).await? {
+            self.baseline = Some(fingerprint(&text));
+        }
+        Ok(Drift::Repaired(what))
+    }
+
+    /// The live table as JSON (rules with counters), for inspection.
+    pub async fn live(&self) -> Result<Option<serde_json::Value>, FirewallError> {
+        Ok(self.nft.list_table_json(&self.ctx.table).await?)
+    }
+}

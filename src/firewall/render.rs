@@ -1,0 +1,585 @@
+//! Pure rendering: rule set and layout in, nft input text out. Every interpolated value
+//! comes from a checked type (validated names, parsed addresses, integers); free text
+//! (comments) never appears. One output text is applied as one kernel transaction.
+
+use std::collections::BTreeSet;
+use std::fmt::Write;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::layout::{Bucket, Hook, Layout};
+use super::spec::{Action, Addr, Direction, Policy, Protocol, Rule, RuleSet};
+
+/// What the rendering needs besides the rule set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderCtx {
+    pub table: String,
+    /// The agent's brokers, always reachable: (address, TCP port).
+    pub brokers: Vec<(IpAddr, u16)>,
+    /// `firewall.failsafe_in` / `failsafe_out` as (protocol, port).
+    pub failsafe_in: Vec<(FailsafeProto, u16)>,
+    pub failsafe_out: Vec<(FailsafeProto, u16)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailsafeProto {
+    Tcp,
+    Udp,
+}
+
+impl FailsafeProto {
+    fn as_str(self) -> &'static str {
+        match self {
+            FailsafeProto::Tcp => "tcp",
+            FailsafeProto::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn of(net: &IpNet) -> Family {
+        match net {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
+        }
+    }
+    fn match_kw(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+    pub fn set_name(self, name: &str) -> String {
+        match self {
+            Family::V4 => format!("as4_{name}"),
+            Family::V6 => format!("as6_{name}"),
+        }
+    }
+    fn addr_type(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4_addr",
+            Family::V6 => "ipv6_addr",
+        }
+    }
+}
+
+/// An inclusive address range, as the kernel's interval sets hold them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Range {
+    pub start: u128,
+    pub end: u128,
+}
+
+fn bounds(net: &IpNet) -> Range {
+    match net {
+        IpNet::V4(n) => Range {
+            start: u32::from(n.network()) as u128,
+            end: u32::from(n.broadcast()) as u128,
+        },
+        IpNet::V6(n) => Range {
+            start: u128::from(n.network()),
+            end: u128::from(n.broadcast()),
+        },
+    }
+}
+
+/// The disjoint, merged ranges of one family of a set: what the kernel must hold.
+pub fn merged(elements: &BTreeSet<IpNet>, family: Family) -> Vec<Range> {
+    let mut out: Vec<Range> = vec![];
+    // BTreeSet<IpNet> orders by address then prefix, so starts ascend within a family.
+    for r in elements
+        .iter()
+        .filter(|n| Family::of(n) == family)
+        .map(bounds)
+    {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end.saturating_add(1) => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+pub fn range_text(r: &Range, family: Family) -> String {
+    let show = |v: u128| match family {
+        Family::V4 => std::net::Ipv4Addr::from(v as u32).to_string(),
+        Family::V6 => std::net::Ipv6Addr::from(v).to_string(),
+    };
+    if r.start == r.end {
+        show(r.start)
+    } else {
+        format!("{}-{}", show(r.start), show(r.end))
+    }
+}
+
+fn element_list(ranges: &[Range], family: Family) -> String {
+    ranges
+        .iter()
+        .map(|r| range_text(r, family))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The address alternatives of one side of a rule, for one family. `None`: the side is
+/// unconstrained. `Some(empty)`: nothing of this family can match.
+fn alternatives(list: &[Addr], family: Family) -> Option<Vec<String>> {
+    if list.is_empty() {
+        return None;
+    }
+    let mut alts = vec![];
+    let literals: Vec<String> = list
+        .iter()
+        .filter_map(|a| match a {
+            Addr::Net(n) if Family::of(n) == family => Some(n.to_string()),
+            _ => None,
+        })
+        .collect();
+    match literals.len() {
+        0 => {}
+        1 => alts.push(literals[0].clone()),
+        _ => alts.push(format!("{{ {} }}", literals.join(", "))),
+    }
+    for a in list {
+        if let Addr::Set(name) = a {
+            alts.push(format!("@{}", family.set_name(name)));
+        }
+    }
+    Some(alts)
+}
+
+fn verdict(action: Action, tcp: bool) -> &'static str {
+    match action {
+        Action::Allow => "accept",
+        Action::Drop => "drop",
+        Action::Reject if tcp => "reject with tcp reset",
+        Action::Reject => "reject",
+    }
+}
+
+/// The nft lines (without chain prefix) of one rule in one hook.
+pub fn rule_lines(rule: &Rule, hook: Hook) -> Vec<String> {
+    // Interface matches: only in the forward hook (rules applied to workloads).
+    let mut ifmatches: Vec<String> = vec![];
+    if hook == Hook::Forward {
+        for iface in &rule.applied_to {
+            if iface.is_all() {
+                ifmatches.push(String::new());
+                continue;
+            }
+            // "in" = towards the workload (leaves by its interface), "out" = from it.
+            if matches!(rule.direction, Direction::In | Direction::Both) {
+                ifmatches.push(format!("oifname \"{}\" ", iface.0));
+            }
+            if matches!(rule.direction, Direction::Out | Direction::Both) {
+                ifmatches.push(format!("iifname \"{}\" ", iface.0));
+            }
+        }
+        ifmatches.dedup();
+    } else {
+        ifmatches.push(String::new());
+    }
+
+    let proto = match rule.protocol {
+        Protocol::Any => String::new(),
+        Protocol::Icmp => "meta l4proto icmp ".into(),
+        Protocol::Icmpv6 => "meta l4proto ipv6-icmp ".into(),
+        Protocol::Tcp | Protocol::Udp => {
+            let kw = if rule.protocol == Protocol::Tcp {
+                "tcp"
+            } else {
+                "udp"
+            };
+            match rule.ports.len() {
+                0 => format!("meta l4proto {kw} "),
+                1 => format!("{kw} dport {} ", rule.ports[0].text()),
+                _ => format!(
+                    "{kw} dport {{ {} }} ",
+                    rule.ports
+                        .iter()
+                        .map(|p| p.text())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
+    };
+    let families: Vec<Option<Family>> = match rule.protocol {
+        Protocol::Icmp => vec![Some(Family::V4)],
+        Protocol::Icmpv6 => vec![Some(Family::V6)],
+        _ if rule.sources.is_empty() && rule.destinations.is_empty() => vec![None],
+        _ => vec![Some(Family::V4), Some(Family::V6)],
+    };
+
+    let mut matches: Vec<String> = vec![];
+    for fam in families {
+        let (srcs, dsts) = match fam {
+            None => (None, None),
+            Some(f) => (
+                alternatives(&rule.sources, f),
+                alternatives(&rule.destinations, f),
+            ),
+        };
+        if srcs.as_ref().is_some_and(Vec::is_empty) || dsts.as_ref().is_some_and(Vec::is_empty) {
+            continue; // nothing of this family can match
+        }
+        let kw = fam.map(Family::match_kw).unwrap_or("");
+        let srcs: Vec<String> = srcs
+            .map(|v| v.into_iter().map(|s| format!("{kw} saddr {s} ")).collect())
+            .unwrap_or_else(|| vec![String::new()]);
+        let dsts: Vec<String> = dsts
+            .map(|v| v.into_iter().map(|d| format!("{kw} daddr {d} ")).collect())
+            .unwrap_or_else(|| vec![String::new()]);
+        for s in &srcs {
+            for d in &dsts {
+                for i in &ifmatches {
+                    matches.push(format!("{i}{s}{d}{proto}"));
+                }
+            }
+        }
+    }
+
+    let id = &rule.id;
+    let mut lines = vec![];
+    for m in matches {
+        if rule.log {
+            // A separate rule: a rate limit in the verdict rule would skip the verdict.
+            lines.push(format!(
+                "{m}limit rate 10/second burst 20 packets log prefix \"rampart:{id} \" level info"
+            ));
+        }
+        if rule.action == Action::Reject && rule.protocol == Protocol::Any {
+            lines.push(format!(
+                "{m}meta l4proto tcp counter {} comment \"{id}\"",
+                verdict(rule.action, true)
+            ));
+        }
+        lines.push(format!(
+            "{m}counter {} comment \"{id}\"",
+            verdict(rule.action, rule.protocol == Protocol::Tcp)
+        ));
+    }
+    lines
+}
+
+fn policy_verdict(p: Policy) -> &'static str {
+    match p {
+        Policy::Allow => "accept",
+        Policy::Drop => "drop",
+    }
+}
+
+/// The fixed head of a base chain: stateful handling and the failsafe.
+fn base_head(hook: Hook, ctx: &RenderCtx) -> Vec<String> {
+    let mut l = vec![
+        "ct state established,related accept".to_string(),
+        "ct state invalid drop".to_string(),
+    ];
+    let nd = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert } accept";
+    match hook {
+        Hook::Input => {
+            l.push("iif \"lo\" accept".into());
+            l.push(nd.into());
+            for (p, port) in &ctx.failsafe_in {
+                l.push(format!(
+                    "{} dport {port} accept comment \"failsafe\"",
+                    p.as_str()
+                ));
+            }
+        }
+        Hook::Output => {
+            l.push("oif \"lo\" accept".into());
+            l.push(nd.into());
+            for (ip, port) in &ctx.brokers {
+                let kw = if ip.is_ipv4() { "ip" } else { "ip6" };
+                l.push(format!(
+                    "{kw} daddr {ip} tcp dport {port} accept comment \"failsafe: broker\""
+                ));
+            }
+            for (p, port) in &ctx.failsafe_out {
+                l.push(format!(
+                    "{} dport {port} accept comment \"failsafe\"",
+                    p.as_str()
+                ));
+            }
+        }
+        Hook::Forward => {}
+    }
+    l
+}
+
+fn base_lines(hook: Hook, layout: &Layout, default: Policy, ctx: &RenderCtx) -> Vec<String> {
+    let mut l = base_head(hook, ctx);
+    for b in layout.buckets(hook) {
+        l.push(format!("jump {}", b.chain_name(hook)));
+    }
+    l.push(format!(
+        "counter {} comment \"default\"",
+        policy_verdict(default)
+    ));
+    l
+}
+
+pub fn default_of(defaults: &super::spec::Defaults, hook: Hook) -> Policy {
+    match hook {
+        Hook::Input => defaults.input,
+        Hook::Output => defaults.output,
+        Hook::Forward => defaults.forward,
+    }
+}
+
+fn bucket_lines<'a>(
+    lookup: impl Fn(&str) -> Option<&'a Rule>,
+    hook: Hook,
+    bucket: &Bucket,
+) -> Vec<String> {
+    bucket
+        .keys
+        .iter()
+        .filter_map(|(_, id)| lookup(id))
+        .flat_map(|r| rule_lines(r, hook))
+        .collect()
+}
+
+fn set_decl(out: &mut String, name: &str, family: Family, ranges: &[Range]) {
+    let _ = write!(
+        out,
+        "\tset {} {{\n\t\ttype {}\n\t\tflags interval\n",
+        family.set_name(name),
+        family.addr_type()
+    );
+    if !ranges.is_empty() {
+        let _ = writeln!(out, "\t\telements = {{ {} }}", element_list(ranges, family));
+    }
+    out.push_str("\t}\n");
+}
+
+fn chain_block(out: &mut String, name: &str, hook_decl: Option<&str>, lines: &[String]) {
+    let _ = writeln!(out, "\tchain {name} {{");
+    if let Some(h) = hook_decl {
+        let _ = writeln!(out, "\t\t{h}");
+    }
+    for l in lines {
+        let _ = writeln!(out, "\t\t{l}");
+    }
+    out.push_str("\t}\n");
+}
+
+/// The whole table, replacing whatever table of that name exists, in one transaction.
+pub fn render_full(rs: &RuleSet, layout: &Layout, ctx: &RenderCtx) -> String {
+    let t = &ctx.table;
+    let mut out = format!("add table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n");
+    for (name, elements) in &rs.sets {
+        for fam in [Family::V4, Family::V6] {
+            set_decl(&mut out, name, fam, &merged(elements, fam));
+        }
+    }
+    for hook in Hook::ALL {
+        for b in layout.buckets(hook) {
+            let lines = bucket_lines(|id| rs.rules.get(id), hook, b);
+            chain_block(&mut out, &b.chain_name(hook), None, &lines);
+        }
+    }
+    for hook in Hook::ALL {
+        let decl = format!(
+            "type filter hook {} priority filter; policy accept;",
+            hook.base_chain()
+        );
+        let lines = base_lines(hook, layout, default_of(&rs.defaults, hook), ctx);
+        chain_block(&mut out, hook.base_chain(), Some(&decl), &lines);
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// Text that rewrites one existing chain.
+pub fn rewrite_chain(out: &mut String, table: &str, chain: &str, lines: &[String], exists: bool) {
+    if exists {
+        let _ = writeln!(out, "flush chain inet {table} {chain}");
+    } else {
+        let _ = writeln!(out, "add chain inet {table} {chain}");
+    }
+    for l in lines {
+        let _ = writeln!(out, "add rule inet {table} {chain} {l}");
+    }
+}
+
+pub fn render_bucket<'a>(
+    lookup: impl Fn(&str) -> Option<&'a Rule>,
+    hook: Hook,
+    bucket: &Bucket,
+) -> Vec<String> {
+    bucket_lines(lookup, hook, bucket)
+}
+
+pub fn render_base(hook: Hook, layout: &Layout, default: Policy, ctx: &RenderCtx) -> Vec<String> {
+    base_lines(hook, layout, default, ctx)
+}
+
+/// Set element changes of one family, as nft text (used when netlink is not available).
+pub fn element_delta_text(
+    out: &mut String,
+    table: &str,
+    name: &str,
+    family: Family,
+    removed: &[Range],
+    added: &[Range],
+) {
+    let set = family.set_name(name);
+    if !removed.is_empty() {
+        let _ = writeln!(
+            out,
+            "delete element inet {table} {set} {{ {} }}",
+            element_list(removed, family)
+        );
+    }
+    if !added.is_empty() {
+        let _ = writeln!(
+            out,
+            "add element inet {table} {set} {{ {} }}",
+            element_list(added, family)
+        );
+    }
+}
+
+pub fn add_set_text(out: &mut String, table: &str, name: &str, family: Family) {
+    let _ = writeln!(
+        out,
+        "add set inet {table} {} {{ type {}; flags interval; }}",
+        family.set_name(name),
+        family.addr_type()
+    );
+}
+
+pub fn delete_set_text(out: &mut String, table: &str, name: &str, family: Family) {
+    let _ = writeln!(out, "delete set inet {table} {}", family.set_name(name));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::spec::{Iface, PortRange};
+
+    fn rule() -> Rule {
+        Rule {
+            id: "ssh-in".into(),
+            priority: 100,
+            action: Action::Allow,
+            direction: Direction::In,
+            protocol: Protocol::Tcp,
+            sources: vec![
+                Addr::Set("web".into()),
+                Addr::Net("192.0.2.0/24".parse().unwrap()),
+            ],
+            destinations: vec![],
+            ports: vec![
+                PortRange { lo: 22, hi: 22 },
+                PortRange { lo: 8000, hi: 8080 },
+            ],
+            applied_to: vec![],
+            log: false,
+            disabled: false,
+            comment: "never rendered \"; flush ruleset".into(),
+        }
+    }
+
+    #[test]
+    fn a_rule_becomes_one_line_per_alternative_and_family() {
+        let lines = rule_lines(&rule(), Hook::Input);
+        assert_eq!(
+            lines,
+            vec![
+                "ip saddr 192.0.2.0/24 tcp dport { 22, 8000-8080 } counter accept comment \"ssh-in\"",
+                "ip saddr @as4_web tcp dport { 22, 8000-8080 } counter accept comment \"ssh-in\"",
+                "ip6 saddr @as6_web tcp dport { 22, 8000-8080 } counter accept comment \"ssh-in\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn reject_logs_and_interfaces() {
+        let mut r = rule();
+        r.action = Action::Reject;
+        r.sources = vec![];
+        r.ports = vec![];
+        r.protocol = Protocol::Any;
+        r.log = true;
+        r.applied_to = vec![Iface("tap*".into())];
+        r.direction = Direction::Both;
+        let lines = rule_lines(&r, Hook::Forward);
+        assert_eq!(
+            lines,
+            vec![
+                "oifname \"tap*\" limit rate 10/second burst 20 packets log prefix \"rampart:ssh-in \" level info",
+                "oifname \"tap*\" meta l4proto tcp counter reject with tcp reset comment \"ssh-in\"",
+                "oifname \"tap*\" counter reject comment \"ssh-in\"",
+                "iifname \"tap*\" limit rate 10/second burst 20 packets log prefix \"rampart:ssh-in \" level info",
+                "iifname \"tap*\" meta l4proto tcp counter reject with tcp reset comment \"ssh-in\"",
+                "iifname \"tap*\" counter reject comment \"ssh-in\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn merging_joins_overlaps_and_neighbours() {
+        let set: BTreeSet<IpNet> = [
+            "10.0.0.0/24",
+            "10.0.1.0/24",
+            "10.0.0.5/32",
+            "10.0.3.1/32",
+            "2001:db8::/64",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let v4: Vec<String> = merged(&set, Family::V4)
+            .iter()
+            .map(|r| range_text(r, Family::V4))
+            .collect();
+        assert_eq!(v4, vec!["10.0.0.0-10.0.1.255", "10.0.3.1"]);
+        assert_eq!(merged(&set, Family::V6).len(), 1);
+    }
+
+    #[test]
+    fn full_render_matches_the_golden_file() {
+        let mut rs = RuleSet {
+            generation: 1,
+            ..Default::default()
+        };
+        rs.defaults.input = Policy::Drop;
+        rs.sets.insert(
+            "web".into(),
+            ["10.0.1.0/24", "10.0.2.5", "2001:db8::/64"]
+                .iter()
+                .map(|s| crate::firewall::spec::parse_net(s).unwrap())
+                .collect(),
+        );
+        let r = rule();
+        rs.rules.insert(r.id.clone(), r);
+        let mut out = rule();
+        out.id = "dns-out".into();
+        out.direction = Direction::Out;
+        out.protocol = Protocol::Udp;
+        out.sources = vec![];
+        out.destinations = vec![Addr::Net("2001:db8::53/128".parse().unwrap())];
+        out.ports = vec![PortRange { lo: 53, hi: 53 }];
+        out.action = Action::Drop;
+        rs.rules.insert(out.id.clone(), out);
+        let ctx = RenderCtx {
+            table: "rampart".into(),
+            brokers: vec![("192.0.2.10".parse().unwrap(), 5671)],
+            failsafe_in: vec![(FailsafeProto::Tcp, 22)],
+            failsafe_out: vec![],
+        };
+        let text = render_full(&rs, &Layout::build(rs.rules.values()), &ctx);
+        let golden = include_str!("../../tests/golden/full.nft");
+        assert_eq!(text, golden, "\n{text}");
+        assert!(!text.contains("never rendered"));
+    }
+}

@@ -1,0 +1,377 @@
+//! Checked firewall types: what a valid rule set is. Every value here was validated to a
+//! strict charset or parsed into a typed value, so rendering may interpolate it safely.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::IpNet;
+use serde::Serialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Drop,
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    In,
+    Out,
+    Both,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+    Icmpv6,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    Allow,
+    Drop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Defaults {
+    pub input: Policy,
+    pub output: Policy,
+    pub forward: Policy,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            input: Policy::Allow,
+            output: Policy::Allow,
+            forward: Policy::Allow,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+/// One entry of `sources` / `destinations`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Addr {
+    Net(IpNet),
+    Set(String),
+}
+
+/// An interface pattern of `applied_to`: a name, or a prefix ending in `*`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Iface(pub String);
+
+impl Iface {
+    pub fn is_all(&self) -> bool {
+        self.0 == "*"
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub id: String,
+    pub priority: u32,
+    pub action: Action,
+    pub direction: Direction,
+    pub protocol: Protocol,
+    pub sources: Vec<Addr>,
+    pub destinations: Vec<Addr>,
+    pub ports: Vec<PortRange>,
+    pub applied_to: Vec<Iface>,
+    pub log: bool,
+    pub disabled: bool,
+    /// Free text; kept in state and shown by the CLI, never rendered into nft input.
+    pub comment: String,
+}
+
+impl Rule {
+    /// Evaluation order: ascending priority, ties by id.
+    pub fn key(&self) -> RuleKey {
+        (self.priority, self.id.clone())
+    }
+
+    pub fn set_refs(&self) -> impl Iterator<Item = &str> {
+        self.sources
+            .iter()
+            .chain(self.destinations.iter())
+            .filter_map(|a| match a {
+                Addr::Set(s) => Some(s.as_str()),
+                Addr::Net(_) => None,
+            })
+    }
+}
+
+impl Rule {
+    /// The first set this rule names that does not exist: (name, path below the rule).
+    pub fn first_missing_set(&self, exists: impl Fn(&str) -> bool) -> Option<(String, String)> {
+        for (list, key) in [
+            (&self.sources, "sources"),
+            (&self.destinations, "destinations"),
+        ] {
+            for (i, a) in list.iter().enumerate() {
+                if let Addr::Set(name) = a
+                    && !exists(name)
+                {
+                    return Some((name.clone(), format!("{key}[{i}]")));
+                }
+            }
+        }
+        None
+    }
+}
+
+pub type RuleKey = (u32, String);
+
+/// A whole, valid rule set.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RuleSet {
+    pub generation: u64,
+    pub defaults: Defaults,
+    pub sets: BTreeMap<String, BTreeSet<IpNet>>,
+    pub rules: BTreeMap<String, Rule>,
+}
+
+/// Limits of section 4, configurable.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_rules: usize,
+    pub max_elements: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_rules: 100_000,
+            max_elements: 1_000_000,
+        }
+    }
+}
+
+/// A delta (`firewall.patch`), checked field by field; whether it fits the current rule set
+/// is decided when it is applied.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Patch {
+    pub base_generation: u64,
+    pub generation: u64,
+    pub upsert_rules: Vec<Rule>,
+    pub delete_rules: Vec<String>,
+    pub set_address_sets: BTreeMap<String, BTreeSet<IpNet>>,
+    pub add_addresses: BTreeMap<String, BTreeSet<IpNet>>,
+    pub remove_addresses: BTreeMap<String, BTreeSet<IpNet>>,
+    pub delete_address_sets: Vec<String>,
+    pub defaults: PartialDefaults,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PartialDefaults {
+    pub input: Option<Policy>,
+    pub output: Option<Policy>,
+    pub forward: Option<Policy>,
+}
+
+pub fn is_valid_rule_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
+}
+
+pub fn is_valid_set_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 31
+        && b[0].is_ascii_alphabetic()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-'))
+}
+
+/// 1-15 of `[A-Za-z0-9_.-]`, optionally ending in the `*` wildcard; `*` alone is all.
+pub fn is_valid_iface(name: &str) -> bool {
+    if name == "*" {
+        return true;
+    }
+    let stem = name.strip_suffix('*').unwrap_or(name);
+    !stem.is_empty()
+        && stem.len() <= 15
+        && stem
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// Parses an address or prefix; host bits must be clear so that what the manager sent is
+/// exactly what is enforced.
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    let net: IpNet = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IPv4/IPv6 address or prefix"))?;
+    if net.trunc() != net {
+        return Err(format!(
+            "{s:?} has host bits set (did you mean {}?)",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+/// An address the way the canonical form and the CLI show it: hosts without a prefix.
+pub fn net_text(net: &IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Allow => "allow",
+            Policy::Drop => "drop",
+        }
+    }
+}
+
+impl Addr {
+    pub fn text(&self) -> String {
+        match self {
+            Addr::Net(n) => net_text(n),
+            Addr::Set(s) => format!("${s}"),
+        }
+    }
+}
+
+impl PortRange {
+    pub fn text(&self) -> String {
+        if self.lo == self.hi {
+            self.lo.to_string()
+        } else {
+            format!("{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+impl Rule {
+    /// The rule in wire form (as the manager sent it, normalised).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "priority": self.priority,
+            "action": self.action,
+            "direction": self.direction,
+            "protocol": self.protocol,
+            "sources": self.sources.iter().map(Addr::text).collect::<Vec<_>>(),
+            "destinations": self.destinations.iter().map(Addr::text).collect::<Vec<_>>(),
+            "ports": self.ports.iter().map(PortRange::text).collect::<Vec<_>>(),
+            "applied_to": self.applied_to.iter().map(|i| i.0.clone()).collect::<Vec<_>>(),
+            "log": self.log,
+            "disabled": self.disabled,
+            "comment": self.comment,
+        })
+    }
+}
+
+impl RuleSet {
+    pub fn element_count(&self) -> usize {
+        self.sets.values().map(BTreeSet::len).sum()
+    }
+
+    /// Canonical JSON: sorted keys, no white space, rules sorted by id, elements sorted.
+    pub fn canonical_json(&self) -> String {
+        let sets: serde_json::Map<String, Value> = self
+            .sets
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v.iter().map(net_text).collect::<Vec<_>>())))
+            .collect();
+        let v = json!({
+            "generation": self.generation,
+            "defaults": {
+                "in": self.defaults.input,
+                "out": self.defaults.output,
+                "forward": self.defaults.forward,
+            },
+            "address_sets": sets,
+            "rules": self.rules.values().map(Rule::to_json).collect::<Vec<_>>(),
+        });
+        serde_json::to_string(&v).expect("a JSON value serialises")
+    }
+
+    pub fn digest(&self) -> String {
+        hex::encode(Sha256::digest(self.canonical_json().as_bytes()))
+    }
+
+    /// The counts and digest of the state summary.
+    pub fn summary(&self) -> Value {
+        json!({
+            "generation": self.generation,
+            "rules": self.rules.len(),
+            "address_sets": self.sets.len(),
+            "elements": self.element_count(),
+            "digest": self.digest(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(is_valid_rule_id("ssh-in"));
+        assert!(is_valid_rule_id("a:b.c_d-1"));
+        assert!(!is_valid_rule_id("-x"));
+        assert!(!is_valid_rule_id("a\"; flush ruleset"));
+        assert!(!is_valid_rule_id(&"a".repeat(65)));
+        assert!(is_valid_set_name("web-1"));
+        assert!(!is_valid_set_name("1web"));
+        assert!(!is_valid_set_name("web}"));
+        assert!(is_valid_iface("tap*"));
+        assert!(is_valid_iface("*"));
+        assert!(is_valid_iface("eth0.100"));
+        assert!(!is_valid_iface("eth0\""));
+        assert!(!is_valid_iface("averyveryverylongname"));
+        assert!(!is_valid_iface("**"));
+    }
+
+    #[test]
+    fn nets() {
+        assert_eq!(net_text(&parse_net("10.0.2.5").unwrap()), "10.0.2.5");
+        assert_eq!(net_text(&parse_net("10.0.1.0/24").unwrap()), "10.0.1.0/24");
+        assert_eq!(
+            net_text(&parse_net("2001:db8::/64").unwrap()),
+            "2001:db8::/64"
+        );
+        assert!(
+            parse_net("10.0.1.5/24")
+                .unwrap_err()
+                .contains("10.0.1.0/24")
+        );
+        assert!(parse_net("10.0.0.0/33").is_err());
+        assert!(parse_net("10.0.0.0/8; flush").is_err());
+    }
+
+    #[test]
+    fn empty_rule_set_digest_is_the_documented_one() {
+        let canonical = r#"{"address_sets":{},"defaults":{"forward":"allow","in":"allow","out":"allow"},"generation":0,"rules":[]}"#;
+        assert_eq!(RuleSet::default().canonical_json(), canonical);
+    }
+}

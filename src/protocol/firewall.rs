@@ -1,0 +1,628 @@
+//! `firewall.apply` and `firewall.patch` data: JSON -> checked [`RuleSet`] / [`Patch`], each
+//! violation with its code and JSON path.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::IpNet;
+use serde_json::{Map, Value};
+
+use super::ErrorCode;
+use super::command::{Reject, child_path, deny_unknown, echo, missing, reject};
+use crate::firewall::spec::{
+    Action, Addr, Defaults, Direction, Iface, Limits, PartialDefaults, Patch, Policy, PortRange,
+    Protocol, Rule, RuleSet, is_valid_iface, is_valid_rule_id, is_valid_set_name, parse_net,
+};
+
+const COMMENT_MAX: usize = 256;
+
+fn invalid(path: &str, message: impl Into<String>) -> Reject {
+    reject(ErrorCode::InvalidField, message, Some(path.to_string()))
+}
+
+fn as_object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, Reject> {
+    v.as_object()
+        .ok_or_else(|| invalid(path, "must be an object"))
+}
+
+fn as_array<'a>(v: &'a Value, path: &str) -> Result<&'a Vec<Value>, Reject> {
+    v.as_array()
+        .ok_or_else(|| invalid(path, "must be an array"))
+}
+
+fn as_str<'a>(v: &'a Value, path: &str) -> Result<&'a str, Reject> {
+    v.as_str().ok_or_else(|| invalid(path, "must be a string"))
+}
+
+fn u64_field(obj: &Map<String, Value>, key: &str, parent: &str) -> Result<u64, Reject> {
+    let path = child_path(parent, key);
+    obj.get(key)
+        .ok_or_else(|| missing(parent, key))?
+        .as_u64()
+        .ok_or_else(|| invalid(&path, format!("{key} must be a non-negative integer")))
+}
+
+fn bool_field(obj: &Map<String, Value>, key: &str, parent: &str) -> Result<bool, Reject> {
+    match obj.get(key) {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(invalid(
+            &child_path(parent, key),
+            format!("{key} must be true or false"),
+        )),
+    }
+}
+
+fn enum_field<T: Copy>(
+    obj: &Map<String, Value>,
+    key: &str,
+    parent: &str,
+    default: Option<T>,
+    choices: &[(&str, T)],
+) -> Result<T, Reject> {
+    let path = child_path(parent, key);
+    let Some(v) = obj.get(key) else {
+        return default.ok_or_else(|| missing(parent, key));
+    };
+    let s = as_str(v, &path)?;
+    choices
+        .iter()
+        .find(|(name, _)| *name == s)
+        .map(|(_, t)| *t)
+        .ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            invalid(
+                &path,
+                format!("{} is not one of {}", echo(s), names.join(", ")),
+            )
+        })
+}
+
+const POLICIES: [(&str, Policy); 2] = [("allow", Policy::Allow), ("drop", Policy::Drop)];
+
+fn defaults(v: &Value, path: &str) -> Result<PartialDefaults, Reject> {
+    let obj = as_object(v, path)?;
+    deny_unknown(obj, &["in", "out", "forward"], path)?;
+    let get = |k: &str| -> Result<Option<Policy>, Reject> {
+        match obj.get(k) {
+            None => Ok(None),
+            Some(_) => enum_field(obj, k, path, None, &POLICIES).map(Some),
+        }
+    };
+    Ok(PartialDefaults {
+        input: get("in")?,
+        output: get("out")?,
+        forward: get("forward")?,
+    })
+}
+
+fn set_name(s: &str, path: &str) -> Result<String, Reject> {
+    if is_valid_set_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(invalid(
+            path,
+            format!(
+                "set name {} does not match ^[A-Za-z][A-Za-z0-9_-]{{0,30}}$",
+                echo(s)
+            ),
+        ))
+    }
+}
+
+fn elements(v: &Value, path: &str) -> Result<BTreeSet<IpNet>, Reject> {
+    let mut out = BTreeSet::new();
+    for (i, e) in as_array(v, path)?.iter().enumerate() {
+        let p = format!("{path}[{i}]");
+        let s = as_str(e, &p)?;
+        out.insert(parse_net(s).map_err(|m| invalid(&p, m))?);
+    }
+    Ok(out)
+}
+
+/// `{"name": ["addr", ...]}` maps of sets.
+fn set_map(v: &Value, path: &str) -> Result<BTreeMap<String, BTreeSet<IpNet>>, Reject> {
+    let mut out = BTreeMap::new();
+    for (name, elems) in as_object(v, path)? {
+        let p = child_path(path, name);
+        out.insert(set_name(name, &p)?, elements(elems, &p)?);
+    }
+    Ok(out)
+}
+
+fn addrs(v: Option<&Value>, path: &str) -> Result<Vec<Addr>, Reject> {
+    let Some(v) = v else { return Ok(vec![]) };
+    let mut out = vec![];
+    for (i, e) in as_array(v, path)?.iter().enumerate() {
+        let p = format!("{path}[{i}]");
+        let s = as_str(e, &p)?;
+        out.push(match s.strip_prefix('$') {
+            Some(name) => Addr::Set(set_name(name, &p)?),
+            None => Addr::Net(parse_net(s).map_err(|m| invalid(&p, m))?),
+        });
+    }
+    Ok(out)
+}
+
+fn port(s: &str) -> Option<u16> {
+    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse::<u16>().ok().filter(|p| *p > 0)
+}
+
+fn ports(v: Option<&Value>, path: &str) -> Result<Vec<PortRange>, Reject> {
+    let Some(v) = v else { return Ok(vec![]) };
+    let mut out = vec![];
+    for (i, e) in as_array(v, path)?.iter().enumerate() {
+        let p = format!("{path}[{i}]");
+        let s = as_str(e, &p)?;
+        let range = match s.split_once('-') {
+            None => port(s).map(|x| PortRange { lo: x, hi: x }),
+            Some((a, b)) => match (port(a), port(b)) {
+                (Some(lo), Some(hi)) if lo <= hi => Some(PortRange { lo, hi }),
+                _ => None,
+            },
+        };
+        out.push(range.ok_or_else(|| {
+            invalid(
+                &p,
+                format!(
+                    "{} is not a port (1-65535) or an ascending range a-b",
+                    echo(s)
+                ),
+            )
+        })?);
+    }
+    Ok(out)
+}
+
+fn ifaces(v: Option<&Value>, path: &str) -> Result<Vec<Iface>, Reject> {
+    let Some(v) = v else { return Ok(vec![]) };
+    let mut out = vec![];
+    for (i, e) in as_array(v, path)?.iter().enumerate() {
+        let p = format!("{path}[{i}]");
+        let s = as_str(e, &p)?;
+        if !is_valid_iface(s) {
+            return Err(invalid(
+                &p,
+                format!(
+                    "{} is not an interface name (1-15 of [A-Za-z0-9_.-], optional trailing *)",
+                    echo(s)
+                ),
+            ));
+        }
+        out.push(Iface(s.to_string()));
+    }
+    Ok(out)
+}
+
+const RULE_KEYS: [&str; 12] = [
+    "id",
+    "priority",
+    "action",
+    "direction",
+    "protocol",
+    "sources",
+    "destinations",
+    "ports",
+    "applied_to",
+    "log",
+    "disabled",
+    "comment",
+];
+
+fn rule(v: &Value, path: &str) -> Result<Rule, Reject> {
+    let obj = as_object(v, path)?;
+    deny_unknown(obj, &RULE_KEYS, path)?;
+    let id_path = child_path(path, "id");
+    let id = as_str(obj.get("id").ok_or_else(|| missing(path, "id"))?, &id_path)?;
+    if !is_valid_rule_id(id) {
+        return Err(invalid(
+            &id_path,
+            format!(
+                "rule id {} does not match ^[A-Za-z0-9][A-Za-z0-9._:-]{{0,63}}$",
+                echo(id)
+            ),
+        ));
+    }
+    let priority = u64_field(obj, "priority", path)?;
+    let priority = u32::try_from(priority).map_err(|_| {
+        invalid(
+            &child_path(path, "priority"),
+            "priority must be at most 4294967295",
+        )
+    })?;
+    let action = enum_field(
+        obj,
+        "action",
+        path,
+        None,
+        &[
+            ("allow", Action::Allow),
+            ("drop", Action::Drop),
+            ("reject", Action::Reject),
+        ],
+    )?;
+    let direction = enum_field(
+        obj,
+        "direction",
+        path,
+        None,
+        &[
+            ("in", Direction::In),
+            ("out", Direction::Out),
+            ("both", Direction::Both),
+        ],
+    )?;
+    let protocol = enum_field(
+        obj,
+        "protocol",
+        path,
+        Some(Protocol::Any),
+        &[
+            ("any", Protocol::Any),
+            ("tcp", Protocol::Tcp),
+            ("udp", Protocol::Udp),
+            ("icmp", Protocol::Icmp),
+            ("icmpv6", Protocol::Icmpv6),
+        ],
+    )?;
+    let ports = ports(obj.get("ports"), &child_path(path, "ports"))?;
+    if !ports.is_empty() && !matches!(protocol, Protocol::Tcp | Protocol::Udp) {
+        return Err(invalid(
+            &child_path(path, "ports"),
+            "ports need protocol tcp or udp",
+        ));
+    }
+    let comment = match obj.get("comment") {
+        None => String::new(),
+        Some(v) => {
+            let p = child_path(path, "comment");
+            let s = as_str(v, &p)?;
+            if s.chars().count() > COMMENT_MAX {
+                return Err(invalid(
+                    &p,
+                    format!("comment is longer than {COMMENT_MAX} characters"),
+                ));
+            }
+            s.to_string()
+        }
+    };
+    Ok(Rule {
+        id: id.to_string(),
+        priority,
+        action,
+        direction,
+        protocol,
+        sources: addrs(obj.get("sources"), &child_path(path, "sources"))?,
+        destinations: addrs(obj.get("destinations"), &child_path(path, "destinations"))?,
+        ports,
+        applied_to: ifaces(obj.get("applied_to"), &child_path(path, "applied_to"))?,
+        log: bool_field(obj, "log", path)?,
+        disabled: bool_field(obj, "disabled", path)?,
+        comment,
+    })
+}
+
+fn too_many(path: &str, what: &str, limit: usize) -> Reject {
+    reject(
+        ErrorCode::TooMany,
+        format!("more than {limit} {what}"),
+        Some(path.to_string()),
+    )
+}
+
+/// `firewall.apply` data -> a whole, valid rule set.
+pub(crate) fn decode_rule_set(v: &Value, limits: &Limits) -> Result<RuleSet, Reject> {
+    let path = "$.data";
+    let obj = as_object(v, path)?;
+    deny_unknown(
+        obj,
+        &["generation", "defaults", "address_sets", "rules"],
+        path,
+    )?;
+    let generation = u64_field(obj, "generation", path)?;
+    let d = match obj.get("defaults") {
+        None => PartialDefaults::default(),
+        Some(v) => defaults(v, "$.data.defaults")?,
+    };
+    let sets = match obj.get("address_sets") {
+        None => BTreeMap::new(),
+        Some(v) => set_map(v, "$.data.address_sets")?,
+    };
+    let elements: usize = sets.values().map(BTreeSet::len).sum();
+    if elements > limits.max_elements {
+        return Err(too_many(
+            "$.data.address_sets",
+            "set elements",
+            limits.max_elements,
+        ));
+    }
+    let mut rules = BTreeMap::new();
+    if let Some(list) = obj.get("rules") {
+        let list = as_array(list, "$.data.rules")?;
+        if list.len() > limits.max_rules {
+            return Err(too_many("$.data.rules", "rules", limits.max_rules));
+        }
+        for (i, r) in list.iter().enumerate() {
+            let p = format!("$.data.rules[{i}]");
+            let r = rule(r, &p)?;
+            if let Some((name, at)) = r.first_missing_set(|n| sets.contains_key(n)) {
+                return Err(reject(
+                    ErrorCode::UnknownSet,
+                    format!("address set {} is not defined", echo(&name)),
+                    Some(format!("{p}.{at}")),
+                ));
+            }
+            if rules.contains_key(&r.id) {
+                return Err(reject(
+                    ErrorCode::DuplicateId,
+                    format!("rule id {} appears more than once", echo(&r.id)),
+                    Some(child_path(&p, "id")),
+                ));
+            }
+            rules.insert(r.id.clone(), r);
+        }
+    }
+    let base = Defaults::default();
+    Ok(RuleSet {
+        generation,
+        defaults: Defaults {
+            input: d.input.unwrap_or(base.input),
+            output: d.output.unwrap_or(base.output),
+            forward: d.forward.unwrap_or(base.forward),
+        },
+        sets,
+        rules,
+    })
+}
+
+const PATCH_KEYS: [&str; 9] = [
+    "base_generation",
+    "generation",
+    "upsert_rules",
+    "delete_rules",
+    "set_address_sets",
+    "add_addresses",
+    "remove_addresses",
+    "delete_address_sets",
+    "defaults",
+];
+
+/// `firewall.patch` data -> a checked delta (its fit with the current rule set is checked
+/// when it is applied).
+pub(crate) fn decode_patch(v: &Value) -> Result<Patch, Reject> {
+    let path = "$.data";
+    let obj = as_object(v, path)?;
+    deny_unknown(obj, &PATCH_KEYS, path)?;
+    let base_generation = u64_field(obj, "base_generation", path)?;
+    let generation = u64_field(obj, "generation", path)?;
+    if generation <= base_generation {
+        return Err(invalid(
+            "$.data.generation",
+            "generation must be greater than base_generation",
+        ));
+    }
+    let mut upsert_rules = vec![];
+    let mut seen = BTreeSet::new();
+    if let Some(list) = obj.get("upsert_rules") {
+        for (i, r) in as_array(list, "$.data.upsert_rules")?.iter().enumerate() {
+            let p = format!("$.data.upsert_rules[{i}]");
+            let r = rule(r, &p)?;
+            if !seen.insert(r.id.clone()) {
+                return Err(reject(
+                    ErrorCode::DuplicateId,
+                    format!("rule id {} appears more than once", echo(&r.id)),
+                    Some(child_path(&p, "id")),
+                ));
+            }
+            upsert_rules.push(r);
+        }
+    }
+    let names = |key: &str, check: fn(&str) -> bool, what: &str| -> Result<Vec<String>, Reject> {
+        let Some(list) = obj.get(key) else {
+            return Ok(vec![]);
+        };
+        let p = child_path(path, key);
+        let mut out = vec![];
+        for (i, e) in as_array(list, &p)?.iter().enumerate() {
+            let ep = format!("{p}[{i}]");
+            let s = as_str(e, &ep)?;
+            if !check(s) {
+                return Err(invalid(&ep, format!("{} is not a valid {what}", echo(s))));
+            }
+            out.push(s.to_string());
+        }
+        Ok(out)
+    };
+    let delete_rules = names("delete_rules", is_valid_rule_id, "rule id")?;
+    let delete_address_sets = names("delete_address_sets", is_valid_set_name, "set name")?;
+    let map = |key: &str| -> Result<BTreeMap<String, BTreeSet<IpNet>>, Reject> {
+        match obj.get(key) {
+            None => Ok(BTreeMap::new()),
+            Some(v) => set_map(v, &child_path(path, key)),
+        }
+    };
+    Ok(Patch {
+        base_generation,
+        generation,
+        upsert_rules,
+        delete_rules,
+        set_address_sets: map("set_address_sets")?,
+        add_addresses: map("add_addresses")?,
+        remove_addresses: map("remove_addresses")?,
+        delete_address_sets,
+        defaults: match obj.get("defaults") {
+            None => PartialDefaults::default(),
+            Some(v) => defaults(v, "$.data.defaults")?,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rs(v: Value) -> Result<RuleSet, (ErrorCode, Option<String>)> {
+        decode_rule_set(&v, &Limits::default()).map_err(|r| (r.code, r.field))
+    }
+
+    fn contract_example() -> Value {
+        json!({ "generation": 42,
+            "defaults": { "in": "allow", "out": "allow", "forward": "allow" },
+            "address_sets": { "web": ["10.0.1.0/24", "10.0.2.5", "2001:db8::/64"] },
+            "rules": [ { "id": "ssh-in", "priority": 100, "action": "allow", "direction": "in",
+                "protocol": "tcp", "sources": ["$web", "192.0.2.0/24"], "destinations": [],
+                "ports": ["22", "8000-8080"], "applied_to": [], "log": false,
+                "disabled": false, "comment": "..." } ] })
+    }
+
+    #[test]
+    fn the_contract_example_decodes() {
+        let r = rs(contract_example()).unwrap();
+        assert_eq!(r.generation, 42);
+        assert_eq!(r.sets["web"].len(), 3);
+        let rule = &r.rules["ssh-in"];
+        assert_eq!(
+            rule.ports,
+            vec![
+                PortRange { lo: 22, hi: 22 },
+                PortRange { lo: 8000, hi: 8080 }
+            ]
+        );
+        assert_eq!(rule.sources[0], Addr::Set("web".into()));
+    }
+
+    #[test]
+    fn each_violation_names_its_path() {
+        type Case = (fn(&mut Value), ErrorCode, &'static str);
+        let cases: Vec<Case> = vec![
+            (
+                |v| v["rules"][0]["id"] = json!("bad id"),
+                ErrorCode::InvalidField,
+                "$.data.rules[0].id",
+            ),
+            (
+                |v| v["rules"][0]["id"] = json!("x\"; flush ruleset; \""),
+                ErrorCode::InvalidField,
+                "$.data.rules[0].id",
+            ),
+            (
+                |v| v["rules"][0]["sources"][0] = json!("$nope"),
+                ErrorCode::UnknownSet,
+                "$.data.rules[0].sources[0]",
+            ),
+            (
+                |v| v["rules"][0]["sources"][1] = json!("192.0.2.0/33"),
+                ErrorCode::InvalidField,
+                "$.data.rules[0].sources[1]",
+            ),
+            (
+                |v| v["address_sets"]["web"][0] = json!("10.0.1.1/24"),
+                ErrorCode::InvalidField,
+                "$.data.address_sets.web[0]",
+            ),
+            (
+                |v| v["address_sets"]["we}b"] = json!([]),
+                ErrorCode::InvalidField,
+                "$.data.address_sets[\"we}b\"]",
+            ),
+            (
+                |v| v["rules"][0]["ports"][1] = json!("8080-8000"),
+                ErrorCode::InvalidField,
+                "$.data.rules[0].ports[1]",
+            ),
+            (
+                |v| v["rules"][0]["ports"][0] = json!("0"),
+                ErrorCode::InvalidField,
+                "$.data.rules[0].ports[0]",
+            ),
+            (
+                |v| v["rules"][0]["protocol"] = json!("icmp"),
+                ErrorCode::InvalidField,
+                "$.data.rules[0].ports",
+            ),
+            (
+                |v| v["rules"][0]["action"] = json!("accept"),
+                ErrorCode::InvalidField,
+                "$.data.rules[0].action",
+            ),
+            (
+                |v| v["rules"][0]["applied_to"] = json!(["eth0 accept"]),
+                ErrorCode::InvalidField,
+                "$.data.rules[0].applied_to[0]",
+            ),
+            (
+                |v| v["rules"][0]["colour"] = json!(1),
+                ErrorCode::UnknownField,
+                "$.data.rules[0].colour",
+            ),
+            (
+                |v| v["rules"][0]["comment"] = json!("x".repeat(257)),
+                ErrorCode::InvalidField,
+                "$.data.rules[0].comment",
+            ),
+            (
+                |v| {
+                    let r = v["rules"][0].clone();
+                    v["rules"].as_array_mut().unwrap().push(r);
+                },
+                ErrorCode::DuplicateId,
+                "$.data.rules[1].id",
+            ),
+            (
+                |v| v["defaults"]["in"] = json!("reject"),
+                ErrorCode::InvalidField,
+                "$.data.defaults.in",
+            ),
+            (
+                |v| {
+                    v.as_object_mut().unwrap().remove("generation");
+                },
+                ErrorCode::MissingField,
+                "$.data.generation",
+            ),
+        ];
+        for (mutate, code, field) in cases {
+            let mut v = contract_example();
+            mutate(&mut v);
+            assert_eq!(
+                rs(v.clone()).unwrap_err(),
+                (code, Some(field.to_string())),
+                "{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn comments_may_hold_anything_because_they_never_reach_nft() {
+        let mut v = contract_example();
+        v["rules"][0]["comment"] = json!("\"; flush ruleset; # é\n");
+        assert!(rs(v).is_ok());
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let limits = Limits {
+            max_rules: 0,
+            max_elements: 2,
+        };
+        let e = decode_rule_set(&contract_example(), &limits).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TooMany);
+    }
+
+    #[test]
+    fn patches_decode_and_check_generations() {
+        let p = decode_patch(&json!({"base_generation": 42, "generation": 43,
+            "add_addresses": {"web": ["10.0.9.0/24"]}, "delete_rules": ["ssh-in"]}))
+        .unwrap();
+        assert_eq!(p.add_addresses["web"].len(), 1);
+        assert_eq!(p.delete_rules, vec!["ssh-in"]);
+        let e = decode_patch(&json!({"base_generation": 42, "generation": 42})).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("$.data.generation"));
+        let e =
+            decode_patch(&json!({"base_generation": 1, "generation": 2, "bogus": 1})).unwrap_err();
+        assert_eq!(e.code, ErrorCode::UnknownField);
+    }
+}

@@ -1,0 +1,3 @@
+//! The only code that touches the host: nftables (and, later, netlink and namespaces).
+
+pub mod nft;
