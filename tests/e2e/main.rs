@@ -3,6 +3,7 @@
 //! built-in harness lacks); each test makes its own hosts and agents.
 
 mod backbone;
+mod firewall;
 mod support;
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -18,6 +19,7 @@ fn main() {
     let args = Arguments::from_args();
     let mut tests = Vec::new();
     tests.extend(backbone::tests());
+    tests.extend(firewall::tests());
 
     let needs_env = !args.list
         && tests

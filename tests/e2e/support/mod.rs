@@ -1,6 +1,7 @@
 //! Shared test environment: one broker for the whole run, hosts and agents made per test.
 
 pub mod broker;
+pub mod netns;
 pub mod pki;
 
 use std::io::Write;
@@ -107,6 +108,8 @@ pub struct HostOptions {
     pub urls: Option<Vec<String>>,
     pub signing_keys: Vec<PathBuf>,
     pub max_body_bytes: Option<usize>,
+    /// Lines for the `[firewall]` section.
+    pub firewall: String,
 }
 
 pub struct Host {
@@ -158,6 +161,7 @@ impl Env {
             .collect();
         text += &format!("signing_keys = {}\n", toml_list(&keys));
         text += &format!("\n[control]\nsocket = \"{d}/rampart.sock\"\n");
+        text += &format!("\n[firewall]\n{}\n", opts.firewall);
         let config = dir.join("rampart.toml");
         std::fs::write(&config, text).unwrap();
         Host {
@@ -195,6 +199,11 @@ impl AgentProc {
     }
 
     pub fn start_with_env(host: &Host, envs: &[(&str, &str)]) -> AgentProc {
+        AgentProc::start_in(host, None, envs)
+    }
+
+    /// Starts the agent inside network namespace `ns` (through `ip netns exec`, which execs).
+    pub fn start_in(host: &Host, ns: Option<&str>, envs: &[(&str, &str)]) -> AgentProc {
         let log = host.dir.join("agent.log");
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -202,7 +211,14 @@ impl AgentProc {
             .open(&log)
             .unwrap();
         writeln!(f, "===== agent start =====").unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_rampart")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_rampart")),
+        };
         cmd.arg("--config")
             .arg(&host.config)
             .arg("run")

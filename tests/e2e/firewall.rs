@@ -1,0 +1,526 @@
+//! The firewall (issue 3) with real nftables and real packets: the agent runs in its own
+//! namespace and reaches the shared broker through a veth and a relay; a client namespace and
+//! a workload namespace send real TCP, UDP and ICMP traffic through the rules.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use futures_util::StreamExt;
+use libtest_mimic::Trial;
+use rampart::broker::EVENTS_EXCHANGE;
+use rampart::manager::Manager;
+use rampart::protocol::{Ack, ErrorCode, Status};
+use serde_json::{Value, json};
+
+use crate::support::netns::{Netns, Servers, Tcp, relay, tcp_probe, udp_probe, veth};
+use crate::support::{AgentProc, Host, HostOptions, env, runtime};
+use crate::trial;
+
+pub fn tests() -> Vec<Trial> {
+    vec![
+        trial(
+            "firewall::allow_drop_reject_by_port_source_and_priority",
+            allow_drop_reject,
+        ),
+        trial(
+            "firewall::set_patch_opens_traffic_without_touching_other_rules",
+            set_patch,
+        ),
+        trial(
+            "firewall::stateful_replies_and_forwarded_workload_rules",
+            stateful_and_forward,
+        ),
+        trial(
+            "firewall::drop_everything_keeps_the_broker_session",
+            failsafe,
+        ),
+        trial(
+            "firewall::stale_and_invalid_rule_sets_change_nothing",
+            stale_and_invalid,
+        ),
+        trial(
+            "firewall::kill9_during_patches_then_restart_converges",
+            kill9_patches,
+        ),
+        trial(
+            "firewall::deleted_table_is_restored_and_drift_reported",
+            drift,
+        ),
+        trial(
+            "firewall::reboot_without_broker_restores_rules",
+            reboot_restore,
+        ),
+    ]
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// One test's hosts: broker side, agent host, client, workload.
+struct Topo {
+    n: u8,
+    ag: Netns,
+    cl: Netns,
+    wl: Netns,
+    host: Host,
+    _brk: Netns,
+    _relay: Servers,
+}
+
+impl Topo {
+    fn new(n: u8, id: &str) -> Topo {
+        let brk = Netns::new(&format!("rpf{n}-brk"));
+        let ag = Netns::new(&format!("rpf{n}-ag"));
+        let cl = Netns::new(&format!("rpf{n}-cl"));
+        let wl = Netns::new(&format!("rpf{n}-wl"));
+        veth(
+            &brk,
+            "b0",
+            &format!("10.201.{n}.1/30"),
+            &ag,
+            "e0",
+            &format!("10.201.{n}.2/30"),
+        );
+        veth(
+            &cl,
+            "c0",
+            &format!("10.202.{n}.2/24"),
+            &ag,
+            "e1",
+            &format!("10.202.{n}.1/24"),
+        );
+        veth(
+            &wl,
+            "w0",
+            &format!("10.203.{n}.2/24"),
+            &ag,
+            "tapw0",
+            &format!("10.203.{n}.1/24"),
+        );
+        ag.sysctl("net.ipv4.ip_forward", "1");
+        cl.route(&format!("10.203.{n}.0/24"), &format!("10.202.{n}.1"));
+        wl.route("default", &format!("10.203.{n}.1"));
+        let target = format!("127.0.0.1:{}", env().broker.port).parse().unwrap();
+        let relay = relay(&brk.name, &format!("10.201.{n}.1:5671"), target);
+        let host = env().host(
+            id,
+            HostOptions {
+                urls: Some(vec![format!("amqps://10.201.{n}.1:5671/%2f")]),
+                server_name: Some("localhost".into()),
+                firewall: "drift_check_secs = 1".into(),
+                ..Default::default()
+            },
+        );
+        Topo {
+            n,
+            ag,
+            cl,
+            wl,
+            host,
+            _brk: brk,
+            _relay: relay,
+        }
+    }
+
+    fn agent_ip(&self) -> String {
+        format!("10.202.{}.1", self.n)
+    }
+    fn client_ip(&self) -> String {
+        format!("10.202.{}.2", self.n)
+    }
+    fn workload_ip(&self) -> String {
+        format!("10.203.{}.2", self.n)
+    }
+
+    fn start(&self) -> AgentProc {
+        let a = AgentProc::start_in(&self.host, Some(&self.ag.name), &[]);
+        a.wait_serving();
+        a
+    }
+
+    /// TCP from the client to the agent host.
+    fn probe(&self, port: u16) -> Tcp {
+        tcp_probe(&self.cl.name, &self.agent_ip(), port)
+    }
+}
+
+async fn manager(host: &str) -> Result<Manager> {
+    let mut m = env().manager().await;
+    m.watch_host(host).await?;
+    Ok(m)
+}
+
+async fn send(m: &mut Manager, host: &str, kind: &str, id: &str, data: Value) -> Result<Ack> {
+    m.send(host, kind, id, &data).await?;
+    Ok(m.wait_ack(id, WAIT).await?)
+}
+
+async fn applied(m: &mut Manager, host: &str, kind: &str, id: &str, data: Value) -> Result<Ack> {
+    let ack = send(m, host, kind, id, data).await?;
+    ensure!(ack.status == Status::Applied, "{id}: {ack:?}");
+    Ok(ack)
+}
+
+fn rule(id: &str, prio: u32, action: &str, dir: &str, proto: &str, ports: &[&str]) -> Value {
+    json!({"id": id, "priority": prio, "action": action, "direction": dir, "protocol": proto, "ports": ports})
+}
+
+fn allow_drop_reject() -> Result<()> {
+    let t = Topo::new(1, "fw-basic");
+    let _srv = Servers::start(&t.ag.name, "0.0.0.0", &[80, 81, 82, 83, 84, 86], &[53]);
+    let _agent = t.start();
+    ensure!(
+        t.probe(83) == Tcp::Open,
+        "before any rule set the host is untouched"
+    );
+    runtime().block_on(async {
+        let h = &t.host.id;
+        let mut m = manager(h).await?;
+        let mut other = rule("only-other", 100, "allow", "in", "tcp", &["84"]);
+        other["sources"] = json!(["192.0.2.99"]);
+        let rs = json!({"generation": 1, "defaults": {"in": "drop"}, "rules": [
+            rule("web", 100, "allow", "in", "tcp", &["80"]),
+            rule("rej", 100, "reject", "in", "tcp", &["81"]),
+            rule("drp", 100, "drop", "in", "tcp", &["82"]),
+            other,
+            rule("dns", 100, "allow", "in", "udp", &["53"]),
+            rule("icmp", 100, "allow", "in", "icmp", &[]),
+            rule("p-deny", 10, "drop", "in", "tcp", &["86"]),
+            rule("p-allow", 20, "allow", "in", "tcp", &["86"]),
+        ]});
+        let ack = applied(&mut m, h, "firewall.apply", "basic-1", rs).await?;
+        ensure!(ack.data["generation"] == 1);
+        ensure!(t.probe(80) == Tcp::Open, "allow by port");
+        ensure!(
+            t.probe(81) == Tcp::Refused,
+            "reject answers with a TCP reset"
+        );
+        ensure!(t.probe(82) == Tcp::Silent, "drop is silent");
+        ensure!(t.probe(83) == Tcp::Silent, "default in = drop");
+        ensure!(
+            t.probe(84) == Tcp::Silent,
+            "allowed only from another source"
+        );
+        ensure!(
+            t.probe(86) == Tcp::Silent,
+            "priority 10 drop wins over priority 20 allow"
+        );
+        ensure!(udp_probe(&t.cl.name, &t.agent_ip(), 53), "udp allow");
+        ensure!(t.cl.ping(&t.agent_ip()), "icmp allow");
+
+        // Swap the priorities with a patch: now the allow comes first.
+        let patch = json!({"base_generation": 1, "generation": 2, "upsert_rules": [
+            rule("p-deny", 30, "drop", "in", "tcp", &["86"])]});
+        applied(&mut m, h, "firewall.patch", "basic-2", patch).await?;
+        ensure!(
+            t.probe(86) == Tcp::Open,
+            "first match by priority after the patch"
+        );
+        ensure!(t.probe(80) == Tcp::Open && t.probe(81) == Tcp::Refused);
+        let sync = applied(&mut m, h, "state.sync", "basic-sync", json!({})).await?;
+        ensure!(sync.data["firewall"]["generation"] == 2, "{}", sync.data);
+        ensure!(sync.data["firewall"]["rules"] == 8, "{}", sync.data);
+        m.close().await;
+        Ok(())
+    })
+}
+
+/// The packet counter nft shows for rule `id` (summed over its lines).
+fn counter(table: &str, id: &str) -> u64 {
+    table
+        .lines()
+        .filter(|l| l.contains(&format!("comment \"{id}\"")))
+        .filter_map(|l| {
+            let rest = l.split("counter packets ").nth(1)?;
+            rest.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+fn set_patch() -> Result<()> {
+    let t = Topo::new(2, "fw-sets");
+    let _srv = Servers::start(&t.ag.name, "0.0.0.0", &[80, 85], &[]);
+    let _agent = t.start();
+    runtime().block_on(async {
+        let h = &t.host.id;
+        let mut m = manager(h).await?;
+        let mut members = rule("members", 100, "allow", "in", "tcp", &["85"]);
+        members["sources"] = json!(["$clients"]);
+        let rs = json!({"generation": 1, "defaults": {"in": "drop"},
+            "address_sets": {"clients": ["192.0.2.0/24", "2001:db8::/64"]},
+            "rules": [rule("web", 100, "allow", "in", "tcp", &["80"]), members]});
+        applied(&mut m, h, "firewall.apply", "sets-1", rs).await?;
+        ensure!(t.probe(80) == Tcp::Open);
+        ensure!(
+            t.probe(85) == Tcp::Silent,
+            "the client is not in the set yet"
+        );
+        let before = t.ag.nft_table("rampart").context("table")?;
+        let web_hits = counter(&before, "web");
+        ensure!(web_hits > 0, "the web rule counted the probe:\n{before}");
+
+        let patch = json!({"base_generation": 1, "generation": 2,
+            "add_addresses": {"clients": [t.client_ip()]}});
+        applied(&mut m, h, "firewall.patch", "sets-2", patch).await?;
+        ensure!(
+            t.probe(85) == Tcp::Open,
+            "the patch opened the port for the new member"
+        );
+        let after = t.ag.nft_table("rampart").context("table")?;
+        ensure!(
+            counter(&after, "web") >= web_hits,
+            "the web rule was not rewritten (its counter survived):\n{after}"
+        );
+
+        let patch = json!({"base_generation": 2, "generation": 3,
+            "remove_addresses": {"clients": [t.client_ip()]}});
+        applied(&mut m, h, "firewall.patch", "sets-3", patch).await?;
+        ensure!(t.probe(85) == Tcp::Silent, "removed again");
+        ensure!(t.probe(80) == Tcp::Open);
+
+        // A set still in use cannot go; nothing changes.
+        let patch =
+            json!({"base_generation": 3, "generation": 4, "delete_address_sets": ["clients"]});
+        let ack = send(&mut m, h, "firewall.patch", "sets-4", patch).await?;
+        ensure!(ack.status == Status::Rejected, "{ack:?}");
+        ensure!(
+            ack.error.as_ref().map(|e| e.code) == Some(ErrorCode::SetInUse),
+            "{ack:?}"
+        );
+        m.close().await;
+        Ok(())
+    })
+}
+
+fn stateful_and_forward() -> Result<()> {
+    let t = Topo::new(3, "fw-state");
+    let _cl_srv = Servers::start(&t.cl.name, "0.0.0.0", &[7000], &[]);
+    let _wl_srv = Servers::start(&t.wl.name, "0.0.0.0", &[90, 91], &[]);
+    let _agent = t.start();
+    runtime().block_on(async {
+        let h = &t.host.id;
+        let mut m = manager(h).await?;
+        let mut wl = rule("to-workload", 100, "allow", "in", "tcp", &["90"]);
+        wl["applied_to"] = json!(["tapw*"]);
+        let rs = json!({"generation": 1, "defaults": {"in": "drop", "out": "allow", "forward": "drop"},
+            "rules": [wl]});
+        applied(&mut m, h, "firewall.apply", "state-1", rs).await?;
+        // The host's own outbound connection gets its replies back (established).
+        ensure!(tcp_probe(&t.ag.name, &t.client_ip(), 7000) == Tcp::Open, "stateful reply to an outbound connection");
+        // New inbound connections are dropped.
+        ensure!(tcp_probe(&t.cl.name, &t.agent_ip(), 7000) == Tcp::Silent);
+        // Forwarded traffic towards the workload follows the applied_to rule.
+        ensure!(tcp_probe(&t.cl.name, &t.workload_ip(), 90) == Tcp::Open, "forward allow to the workload");
+        ensure!(tcp_probe(&t.cl.name, &t.workload_ip(), 91) == Tcp::Silent, "forward default drop");
+        m.close().await;
+        Ok(())
+    })
+}
+
+fn failsafe() -> Result<()> {
+    let t = Topo::new(4, "fw-failsafe");
+    let _cl_srv = Servers::start(&t.cl.name, "0.0.0.0", &[7000], &[]);
+    let _agent = t.start();
+    runtime().block_on(async {
+        let h = &t.host.id;
+        let mut m = manager(h).await?;
+        let rs = json!({"generation": 1, "defaults": {"in": "drop", "out": "drop", "forward": "drop"},
+            "rules": [rule("all-in", 1, "drop", "in", "any", &[]), rule("all-out", 1, "drop", "out", "any", &[])]});
+        applied(&mut m, h, "firewall.apply", "fs-1", rs).await?;
+        ensure!(tcp_probe(&t.ag.name, &t.client_ip(), 7000) == Tcp::Silent, "outbound is cut");
+        // New broker connections still pass: the session keeps serving commands.
+        let ack = applied(&mut m, h, "ping", "fs-ping", json!({})).await?;
+        ensure!(!ack.duplicate);
+        m.close().await;
+        Ok(())
+    })
+}
+
+fn stale_and_invalid() -> Result<()> {
+    let t = Topo::new(5, "fw-stale");
+    let _agent = t.start();
+    runtime().block_on(async {
+        let h = &t.host.id;
+        let mut m = manager(h).await?;
+        let rs = |g: u64, port: &str| json!({"generation": g, "rules": [rule("r", 1, "drop", "in", "tcp", &[port])]});
+        applied(&mut m, h, "firewall.apply", "st-5", rs(5, "1000")).await?;
+        let table = t.ag.nft_table("rampart").context("table")?;
+        // The same generation and content again: applied, a no-op.
+        let ack = applied(&mut m, h, "firewall.apply", "st-5b", rs(5, "1000")).await?;
+        ensure!(ack.data["noop"] == true, "{ack:?}");
+        for (id, kind, data) in [
+            ("st-4", "firewall.apply", rs(4, "2000")),
+            ("st-5c", "firewall.apply", rs(5, "2000")),
+            ("st-p", "firewall.patch", json!({"base_generation": 3, "generation": 6})),
+        ] {
+            let ack = send(&mut m, h, kind, id, data).await?;
+            ensure!(ack.status == Status::Stale, "{id}: {ack:?}");
+            ensure!(ack.error.as_ref().map(|e| e.code) == Some(ErrorCode::StaleGeneration));
+        }
+        let mut bad_cidr = rs(6, "1000");
+        bad_cidr["rules"][0]["sources"] = json!(["10.0.0.300/8"]);
+        let mut unknown_set = rs(6, "1000");
+        unknown_set["rules"][0]["sources"] = json!(["$nope"]);
+        let mut dup = rs(6, "1000");
+        dup["rules"] = json!([rule("r", 1, "drop", "in", "tcp", &[]), rule("r", 2, "drop", "in", "tcp", &[])]);
+        let mut inject_id = rs(6, "1000");
+        inject_id["rules"][0]["id"] = json!("r\" accept; flush ruleset; #");
+        let mut inject_set = rs(6, "1000");
+        inject_set["address_sets"] = json!({"x } ; flush ruleset": ["10.0.0.1"]});
+        let mut inject_if = rs(6, "1000");
+        inject_if["rules"][0]["applied_to"] = json!(["eth0\" accept"]);
+        for (id, data, code) in [
+            ("bad-cidr", bad_cidr, ErrorCode::InvalidField),
+            ("unknown-set", unknown_set, ErrorCode::UnknownSet),
+            ("dup", dup, ErrorCode::DuplicateId),
+            ("inject-id", inject_id, ErrorCode::InvalidField),
+            ("inject-set", inject_set, ErrorCode::InvalidField),
+            ("inject-if", inject_if, ErrorCode::InvalidField),
+        ] {
+            let ack = send(&mut m, h, "firewall.apply", id, data).await?;
+            ensure!(ack.status == Status::Rejected, "{id}: {ack:?}");
+            ensure!(ack.error.as_ref().map(|e| e.code) == Some(code), "{id}: {ack:?}");
+        }
+        let now = t.ag.nft_table("rampart").context("table")?;
+        let (now, table) = (without_counters(&now), without_counters(&table));
+        ensure!(now == table, "the kernel changed:\n{table}\n---\n{now}");
+        let sync = applied(&mut m, h, "state.sync", "st-sync", json!({})).await?;
+        ensure!(sync.data["firewall"]["generation"] == 5);
+        m.close().await;
+        Ok(())
+    })
+}
+
+/// A listing with the counter values taken out (traffic moves them).
+fn without_counters(listing: &str) -> String {
+    let mut out = vec![];
+    let mut skip = false;
+    for tok in listing.split_whitespace() {
+        if skip {
+            skip = false;
+        } else if tok == "packets" || tok == "bytes" {
+            skip = true;
+        } else {
+            out.push(tok);
+        }
+    }
+    out.join(" ")
+}
+
+fn kill9_patches() -> Result<()> {
+    let t = Topo::new(6, "fw-crash");
+    let mut agent = t.start();
+    const N: u64 = 40;
+    runtime().block_on(async {
+        let h = &t.host.id;
+        let mut m = manager(h).await?;
+        applied(&mut m, h, "firewall.apply", "cr-1", json!({"generation": 1, "rules": []})).await?;
+        for g in 2..=N {
+            let patch = json!({"base_generation": g - 1, "generation": g,
+                "upsert_rules": [rule(&format!("p{g}"), 100, "allow", "in", "tcp", &[&g.to_string()])]});
+            m.send(h, "firewall.patch", &format!("cr-{g}"), &patch).await?;
+        }
+        // Let some be processed, then kill -9 in the middle of the stream.
+        m.wait_ack("cr-8", WAIT).await?;
+        agent.kill9();
+        let mut acked: Vec<u64> = (2..=8).collect();
+        for g in 9..=N {
+            if m.wait_ack(&format!("cr-{g}"), Duration::from_millis(50)).await.is_ok() {
+                acked.push(g);
+            }
+        }
+        ensure!((*acked.last().unwrap()) < N, "the kill came too late to test anything");
+        agent = t.start();
+        for g in 2..=N {
+            if acked.contains(&g) {
+                continue;
+            }
+            let ack = m.wait_ack(&format!("cr-{g}"), WAIT).await?;
+            ensure!(ack.status == Status::Applied, "cr-{g}: {ack:?}");
+        }
+        let table = t.ag.nft_table("rampart").context("table")?;
+        for g in 2..=N {
+            let n = table.matches(&format!("comment \"p{g}\"")).count();
+            ensure!(n == 1, "rule p{g} appears {n} times:\n{table}");
+        }
+        let sync = applied(&mut m, h, "state.sync", "cr-sync", json!({})).await?;
+        ensure!(sync.data["firewall"]["generation"] == N, "{}", sync.data);
+        m.close().await;
+        Ok(())
+    })?;
+    drop(agent);
+    Ok(())
+}
+
+fn drift() -> Result<()> {
+    let t = Topo::new(7, "fw-drift");
+    let _srv = Servers::start(&t.ag.name, "0.0.0.0", &[80, 83], &[]);
+    let _agent = t.start();
+    runtime().block_on(async {
+        let h = &t.host.id;
+        let mut m = manager(h).await?;
+        let mut events = m.subscribe(EVENTS_EXCHANGE, &format!("drift.{h}")).await?;
+        let rs = json!({"generation": 1, "defaults": {"in": "drop"}, "rules": [rule("web", 1, "allow", "in", "tcp", &["80"])]});
+        applied(&mut m, h, "firewall.apply", "dr-1", rs).await?;
+        ensure!(t.probe(83) == Tcp::Silent);
+        tokio::time::sleep(Duration::from_millis(1500)).await; // a drift check learns the table
+        t.ag.nft("delete table inet rampart");
+        ensure!(t.probe(83) == Tcp::Open, "the table is really gone");
+        let d = tokio::time::timeout(WAIT, events.next()).await.context("no drift event")?.context("stream ended")??;
+        let v: Value = serde_json::from_slice(&d.data)?;
+        ensure!(v["type"] == "drift" && v["data"]["generation"] == 1, "{v}");
+        ensure!(t.probe(83) == Tcp::Silent, "restored");
+        ensure!(t.probe(80) == Tcp::Open);
+        // A rule slipped into our table by hand is noticed too.
+        t.ag.nft("add rule inet rampart input tcp dport 83 accept");
+        let d = tokio::time::timeout(WAIT, events.next()).await.context("no second drift event")?.context("stream ended")??;
+        let v: Value = serde_json::from_slice(&d.data)?;
+        ensure!(v["data"]["what"] == "table changed", "{v}");
+        ensure!(t.probe(83) == Tcp::Silent, "the foreign rule is gone");
+        m.close().await;
+        Ok(())
+    })
+}
+
+fn reboot_restore() -> Result<()> {
+    let t = Topo::new(8, "fw-reboot");
+    let _srv = Servers::start(&t.ag.name, "0.0.0.0", &[80, 83], &[]);
+    let mut agent = t.start();
+    runtime().block_on(async {
+        let h = &t.host.id;
+        let mut m = manager(h).await?;
+        let rs = json!({"generation": 1, "defaults": {"in": "drop"}, "rules": [rule("web", 1, "allow", "in", "tcp", &["80"])]});
+        applied(&mut m, h, "firewall.apply", "rb-1", rs).await?;
+        let patch = json!({"base_generation": 1, "generation": 2, "upsert_rules": [rule("web2", 2, "allow", "in", "tcp", &["83"])]});
+        applied(&mut m, h, "firewall.patch", "rb-2", patch).await?;
+        m.close().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    agent.wait_exit(WAIT).context("agent did not stop")?;
+    // As after a reboot: no table, and this time no broker either.
+    t.ag.nft("delete table inet rampart");
+    ensure!(t.probe(83) == Tcp::Open, "the table is really gone");
+    let text = std::fs::read_to_string(&t.host.config)?.replace(":5671/", ":5999/");
+    std::fs::write(&t.host.config, text)?;
+    let agent = AgentProc::start_in(&t.host, Some(&t.ag.name), &[]);
+    ensure!(
+        agent.wait_log("firewall restored", 1, WAIT),
+        "{}",
+        agent.current_log()
+    );
+    let table =
+        t.ag.nft_table("rampart")
+            .context("rules are back in the kernel")?;
+    ensure!(
+        table.contains("comment \"web2\""),
+        "the patched generation is restored:\n{table}"
+    );
+    ensure!(t.probe(80) == Tcp::Open && t.probe(83) == Tcp::Open);
+    let _srv84 = Servers::start(&t.ag.name, "0.0.0.0", &[84], &[]);
+    ensure!(t.probe(84) == Tcp::Silent, "default drop is back");
+    ensure!(
+        !agent.current_log().contains("serving commands"),
+        "the broker was unreachable"
+    );
+    Ok(())
+}
