@@ -90,7 +90,9 @@ fn firewall_error(e: &FirewallError) -> (Status, AckError) {
         FirewallError::TooMany { field, .. } => {
             (Status::Rejected, ErrorCode::TooMany, Some(field.clone()))
         }
-        FirewallError::Nft(_) => (Status::Failed, ErrorCode::NftFailed, None),
+        FirewallError::Nft(_) | FirewallError::Netlink(_) => {
+            (Status::Failed, ErrorCode::NftFailed, None)
+        }
     };
     (
         status,
@@ -403,7 +405,7 @@ async fn firewall_patch(fw: &mut Firewall, patch: &Patch, raw: &str) -> (Execute
         Ok(plan) => plan,
         Err(e) => return failed_with(fw, &e),
     };
-    if let Err(e) = fw.apply_batch(&plan.batch).await {
+    if let Err(e) = fw.apply_kernel(&plan.kernel).await {
         return failed_with(fw, &e);
     }
     let executed = Executed::applied(

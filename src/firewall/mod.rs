@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
+use crate::sys::nfnl::{self, Element, NfnlError, SetChange};
 use crate::sys::nft::{Nft, NftError};
 use layout::{Changes, Hook, Layout, hooks_of};
 use render::{Family, Range, RenderCtx};
@@ -38,6 +39,15 @@ pub enum FirewallError {
     },
     #[error(transparent)]
     Nft(#[from] NftError),
+    #[error(transparent)]
+    Netlink(#[from] NfnlError),
+}
+
+/// How a plan reaches the kernel: nft text, or (for element-only patches) one nfnetlink
+/// batch. Either way one transaction.
+pub enum KernelChange {
+    Text(String),
+    Elements(Vec<SetChange>),
 }
 
 /// The result of checking a whole rule set against the current one.
@@ -52,7 +62,7 @@ pub enum ApplyPlan {
 
 /// A checked patch, rendered, ready to be applied and then committed.
 pub struct PatchPlan {
-    pub batch: String,
+    pub kernel: KernelChange,
     generation: u64,
     defaults: Defaults,
     sets: BTreeMap<String, Option<BTreeSet<IpNet>>>,
@@ -175,6 +185,20 @@ impl Firewall {
 
     pub async fn apply_batch(&self, batch: &str) -> Result<(), FirewallError> {
         self.nft.apply(batch).await.map_err(FirewallError::from)
+    }
+
+    pub async fn apply_kernel(&self, change: &KernelChange) -> Result<(), FirewallError> {
+        match change {
+            KernelChange::Text(batch) => self.apply_batch(batch).await,
+            KernelChange::Elements(changes) => {
+                let table = self.ctx.table.clone();
+                let changes = changes.clone();
+                tokio::task::spawn_blocking(move || nfnl::apply(&table, &changes))
+                    .await
+                    .expect("netlink task panicked")
+                    .map_err(FirewallError::from)
+            }
+        }
     }
 
     pub fn commit_replace(&mut self, rs: RuleSet, layout: Layout) {
@@ -332,9 +356,21 @@ impl Firewall {
             }
         }
 
-        let batch = self.render_patch(&sets, p, &layout, &ch, &defaults);
+        let elements_only = p.upsert_rules.is_empty()
+            && deleted.is_empty()
+            && ch.dirty.is_empty()
+            && ch.bases.is_empty()
+            && ch.removed.is_empty()
+            && sets
+                .iter()
+                .all(|(name, new)| new.is_some() && cur.sets.contains_key(name));
+        let kernel = if elements_only {
+            KernelChange::Elements(self.element_changes(&sets))
+        } else {
+            KernelChange::Text(self.render_patch(&sets, p, &layout, &ch, &defaults))
+        };
         Ok(PatchPlan {
-            batch,
+            kernel,
             generation: p.generation,
             defaults,
             sets,
@@ -343,6 +379,35 @@ impl Firewall {
             layout,
             refs,
         })
+    }
+
+    /// Element additions and deletions for sets that exist before and after.
+    fn element_changes(&self, sets: &BTreeMap<String, Option<BTreeSet<IpNet>>>) -> Vec<SetChange> {
+        let mut out = vec![];
+        for (name, new) in sets {
+            let (Some(new), Some(old)) = (new, self.current.sets.get(name)) else {
+                continue;
+            };
+            for fam in [Family::V4, Family::V6] {
+                let before: BTreeSet<Range> = render::merged(old, fam).into_iter().collect();
+                let after: BTreeSet<Range> = render::merged(new, fam).into_iter().collect();
+                let to_elements = |ranges: Vec<&Range>| -> Vec<Element> {
+                    ranges
+                        .into_iter()
+                        .flat_map(|r| interval_elements(r, fam))
+                        .collect()
+                };
+                let change = SetChange {
+                    set: fam.set_name(name),
+                    delete: to_elements(before.difference(&after).collect()),
+                    add: to_elements(after.difference(&before).collect()),
+                };
+                if !change.delete.is_empty() || !change.add.is_empty() {
+                    out.push(change);
+                }
+            }
+        }
+        out
     }
 
     fn render_patch(
@@ -473,4 +538,28 @@ impl Firewall {
     pub async fn live(&self) -> Result<Option<serde_json::Value>, FirewallError> {
         Ok(self.nft.list_table_json(&self.ctx.table).await?)
     }
+}
+
+/// An interval as the kernel's interval sets hold it: a start element and, unless the range
+/// runs to the top of the address space, an end element one past its last address.
+fn interval_elements(r: &Range, fam: Family) -> Vec<Element> {
+    let key = |v: u128| match fam {
+        Family::V4 => (v as u32).to_be_bytes().to_vec(),
+        Family::V6 => v.to_be_bytes().to_vec(),
+    };
+    let max = match fam {
+        Family::V4 => u32::MAX as u128,
+        Family::V6 => u128::MAX,
+    };
+    let mut out = vec![Element {
+        key: key(r.start),
+        end: false,
+    }];
+    if r.end < max {
+        out.push(Element {
+            key: key(r.end + 1),
+            end: true,
+        });
+    }
+    out
 }

@@ -1,3 +1,4 @@
 //! The only code that touches the host: nftables (and, later, netlink and namespaces).
 
+pub mod nfnl;
 pub mod nft;

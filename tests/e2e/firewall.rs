@@ -267,6 +267,14 @@ fn set_patch() -> Result<()> {
         );
         let after = t.ag.nft_table("rampart").context("table")?;
         ensure!(
+            after.contains(&t.client_ip()),
+            "nft lists the new element:\n{after}"
+        );
+        ensure!(
+            after.contains("192.0.2.0/24"),
+            "the old elements are intact:\n{after}"
+        );
+        ensure!(
             counter(&after, "web") >= web_hits,
             "the web rule was not rewritten (its counter survived):\n{after}"
         );
