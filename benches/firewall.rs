@@ -146,12 +146,16 @@ fn main() -> anyhow::Result<()> {
             timed(&mut m, &h, "firewall.apply", &format!("base-{generation}"), &rule_set(generation, rules, elements)).await?;
             let mut rule_t = vec![];
             let mut addr_t = vec![];
+            // Each kind in its own run: the kernel frees what a commit replaced after an RCU
+            // grace period, which the next commit may wait for.
             for i in 0..10 {
                 let g = generation;
                 generation += 1;
                 let p = json!({"base_generation": g, "generation": generation, "upsert_rules": [
                     {"id": format!("extra{i}"), "priority": 5 + i, "action": "allow", "direction": "in", "protocol": "tcp", "ports": ["9"]}]});
                 rule_t.push(timed(&mut m, &h, "firewall.patch", &format!("pr-{generation}"), &p).await?);
+            }
+            for i in 0..10 {
                 let g = generation;
                 generation += 1;
                 let p = json!({"base_generation": g, "generation": generation, "add_addresses": {"set0": [format!("192.0.2.{i}")]}});
@@ -166,5 +170,11 @@ fn main() -> anyhow::Result<()> {
     });
     drop(agent);
     support::teardown();
+    if std::env::var_os("RAMPART_BENCH_KEEP").is_some() {
+        println!(
+            "agent log: {}",
+            root.keep().join("hosts/bench-fw/agent.log").display()
+        );
+    }
     result
 }

@@ -229,7 +229,10 @@ impl Dispatcher {
                 disposition: Disposition::Reject,
             };
         }
-        if let Err(e) = self.persist(&request.id, &ack, change).await {
+        let persist_started = Instant::now();
+        let persisted = self.persist(&request.id, &ack, change).await;
+        tracing::debug!(command_id = %request.id, persist_us = persist_started.elapsed().as_micros() as u64, "outcome stored");
+        if let Err(e) = persisted {
             if let Some(fw) = fw_guard.as_mut()
                 && !matches!(commit, Commit::None)
                 && let Err(re) = fw.restore().await
@@ -388,9 +391,15 @@ async fn firewall_apply(fw: &mut Firewall, rs: &RuleSet) -> (Executed, Commit) {
             Commit::None,
         ),
         Ok(ApplyPlan::Replace { batch, layout }) => {
+            let t = Instant::now();
             if let Err(e) = fw.apply_batch(&batch).await {
                 return failed_with(fw, &e);
             }
+            tracing::debug!(
+                kernel_us = t.elapsed().as_micros() as u64,
+                bytes = batch.len(),
+                "firewall rule set applied to the kernel"
+            );
             let executed = Executed::applied(
                 json!({ "generation": rs.generation }),
                 OwnedChange::FirewallReplace(rs.canonical_json()),
@@ -401,13 +410,21 @@ async fn firewall_apply(fw: &mut Firewall, rs: &RuleSet) -> (Executed, Commit) {
 }
 
 async fn firewall_patch(fw: &mut Firewall, patch: &Patch, raw: &str) -> (Executed, Commit) {
+    let t = Instant::now();
     let plan = match fw.plan_patch(patch) {
         Ok(plan) => plan,
         Err(e) => return failed_with(fw, &e),
     };
+    let planned = t.elapsed();
     if let Err(e) = fw.apply_kernel(&plan.kernel).await {
         return failed_with(fw, &e);
     }
+    tracing::debug!(
+        plan_us = planned.as_micros() as u64,
+        kernel_us = (t.elapsed() - planned).as_micros() as u64,
+        netlink = matches!(plan.kernel, crate::firewall::KernelChange::Elements(_)),
+        "firewall patch applied to the kernel"
+    );
     let executed = Executed::applied(
         json!({ "generation": patch.generation }),
         OwnedChange::FirewallPatch(raw.to_string()),

@@ -193,10 +193,18 @@ impl Firewall {
             KernelChange::Elements(changes) => {
                 let table = self.ctx.table.clone();
                 let changes = changes.clone();
-                tokio::task::spawn_blocking(move || nfnl::apply(&table, &changes))
-                    .await
-                    .expect("netlink task panicked")
-                    .map_err(FirewallError::from)
+                tokio::task::spawn_blocking(move || {
+                    let t = std::time::Instant::now();
+                    let r = nfnl::apply(&table, &changes);
+                    tracing::debug!(
+                        netlink_us = t.elapsed().as_micros() as u64,
+                        "netlink batch done"
+                    );
+                    r
+                })
+                .await
+                .expect("netlink task panicked")
+                .map_err(FirewallError::from)
             }
         }
     }

@@ -222,7 +222,10 @@ impl AgentProc {
         cmd.arg("--config")
             .arg(&host.config)
             .arg("run")
-            .env("RAMPART_LOG", "info,lapin=off")
+            .env(
+                "RAMPART_LOG",
+                std::env::var("RAMPART_TEST_LOG").unwrap_or_else(|_| "info,lapin=off".into()),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
