@@ -29,7 +29,28 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum RulesAction {
+    /// Validate a rule set (the `data` of firewall.apply, as JSON) and print the nft input it
+    /// renders to. Touches nothing; needs neither root nor the daemon.
+    Check {
+        /// The rule set file, or - for standard input.
+        file: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The applied rule set with live per-rule counters (from the running daemon).
+    Rules {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's control socket (default: control.socket of the configuration).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[command(subcommand)]
+        action: Option<RulesAction>,
+    },
     /// Run the agent in the foreground (as systemd does).
     Run,
     /// Validate the configuration file and exit.
@@ -89,6 +110,31 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             println!("{}: ok", cli.config.display());
             Ok(0)
         }
+        Command::Rules {
+            json,
+            socket,
+            action: Some(RulesAction::Check { file }),
+        } => {
+            let _ = (json, socket);
+            rules_check(&cli.config, &file).await
+        }
+        Command::Rules {
+            json,
+            socket,
+            action: None,
+        } => {
+            let socket = match socket {
+                Some(s) => s,
+                None => Config::load(&cli.config)?.control.socket,
+            };
+            let answer = crate::control::ask(&socket, &crate::control::Request::Rules).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                print_rules(&answer);
+            }
+            Ok(0)
+        }
         Command::Run => {
             let config = Config::load(&cli.config)?;
             init_logging(&config.log.level, config.log.format);
@@ -135,5 +181,183 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
                 Err(e) => Err(e.into()),
             }
         }
+    }
+}
+
+/// `rampart rules check FILE`: decode with the configured limits, render with the configured
+/// table and failsafe (defaults when there is no configuration), print.
+async fn rules_check(config_path: &std::path::Path, file: &str) -> anyhow::Result<i32> {
+    let text = if file == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        s
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?
+    };
+    let fw = match Config::load(config_path) {
+        Ok(c) => c.firewall,
+        Err(e) => {
+            eprintln!("note: {e}; using the default firewall settings");
+            crate::config::FirewallConfig::default()
+        }
+    };
+    let limits = crate::firewall::spec::Limits {
+        max_rules: fw.max_rules,
+        max_elements: fw.max_elements,
+    };
+    let data: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("invalid_json: {e}");
+            return Ok(2);
+        }
+    };
+    match crate::protocol::check_rule_set(&data, &limits) {
+        Err(e) => {
+            eprintln!(
+                "{}: {} (at {})",
+                serde_json::to_value(e.code)?.as_str().unwrap_or("invalid"),
+                e.message,
+                e.field.as_deref().unwrap_or("-")
+            );
+            Ok(2)
+        }
+        Ok(rs) => {
+            let ctx = crate::firewall::render::RenderCtx {
+                table: fw.table.clone(),
+                brokers: vec![],
+                failsafe_in: fw
+                    .failsafe_in
+                    .iter()
+                    .filter_map(|s| crate::config::parse_failsafe(s))
+                    .collect(),
+                failsafe_out: fw
+                    .failsafe_out
+                    .iter()
+                    .filter_map(|s| crate::config::parse_failsafe(s))
+                    .collect(),
+            };
+            let layout = crate::firewall::layout::Layout::build(rs.rules.values());
+            print!(
+                "{}",
+                crate::firewall::render::render_full(&rs, &layout, &ctx)
+            );
+            eprintln!(
+                "ok: generation {}, {} rules, {} sets, {} elements (broker failsafe rules are added by the daemon)",
+                rs.generation,
+                rs.rules.len(),
+                rs.sets.len(),
+                rs.element_count()
+            );
+            Ok(0)
+        }
+    }
+}
+
+/// Free text for a terminal: control characters shown as `?`.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+fn list(v: &serde_json::Value) -> String {
+    let items: Vec<&str> = v
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    if items.is_empty() {
+        "-".to_string()
+    } else {
+        items.join(",")
+    }
+}
+
+fn print_rules(a: &serde_json::Value) {
+    let applied = a["applied_at_ms"]
+        .as_i64()
+        .and_then(|ms| time::OffsetDateTime::from_unix_timestamp(ms / 1000).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "at start (restored)".to_string());
+    println!(
+        "table inet {}  generation {}  applied {}  {}",
+        a["table"].as_str().unwrap_or("?"),
+        a["generation"],
+        applied,
+        if a["in_kernel"] == true {
+            "(in kernel)"
+        } else {
+            "(NOT in kernel)"
+        }
+    );
+    println!(
+        "defaults: in={} out={} forward={}",
+        a["defaults"]["in"].as_str().unwrap_or("?"),
+        a["defaults"]["out"].as_str().unwrap_or("?"),
+        a["defaults"]["forward"].as_str().unwrap_or("?")
+    );
+    let header = [
+        "PRIO",
+        "ID",
+        "ACTION",
+        "DIR",
+        "PROTO",
+        "SOURCES",
+        "DESTINATIONS",
+        "PORTS",
+        "APPLIED_TO",
+        "PACKETS",
+        "BYTES",
+        "COMMENT",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for r in a["rules"].as_array().into_iter().flatten() {
+        let mut id = r["id"].as_str().unwrap_or("?").to_string();
+        if r["disabled"] == true {
+            id.push_str(" (disabled)");
+        }
+        rows.push(vec![
+            r["priority"].to_string(),
+            id,
+            r["action"].as_str().unwrap_or("?").to_string(),
+            r["direction"].as_str().unwrap_or("?").to_string(),
+            r["protocol"].as_str().unwrap_or("?").to_string(),
+            list(&r["sources"]),
+            list(&r["destinations"]),
+            list(&r["ports"]),
+            list(&r["applied_to"]),
+            r["packets"].to_string(),
+            r["bytes"].to_string(),
+            printable(r["comment"].as_str().unwrap_or("")),
+        ]);
+    }
+    print_table(&rows);
+}
+
+/// Left-aligned columns, two spaces apart.
+pub fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[c]));
+            }
+        }
+        println!("{}", line.trim_end());
     }
 }

@@ -92,6 +92,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ctx = render_ctx(&config, &connector).await;
     let firewall = load_firewall(&store, &config, ctx, limits).await?;
     let firewall = Arc::new(tokio::sync::Mutex::new(firewall));
+    crate::control::serve(
+        &config.control.socket,
+        Arc::new(crate::control::Shared {
+            firewall: firewall.clone(),
+        }),
+    )
+    .context("opening the control socket")?;
     let (drift_tx, drift_rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(drift_loop(
         firewall.clone(),

@@ -6,6 +6,8 @@ pub mod broker;
 pub mod cli;
 /// Typed configuration file.
 pub mod config;
+/// Local control socket for inspection (rules, ...).
+pub mod control;
 /// Wires the stages into the running daemon.
 pub mod daemon;
 /// Request -> effect -> persisted outcome -> ack, at most once.

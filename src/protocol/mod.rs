@@ -19,6 +19,18 @@ pub fn decode_stored_rule_set(bytes: &[u8]) -> Result<crate::firewall::spec::Rul
     firewall::decode_rule_set(&v, &limits).map_err(|r| format!("{}: {:?}", r.message, r.field))
 }
 
+/// Checks a rule set (`firewall.apply` data) as the agent would, for `rampart rules check`.
+pub fn check_rule_set(
+    data: &serde_json::Value,
+    limits: &crate::firewall::spec::Limits,
+) -> Result<crate::firewall::spec::RuleSet, AckError> {
+    firewall::decode_rule_set(data, limits).map_err(|r| AckError {
+        code: r.code,
+        message: r.message,
+        field: r.field,
+    })
+}
+
 /// A journal entry (a patch's `data` JSON) from the state store.
 pub fn decode_stored_patch(bytes: &[u8]) -> Result<crate::firewall::spec::Patch, String> {
     let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;

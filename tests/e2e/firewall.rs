@@ -50,6 +50,10 @@ pub fn tests() -> Vec<Trial> {
             "firewall::reboot_without_broker_restores_rules",
             reboot_restore,
         ),
+        trial(
+            "firewall::rules_check_validates_and_renders_without_touching_anything",
+            rules_check_cli,
+        ),
     ]
 }
 
@@ -219,9 +223,107 @@ fn allow_drop_reject() -> Result<()> {
         let sync = applied(&mut m, h, "state.sync", "basic-sync", json!({})).await?;
         ensure!(sync.data["firewall"]["generation"] == 2, "{}", sync.data);
         ensure!(sync.data["firewall"]["rules"] == 8, "{}", sync.data);
+
+        // `rampart rules` shows the applied set with live counters, from the daemon.
+        let sock = t.host.dir.join("rampart.sock");
+        let out = rampart(&["rules", "--json", "--socket", sock.to_str().unwrap()]);
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        ensure!(v["generation"] == 2 && v["in_kernel"] == true, "{v}");
+        let web = v["rules"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["id"] == "web"))
+            .context("web rule listed")?;
+        ensure!(
+            web["packets"].as_u64() > Some(0),
+            "the probes were counted: {web}"
+        );
+        let rej = v["rules"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["id"] == "rej"))
+            .context("rej rule listed")?;
+        ensure!(rej["packets"].as_u64() > Some(0), "{rej}");
+        let order: Vec<&str> = v["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["id"].as_str())
+            .collect();
+        ensure!(
+            order.first() == Some(&"p-allow"),
+            "listed in evaluation order: {order:?}"
+        );
+        let out = rampart(&["rules", "--socket", sock.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            text.contains("generation 2")
+                && text
+                    .lines()
+                    .any(|l| l.contains("web") && l.contains("allow")),
+            "{text}"
+        );
         m.close().await;
         Ok(())
     })
+}
+
+fn rampart(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["--config", "/nonexistent"])
+        .args(args)
+        .output()
+        .expect("running rampart")
+}
+
+fn rules_check_cli() -> Result<()> {
+    let dir = env().root.join("rules-check");
+    std::fs::create_dir_all(&dir)?;
+    let good = dir.join("good.json");
+    std::fs::write(&good, json!({"generation": 3, "address_sets": {"web": ["10.0.1.0/24"]},
+        "rules": [{"id": "r1", "priority": 1, "action": "allow", "direction": "in", "protocol": "tcp",
+                   "ports": ["22"], "sources": ["$web"], "comment": "\"; flush ruleset"}]}).to_string())?;
+    let out = rampart(&["rules", "check", good.to_str().unwrap()]);
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.contains("ip saddr @as4_web tcp dport 22 counter accept comment \"r1\""),
+        "{text}"
+    );
+    ensure!(
+        !text.contains("flush ruleset"),
+        "comments never reach nft input: {text}"
+    );
+    // The printed batch is valid nft input.
+    let ns = Netns::new("rpf-check");
+    let path = dir.join("out.nft");
+    std::fs::write(&path, &out.stdout)?;
+    let o = ns.exec(&["nft", "-c", "-f", path.to_str().unwrap()]);
+    ensure!(
+        o.status.success(),
+        "nft -c: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let bad = dir.join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"generation": 1, "rules": [{"id": "r1", "priority": 1, "action": "allow", "direction": "in", "sources": ["$nope"]}]}"#,
+    )?;
+    let out = rampart(&["rules", "check", bad.to_str().unwrap()]);
+    ensure!(out.status.code() == Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        err.contains("unknown_set") && err.contains("$.data.rules[0].sources[0]"),
+        "{err}"
+    );
+    Ok(())
 }
 
 /// The packet counter nft shows for rule `id` (summed over its lines).
