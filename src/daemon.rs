@@ -100,9 +100,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     )
     .context("opening the control socket")?;
     let (drift_tx, drift_rx) = tokio::sync::mpsc::channel(16);
+    // A deleted table (another tool's `nft flush ruleset`) is noticed at once through the
+    // kernel's events; other edits by the periodic check.
+    let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(1);
+    let nft = Nft::new(&config.firewall.nft);
+    let table = config.firewall.table.clone();
+    tokio::spawn(async move {
+        nft.watch_table_deletions(&table, || {
+            let _ = wake_tx.try_send(());
+        })
+        .await
+    });
     tokio::spawn(drift_loop(
         firewall.clone(),
         Duration::from_secs(config.firewall.drift_check_secs),
+        wake_rx,
         drift_tx,
     ));
 
@@ -205,11 +217,15 @@ async fn load_firewall(
 async fn drift_loop(
     firewall: Arc<tokio::sync::Mutex<Firewall>>,
     period: Duration,
+    mut wake: tokio::sync::mpsc::Receiver<()>,
     events: tokio::sync::mpsc::Sender<Value>,
 ) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(()) = wake.recv() => {}
+        }
         let mut fw = firewall.lock().await;
         match fw.check_drift().await {
             Ok(Drift::None) => {}

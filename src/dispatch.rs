@@ -170,33 +170,34 @@ impl Dispatcher {
                 };
             }
             Ok(None) => {}
-            Err(e) => return self.store_failure(&request, e),
+            Err(e) => return self.store_failure(&request.id, request.kind.type_name(), e),
         }
 
         let type_name = request.kind.type_name();
         // The firewall lock is held from plan to commit, so drift repair never interleaves.
         let mut fw_guard = match &request.kind {
-            RequestKind::FirewallApply(_) | RequestKind::FirewallPatch { .. } => {
+            RequestKind::FirewallApply { .. } | RequestKind::FirewallPatch { .. } => {
                 Some(self.firewall.lock().await)
             }
             _ => None,
         };
-        let (executed, commit) = match &request.kind {
+        let Request { id, kind, .. } = request;
+        let (executed, commit) = match kind {
             RequestKind::Ping => (
                 Executed::applied(json!({}), OwnedChange::None),
                 Commit::None,
             ),
             RequestKind::StateSync => match self.summary().await {
                 Ok(summary) => (Executed::applied(summary, OwnedChange::None), Commit::None),
-                Err(e) => return self.store_failure(&request, e),
+                Err(e) => return self.store_failure(&id, type_name, e),
             },
-            RequestKind::FirewallApply(rs) => {
+            RequestKind::FirewallApply { rules, raw } => {
                 let fw = fw_guard.as_mut().expect("locked above");
-                firewall_apply(fw, rs).await
+                firewall_apply(fw, rules, raw).await
             }
             RequestKind::FirewallPatch { patch, raw } => {
                 let fw = fw_guard.as_mut().expect("locked above");
-                firewall_patch(fw, patch, raw).await
+                firewall_patch(fw, &patch, raw).await
             }
         };
         let Executed {
@@ -213,7 +214,7 @@ impl Dispatcher {
         }
         let ack = Ack::new(
             self.host_id(),
-            Some(request.id.clone()),
+            Some(id.clone()),
             Some(type_name.to_string()),
             status,
             error,
@@ -222,7 +223,7 @@ impl Dispatcher {
         if status == Status::Rejected {
             // Not recorded (see above): a rejection changed nothing.
             if let Some(e) = &ack.error {
-                tracing::warn!(command_id = %request.id, command_type = type_name, code = ?e.code, field = e.field.as_deref().unwrap_or("-"), error = %e.message, "command rejected");
+                tracing::warn!(command_id = %id, command_type = type_name, code = ?e.code, field = e.field.as_deref().unwrap_or("-"), error = %e.message, "command rejected");
             }
             return Outcome {
                 ack,
@@ -230,8 +231,8 @@ impl Dispatcher {
             };
         }
         let persist_started = Instant::now();
-        let persisted = self.persist(&request.id, &ack, change).await;
-        tracing::debug!(command_id = %request.id, persist_us = persist_started.elapsed().as_micros() as u64, "outcome stored");
+        let persisted = self.persist(&id, &ack, change).await;
+        tracing::debug!(command_id = %id, persist_us = persist_started.elapsed().as_micros() as u64, "outcome stored");
         if let Err(e) = persisted {
             if let Some(fw) = fw_guard.as_mut()
                 && !matches!(commit, Commit::None)
@@ -239,7 +240,7 @@ impl Dispatcher {
             {
                 tracing::error!(error = %re, "could not roll the kernel back to the recorded rule set");
             }
-            return self.store_failure(&request, e);
+            return self.store_failure(&id, type_name, e);
         }
         if let Some(fw) = fw_guard.as_mut() {
             match commit {
@@ -253,11 +254,11 @@ impl Dispatcher {
         }
         drop(fw_guard);
         if self.fault == Fault::CrashAfterPersist {
-            tracing::error!(command_id = %request.id, "RAMPART_FAULT=crash_after_persist: killing myself");
+            tracing::error!(command_id = %id, "RAMPART_FAULT=crash_after_persist: killing myself");
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         }
         tracing::info!(
-            command_id = %request.id,
+            command_id = %id,
             command_type = type_name,
             status = ack.status.as_str(),
             duration_us = started.elapsed().as_micros() as u64,
@@ -333,12 +334,12 @@ impl Dispatcher {
         }
     }
 
-    fn store_failure(&self, request: &Request, e: StateError) -> Outcome {
-        tracing::error!(command_id = %request.id, error = %e, "state store failed; command not applied");
+    fn store_failure(&self, id: &str, type_name: &str, e: StateError) -> Outcome {
+        tracing::error!(command_id = %id, error = %e, "state store failed; command not applied");
         let ack = Ack::new(
             self.host_id(),
-            Some(request.id.clone()),
-            Some(request.kind.type_name().to_string()),
+            Some(id.to_string()),
+            Some(type_name.to_string()),
             Status::Failed,
             Some(AckError {
                 code: ErrorCode::StoreFailed,
@@ -380,8 +381,8 @@ fn failed_with(fw: &Firewall, e: &FirewallError) -> (Executed, Commit) {
     (executed, Commit::None)
 }
 
-async fn firewall_apply(fw: &mut Firewall, rs: &RuleSet) -> (Executed, Commit) {
-    match fw.plan_apply(rs) {
+async fn firewall_apply(fw: &mut Firewall, rs: Box<RuleSet>, raw: String) -> (Executed, Commit) {
+    match fw.plan_apply(&rs) {
         Err(e) => failed_with(fw, &e),
         Ok(ApplyPlan::NoOp) => (
             Executed::applied(
@@ -402,14 +403,14 @@ async fn firewall_apply(fw: &mut Firewall, rs: &RuleSet) -> (Executed, Commit) {
             );
             let executed = Executed::applied(
                 json!({ "generation": rs.generation }),
-                OwnedChange::FirewallReplace(rs.canonical_json()),
+                OwnedChange::FirewallReplace(raw),
             );
-            (executed, Commit::Replace(Box::new(rs.clone()), layout))
+            (executed, Commit::Replace(rs, layout))
         }
     }
 }
 
-async fn firewall_patch(fw: &mut Firewall, patch: &Patch, raw: &str) -> (Executed, Commit) {
+async fn firewall_patch(fw: &mut Firewall, patch: &Patch, raw: String) -> (Executed, Commit) {
     let t = Instant::now();
     let plan = match fw.plan_patch(patch) {
         Ok(plan) => plan,
@@ -427,7 +428,7 @@ async fn firewall_patch(fw: &mut Firewall, patch: &Patch, raw: &str) -> (Execute
     );
     let executed = Executed::applied(
         json!({ "generation": patch.generation }),
-        OwnedChange::FirewallPatch(raw.to_string()),
+        OwnedChange::FirewallPatch(raw),
     );
     (executed, Commit::Patch(Box::new(plan)))
 }

@@ -42,7 +42,11 @@ pub struct Request {
 pub enum RequestKind {
     Ping,
     StateSync,
-    FirewallApply(Box<crate::firewall::spec::RuleSet>),
+    FirewallApply {
+        rules: Box<crate::firewall::spec::RuleSet>,
+        /// The `data` JSON as received, compact: what the snapshot stores.
+        raw: String,
+    },
     FirewallPatch {
         patch: Box<crate::firewall::spec::Patch>,
         /// The `data` JSON as received, compact: what the journal stores.
@@ -55,7 +59,7 @@ impl RequestKind {
         match self {
             RequestKind::Ping => "ping",
             RequestKind::StateSync => "state.sync",
-            RequestKind::FirewallApply(_) => "firewall.apply",
+            RequestKind::FirewallApply { .. } => "firewall.apply",
             RequestKind::FirewallPatch { .. } => "firewall.patch",
         }
     }
@@ -257,10 +261,10 @@ fn decode_inner(
             empty_object(data, "$.data")?;
             RequestKind::StateSync
         }
-        "firewall.apply" => RequestKind::FirewallApply(Box::new(super::firewall::decode_rule_set(
-            data,
-            &ctx.limits,
-        )?)),
+        "firewall.apply" => RequestKind::FirewallApply {
+            rules: Box::new(super::firewall::decode_rule_set(data, &ctx.limits)?),
+            raw: data.to_string(),
+        },
         "firewall.patch" => RequestKind::FirewallPatch {
             patch: Box::new(super::firewall::decode_patch(data)?),
             raw: data.to_string(),

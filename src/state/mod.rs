@@ -16,7 +16,8 @@ const PROCESSED: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("pro
 /// sequence number -> command id, oldest first, for pruning
 const PROCESSED_ORDER: TableDefinition<u64, &str> = TableDefinition::new("processed_order");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// "snapshot" -> the applied rule set, canonical JSON.
+/// "snapshot" -> the applied rule set: the `firewall.apply` data as received, or canonical
+/// JSON after a compaction (both decode to the same rule set).
 const FIREWALL: TableDefinition<&str, &[u8]> = TableDefinition::new("firewall");
 /// sequence -> `firewall.patch` data applied on top of the snapshot, in order.
 const FIREWALL_JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("firewall_journal");

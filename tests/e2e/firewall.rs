@@ -54,6 +54,10 @@ pub fn tests() -> Vec<Trial> {
             "firewall::rules_check_validates_and_renders_without_touching_anything",
             rules_check_cli,
         ),
+        trial(
+            "firewall::flushed_ruleset_is_restored_at_once_via_kernel_events",
+            drift_events_at_once,
+        ),
     ]
 }
 
@@ -72,6 +76,10 @@ struct Topo {
 
 impl Topo {
     fn new(n: u8, id: &str) -> Topo {
+        Topo::with_firewall(n, id, "drift_check_secs = 1")
+    }
+
+    fn with_firewall(n: u8, id: &str, firewall: &str) -> Topo {
         let brk = Netns::new(&format!("rpf{n}-brk"));
         let ag = Netns::new(&format!("rpf{n}-ag"));
         let cl = Netns::new(&format!("rpf{n}-cl"));
@@ -110,7 +118,7 @@ impl Topo {
             HostOptions {
                 urls: Some(vec![format!("amqps://10.201.{n}.1:5671/%2f")]),
                 server_name: Some("localhost".into()),
-                firewall: "drift_check_secs = 1".into(),
+                firewall: firewall.into(),
                 ..Default::default()
             },
         );
@@ -586,6 +594,28 @@ fn drift() -> Result<()> {
         let v: Value = serde_json::from_slice(&d.data)?;
         ensure!(v["data"]["what"] == "table changed", "{v}");
         ensure!(t.probe(83) == Tcp::Silent, "the foreign rule is gone");
+        m.close().await;
+        Ok(())
+    })
+}
+
+fn drift_events_at_once() -> Result<()> {
+    // No periodic check within the test's time: only the kernel's events can trigger it.
+    let t = Topo::with_firewall(9, "fw-flush", "drift_check_secs = 3600");
+    let _srv = Servers::start(&t.ag.name, "0.0.0.0", &[83], &[]);
+    let _agent = t.start();
+    runtime().block_on(async {
+        let h = &t.host.id;
+        let mut m = manager(h).await?;
+        let rs = json!({"generation": 1, "defaults": {"in": "drop"}, "rules": []});
+        applied(&mut m, h, "firewall.apply", "fl-1", rs).await?;
+        ensure!(t.probe(83) == Tcp::Silent);
+        t.ag.nft("flush ruleset");
+        let back = crate::support::wait_until(Duration::from_secs(5), || {
+            t.ag.nft_table("rampart").is_some()
+        });
+        ensure!(back, "the flushed table was not restored at once");
+        ensure!(t.probe(83) == Tcp::Silent, "and it drops again");
         m.close().await;
         Ok(())
     })
