@@ -103,14 +103,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // A deleted table (another tool's `nft flush ruleset`) is noticed at once through the
     // kernel's events; other edits by the periodic check.
     let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(1);
-    let nft = Nft::new(&config.firewall.nft);
     let table = config.firewall.table.clone();
-    tokio::spawn(async move {
-        nft.watch_table_deletions(&table, || {
-            let _ = wake_tx.try_send(());
+    std::thread::Builder::new()
+        .name("nft-events".into())
+        .spawn(move || {
+            let wake = || {
+                let _ = wake_tx.try_send(());
+            };
+            if let Err(e) = crate::sys::nfnl::watch_table_deletions(&table, wake) {
+                tracing::warn!(error = %e, "no nftables events; drift is found by the periodic check only");
+            }
         })
-        .await
-    });
+        .context("starting the nftables event thread")?;
     tokio::spawn(drift_loop(
         firewall.clone(),
         Duration::from_secs(config.firewall.drift_check_secs),

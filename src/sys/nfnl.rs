@@ -259,8 +259,86 @@ pub fn apply(table: &str, changes: &[SetChange]) -> Result<(), NfnlError> {
     }
 }
 
+const NFNLGRP_NFTABLES: u32 = 7;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFTA_TABLE_NAME: u16 = 1;
+
+/// Blocks forever on the nftables event group, calling `on_delete` whenever table
+/// `inet <table>` is deleted (by anyone, us included). Run it on a dedicated thread.
+pub fn watch_table_deletions(table: &str, on_delete: impl Fn()) -> Result<(), NfnlError> {
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkNetFilter,
+    )
+    .map_err(NfnlError::Socket)?;
+    bind(
+        fd.as_raw_fd(),
+        &NetlinkAddr::new(0, 1 << (NFNLGRP_NFTABLES - 1)),
+    )
+    .map_err(NfnlError::Socket)?;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Ok(n) => n,
+            // ENOBUFS: events were lost; the safe answer is to check.
+            Err(nix::Error::ENOBUFS) => {
+                on_delete();
+                continue;
+            }
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(NfnlError::Socket(e)),
+        };
+        let mut off = 0;
+        while off + 20 <= n {
+            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
+            if len < 20 || off + len > n {
+                break;
+            }
+            let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
+            let family = buf[off + 16];
+            if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELTABLE
+                && family == NFPROTO_INET
+                && attr_str(&buf[off + 20..off + len], NFTA_TABLE_NAME) == Some(table)
+            {
+                on_delete();
+            }
+            off += (len + 3) & !3;
+        }
+    }
+}
+
+/// The string value of attribute `kind` among `attrs`.
+fn attr_str(attrs: &[u8], kind: u16) -> Option<&str> {
+    let mut off = 0;
+    while off + 4 <= attrs.len() {
+        let len = u16::from_ne_bytes(attrs[off..off + 2].try_into().ok()?) as usize;
+        let k = u16::from_ne_bytes(attrs[off + 2..off + 4].try_into().ok()?) & !NLA_F_NESTED;
+        if len < 4 || off + len > attrs.len() {
+            return None;
+        }
+        if k == kind {
+            let v = &attrs[off + 4..off + len];
+            let v = v.split(|b| *b == 0).next()?;
+            return std::str::from_utf8(v).ok();
+        }
+        off += (len + 3) & !3;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn attributes_are_found() {
+        let mut b = vec![];
+        put_attr(&mut b, 5, b"x");
+        put_attr(&mut b, NFTA_TABLE_NAME, &cstr("rampart"));
+        assert_eq!(attr_str(&b, NFTA_TABLE_NAME), Some("rampart"));
+        assert_eq!(attr_str(&b, 9), None);
+    }
+
     use super::*;
 
     #[test]

@@ -105,38 +105,6 @@ impl Nft {
         }
     }
 
-    /// Calls `on_event` for each table deletion the kernel reports (`nft monitor destroy
-    /// tables`), restarting the monitor if it dies. Runs until the task is dropped.
-    pub async fn watch_table_deletions(&self, table: &str, on_event: impl Fn()) {
-        use tokio::io::AsyncBufReadExt;
-        let needle = format!("table inet {table}");
-        loop {
-            let child = Command::new(&self.path)
-                .args(["monitor", "destroy", "tables"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn();
-            match child {
-                Ok(mut child) => {
-                    let stdout = child.stdout.take().expect("stdout is piped");
-                    let mut lines = tokio::io::BufReader::new(stdout).lines();
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        if line.contains(&needle) {
-                            on_event();
-                        }
-                    }
-                    let _ = child.wait().await;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot run nft monitor; drift is found by the periodic check only")
-                }
-            }
-            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-        }
-    }
-
     /// Deletes the table if it exists.
     pub async fn delete_table(&self, table: &str) -> Result<(), NftError> {
         self.apply(&format!(
