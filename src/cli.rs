@@ -39,7 +39,38 @@ pub enum RulesAction {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ConnectionAction {
+    /// Every TCP connection and listener of the host, with the owning process; the agent's
+    /// broker session is marked (like `esxcli network ip connection list`).
+    List {
+        /// Only rows whose local or foreign port is this.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only rows in this TCP state (LISTEN, ESTABLISHED, ...; any case).
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The running daemon: session, firewall, commands. Exit 1 when the daemon does not
+    /// answer, 2 when it is not connected to a broker.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// TCP connections of the host.
+    Connection {
+        #[command(subcommand)]
+        action: ConnectionAction,
+    },
     /// The applied rule set with live per-rule counters (from the running daemon).
     Rules {
         /// Print JSON instead of a table.
@@ -133,6 +164,46 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             } else {
                 print_rules(&answer);
             }
+            Ok(0)
+        }
+        Command::Status { json, socket } => {
+            let socket = socket_path(&cli.config, socket)?;
+            let answer = match crate::control::ask(&socket, &crate::control::Request::Status).await
+            {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("rampart status: the daemon does not answer: {e}");
+                    return Ok(1);
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                print_status(&answer);
+            }
+            Ok(if answer["session"]["state"] == "connected" {
+                0
+            } else {
+                2
+            })
+        }
+        Command::Connection {
+            action:
+                ConnectionAction::List {
+                    port,
+                    state,
+                    json,
+                    socket,
+                },
+        } => {
+            // The daemon is optional here: without it the rows are still listed.
+            let status = match socket_path(&cli.config, socket) {
+                Ok(path) => crate::control::ask(&path, &crate::control::Request::Status)
+                    .await
+                    .ok(),
+                Err(_) => None,
+            };
+            connection_list(port, state.as_deref(), json, status.as_ref())?;
             Ok(0)
         }
         Command::Run => {
@@ -360,4 +431,150 @@ pub fn print_table(rows: &[Vec<String>]) {
         }
         println!("{}", line.trim_end());
     }
+}
+
+fn socket_path(config: &std::path::Path, socket: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match socket {
+        Some(s) => Ok(s),
+        None => Ok(Config::load(config)?.control.socket),
+    }
+}
+
+fn when(ms: &serde_json::Value) -> String {
+    ms.as_i64()
+        .and_then(|ms| time::OffsetDateTime::from_unix_timestamp(ms / 1000).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "-".to_string())
+}
+
+fn print_status(a: &serde_json::Value) {
+    let s = &a["session"];
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    println!(
+        "host:        {} (rampart {}, pid {}, up {} s)",
+        text(&a["host"]),
+        text(&a["version"]),
+        a["pid"],
+        a["uptime_secs"]
+    );
+    println!("broker:      {} {}", text(&s["state"]), text(&s["url"]));
+    println!(
+        "tls:         {} {}, broker certificate {} (until {})",
+        text(&s["tls_version"]),
+        text(&s["cipher"]),
+        text(&s["broker_certificate"]),
+        text(&s["broker_certificate_not_after"])
+    );
+    println!(
+        "session:     since {}, last heartbeat {}, reconnects {}",
+        when(&s["connected_since_ms"]),
+        when(&s["last_heartbeat_ms"]),
+        s["reconnects"]
+    );
+    println!("last error:  {}", text(&s["last_error"]));
+    let f = &a["firewall"];
+    println!(
+        "firewall:    generation {}, {} rules, {} sets, {} elements",
+        f["generation"], f["rules"], f["address_sets"], f["elements"]
+    );
+    println!(
+        "certificate: {} (until {})",
+        text(&a["certificate"]["subject"]),
+        text(&a["certificate"]["not_after"])
+    );
+    println!(
+        "commands:    {} (dedup store: {} ids)",
+        a["commands"], a["dedup_records"]
+    );
+}
+
+fn connection_list(
+    port: Option<u16>,
+    state: Option<&str>,
+    json: bool,
+    status: Option<&serde_json::Value>,
+) -> anyhow::Result<()> {
+    let mut rows = crate::netstat::list();
+    rows.retain(|c| port.is_none_or(|p| c.local.port() == p || c.foreign.port() == p));
+    if let Some(st) = state {
+        rows.retain(|c| c.state.eq_ignore_ascii_case(st));
+    }
+    // The agent's own broker session: its pid, established, to the broker's port.
+    let session = status.and_then(|s| {
+        let sess = &s["session"];
+        (sess["state"] == "connected")
+            .then(|| (s["pid"].as_u64(), sess["broker_port"].as_u64(), sess))
+    });
+    let is_broker = |c: &crate::netstat::Connection| match session {
+        Some((Some(pid), Some(bport), _)) => {
+            c.pid == Some(pid as u32)
+                && c.state == "ESTABLISHED"
+                && u64::from(c.foreign.port()) == bport
+        }
+        _ => false,
+    };
+    if json {
+        let out: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|c| {
+                let mut v = serde_json::to_value(c).expect("row serialises");
+                if is_broker(c)
+                    && let Some((_, _, sess)) = session
+                {
+                    v["rampart_broker_session"] = sess.clone();
+                }
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let mut table = vec![
+        [
+            "Proto",
+            "Recv-Q",
+            "Send-Q",
+            "Local Address",
+            "Foreign Address",
+            "State",
+            "PID/Program",
+            "Info",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for c in &rows {
+        let owner = match (&c.pid, &c.program) {
+            (Some(pid), Some(p)) => format!("{pid}/{p}"),
+            _ => "-".to_string(),
+        };
+        let info = match session {
+            Some((_, _, sess)) if is_broker(c) => format!(
+                "rampart broker session {} {} {}, broker cert {} until {}, since {}, last heartbeat {}",
+                sess["url"].as_str().unwrap_or("-"),
+                sess["tls_version"].as_str().unwrap_or("-"),
+                sess["cipher"].as_str().unwrap_or("-"),
+                sess["broker_certificate"].as_str().unwrap_or("-"),
+                sess["broker_certificate_not_after"].as_str().unwrap_or("-"),
+                when(&sess["connected_since_ms"]),
+                when(&sess["last_heartbeat_ms"]),
+            ),
+            _ => String::new(),
+        };
+        table.push(vec![
+            c.proto.to_string(),
+            c.recv_q.to_string(),
+            c.send_q.to_string(),
+            c.local.to_string(),
+            c.foreign.to_string(),
+            c.state.to_string(),
+            owner,
+            info,
+        ]);
+    }
+    print_table(&table);
+    Ok(())
 }

@@ -38,8 +38,8 @@ struct Agent {
     dispatcher: Dispatcher,
     firewall: Arc<tokio::sync::Mutex<Firewall>>,
     drift_events: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Value>>,
+    shared: Arc<crate::control::Shared>,
     started: Instant,
-    last_error: std::sync::Mutex<Option<String>>,
 }
 
 /// Runs the agent in the foreground until SIGTERM or SIGINT.
@@ -92,13 +92,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ctx = render_ctx(&config, &connector).await;
     let firewall = load_firewall(&store, &config, ctx, limits).await?;
     let firewall = Arc::new(tokio::sync::Mutex::new(firewall));
-    crate::control::serve(
-        &config.control.socket,
-        Arc::new(crate::control::Shared {
-            firewall: firewall.clone(),
+    let shared = Arc::new(crate::control::Shared {
+        firewall: firewall.clone(),
+        store: store.clone(),
+        host_id: host_id.clone(),
+        started_ms: now_ms(),
+        certificate: identity.info.clone(),
+        session: std::sync::Mutex::new(crate::control::SessionStatus {
+            state: "connecting".into(),
+            ..Default::default()
         }),
-    )
-    .context("opening the control socket")?;
+        commands: Default::default(),
+    });
+    crate::control::serve(&config.control.socket, shared.clone())
+        .context("opening the control socket")?;
     let (drift_tx, drift_rx) = tokio::sync::mpsc::channel(16);
     // A deleted table (another tool's `nft flush ruleset`) is noticed at once through the
     // kernel's events; other edits by the periodic check.
@@ -126,11 +133,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         dispatcher: Dispatcher::new(store, decode, identity.info.clone(), firewall.clone()),
         firewall,
         drift_events: tokio::sync::Mutex::new(drift_rx),
+        shared,
         host_id,
         broker_user,
         config,
         started: Instant::now(),
-        last_error: std::sync::Mutex::new(None),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -140,6 +147,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
     agent.session_loop(connector, stop_rx).await;
+    let _ = std::fs::remove_file(&agent.config.control.socket);
     tracing::info!("agent stopped");
     Ok(())
 }
@@ -287,6 +295,21 @@ impl Agent {
             next_url += 1;
             match connector.connect(url).await {
                 Ok(session) => {
+                    {
+                        let mut st = self.shared.session.lock().expect("session lock");
+                        st.state = "connected".into();
+                        st.url = Some(session.url.clone());
+                        st.broker_port = Some(url.uri.authority.port);
+                        st.tls_version = Some(session.tls.version.clone());
+                        st.cipher = Some(session.tls.cipher.clone());
+                        st.broker_certificate = Some(session.tls.peer_subject.clone());
+                        st.broker_certificate_not_after = Some(session.tls.peer_not_after.clone());
+                        st.connected_since_ms = Some(now_ms());
+                        st.sessions += 1;
+                        if st.sessions > 1 {
+                            st.reconnects += 1;
+                        }
+                    }
                     tracing::info!(
                         url = %session.url,
                         tls_version = %session.tls.version,
@@ -327,7 +350,12 @@ impl Agent {
     }
 
     fn note_error(&self, e: String) {
-        *self.last_error.lock().expect("last_error lock") = Some(e);
+        let mut st = self.shared.session.lock().expect("session lock");
+        if st.state == "connected" {
+            st.state = "disconnected".into();
+        }
+        st.connected_since_ms = None;
+        st.last_error = Some(e);
     }
 
     async fn serve(&self, session: &Session, stop: &mut watch::Receiver<bool>) -> SessionEnd {
@@ -403,6 +431,7 @@ impl Agent {
                 _ = heartbeat.tick() => {
                     let data = self.heartbeat_data(session).await;
                     self.publish_event(&publish_ch, "heartbeat", data).await?;
+                    self.shared.session.lock().expect("session lock").last_heartbeat_ms = Some(now_ms());
                 }
                 Some(event) = drift.recv() => {
                     self.publish_event(&publish_ch, "drift", event).await?;
@@ -437,6 +466,20 @@ impl Agent {
         };
         let outcome = self.dispatcher.handle(incoming).await;
         let ack = &outcome.ack;
+        {
+            let key = if ack.duplicate {
+                "duplicate"
+            } else {
+                ack.status.as_str()
+            };
+            *self
+                .shared
+                .commands
+                .lock()
+                .expect("commands lock")
+                .entry(key.to_string())
+                .or_default() += 1;
+        }
         let mut ack_props = broker::json_properties()
             .with_message_id(ack.id.as_str().into())
             .with_type("ack".into())
@@ -471,10 +514,7 @@ impl Agent {
     }
 
     async fn heartbeat_data(&self, session: &Session) -> Value {
-        let mut firewall = self.firewall.lock().await.current().summary();
-        if let Value::Object(m) = &mut firewall {
-            m.remove("digest");
-        }
+        let firewall = self.firewall.lock().await.current().counts();
         json!({
             "host": self.host_id,
             "version": env!("CARGO_PKG_VERSION"),
@@ -482,7 +522,7 @@ impl Agent {
             "broker": session.url,
             "firewall": firewall,
             "routers": 0,
-            "last_error": *self.last_error.lock().expect("last_error lock"),
+            "last_error": self.shared.session.lock().expect("session lock").last_error.clone(),
         })
     }
 

@@ -16,6 +16,8 @@ pub mod dispatch;
 pub mod firewall;
 /// The manager's side of the bus (`rampart send`, tests).
 pub mod manager;
+/// TCP connections of the host, mapped to processes (`rampart connection list`).
+pub mod netstat;
 /// Wire contract: deliveries -> checked requests; acks.
 pub mod protocol;
 /// Crash-safe store of processed commands and applied state.

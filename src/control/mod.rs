@@ -29,11 +29,37 @@ pub enum ControlError {
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum Request {
     Rules,
+    Status,
+}
+
+/// The broker session as the daemon last saw it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SessionStatus {
+    /// `connecting`, `connected` or `disconnected`.
+    pub state: String,
+    pub url: Option<String>,
+    pub broker_port: Option<u16>,
+    pub tls_version: Option<String>,
+    pub cipher: Option<String>,
+    pub broker_certificate: Option<String>,
+    pub broker_certificate_not_after: Option<String>,
+    pub connected_since_ms: Option<u64>,
+    pub last_heartbeat_ms: Option<u64>,
+    pub sessions: u64,
+    pub reconnects: u64,
+    pub last_error: Option<String>,
 }
 
 /// What the daemon shares with the control socket.
 pub struct Shared {
     pub firewall: Arc<tokio::sync::Mutex<Firewall>>,
+    pub store: Arc<crate::state::Store>,
+    pub host_id: String,
+    pub started_ms: u64,
+    pub certificate: crate::broker::tls::CertInfo,
+    pub session: std::sync::Mutex<SessionStatus>,
+    /// Commands answered, by ack status (duplicates counted apart).
+    pub commands: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 /// Binds the socket (replacing a stale one) and serves it until the process ends.
@@ -85,6 +111,7 @@ async fn answer(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
         match serde_json::from_str::<Request>(&line) {
             Err(e) => json!({"error": format!("bad request: {e}")}),
             Ok(Request::Rules) => rules(shared).await,
+            Ok(Request::Status) => status(shared).await,
         }
     };
     let mut bytes = serde_json::to_vec(&reply).expect("JSON serialises");
@@ -147,6 +174,28 @@ async fn rules(shared: &Shared) -> Value {
         "defaults": {"in": rs.defaults.input.as_str(), "out": rs.defaults.output.as_str(), "forward": rs.defaults.forward.as_str()},
         "address_sets": rs.sets.iter().map(|(k, v)| (k.clone(), json!(v.len()))).collect::<serde_json::Map<_, _>>(),
         "rules": rules,
+    })
+}
+
+async fn status(shared: &Shared) -> Value {
+    let store = shared.store.clone();
+    let dedup = tokio::task::spawn_blocking(move || store.processed_count())
+        .await
+        .ok()
+        .and_then(Result::ok);
+    let firewall = shared.firewall.lock().await.current().counts();
+    let now = crate::protocol::now_ms();
+    json!({
+        "host": shared.host_id,
+        "version": crate::cli::VERSION,
+        "pid": std::process::id(),
+        "uptime_secs": now.saturating_sub(shared.started_ms) / 1000,
+        "session": *shared.session.lock().expect("session lock"),
+        "firewall": firewall,
+        "routers": [],
+        "certificate": shared.certificate,
+        "commands": *shared.commands.lock().expect("commands lock"),
+        "dedup_records": dedup,
     })
 }
 

@@ -318,6 +318,16 @@ impl RuleSet {
         hex::encode(Sha256::digest(self.canonical_json().as_bytes()))
     }
 
+    /// Generation and counts, cheap enough for every heartbeat.
+    pub fn counts(&self) -> Value {
+        json!({
+            "generation": self.generation,
+            "rules": self.rules.len(),
+            "address_sets": self.sets.len(),
+            "elements": self.element_count(),
+        })
+    }
+
     /// The counts and digest of the state summary.
     pub fn summary(&self) -> Value {
         json!({

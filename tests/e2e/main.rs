@@ -4,6 +4,7 @@
 
 mod backbone;
 mod firewall;
+mod ops;
 mod support;
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -20,6 +21,7 @@ fn main() {
     let mut tests = Vec::new();
     tests.extend(backbone::tests());
     tests.extend(firewall::tests());
+    tests.extend(ops::tests());
 
     let needs_env = !args.list
         && tests

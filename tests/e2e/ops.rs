@@ -1,0 +1,188 @@
+//! Operations (issue 6, in part): `rampart connection list` and `rampart status`.
+
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use libtest_mimic::Trial;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+use crate::support::{AgentProc, HostOptions, env};
+use crate::trial;
+
+pub fn tests() -> Vec<Trial> {
+    vec![
+        trial(
+            "ops::connection_list_shows_rows_states_and_owners",
+            connection_list,
+        ),
+        trial(
+            "ops::broker_session_is_marked_and_status_reports_it",
+            broker_session,
+        ),
+    ]
+}
+
+fn rampart(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["--config", "/nonexistent"])
+        .args(args)
+        .output()
+        .expect("running rampart")
+}
+
+fn rows(args: &[&str]) -> Result<Vec<Value>> {
+    let mut all = vec![
+        "connection",
+        "list",
+        "--json",
+        "--socket",
+        "/nonexistent.sock",
+    ];
+    all.extend_from_slice(args);
+    let out = rampart(&all);
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice::<Vec<Value>>(&out.stdout)?)
+}
+
+fn connection_list() -> Result<()> {
+    let v4 = TcpListener::bind("127.0.0.1:0")?;
+    let port4 = v4.local_addr()?.port();
+    let client = TcpStream::connect(("127.0.0.1", port4))?;
+    let (_server_side, _) = v4.accept()?;
+    let v6 = TcpListener::bind("[::1]:0")?;
+    let port6 = v6.local_addr()?.port();
+    let me = std::process::id();
+    let comm = std::fs::read_to_string("/proc/self/comm")?
+        .trim_end()
+        .to_string();
+
+    let r = rows(&["--port", &port4.to_string()])?;
+    let listen: Vec<&Value> = r.iter().filter(|c| c["state"] == "LISTEN").collect();
+    ensure!(listen.len() == 1, "{r:?}");
+    ensure!(listen[0]["local"] == format!("127.0.0.1:{port4}") && listen[0]["proto"] == "tcp");
+    ensure!(
+        listen[0]["pid"] == me && listen[0]["program"] == comm.as_str(),
+        "{:?}",
+        listen[0]
+    );
+    let est: Vec<&Value> = r.iter().filter(|c| c["state"] == "ESTABLISHED").collect();
+    ensure!(est.len() == 2, "both ends of the connection: {r:?}");
+    let client_port = client.local_addr()?.port();
+    ensure!(
+        est.iter()
+            .any(|c| c["local"] == format!("127.0.0.1:{client_port}")
+                && c["foreign"] == format!("127.0.0.1:{port4}"))
+    );
+    ensure!(
+        r.iter().all(
+            |c| c["local"].as_str().unwrap().ends_with(&format!(":{port4}"))
+                || c["foreign"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with(&format!(":{port4}"))
+        ),
+        "--port filters"
+    );
+
+    let r = rows(&["--port", &port6.to_string(), "--state", "listen"])?;
+    ensure!(
+        r.len() == 1 && r[0]["proto"] == "tcp6" && r[0]["local"] == format!("[::1]:{port6}"),
+        "{r:?}"
+    );
+    let r = rows(&["--port", &port4.to_string(), "--state", "EStablished"])?;
+    ensure!(
+        r.len() == 2 && r.iter().all(|c| c["state"] == "ESTABLISHED"),
+        "--state is case-insensitive: {r:?}"
+    );
+
+    // Text: aligned columns with a header.
+    let out = rampart(&[
+        "connection",
+        "list",
+        "--socket",
+        "/nonexistent.sock",
+        "--port",
+        &port4.to_string(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    ensure!(
+        lines[0].starts_with("Proto")
+            && lines[0].contains("Foreign Address")
+            && lines[0].contains("PID/Program"),
+        "{text}"
+    );
+    let col = lines[0].find("State").unwrap();
+    ensure!(
+        lines[1..]
+            .iter()
+            .all(|l| l[col..].starts_with("LISTEN") || l[col..].starts_with("ESTABLISHED")),
+        "{text}"
+    );
+    ensure!(text.contains(&format!("{me}/{comm}")), "{text}");
+    drop(client);
+    Ok(())
+}
+
+fn broker_session() -> Result<()> {
+    let host = env().host(
+        "ops-session",
+        HostOptions {
+            heartbeat_secs: Some(1),
+            ..Default::default()
+        },
+    );
+    let mut agent = AgentProc::start(&host);
+    agent.wait_serving();
+    let sock = host.dir.join("rampart.sock");
+    let sock = sock.to_str().unwrap();
+    std::thread::sleep(Duration::from_millis(1500)); // one heartbeat
+    let port = env().broker.port.to_string();
+    let out = rampart(&["connection", "list", "--socket", sock, "--port", &port]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("rampart broker session"))
+        .with_context(|| format!("no marked row:\n{text}"))?;
+    ensure!(line.contains(&format!("{}/rampart", agent.pid())), "{line}");
+    ensure!(
+        line.contains("TLSv1_3") && line.contains("CN=localhost"),
+        "{line}"
+    );
+    ensure!(line.contains(&format!("127.0.0.1:{port}")), "{line}");
+    let j = rows(&["--port", &port])?;
+    ensure!(
+        j.iter().all(|r| r.get("rampart_broker_session").is_none()),
+        "no daemon asked, no mark"
+    );
+
+    let out = rampart(&["status", "--json", "--socket", sock]);
+    ensure!(
+        out.status.code() == Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        s["host"] == "ops-session" && s["session"]["state"] == "connected",
+        "{s}"
+    );
+    ensure!(s["session"]["last_heartbeat_ms"].is_u64(), "{s}");
+    ensure!(s["pid"] == agent.pid(), "{s}");
+    agent.signal(Signal::SIGTERM);
+    agent
+        .wait_exit(Duration::from_secs(10))
+        .context("agent stops")?;
+    let out = rampart(&["status", "--socket", sock]);
+    ensure!(
+        out.status.code() == Some(1),
+        "status fails when the daemon is gone: {out:?}"
+    );
+    Ok(())
+}
