@@ -120,16 +120,38 @@ pub fn send_exit_code(status: Status) -> i32 {
 
 pub const EXIT_TIMEOUT: i32 = 5;
 
+type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Swaps the log filter of the running process (SIGHUP reload).
+static LOG_RELOAD: std::sync::OnceLock<LogReload> = std::sync::OnceLock::new();
+
+fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
+    // lapin logs every channel close at ERROR; the agent reports what matters itself.
+    tracing_subscriber::EnvFilter::new(format!("{level},lapin=off"))
+}
+
 pub fn init_logging(level: &str, format: LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("RAMPART_LOG")
-        // lapin logs every channel close at ERROR; the agent reports what matters itself.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},lapin=off")));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .unwrap_or_else(|_| log_filter(level));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
+    }
+    let _ = LOG_RELOAD.set(Box::new(move |level| {
+        handle.reload(log_filter(level)).map_err(|e| e.to_string())
+    }));
+}
+
+/// Applies a new log level (the configuration's `log.level`) to the running process.
+pub fn set_log_level(level: &str) -> Result<(), String> {
+    match LOG_RELOAD.get() {
+        Some(reload) => reload(level),
+        None => Err("logging is not initialised".into()),
     }
 }
 
@@ -210,7 +232,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             let config = Config::load(&cli.config)?;
             init_logging(&config.log.level, config.log.format);
             tracing::info!(version = VERSION, config = %cli.config.display(), "rampart starting");
-            crate::daemon::run(config).await?;
+            crate::daemon::run(config, cli.config.clone()).await?;
             Ok(0)
         }
         Command::Send {

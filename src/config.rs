@@ -142,7 +142,7 @@ pub enum AuthMechanism {
     Plain,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
     pub urls: Vec<String>,
@@ -290,6 +290,16 @@ fn default_log_level() -> String {
 }
 fn default_log_format() -> LogFormat {
     LogFormat::Text
+}
+
+impl BrokerConfig {
+    /// Whether a reload from `self` to `new` needs a new session (anything but the trusted
+    /// senders, which apply to the next command).
+    pub fn needs_reconnect(&self, new: &BrokerConfig) -> bool {
+        let mut a = self.clone();
+        a.trusted_senders = new.trusted_senders.clone();
+        a != *new
+    }
 }
 
 impl Config {

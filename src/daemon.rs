@@ -28,11 +28,14 @@ const STABLE_SESSION: Duration = Duration::from_secs(30);
 /// Why a session ended.
 enum SessionEnd {
     Shutdown,
+    /// The broker settings changed (SIGHUP): open a session with the new ones.
+    Reload,
     Lost(String),
 }
 
 struct Agent {
-    config: Config,
+    /// Replaced as a whole on SIGHUP.
+    config: std::sync::Mutex<Arc<Config>>,
     host_id: String,
     broker_user: String,
     dispatcher: Dispatcher,
@@ -43,7 +46,7 @@ struct Agent {
 }
 
 /// Runs the agent in the foreground until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Result<()> {
     let b = &config.broker;
     let identity = broker::tls::load_identity(&b.cert_file, &b.key_file)
         .context("loading the client identity")?;
@@ -136,9 +139,33 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shared,
         host_id,
         broker_user,
-        config,
+        config: std::sync::Mutex::new(Arc::new(config)),
         started: Instant::now(),
     });
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("state restored; connecting to the broker"),
+    ]);
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period / 2);
+            loop {
+                tick.tick().await;
+                notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
+    let (reload_tx, reload_rx) = watch::channel(0u64);
+    {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut hup = signal(SignalKind::hangup()).expect("installing the SIGHUP handler");
+            while hup.recv().await.is_some() {
+                agent.reload(&config_path, &reload_tx).await;
+            }
+        });
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -146,8 +173,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!("stop requested: finishing the command in hand");
         let _ = stop_tx.send(true);
     });
-    agent.session_loop(connector, stop_rx).await;
-    let _ = std::fs::remove_file(&agent.config.control.socket);
+    agent.session_loop(connector, stop_rx, reload_rx).await;
+    notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = std::fs::remove_file(&agent.config().control.socket);
     tracing::info!("agent stopped");
     Ok(())
 }
@@ -254,6 +282,24 @@ async fn drift_loop(
     }
 }
 
+/// Tells systemd (when it started us with a notify socket); a no-op otherwise.
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Everything needed to open sessions with the configured identity and brokers.
+fn build_connector(config: &Config, host_id: &str) -> anyhow::Result<Connector> {
+    let b = &config.broker;
+    let identity = broker::tls::load_identity(&b.cert_file, &b.key_file)
+        .context("loading the client identity")?;
+    let roots = broker::tls::load_roots(&b.ca_file).context("loading the broker CA")?;
+    let tls =
+        broker::tls::client_config(roots, &identity).context("building the TLS configuration")?;
+    Ok(Connector::new(b, tls, format!("rampart/{host_id}"))?)
+}
+
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
@@ -280,8 +326,68 @@ fn load_signing_keys(config: &Config) -> anyhow::Result<Vec<ed25519_dalek::Verif
 }
 
 impl Agent {
-    async fn session_loop(&self, connector: Connector, mut stop: watch::Receiver<bool>) {
-        let b = &self.config.broker;
+    fn config(&self) -> Arc<Config> {
+        self.config.lock().expect("config lock").clone()
+    }
+
+    /// SIGHUP: re-reads the configuration. Log level and trusted senders apply at once; other
+    /// broker settings open a new session; a file that does not validate changes nothing.
+    async fn reload(&self, path: &std::path::Path, reconnect: &watch::Sender<u64>) {
+        notify(&[sd_notify::NotifyState::Reloading]);
+        match Config::load(path) {
+            Err(e) => tracing::error!(error = %e, "configuration not reloaded"),
+            Ok(new) => {
+                let old = self.config();
+                if let Err(e) = crate::cli::set_log_level(&new.log.level) {
+                    tracing::warn!(error = %e, "log level not changed");
+                }
+                self.dispatcher
+                    .set_trusted_senders(new.broker.trusted_senders.clone());
+                let reconnect_needed = old.broker.needs_reconnect(&new.broker);
+                *self.config.lock().expect("config lock") = Arc::new(new);
+                tracing::info!(
+                    log_level = %self.config().log.level,
+                    reconnect = reconnect_needed,
+                    "configuration reloaded"
+                );
+                if reconnect_needed {
+                    reconnect.send_modify(|g| *g += 1);
+                }
+            }
+        }
+        notify(&[sd_notify::NotifyState::Ready]);
+    }
+
+    /// A connector for the reloaded broker settings; the firewall failsafe follows the new
+    /// broker addresses before the first attempt, so a drop-all rule set cannot lock us out.
+    async fn reconnector(&self) -> Option<Connector> {
+        let cfg = self.config();
+        match build_connector(&cfg, &self.host_id) {
+            Ok(c) => {
+                let ctx = render_ctx(&cfg, &c).await;
+                let mut fw = self.firewall.lock().await;
+                if fw.set_ctx(ctx)
+                    && let Err(e) = fw.restore().await
+                {
+                    tracing::error!(error = %e, "could not re-apply the firewall with the new failsafe");
+                }
+                Some(c)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "new broker settings unusable; keeping the old ones");
+                None
+            }
+        }
+    }
+
+    async fn session_loop(
+        &self,
+        mut connector: Connector,
+        mut stop: watch::Receiver<bool>,
+        mut reload: watch::Receiver<u64>,
+    ) {
+        let cfg = self.config();
+        let b = &cfg.broker;
         let mut backoff = Backoff::new(
             Duration::from_millis(b.backoff_initial_ms),
             Duration::from_millis(b.backoff_max_ms),
@@ -317,14 +423,33 @@ impl Agent {
                         broker_certificate = %session.tls.peer_subject,
                         "connected to broker"
                     );
+                    notify(&[sd_notify::NotifyState::Status(&format!(
+                        "serving commands from {}",
+                        session.url
+                    ))]);
                     let began = Instant::now();
-                    match self.serve(&session, &mut stop).await {
+                    match self.serve(&session, &mut stop, &mut reload).await {
                         SessionEnd::Shutdown => {
                             let _ = session.connection.close(200, "agent stopping".into()).await;
                             return;
                         }
+                        SessionEnd::Reload => {
+                            let _ = session
+                                .connection
+                                .close(200, "configuration reloaded".into())
+                                .await;
+                            if let Some(c) = self.reconnector().await {
+                                connector = c;
+                                next_url = 0;
+                                backoff.reset();
+                                continue;
+                            }
+                        }
                         SessionEnd::Lost(why) => {
                             tracing::warn!(url = %session.url, error = %why, "broker session lost");
+                            notify(&[sd_notify::NotifyState::Status(&format!(
+                                "broker session lost ({why}); retrying"
+                            ))]);
                             self.note_error(why);
                             let _ = session.connection.close(200, "reconnecting".into()).await;
                         }
@@ -345,6 +470,13 @@ impl Agent {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = stop.changed() => return,
+                _ = reload.changed() => {
+                    if let Some(c) = self.reconnector().await {
+                        connector = c;
+                        next_url = 0;
+                        backoff.reset();
+                    }
+                }
             }
         }
     }
@@ -358,8 +490,13 @@ impl Agent {
         st.last_error = Some(e);
     }
 
-    async fn serve(&self, session: &Session, stop: &mut watch::Receiver<bool>) -> SessionEnd {
-        match self.serve_inner(session, stop).await {
+    async fn serve(
+        &self,
+        session: &Session,
+        stop: &mut watch::Receiver<bool>,
+        reload: &mut watch::Receiver<u64>,
+    ) -> SessionEnd {
+        match self.serve_inner(session, stop, reload).await {
             Ok(end) => end,
             Err(e) => SessionEnd::Lost(e.to_string()),
         }
@@ -369,9 +506,11 @@ impl Agent {
         &self,
         session: &Session,
         stop: &mut watch::Receiver<bool>,
+        reload: &mut watch::Receiver<u64>,
     ) -> Result<SessionEnd, BrokerError> {
         let conn = &session.connection;
-        let b = &self.config.broker;
+        let cfg = self.config();
+        let b = &cfg.broker;
 
         let consume_ch = conn
             .create_channel()
@@ -411,6 +550,7 @@ impl Agent {
             tokio::select! {
                 biased;
                 _ = stop.changed() => return Ok(SessionEnd::Shutdown),
+                _ = reload.changed() => return Ok(SessionEnd::Reload),
                 event = events.next() => match event {
                     Some(Event::Error(e)) if !conn.status().connected() => {
                         return Ok(SessionEnd::Lost(e.to_string()));

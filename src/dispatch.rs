@@ -106,7 +106,8 @@ fn firewall_error(e: &FirewallError) -> (Status, AckError) {
 
 pub struct Dispatcher {
     store: Arc<Store>,
-    decode: DecodeContext,
+    decode: std::sync::RwLock<DecodeContext>,
+    host_id: String,
     certificate: CertInfo,
     firewall: Arc<Mutex<Firewall>>,
     fault: Fault,
@@ -121,7 +122,8 @@ impl Dispatcher {
     ) -> Dispatcher {
         Dispatcher {
             store,
-            decode,
+            host_id: decode.host_id.clone(),
+            decode: std::sync::RwLock::new(decode),
             certificate,
             firewall,
             fault: Fault::from_env(),
@@ -129,12 +131,18 @@ impl Dispatcher {
     }
 
     pub fn host_id(&self) -> &str {
-        &self.decode.host_id
+        &self.host_id
+    }
+
+    /// Takes effect from the next command (SIGHUP reload).
+    pub fn set_trusted_senders(&self, senders: Vec<String>) {
+        self.decode.write().expect("decode lock").trusted_senders = senders;
     }
 
     pub async fn handle(&self, incoming: Incoming) -> Outcome {
         let started = Instant::now();
-        let request = match decode(&self.decode, &incoming) {
+        let decoded = decode(&self.decode.read().expect("decode lock"), &incoming);
+        let request = match decoded {
             Ok(r) => r,
             Err(rejection) => {
                 tracing::warn!(

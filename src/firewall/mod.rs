@@ -136,6 +136,14 @@ impl Firewall {
         }
     }
 
+    /// Replaces the failsafe context (brokers, ports); true when it changed, so the caller
+    /// re-applies the table.
+    pub fn set_ctx(&mut self, ctx: RenderCtx) -> bool {
+        let changed = self.ctx != ctx;
+        self.ctx = ctx;
+        changed
+    }
+
     pub fn current(&self) -> &RuleSet {
         &self.current
     }

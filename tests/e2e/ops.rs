@@ -21,6 +21,14 @@ pub fn tests() -> Vec<Trial> {
             "ops::broker_session_is_marked_and_status_reports_it",
             broker_session,
         ),
+        trial(
+            "ops::systemd_ready_before_broker_and_watchdog_keeps_coming",
+            sd_notify,
+        ),
+        trial(
+            "ops::sighup_reloads_log_level_and_senders_without_reconnecting",
+            sighup,
+        ),
     ]
 }
 
@@ -183,6 +191,113 @@ fn broker_session() -> Result<()> {
     ensure!(
         out.status.code() == Some(1),
         "status fails when the daemon is gone: {out:?}"
+    );
+    Ok(())
+}
+
+fn sd_notify() -> Result<()> {
+    use std::os::unix::net::UnixDatagram;
+    // The broker is unreachable: READY must not wait for it.
+    let host = env().host(
+        "ops-notify",
+        HostOptions {
+            urls: Some(vec!["amqps://127.0.0.1:1/%2f".into()]),
+            ..Default::default()
+        },
+    );
+    let path = host.dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path)?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let p = path.to_str().unwrap().to_string();
+    let agent =
+        AgentProc::start_with_env(&host, &[("NOTIFY_SOCKET", &p), ("WATCHDOG_USEC", "300000")]);
+    let mut got: Vec<String> = vec![];
+    let mut buf = [0u8; 4096];
+    while got.iter().filter(|m| m.contains("WATCHDOG=1")).count() < 3 {
+        let n = sock
+            .recv(&mut buf)
+            .with_context(|| format!("notifications so far: {got:?}\n{}", agent.current_log()))?;
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let ready = got
+        .iter()
+        .position(|m| m.lines().any(|l| l == "READY=1"))
+        .context("READY=1")?;
+    let first_watchdog = got.iter().position(|m| m.contains("WATCHDOG=1")).unwrap();
+    ensure!(ready < first_watchdog, "{got:?}");
+    ensure!(
+        got[ready].contains("STATUS="),
+        "a status line says what it is doing: {got:?}"
+    );
+    ensure!(
+        !agent.current_log().contains("serving commands"),
+        "no broker was reached"
+    );
+    Ok(())
+}
+
+fn sighup() -> Result<()> {
+    use rampart::protocol::{ErrorCode, Status};
+    let host = env().host("ops-hup", HostOptions::default());
+    let agent = AgentProc::start(&host);
+    agent.wait_serving();
+    crate::support::runtime().block_on(async {
+        let mut m = env().manager().await;
+        m.watch_host(&host.id).await?;
+        m.send(&host.id, "ping", "hup-1", &serde_json::json!({}))
+            .await?;
+        m.wait_ack("hup-1", Duration::from_secs(20)).await?;
+        ensure!(
+            !agent.current_log().contains("outcome stored"),
+            "no debug lines yet"
+        );
+
+        // 1: a new log level.
+        let original = std::fs::read_to_string(&host.config)?;
+        std::fs::write(
+            &host.config,
+            format!("{original}\n[log]\nlevel = \"debug\"\n"),
+        )?;
+        agent.signal(Signal::SIGHUP);
+        ensure!(
+            agent.wait_log("configuration reloaded", 1, Duration::from_secs(10)),
+            "{}",
+            agent.current_log()
+        );
+        m.send(&host.id, "ping", "hup-2", &serde_json::json!({}))
+            .await?;
+        let ack = m.wait_ack("hup-2", Duration::from_secs(20)).await?;
+        ensure!(ack.status == Status::Applied);
+        ensure!(
+            agent.wait_log("outcome stored", 1, Duration::from_secs(5)),
+            "debug lines after the reload:\n{}",
+            agent.current_log()
+        );
+
+        // 2: other trusted senders, from the next command on.
+        let text = original.replace("[broker]\n", "[broker]\ntrusted_senders = [\"nobody\"]\n");
+        std::fs::write(&host.config, text)?;
+        agent.signal(Signal::SIGHUP);
+        ensure!(
+            agent.wait_log("configuration reloaded", 2, Duration::from_secs(10)),
+            "{}",
+            agent.current_log()
+        );
+        m.send(&host.id, "ping", "hup-3", &serde_json::json!({}))
+            .await?;
+        let ack = m.wait_ack("hup-3", Duration::from_secs(20)).await?;
+        ensure!(
+            ack.status == Status::Rejected
+                && ack.error.map(|e| e.code) == Some(ErrorCode::UntrustedSender),
+            "the new trusted senders apply"
+        );
+        m.close().await;
+        Ok(())
+    })?;
+    let log = agent.current_log();
+    ensure!(
+        log.matches("connected to broker").count() == 1,
+        "no reconnect for these settings:\n{log}"
     );
     Ok(())
 }
