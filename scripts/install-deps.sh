@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages rampart and its tests need (idempotent; Debian 12).
 set -euo pipefail
-pkgs=(rabbitmq-server nftables iproute2 openssl procps iputils-ping)
+pkgs=(rabbitmq-server nftables iproute2 openssl procps iputils-ping systemd gzip)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -13,3 +13,5 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo_ apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# The Debian package is built with cargo-deb (from crates.io).
+command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked --quiet

@@ -84,6 +84,12 @@ pub enum Command {
     },
     /// Run the agent in the foreground (as systemd does).
     Run,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    #[command(hide = true)]
+    Man,
     /// Validate the configuration file and exit.
     CheckConfig,
     /// Manager side: publish one command to a host and print its ack as JSON.
@@ -226,6 +232,21 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
                 Err(_) => None,
             };
             connection_list(port, state.as_deref(), json, status.as_ref())?;
+            Ok(0)
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "rampart",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(0)
         }
         Command::Run => {

@@ -267,6 +267,9 @@ fn allow_drop_reject() -> Result<()> {
         );
         let out = rampart(&["rules", "--socket", sock.to_str().unwrap()]);
         let text = String::from_utf8_lossy(&out.stdout);
+        if std::env::var_os("RAMPART_TEST_SHOW").is_some() {
+            println!("{text}");
+        }
         ensure!(
             text.contains("generation 2")
                 && text
