@@ -134,6 +134,59 @@ fn connection_list() -> Result<()> {
         "{text}"
     );
     ensure!(text.contains(&format!("{me}/{comm}")), "{text}");
+
+    // Without root: the rows are all there, the owners it may not see are "-".
+    let copy = env().root.join("rampart-nobody");
+    std::fs::copy(env!("CARGO_BIN_EXE_rampart"), &copy)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(&copy)
+        .args([
+            "--config",
+            "/nonexistent",
+            "connection",
+            "list",
+            "--json",
+            "--socket",
+            "/nonexistent.sock",
+            "--port",
+            &port4.to_string(),
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Vec<Value> = serde_json::from_slice(&out.stdout)?;
+    ensure!(r.len() == 3, "all rows without root: {r:?}");
+    ensure!(
+        r.iter().all(|c| c["pid"].is_null()),
+        "root's sockets are not attributed: {r:?}"
+    );
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(&copy)
+        .args([
+            "--config",
+            "/nonexistent",
+            "connection",
+            "list",
+            "--socket",
+            "/nonexistent.sock",
+            "--port",
+            &port4.to_string(),
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.lines()
+            .skip(1)
+            .all(|l| l.split_whitespace().nth(6) == Some("-")),
+        "{text}"
+    );
     drop(client);
     Ok(())
 }
