@@ -34,8 +34,7 @@ fn ms(d: Duration) -> f64 {
 async fn echo_responder(m: &Manager) -> anyhow::Result<()> {
     let config = rampart::config::Config::load(&env().manager_config)?;
     let b = &config.broker;
-    let identity = broker::tls::load_identity(&b.cert_file, &b.key_file)?;
-    let tls = broker::tls::client_config(broker::tls::load_roots(&b.ca_file)?, &identity)?;
+    let (_, tls) = broker::tls::from_config(b)?;
     let connector = broker::Connector::new(b, tls, "bench-echo".into())?;
     let session = connector.connect(&connector.urls[0]).await?;
     let _ = m;

@@ -48,11 +48,7 @@ struct Agent {
 /// Runs the agent in the foreground until SIGTERM or SIGINT.
 pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Result<()> {
     let b = &config.broker;
-    let identity = broker::tls::load_identity(&b.cert_file, &b.key_file)
-        .context("loading the client identity")?;
-    let roots = broker::tls::load_roots(&b.ca_file).context("loading the broker CA")?;
-    let tls =
-        broker::tls::client_config(roots, &identity).context("building the TLS configuration")?;
+    let (identity, tls) = broker::tls::from_config(b).context("loading the TLS identity")?;
     let cn = identity.info.common_name.clone();
     let host_id = match (&config.host_id, &cn) {
         (Some(id), _) => id.clone(),
@@ -291,13 +287,12 @@ fn notify(states: &[sd_notify::NotifyState]) {
 
 /// Everything needed to open sessions with the configured identity and brokers.
 fn build_connector(config: &Config, host_id: &str) -> anyhow::Result<Connector> {
-    let b = &config.broker;
-    let identity = broker::tls::load_identity(&b.cert_file, &b.key_file)
-        .context("loading the client identity")?;
-    let roots = broker::tls::load_roots(&b.ca_file).context("loading the broker CA")?;
-    let tls =
-        broker::tls::client_config(roots, &identity).context("building the TLS configuration")?;
-    Ok(Connector::new(b, tls, format!("rampart/{host_id}"))?)
+    let (_, tls) = broker::tls::from_config(&config.broker).context("loading the TLS identity")?;
+    Ok(Connector::new(
+        &config.broker,
+        tls,
+        format!("rampart/{host_id}"),
+    )?)
 }
 
 async fn wait_for_signal() {

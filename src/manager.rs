@@ -61,6 +61,21 @@ pub fn command_body(id: &str, kind: &str, source: &str, host: &str, data: &Value
     .expect("a JSON value serialises")
 }
 
+/// A server-named queue that lives as long as this connection.
+async fn private_queue(ch: &Channel, context: &'static str) -> Result<lapin::Queue, BrokerError> {
+    ch.queue_declare(
+        "".into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map_err(amqp(context))
+}
+
 pub struct Manager {
     session: Session,
     channel: Channel,
@@ -77,9 +92,7 @@ impl Manager {
     /// Connects once to the first broker that answers.
     pub async fn connect(config: &Config) -> Result<Manager, ManagerError> {
         let b = &config.broker;
-        let identity = broker::tls::load_identity(&b.cert_file, &b.key_file)?;
-        let roots = broker::tls::load_roots(&b.ca_file)?;
-        let tls = broker::tls::client_config(roots, &identity)?;
+        let (identity, tls) = broker::tls::from_config(b)?;
         let user = match b.auth {
             AuthMechanism::External => identity.info.common_name.clone().unwrap_or_default(),
             AuthMechanism::Plain => b.username.clone().unwrap_or_default(),
@@ -115,18 +128,7 @@ impl Manager {
         let session = session.ok_or_else(|| ManagerError::Unreachable(errors.join("; ")))?;
         broker::ensure_shared_topology(&session.connection).await?;
         let channel = broker::confirm_channel(&session.connection).await?;
-        let q = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp("declaring the ack queue"))?;
+        let q = private_queue(&channel, "declaring the ack queue").await?;
         Ok(Manager {
             session,
             channel,
@@ -282,18 +284,7 @@ impl Manager {
             .create_channel()
             .await
             .map_err(amqp("opening a channel"))?;
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp("declaring a subscription queue"))?;
+        let q = private_queue(&ch, "declaring a subscription queue").await?;
         ch.queue_bind(
             q.name().clone(),
             exchange.into(),

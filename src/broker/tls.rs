@@ -127,6 +127,15 @@ pub fn cert_info(der: &CertificateDer<'_>) -> Result<CertInfo, String> {
     })
 }
 
+/// The configured identity and the client TLS configuration built from it.
+pub fn from_config(
+    b: &crate::config::BrokerConfig,
+) -> Result<(Identity, Arc<rustls::ClientConfig>), TlsError> {
+    let identity = load_identity(&b.cert_file, &b.key_file)?;
+    let tls = client_config(load_roots(&b.ca_file)?, &identity)?;
+    Ok((identity, tls))
+}
+
 /// TLS 1.2 and 1.3 only, the broker verified against `roots`, our identity presented.
 pub fn client_config(
     roots: RootCertStore,

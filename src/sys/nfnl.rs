@@ -188,7 +188,8 @@ pub fn encode_batch(table: &str, changes: &[SetChange], first_seq: u32) -> (Vec<
     (out, acked)
 }
 
-fn open() -> Result<OwnedFd, NfnlError> {
+/// A netfilter netlink socket, subscribed to the multicast `groups` bitmask.
+fn netlink_socket(groups: u32) -> Result<OwnedFd, NfnlError> {
     let fd = socket(
         AddressFamily::Netlink,
         SockType::Raw,
@@ -196,7 +197,12 @@ fn open() -> Result<OwnedFd, NfnlError> {
         SockProtocol::NetlinkNetFilter,
     )
     .map_err(NfnlError::Socket)?;
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(NfnlError::Socket)?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups)).map_err(NfnlError::Socket)?;
+    Ok(fd)
+}
+
+fn open() -> Result<OwnedFd, NfnlError> {
+    let fd = netlink_socket(0)?;
     setsockopt(
         &fd,
         sockopt::ReceiveTimeout,
@@ -266,18 +272,7 @@ const NFTA_TABLE_NAME: u16 = 1;
 /// Blocks forever on the nftables event group, calling `on_delete` whenever table
 /// `inet <table>` is deleted (by anyone, us included). Run it on a dedicated thread.
 pub fn watch_table_deletions(table: &str, on_delete: impl Fn()) -> Result<(), NfnlError> {
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkNetFilter,
-    )
-    .map_err(NfnlError::Socket)?;
-    bind(
-        fd.as_raw_fd(),
-        &NetlinkAddr::new(0, 1 << (NFNLGRP_NFTABLES - 1)),
-    )
-    .map_err(NfnlError::Socket)?;
+    let fd = netlink_socket(1 << (NFNLGRP_NFTABLES - 1))?;
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {

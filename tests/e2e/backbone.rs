@@ -441,8 +441,7 @@ fn least_privilege() -> Result<()> {
         m.watch_host(&rogue.id).await?;
         let cfg = rampart::config::Config::load(&rogue.config)?;
         let b = &cfg.broker;
-        let identity = broker::tls::load_identity(&b.cert_file, &b.key_file)?;
-        let tls = broker::tls::client_config(broker::tls::load_roots(&b.ca_file)?, &identity)?;
+        let (_, tls) = broker::tls::from_config(b)?;
         let connector = broker::Connector::new(b, tls, "rogue".into())?;
         let session = connector.connect(&connector.urls[0]).await?;
         let conn = &session.connection;
