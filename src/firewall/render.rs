@@ -90,7 +90,9 @@ fn bounds(net: &IpNet) -> Range {
     }
 }
 
-/// The disjoint, merged ranges of one family of a set: what the kernel must hold.
+/// The disjoint ranges of one family of a set: what the kernel must hold. Overlapping
+/// elements are merged; adjacent ones stay apart (the kernel holds them side by side), so
+/// adding a neighbour never deletes anything (a deletion costs a kernel grace period).
 pub fn merged(elements: &BTreeSet<IpNet>, family: Family) -> Vec<Range> {
     let mut out: Vec<Range> = vec![];
     // BTreeSet<IpNet> orders by address then prefix, so starts ascend within a family.
@@ -100,7 +102,7 @@ pub fn merged(elements: &BTreeSet<IpNet>, family: Family) -> Vec<Range> {
         .map(bounds)
     {
         match out.last_mut() {
-            Some(last) if r.start <= last.end.saturating_add(1) => last.end = last.end.max(r.end),
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
             _ => out.push(r),
         }
     }
@@ -527,12 +529,15 @@ mod tests {
     }
 
     #[test]
-    fn merging_joins_overlaps_and_neighbours() {
+    fn merging_joins_overlaps_but_keeps_neighbours_apart() {
         let set: BTreeSet<IpNet> = [
             "10.0.0.0/24",
             "10.0.1.0/24",
             "10.0.0.5/32",
+            "10.0.0.0/23",
             "10.0.3.1/32",
+            "10.0.4.0/24",
+            "10.0.5.0/24",
             "2001:db8::/64",
         ]
         .iter()
@@ -542,7 +547,15 @@ mod tests {
             .iter()
             .map(|r| range_text(r, Family::V4))
             .collect();
-        assert_eq!(v4, vec!["10.0.0.0-10.0.1.255", "10.0.3.1"]);
+        assert_eq!(
+            v4,
+            vec![
+                "10.0.0.0-10.0.1.255",
+                "10.0.3.1",
+                "10.0.4.0-10.0.4.255",
+                "10.0.5.0-10.0.5.255"
+            ]
+        );
         assert_eq!(merged(&set, Family::V6).len(), 1);
     }
 
