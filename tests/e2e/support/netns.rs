@@ -35,7 +35,9 @@ pub struct Netns {
 }
 
 impl Netns {
-    pub fn new(name: &str) -> Netns {
+    /// A fresh namespace; the process id in its name keeps concurrent test runs apart.
+    pub fn new(base: &str) -> Netns {
+        let name = &format!("{base}-{}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         ip(&["netns", "add", name]);
         ip(&["-n", name, "link", "set", "lo", "up"]);
