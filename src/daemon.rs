@@ -43,6 +43,11 @@ struct Agent {
     drift_events: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Value>>,
     shared: Arc<crate::control::Shared>,
     started: Instant,
+    /// When the main loop last went round (ms since the epoch): the watchdog feeds systemd
+    /// only while this moves.
+    alive_ms: std::sync::atomic::AtomicU64,
+    /// How often the main loop reports that it is alive.
+    pulse: Duration,
 }
 
 /// Runs the agent in the foreground until SIGTERM or SIGINT.
@@ -137,17 +142,27 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         broker_user,
         config: std::sync::Mutex::new(Arc::new(config)),
         started: Instant::now(),
+        alive_ms: std::sync::atomic::AtomicU64::new(now_ms()),
+        pulse: sd_notify::watchdog_enabled()
+            .map(|p| (p / 4).min(Duration::from_secs(5)))
+            .unwrap_or(Duration::from_secs(5)),
     });
     notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status("state restored; connecting to the broker"),
     ]);
     if let Some(period) = sd_notify::watchdog_enabled() {
+        let agent = agent.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period / 2);
             loop {
                 tick.tick().await;
-                notify(&[sd_notify::NotifyState::Watchdog]);
+                let alive = agent.alive_ms.load(std::sync::atomic::Ordering::Relaxed);
+                if now_ms().saturating_sub(alive) < period.as_millis() as u64 {
+                    notify(&[sd_notify::NotifyState::Watchdog]);
+                } else {
+                    tracing::error!("the main loop is stuck; not feeding the systemd watchdog");
+                }
             }
         });
     }
@@ -321,6 +336,11 @@ fn load_signing_keys(config: &Config) -> anyhow::Result<Vec<ed25519_dalek::Verif
 }
 
 impl Agent {
+    fn beat(&self) {
+        self.alive_ms
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn config(&self) -> Arc<Config> {
         self.config.lock().expect("config lock").clone()
     }
@@ -389,6 +409,7 @@ impl Agent {
         );
         let mut next_url = 0usize;
         loop {
+            self.beat();
             if *stop.borrow() {
                 return;
             }
@@ -462,14 +483,20 @@ impl Agent {
             }
             let delay = backoff.next_delay();
             tracing::info!(delay_ms = delay.as_millis() as u64, "retrying the broker");
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stop.changed() => return,
-                _ = reload.changed() => {
-                    if let Some(c) = self.reconnector().await {
-                        connector = c;
-                        next_url = 0;
-                        backoff.reset();
+            let wake = tokio::time::Instant::now() + delay;
+            let mut pulse = tokio::time::interval(self.pulse);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake) => break,
+                    _ = pulse.tick() => self.beat(),
+                    _ = stop.changed() => return,
+                    _ = reload.changed() => {
+                        if let Some(c) = self.reconnector().await {
+                            connector = c;
+                            next_url = 0;
+                            backoff.reset();
+                        }
+                        break;
                     }
                 }
             }
@@ -541,11 +568,13 @@ impl Agent {
         let period = Duration::from_secs(u64::from(b.heartbeat_secs));
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut drift = self.drift_events.lock().await;
+        let mut pulse = tokio::time::interval(self.pulse);
         loop {
             tokio::select! {
                 biased;
                 _ = stop.changed() => return Ok(SessionEnd::Shutdown),
                 _ = reload.changed() => return Ok(SessionEnd::Reload),
+                _ = pulse.tick() => self.beat(),
                 event = events.next() => match event {
                     Some(Event::Error(e)) if !conn.status().connected() => {
                         return Ok(SessionEnd::Lost(e.to_string()));

@@ -68,8 +68,9 @@ pub struct PatchPlan {
     sets: BTreeMap<String, Option<BTreeSet<IpNet>>>,
     delete_rules: Vec<String>,
     upsert_rules: Vec<Rule>,
-    layout: Layout,
-    refs: HashMap<String, BTreeSet<String>>,
+    /// `None`: the patch changes no rule, so layout and references stay as they are.
+    layout: Option<Layout>,
+    refs: Option<HashMap<String, BTreeSet<String>>>,
 }
 
 /// What a drift check found.
@@ -101,6 +102,29 @@ fn refs_of(rs: &RuleSet) -> HashMap<String, BTreeSet<String>> {
         }
     }
     refs
+}
+
+/// Rules per chain in a terse listing.
+fn chain_rule_counts(listing: &str) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    let mut chain: Option<String> = None;
+    for line in listing.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("chain ") {
+            let name = rest.trim_end_matches('{').trim().to_string();
+            counts.insert(name.clone(), 0);
+            chain = Some(name);
+        } else if line == "}" {
+            chain = None;
+        } else if let Some(c) = &chain
+            && !line.is_empty()
+            && !line.starts_with("type ")
+            && !line.starts_with("policy ")
+            && let Some(n) = counts.get_mut(c)
+        {
+            *n += 1;
+        }
+    }
+    counts
 }
 
 /// The terse listing with counter values removed: what must not change behind our back.
@@ -276,9 +300,22 @@ impl Firewall {
             None => cur.sets.contains_key(name),
         };
 
-        // Rules: which go, which come; set references kept exact.
-        let mut refs = self.refs.clone();
-        let mut layout = self.layout.clone();
+        // Rules: which go, which come; set references kept exact. Element-only patches copy
+        // neither the layout nor the reference index, so their cost is independent of the
+        // number of rules.
+        let rules_change = !p.upsert_rules.is_empty()
+            || !p.delete_rules.is_empty()
+            || !p.delete_address_sets.is_empty();
+        let mut refs = if rules_change {
+            self.refs.clone()
+        } else {
+            HashMap::new()
+        };
+        let mut layout = if rules_change {
+            self.layout.clone()
+        } else {
+            Layout::default()
+        };
         let mut ch = Changes::default();
         let upsert_ids: BTreeSet<&str> = p.upsert_rules.iter().map(|r| r.id.as_str()).collect();
         let mut gone: Vec<&Rule> = vec![];
@@ -383,7 +420,8 @@ impl Firewall {
         let kernel = if elements_only {
             KernelChange::Elements(self.element_changes(&sets))
         } else {
-            KernelChange::Text(self.render_patch(&sets, p, &layout, &ch, &defaults))
+            let current_layout = if rules_change { &layout } else { &self.layout };
+            KernelChange::Text(self.render_patch(&sets, p, current_layout, &ch, &defaults))
         };
         Ok(PatchPlan {
             kernel,
@@ -392,8 +430,8 @@ impl Firewall {
             sets,
             delete_rules: deleted.into_iter().map(str::to_string).collect(),
             upsert_rules: p.upsert_rules.clone(),
-            layout,
-            refs,
+            layout: rules_change.then_some(layout),
+            refs: rules_change.then_some(refs),
         })
     }
 
@@ -514,8 +552,12 @@ impl Firewall {
         }
         cur.defaults = plan.defaults;
         cur.generation = plan.generation;
-        self.refs = plan.refs;
-        self.layout = plan.layout;
+        if let Some(refs) = plan.refs {
+            self.refs = refs;
+        }
+        if let Some(layout) = plan.layout {
+            self.layout = layout;
+        }
         self.baseline = None;
         self.applied_at_ms = Some(crate::protocol::now_ms());
     }
@@ -528,6 +570,10 @@ impl Firewall {
         let listing = self.nft.list_table_terse(&self.ctx.table).await?;
         let found = match listing {
             None => Some("table missing".to_string()),
+            // Rules added to or removed from our chains are seen without any baseline.
+            Some(text) if chain_rule_counts(&text) != self.expected_counts() => {
+                Some("table changed".to_string())
+            }
             Some(text) => {
                 let fp = fingerprint(&text);
                 match &self.baseline {
@@ -548,6 +594,22 @@ impl Firewall {
             self.baseline = Some(fingerprint(&text));
         }
         Ok(Drift::Repaired(what))
+    }
+
+    /// Rules per chain that our own rendering puts in the kernel.
+    fn expected_counts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        let rules = &self.current.rules;
+        for hook in Hook::ALL {
+            let default = render::default_of(&self.current.defaults, hook);
+            let base = render::render_base(hook, &self.layout, default, &self.ctx);
+            counts.insert(hook.base_chain().to_string(), base.len());
+            for b in self.layout.buckets(hook) {
+                let lines = render::render_bucket(|id| rules.get(id), hook, b);
+                counts.insert(b.chain_name(hook), lines.len());
+            }
+        }
+        counts
     }
 
     /// The live table as JSON (rules with counters), for inspection.
@@ -578,4 +640,103 @@ fn interval_elements(r: &Range, fam: Family) -> Vec<Element> {
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spec::{Action, Addr, Direction, PartialDefaults, Policy, Protocol};
+
+    fn firewall() -> Firewall {
+        let mut rs = RuleSet {
+            generation: 1,
+            ..Default::default()
+        };
+        rs.sets.insert(
+            "web".into(),
+            [spec::parse_net("10.0.0.1").unwrap()].into_iter().collect(),
+        );
+        let rule = Rule {
+            id: "r".into(),
+            priority: 1,
+            action: Action::Allow,
+            direction: Direction::In,
+            protocol: Protocol::Any,
+            sources: vec![Addr::Set("web".into())],
+            destinations: vec![],
+            ports: vec![],
+            applied_to: vec![],
+            log: false,
+            disabled: false,
+            comment: String::new(),
+        };
+        rs.rules.insert("r".into(), rule);
+        let ctx = RenderCtx {
+            table: "rampart".into(),
+            brokers: vec![],
+            failsafe_in: vec![],
+            failsafe_out: vec![],
+        };
+        Firewall::new(
+            Nft::new(std::path::Path::new("/nonexistent")),
+            ctx,
+            Limits::default(),
+            rs,
+        )
+    }
+
+    #[test]
+    fn chain_counts_match_our_own_rendering() {
+        let fw = firewall();
+        let text = render::render_full(&fw.current, &fw.layout, &fw.ctx);
+        // The rendered input text has the same shape as nft's terse listing.
+        let listing = text.lines().skip(2).collect::<Vec<_>>().join("\n");
+        assert_eq!(chain_rule_counts(&listing), fw.expected_counts());
+        let tampered = listing.replacen("jump in_0", "jump in_0\n\t\ttcp dport 83 accept", 1);
+        assert_ne!(chain_rule_counts(&tampered), fw.expected_counts());
+    }
+
+    #[test]
+    fn a_defaults_patch_keeps_the_jumps() {
+        let fw = firewall();
+        let p = Patch {
+            base_generation: 1,
+            generation: 2,
+            defaults: PartialDefaults {
+                input: Some(Policy::Drop),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let plan = fw.plan_patch(&p).unwrap();
+        let KernelChange::Text(text) = &plan.kernel else {
+            panic!("a defaults change is nft text");
+        };
+        assert!(text.contains("flush chain inet rampart input"), "{text}");
+        assert!(text.contains("jump in_0"), "{text}");
+        assert!(text.contains("counter drop comment \"default\""), "{text}");
+    }
+
+    #[test]
+    fn an_element_patch_is_one_netlink_batch() {
+        let fw = firewall();
+        let p = Patch {
+            base_generation: 1,
+            generation: 2,
+            add_addresses: [(
+                "web".to_string(),
+                [spec::parse_net("10.0.0.2").unwrap()].into_iter().collect(),
+            )]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        };
+        let plan = fw.plan_patch(&p).unwrap();
+        let KernelChange::Elements(changes) = &plan.kernel else {
+            panic!("an element-only patch goes over netlink");
+        };
+        assert_eq!(changes.len(), 1);
+        assert!(changes[0].delete.is_empty(), "a neighbour is add-only");
+        assert_eq!(changes[0].add.len(), 2);
+    }
 }

@@ -398,9 +398,20 @@ fn set_patch() -> Result<()> {
         ensure!(t.probe(85) == Tcp::Silent, "removed again");
         ensure!(t.probe(80) == Tcp::Open);
 
+        // Only the default changes: the rules stay in force.
+        let patch = json!({"base_generation": 3, "generation": 4, "defaults": {"in": "allow"}});
+        applied(&mut m, h, "firewall.patch", "sets-defaults", patch).await?;
+        ensure!(t.probe(85) == Tcp::Open, "default in = allow now");
+        let patch = json!({"base_generation": 4, "generation": 5, "defaults": {"in": "drop"}});
+        applied(&mut m, h, "firewall.patch", "sets-defaults-2", patch).await?;
+        ensure!(
+            t.probe(85) == Tcp::Silent && t.probe(80) == Tcp::Open,
+            "back to drop, web still allowed"
+        );
+
         // A set still in use cannot go; nothing changes.
         let patch =
-            json!({"base_generation": 3, "generation": 4, "delete_address_sets": ["clients"]});
+            json!({"base_generation": 5, "generation": 6, "delete_address_sets": ["clients"]});
         let ack = send(&mut m, h, "firewall.patch", "sets-4", patch).await?;
         ensure!(ack.status == Status::Rejected, "{ack:?}");
         ensure!(
