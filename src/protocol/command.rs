@@ -592,3 +592,179 @@ mod tests {
         assert_eq!(code_of(decode(&c, &tampered)).0, ErrorCode::BadSignature);
     }
 }
+
+/// Hostile input: random bytes and mutated valid commands never panic, and every rejection
+/// stays one short line.
+#[cfg(test)]
+mod robustness {
+    use super::*;
+
+    /// A small deterministic generator (xorshift64*): repeatable without a crate.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    fn ctx() -> DecodeContext {
+        DecodeContext {
+            host_id: "host-1".into(),
+            trusted_senders: vec!["manager".into()],
+            max_body_bytes: 1 << 20,
+            signing_keys: vec![],
+            limits: Default::default(),
+        }
+    }
+
+    const SEEDS: [&str; 3] = [
+        r#"{"specversion":"1.0","id":"c1","type":"ping","source":"m","host":"host-1","timestamp":1,"data":{}}"#,
+        r#"{"specversion":"1.0","id":"c2","type":"firewall.apply","source":"m","host":"host-1","timestamp":1,"data":{"generation":2,"defaults":{"in":"drop"},"address_sets":{"web":["10.0.0.0/24","2001:db8::1"]},"rules":[{"id":"r1","priority":1,"action":"reject","direction":"both","protocol":"tcp","ports":["22","80-90"],"sources":["$web"],"applied_to":["tap*"],"log":true,"comment":"x"}]}}"#,
+        r#"{"specversion":"1.0","id":"c3","type":"firewall.patch","source":"m","host":"host-1","timestamp":1,"data":{"base_generation":2,"generation":3,"add_addresses":{"web":["10.0.1.1"]},"delete_rules":["r1"],"upsert_rules":[{"id":"r2","priority":5,"action":"allow","direction":"in"}]}}"#,
+    ];
+
+    const TOKENS: [&str; 14] = [
+        "{",
+        "}",
+        "[",
+        "]",
+        ",",
+        ":",
+        "\"",
+        "\\u0000",
+        "null",
+        "-1",
+        "1e999",
+        "\"$x\"",
+        "\"10.0.0.0/33\"",
+        "\u{ff}",
+    ];
+
+    fn check(body: Vec<u8>) {
+        let incoming = Incoming {
+            body,
+            user_id: Some("manager".into()),
+            ..Default::default()
+        };
+        if let Err(r) = decode(&ctx(), &incoming) {
+            assert!(!r.error.message.contains('\n'), "{:?}", r.error.message);
+            assert!(r.error.message.len() < 600, "{:?}", r.error.message);
+        }
+    }
+
+    #[test]
+    fn mutated_and_random_bodies_never_panic() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..20_000 {
+            let mut body = SEEDS[rng.below(SEEDS.len())].as_bytes().to_vec();
+            for _ in 0..1 + rng.below(4) {
+                let at = rng.below(body.len() + 1);
+                match rng.below(4) {
+                    0 if !body.is_empty() => {
+                        let i = rng.below(body.len());
+                        body[i] ^= 1 << rng.below(8);
+                    }
+                    1 => body.truncate(at),
+                    2 => {
+                        let t = TOKENS[rng.below(TOKENS.len())].as_bytes();
+                        body.splice(at..at, t.iter().copied());
+                    }
+                    _ => {
+                        let end = (at + rng.below(16)).min(body.len());
+                        body.drain(at..end);
+                    }
+                }
+            }
+            check(body);
+        }
+        for _ in 0..5_000 {
+            let len = rng.below(64);
+            check((0..len).map(|_| rng.next() as u8).collect());
+        }
+    }
+
+    /// Replaces, removes or adds one node somewhere in the tree.
+    fn mutate(v: &mut Value, rng: &mut Rng) {
+        let replacements = [
+            Value::Null,
+            Value::Bool(true),
+            serde_json::json!(-1),
+            serde_json::json!(u64::MAX),
+            serde_json::json!(1.5),
+            serde_json::json!(""),
+            serde_json::json!("$web"),
+            serde_json::json!("x\"; flush ruleset"),
+            serde_json::json!("10.0.0.1/8"),
+            serde_json::json!("::/0"),
+            serde_json::json!("65536"),
+            serde_json::json!("*"),
+            serde_json::json!([]),
+            serde_json::json!({}),
+            serde_json::json!(["10.0.0.0/24", "$nope"]),
+        ];
+        match v {
+            Value::Object(m) if !m.is_empty() && rng.below(3) > 0 => {
+                let keys: Vec<String> = m.keys().cloned().collect();
+                let k = &keys[rng.below(keys.len())];
+                match rng.below(4) {
+                    0 => {
+                        m.remove(k);
+                    }
+                    1 => {
+                        m.insert(
+                            format!("{k}x"),
+                            replacements[rng.below(replacements.len())].clone(),
+                        );
+                    }
+                    _ => mutate(m.get_mut(k).expect("key exists"), rng),
+                }
+            }
+            Value::Array(a) if !a.is_empty() && rng.below(3) > 0 => {
+                let i = rng.below(a.len());
+                if rng.below(4) == 0 {
+                    let dup = a[i].clone();
+                    a.push(dup);
+                } else {
+                    mutate(&mut a[i], rng);
+                }
+            }
+            _ => *v = replacements[rng.below(replacements.len())].clone(),
+        }
+    }
+
+    #[test]
+    fn structurally_mutated_commands_never_panic() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for _ in 0..20_000 {
+            let mut v: Value = serde_json::from_str(SEEDS[rng.below(SEEDS.len())]).expect("seed");
+            for _ in 0..1 + rng.below(3) {
+                // Mostly below the top level, where the interesting checks are.
+                let keys: Vec<String> = v
+                    .as_object()
+                    .expect("seed is an object")
+                    .keys()
+                    .cloned()
+                    .collect();
+                if keys.is_empty() {
+                    break;
+                }
+                let k = &keys[rng.below(keys.len())];
+                if rng.below(8) == 0 {
+                    mutate(&mut v, &mut rng);
+                } else {
+                    mutate(v.get_mut(k.as_str()).expect("key exists"), &mut rng);
+                }
+                if !v.is_object() {
+                    break;
+                }
+            }
+            check(serde_json::to_vec(&v).expect("serialises"));
+        }
+    }
+}
