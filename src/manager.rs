@@ -76,6 +76,25 @@ async fn private_queue(ch: &Channel, context: &'static str) -> Result<lapin::Que
     .map_err(amqp(context))
 }
 
+/// Consumes `queue` with automatic acks (what the manager reads is informational).
+async fn consume_no_ack(
+    ch: &Channel,
+    queue: &str,
+    context: &'static str,
+) -> Result<Consumer, BrokerError> {
+    ch.basic_consume(
+        queue.into(),
+        "".into(),
+        BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map_err(amqp(context))
+}
+
 pub struct Manager {
     session: Session,
     channel: Channel,
@@ -161,19 +180,7 @@ impl Manager {
             .await
             .map_err(amqp("binding the ack queue"))?;
         if self.acks.is_none() {
-            let consumer = self
-                .channel
-                .basic_consume(
-                    self.ack_queue.as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions {
-                        no_ack: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(amqp("consuming acks"))?;
+            let consumer = consume_no_ack(&self.channel, &self.ack_queue, "consuming acks").await?;
             self.acks = Some(consumer);
         }
         Ok(())
@@ -294,19 +301,7 @@ impl Manager {
         )
         .await
         .map_err(amqp("binding a subscription queue"))?;
-        let consumer = ch
-            .basic_consume(
-                q.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp("consuming a subscription queue"))?;
-        Ok(consumer)
+        Ok(consume_no_ack(&ch, q.name().as_str(), "consuming a subscription queue").await?)
     }
 
     pub async fn close(self) {

@@ -13,6 +13,7 @@ use rampart::protocol::{Ack, ErrorCode, Status};
 use serde_json::{Value, json};
 
 use crate::support::netns::{Netns, Servers, Tcp, relay, tcp_probe, udp_probe, veth};
+use crate::support::rampart;
 use crate::support::{AgentProc, Host, HostOptions, env, runtime};
 use crate::trial;
 
@@ -280,14 +281,6 @@ fn allow_drop_reject() -> Result<()> {
         m.close().await;
         Ok(())
     })
-}
-
-fn rampart(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(["--config", "/nonexistent"])
-        .args(args)
-        .output()
-        .expect("running rampart")
 }
 
 fn rules_check_cli() -> Result<()> {

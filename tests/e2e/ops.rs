@@ -8,6 +8,7 @@ use libtest_mimic::Trial;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
+use crate::support::rampart;
 use crate::support::{AgentProc, HostOptions, env};
 use crate::trial;
 
@@ -30,14 +31,6 @@ pub fn tests() -> Vec<Trial> {
             sighup,
         ),
     ]
-}
-
-fn rampart(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(["--config", "/nonexistent"])
-        .args(args)
-        .output()
-        .expect("running rampart")
 }
 
 fn rows(args: &[&str]) -> Result<Vec<Value>> {

@@ -317,3 +317,12 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// Runs the CLI with no configuration file (inspection commands take `--socket`).
+pub fn rampart(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["--config", "/nonexistent"])
+        .args(args)
+        .output()
+        .expect("running rampart")
+}
