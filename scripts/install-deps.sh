@@ -13,5 +13,3 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo_ apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-# The Debian package is built with cargo-deb (from crates.io).
-command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked --quiet
