@@ -3,8 +3,8 @@
 # definition, then cargo-deb with the metadata in Cargo.toml. Prints the .deb path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
-cargo build --release --locked
+command -v cargo-deb >/dev/null || cargo install cargo-deb --locked >&2
+cargo build --release --locked >&2
 mkdir -p target/assets
 bin=target/release/rampart
 "$bin" man | gzip -9n > target/assets/rampart.1.gz
