@@ -184,23 +184,9 @@ fn mark(ch: &mut Changes, hook: Hook, chain: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::firewall::spec::{Action, Protocol};
 
     fn rule(id: &str, prio: u32, dir: Direction) -> Rule {
-        Rule {
-            id: id.into(),
-            priority: prio,
-            action: Action::Allow,
-            direction: dir,
-            protocol: Protocol::Any,
-            sources: vec![],
-            destinations: vec![],
-            ports: vec![],
-            applied_to: vec![],
-            log: false,
-            disabled: false,
-            comment: String::new(),
-        }
+        Rule::for_test(id, prio, dir)
     }
 
     #[test]

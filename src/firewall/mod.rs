@@ -645,7 +645,7 @@ fn interval_elements(r: &Range, fam: Family) -> Vec<Element> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spec::{Action, Addr, Direction, PartialDefaults, Policy, Protocol};
+    use spec::{Addr, Direction, PartialDefaults, Policy};
 
     fn firewall() -> Firewall {
         let mut rs = RuleSet {
@@ -656,20 +656,8 @@ mod tests {
             "web".into(),
             [spec::parse_net("10.0.0.1").unwrap()].into_iter().collect(),
         );
-        let rule = Rule {
-            id: "r".into(),
-            priority: 1,
-            action: Action::Allow,
-            direction: Direction::In,
-            protocol: Protocol::Any,
-            sources: vec![Addr::Set("web".into())],
-            destinations: vec![],
-            ports: vec![],
-            applied_to: vec![],
-            log: false,
-            disabled: false,
-            comment: String::new(),
-        };
+        let mut rule = Rule::for_test("r", 1, Direction::In);
+        rule.sources = vec![Addr::Set("web".into())];
         rs.rules.insert("r".into(), rule);
         let ctx = RenderCtx {
             table: "rampart".into(),

@@ -470,24 +470,17 @@ mod tests {
 
     fn rule() -> Rule {
         Rule {
-            id: "ssh-in".into(),
-            priority: 100,
-            action: Action::Allow,
-            direction: Direction::In,
             protocol: Protocol::Tcp,
             sources: vec![
                 Addr::Set("web".into()),
                 Addr::Net("192.0.2.0/24".parse().unwrap()),
             ],
-            destinations: vec![],
             ports: vec![
                 PortRange { lo: 22, hi: 22 },
                 PortRange { lo: 8000, hi: 8080 },
             ],
-            applied_to: vec![],
-            log: false,
-            disabled: false,
             comment: "never rendered \"; flush ruleset".into(),
+            ..Rule::for_test("ssh-in", 100, Direction::In)
         }
     }
 

@@ -136,6 +136,27 @@ impl Rule {
 
 pub type RuleKey = (u32, String);
 
+#[cfg(test)]
+impl Rule {
+    /// An allow-anything rule for unit tests; tests change the fields they care about.
+    pub fn for_test(id: &str, priority: u32, direction: Direction) -> Rule {
+        Rule {
+            id: id.into(),
+            priority,
+            action: Action::Allow,
+            direction,
+            protocol: Protocol::Any,
+            sources: vec![],
+            destinations: vec![],
+            ports: vec![],
+            applied_to: vec![],
+            log: false,
+            disabled: false,
+            comment: String::new(),
+        }
+    }
+}
+
 /// A whole, valid rule set.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RuleSet {

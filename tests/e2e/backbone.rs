@@ -544,20 +544,27 @@ fn wrong_ca() -> Result<()> {
             ..Default::default()
         },
     );
-    let agent = AgentProc::start(&host);
+    let log = no_session_log(&host, 4)?;
     ensure!(
-        agent.wait_log("retrying the broker", 4, Duration::from_secs(20)),
+        log.to_lowercase().contains("certificate"),
+        "the log names the certificate problem: {log}"
+    );
+    Ok(())
+}
+
+/// Starts an agent that must not get a session: waits for `retries` retries and returns the
+/// log, having checked that no session came up and each attempt was logged.
+fn no_session_log(host: &crate::support::Host, retries: usize) -> Result<String> {
+    let agent = AgentProc::start(host);
+    ensure!(
+        agent.wait_log("retrying the broker", retries, Duration::from_secs(20)),
         "{}",
         agent.current_log()
     );
     let log = agent.current_log();
     ensure!(!log.contains("connected to broker"), "{log}");
     ensure!(log.contains("cannot connect to broker"), "{log}");
-    ensure!(
-        log.to_lowercase().contains("certificate"),
-        "the log names the certificate problem: {log}"
-    );
-    Ok(())
+    Ok(log)
 }
 
 fn wrong_server_name() -> Result<()> {
@@ -568,14 +575,7 @@ fn wrong_server_name() -> Result<()> {
             ..Default::default()
         },
     );
-    let agent = AgentProc::start(&host);
-    ensure!(
-        agent.wait_log("retrying the broker", 2, Duration::from_secs(20)),
-        "{}",
-        agent.current_log()
-    );
-    let log = agent.current_log();
-    ensure!(!log.contains("connected to broker"), "{log}");
+    let log = no_session_log(&host, 2)?;
     ensure!(
         log.contains("NotValidForName") || log.contains("not valid for name"),
         "{log}"

@@ -300,16 +300,17 @@ fn sighup() -> Result<()> {
 
         // 1: a new log level.
         let original = std::fs::read_to_string(&host.config)?;
-        std::fs::write(
-            &host.config,
-            format!("{original}\n[log]\nlevel = \"debug\"\n"),
-        )?;
-        agent.signal(Signal::SIGHUP);
-        ensure!(
-            agent.wait_log("configuration reloaded", 1, Duration::from_secs(10)),
-            "{}",
-            agent.current_log()
-        );
+        let reload = |text: String, nth: usize| -> Result<()> {
+            std::fs::write(&host.config, text)?;
+            agent.signal(Signal::SIGHUP);
+            ensure!(
+                agent.wait_log("configuration reloaded", nth, Duration::from_secs(10)),
+                "{}",
+                agent.current_log()
+            );
+            Ok(())
+        };
+        reload(format!("{original}\n[log]\nlevel = \"debug\"\n"), 1)?;
         m.send(&host.id, "ping", "hup-2", &serde_json::json!({}))
             .await?;
         let ack = m.wait_ack("hup-2", Duration::from_secs(20)).await?;
@@ -321,14 +322,10 @@ fn sighup() -> Result<()> {
         );
 
         // 2: other trusted senders, from the next command on.
-        let text = original.replace("[broker]\n", "[broker]\ntrusted_senders = [\"nobody\"]\n");
-        std::fs::write(&host.config, text)?;
-        agent.signal(Signal::SIGHUP);
-        ensure!(
-            agent.wait_log("configuration reloaded", 2, Duration::from_secs(10)),
-            "{}",
-            agent.current_log()
-        );
+        reload(
+            original.replace("[broker]\n", "[broker]\ntrusted_senders = [\"nobody\"]\n"),
+            2,
+        )?;
         m.send(&host.id, "ping", "hup-3", &serde_json::json!({}))
             .await?;
         let ack = m.wait_ack("hup-3", Duration::from_secs(20)).await?;
