@@ -82,6 +82,15 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<RulesAction>,
     },
+    /// Logical routers: each with its interfaces (inner and host names, addresses, state),
+    /// routes, and whether the kernel matches the record (from the running daemon).
+    Routers {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Run the agent in the foreground (as systemd does).
     Run,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -191,6 +200,16 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
                 print_rules(&answer);
+            }
+            Ok(0)
+        }
+        Command::Routers { json, socket } => {
+            let socket = socket_path(&cli.config, socket)?;
+            let answer = crate::control::ask(&socket, &crate::control::Request::Routers).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                print_routers(&answer);
             }
             Ok(0)
         }
@@ -384,6 +403,97 @@ fn list(v: &serde_json::Value) -> String {
         "-".to_string()
     } else {
         items.join(",")
+    }
+}
+
+fn print_routers(a: &serde_json::Value) {
+    let routers = a["routers"].as_array().cloned().unwrap_or_default();
+    if routers.is_empty() {
+        println!("no routers");
+        return;
+    }
+    let header = [
+        "ROUTER",
+        "NAMESPACE",
+        "INTERFACE",
+        "HOST END",
+        "BRIDGE",
+        "MTU",
+        "STATE",
+        "ADDRESSES",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for r in &routers {
+        let id = r["id"].as_str().unwrap_or("?");
+        let ns = r["namespace"].as_str().unwrap_or("?");
+        let ifaces = r["interfaces"].as_array().cloned().unwrap_or_default();
+        for (n, i) in ifaces.iter().enumerate() {
+            let addrs: Vec<&str> = i["addresses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str())
+                .collect();
+            rows.push(vec![
+                if n == 0 {
+                    id.to_string()
+                } else {
+                    String::new()
+                },
+                if n == 0 {
+                    ns.to_string()
+                } else {
+                    String::new()
+                },
+                i["name"].as_str().unwrap_or("?").to_string(),
+                i["host"].as_str().unwrap_or("?").to_string(),
+                i["bridge"].as_str().unwrap_or("-").to_string(),
+                i["mtu"].to_string(),
+                i["state"].as_str().unwrap_or("?").to_string(),
+                addrs.join(","),
+            ]);
+        }
+        if ifaces.is_empty() {
+            rows.push(vec![
+                id.into(),
+                ns.into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]);
+        }
+    }
+    print_table(&rows);
+    for r in &routers {
+        let id = r["id"].as_str().unwrap_or("?");
+        for route in r["routes"].as_array().into_iter().flatten() {
+            println!(
+                "{id}: route {} via {}",
+                route["destination"].as_str().unwrap_or("?"),
+                route["via"].as_str().unwrap_or("?")
+            );
+        }
+        if r["in_sync"] == true {
+            println!("{id}: kernel matches the record");
+        } else {
+            let pending: Vec<&str> = r["pending"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.as_str())
+                .collect();
+            println!(
+                "{id}: DRIFT: kernel differs from the record (needs: {}){}",
+                pending.join("; "),
+                r["error"]
+                    .as_str()
+                    .map(|e| format!(" error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
     }
 }
 

@@ -19,7 +19,10 @@ use crate::firewall::render::RenderCtx;
 use crate::firewall::spec::{Limits, RuleSet};
 use crate::firewall::{Drift, Firewall};
 use crate::protocol::{DecodeContext, Incoming, is_valid_host_id, now_ms};
+use crate::router::Routers;
+use crate::router::spec::RouterSpec;
 use crate::state::Store;
+use crate::sys::netns::NetnsWorker;
 use crate::sys::nft::Nft;
 
 /// A session that lasted this long was stable: the next failure starts backoff afresh.
@@ -96,8 +99,11 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     let ctx = render_ctx(&config, &connector).await;
     let firewall = load_firewall(&store, &config, ctx, limits).await?;
     let firewall = Arc::new(tokio::sync::Mutex::new(firewall));
+    let (drift_tx, drift_rx) = tokio::sync::mpsc::channel(16);
+    let routers = load_routers(&store, &drift_tx).await?;
     let shared = Arc::new(crate::control::Shared {
         firewall: firewall.clone(),
+        routers: routers.clone(),
         store: store.clone(),
         host_id: host_id.clone(),
         started_ms: now_ms(),
@@ -110,7 +116,6 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     });
     crate::control::serve(&config.control.socket, shared.clone())
         .context("opening the control socket")?;
-    let (drift_tx, drift_rx) = tokio::sync::mpsc::channel(16);
     // A deleted table (another tool's `nft flush ruleset`) is noticed at once through the
     // kernel's events; other edits by the periodic check.
     let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(1);
@@ -128,13 +133,22 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         .context("starting the nftables event thread")?;
     tokio::spawn(drift_loop(
         firewall.clone(),
+        routers.clone(),
+        store.clone(),
         Duration::from_secs(config.firewall.drift_check_secs),
         wake_rx,
-        drift_tx,
+        drift_tx.clone(),
     ));
 
     let agent = Arc::new(Agent {
-        dispatcher: Dispatcher::new(store, decode, identity.info.clone(), firewall.clone()),
+        dispatcher: Dispatcher::new(
+            store,
+            decode,
+            identity.info.clone(),
+            firewall.clone(),
+            routers,
+            drift_tx,
+        ),
         firewall,
         drift_events: tokio::sync::Mutex::new(drift_rx),
         shared,
@@ -264,9 +278,53 @@ async fn load_firewall(
     Ok(fw)
 }
 
-/// Every `period`, compares the kernel's table with the record and repairs it.
+/// Starts the namespace thread and converges the kernel's routers to the record, before
+/// any broker is contacted.
+async fn load_routers(
+    store: &Arc<Store>,
+    drift: &tokio::sync::mpsc::Sender<Value>,
+) -> anyhow::Result<Arc<tokio::sync::Mutex<Routers>>> {
+    let s = store.clone();
+    let (recorded, owned) = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::state::StateError>((s.load_routers()?, s.owned_routers()?))
+    })
+    .await
+    .expect("state store task panicked")
+    .context("reading the recorded routers")?;
+    let mut specs = Vec::with_capacity(recorded.len());
+    for (id, bytes) in recorded {
+        specs.push(
+            RouterSpec::from_json(&bytes)
+                .with_context(|| format!("recorded router {id} does not decode"))?,
+        );
+    }
+    let worker = NetnsWorker::start().context("starting the namespace thread")?;
+    let crash = crate::dispatch::Fault::from_env() == crate::dispatch::Fault::CrashMidRouterCreate;
+    let mut routers = Routers::new(worker, specs, owned.into_iter().collect(), crash);
+    reconcile_routers(&mut routers, store, drift).await;
+    tracing::info!(
+        routers = routers.summary().as_array().map_or(0, Vec::len),
+        "routers converged to the record"
+    );
+    Ok(Arc::new(tokio::sync::Mutex::new(routers)))
+}
+
+/// One reconcile of the routers; a store failure is logged and retried next time.
+async fn reconcile_routers(
+    routers: &mut Routers,
+    store: &Arc<Store>,
+    drift: &tokio::sync::mpsc::Sender<Value>,
+) {
+    if let Err(e) = crate::dispatch::reconcile_routers(routers, store, drift).await {
+        tracing::warn!(error = %e, "could not record the routers' reconcile (will retry)");
+    }
+}
+
+/// Every `period`, compares the kernel's table and routers with the record and repairs them.
 async fn drift_loop(
     firewall: Arc<tokio::sync::Mutex<Firewall>>,
+    routers: Arc<tokio::sync::Mutex<Routers>>,
+    store: Arc<Store>,
     period: Duration,
     mut wake: tokio::sync::mpsc::Receiver<()>,
     events: tokio::sync::mpsc::Sender<Value>,
@@ -277,6 +335,7 @@ async fn drift_loop(
             _ = tick.tick() => {}
             Some(()) = wake.recv() => {}
         }
+        reconcile_routers(&mut *routers.lock().await, &store, &events).await;
         let mut fw = firewall.lock().await;
         match fw.check_drift().await {
             Ok(Drift::None) => {}

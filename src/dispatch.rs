@@ -14,6 +14,8 @@ use crate::firewall::{ApplyPlan, Firewall, FirewallError};
 use crate::protocol::{
     Ack, AckError, DecodeContext, ErrorCode, Incoming, Request, RequestKind, Status, decode,
 };
+use crate::router::spec::RouterSpec;
+use crate::router::{RouterError, Routers};
 use crate::state::{Change, StateError, Store};
 
 /// Journal entries after which the firewall snapshot is rewritten.
@@ -40,12 +42,15 @@ pub enum Fault {
     None,
     /// SIGKILL itself right after a command's outcome is committed, before the ack is sent.
     CrashAfterPersist,
+    /// SIGKILL itself half way through creating a new router (namespace and one interface).
+    CrashMidRouterCreate,
 }
 
 impl Fault {
     pub fn from_env() -> Fault {
         match std::env::var("RAMPART_FAULT").as_deref() {
             Ok("crash_after_persist") => Fault::CrashAfterPersist,
+            Ok("crash_mid_router_create") => Fault::CrashMidRouterCreate,
             _ => Fault::None,
         }
     }
@@ -56,6 +61,8 @@ enum OwnedChange {
     None,
     FirewallReplace(String),
     FirewallPatch(String),
+    RouterPut { id: String, spec: String },
+    RouterDelete(String),
 }
 
 /// The result of executing one request, before it is stored.
@@ -104,12 +111,35 @@ fn firewall_error(e: &FirewallError) -> (Status, AckError) {
     )
 }
 
+/// The one place where router errors become ack statuses and codes.
+fn router_error(e: &RouterError) -> (Status, AckError) {
+    let (status, code, field) = match e {
+        RouterError::UnknownBridge { field, .. } => (
+            Status::Rejected,
+            ErrorCode::UnknownBridge,
+            Some(field.clone()),
+        ),
+        RouterError::Kernel(_) => (Status::Failed, ErrorCode::RouterFailed, None),
+    };
+    (
+        status,
+        AckError {
+            code,
+            message: e.to_string(),
+            field,
+        },
+    )
+}
+
 pub struct Dispatcher {
     store: Arc<Store>,
     decode: std::sync::RwLock<DecodeContext>,
     host_id: String,
     certificate: CertInfo,
     firewall: Arc<Mutex<Firewall>>,
+    routers: Arc<Mutex<Routers>>,
+    /// Where reconcile results go (as `drift.<host>` events).
+    drift: tokio::sync::mpsc::Sender<Value>,
     fault: Fault,
 }
 
@@ -119,6 +149,8 @@ impl Dispatcher {
         decode: DecodeContext,
         certificate: CertInfo,
         firewall: Arc<Mutex<Firewall>>,
+        routers: Arc<Mutex<Routers>>,
+        drift: tokio::sync::mpsc::Sender<Value>,
     ) -> Dispatcher {
         Dispatcher {
             store,
@@ -126,6 +158,8 @@ impl Dispatcher {
             decode: std::sync::RwLock::new(decode),
             certificate,
             firewall,
+            routers,
+            drift,
             fault: Fault::from_env(),
         }
     }
@@ -189,16 +223,28 @@ impl Dispatcher {
             }
             _ => None,
         };
+        let mut rt_guard = match &request.kind {
+            RequestKind::RouterCreate(_) | RequestKind::RouterDelete { .. } => {
+                Some(self.routers.lock().await)
+            }
+            _ => None,
+        };
         let Request { id, kind, .. } = request;
         let (executed, commit) = match kind {
             RequestKind::Ping => (
                 Executed::applied(json!({}), OwnedChange::None),
                 Commit::None,
             ),
-            RequestKind::StateSync => match self.summary().await {
-                Ok(summary) => (Executed::applied(summary, OwnedChange::None), Commit::None),
-                Err(e) => return self.store_failure(&id, type_name, e),
-            },
+            RequestKind::StateSync => {
+                let reconciled = {
+                    let mut routers = self.routers.lock().await;
+                    reconcile_routers(&mut routers, &self.store, &self.drift).await
+                };
+                match reconciled.and(self.summary().await) {
+                    Ok(summary) => (Executed::applied(summary, OwnedChange::None), Commit::None),
+                    Err(e) => return self.store_failure(&id, type_name, e),
+                }
+            }
             RequestKind::FirewallApply { rules, raw } => {
                 let fw = fw_guard.as_mut().expect("locked above");
                 firewall_apply(fw, rules, raw).await
@@ -206,6 +252,14 @@ impl Dispatcher {
             RequestKind::FirewallPatch { patch, raw } => {
                 let fw = fw_guard.as_mut().expect("locked above");
                 firewall_patch(fw, &patch, raw).await
+            }
+            RequestKind::RouterCreate(spec) => {
+                let routers = rt_guard.as_mut().expect("locked above");
+                self.router_create(routers, *spec).await
+            }
+            RequestKind::RouterDelete { id: router } => {
+                let routers = rt_guard.as_mut().expect("locked above");
+                router_delete(routers, router).await
             }
         };
         let Executed {
@@ -248,8 +302,19 @@ impl Dispatcher {
             {
                 tracing::error!(error = %re, "could not roll the kernel back to the recorded rule set");
             }
+            if let Some(routers) = rt_guard.as_mut() {
+                undo_router(routers, &commit).await;
+            }
             return self.store_failure(&id, type_name, e);
         }
+        if let Some(routers) = rt_guard.as_mut() {
+            match &commit {
+                Commit::RouterPut { spec, .. } => routers.commit_put((**spec).clone()),
+                Commit::RouterDelete { id, .. } => routers.commit_delete(id),
+                _ => {}
+            }
+        }
+        drop(rt_guard);
         if let Some(fw) = fw_guard.as_mut() {
             match commit {
                 Commit::None => {}
@@ -258,6 +323,7 @@ impl Dispatcher {
                     fw.commit_patch(*plan);
                     self.maybe_compact(fw).await;
                 }
+                Commit::RouterPut { .. } | Commit::RouterDelete { .. } => {}
             }
         }
         drop(fw_guard);
@@ -289,7 +355,7 @@ impl Dispatcher {
             "host": self.host_id(),
             "version": env!("CARGO_PKG_VERSION"),
             "firewall": firewall,
-            "routers": [],
+            "routers": self.routers.lock().await.summary(),
             "certificate": {
                 "subject": self.certificate.subject,
                 "not_after": self.certificate.not_after,
@@ -316,6 +382,8 @@ impl Dispatcher {
                 OwnedChange::None => Change::None,
                 OwnedChange::FirewallReplace(s) => Change::FirewallReplace(s),
                 OwnedChange::FirewallPatch(s) => Change::FirewallPatch(s),
+                OwnedChange::RouterPut { id, spec } => Change::RouterPut { id, spec },
+                OwnedChange::RouterDelete(id) => Change::RouterDelete(id),
             };
             store.commit(&id, &ack, change)
         })
@@ -376,6 +444,16 @@ enum Commit {
     None,
     Replace(Box<RuleSet>, crate::firewall::layout::Layout),
     Patch(Box<crate::firewall::PatchPlan>),
+    /// Router `spec` is in the kernel; `previous` is what the record held before.
+    RouterPut {
+        spec: Box<RouterSpec>,
+        previous: Option<Box<RouterSpec>>,
+    },
+    /// Router `id` is gone from the kernel; `previous` is what the record held.
+    RouterDelete {
+        id: String,
+        previous: Option<Box<RouterSpec>>,
+    },
 }
 
 fn failed_with(fw: &Firewall, e: &FirewallError) -> (Executed, Commit) {
@@ -439,4 +517,167 @@ async fn firewall_patch(fw: &mut Firewall, patch: &Patch, raw: String) -> (Execu
         OwnedChange::FirewallPatch(raw),
     );
     (executed, Commit::Patch(Box::new(plan)))
+}
+
+impl Dispatcher {
+    /// `router.create`: bridges checked, the id owned durably before the first kernel
+    /// change, then converged; a failure rolls back to what was there before.
+    async fn router_create(&self, routers: &mut Routers, spec: RouterSpec) -> (Executed, Commit) {
+        let failed = |e: &RouterError| {
+            let (status, error) = router_error(e);
+            let executed = Executed {
+                status,
+                error: Some(error),
+                data: json!({ "router": spec.id }),
+                change: OwnedChange::None,
+            };
+            (executed, Commit::None)
+        };
+        if let Err(e) = routers.check_bridges(&spec).await {
+            return failed(&e);
+        }
+        if !routers.is_owned(&spec.id) {
+            let store = self.store.clone();
+            let id = spec.id.clone();
+            let owned = tokio::task::spawn_blocking(move || store.own_router(&id))
+                .await
+                .expect("state store task panicked");
+            if let Err(e) = owned {
+                let executed = Executed {
+                    status: Status::Failed,
+                    error: Some(AckError {
+                        code: ErrorCode::StoreFailed,
+                        message: e.to_string(),
+                        field: None,
+                    }),
+                    data: json!({ "router": spec.id }),
+                    change: OwnedChange::None,
+                };
+                return (executed, Commit::None);
+            }
+            routers.note_owned(&spec.id);
+        }
+        let previous = routers.get(&spec.id).cloned().map(Box::new);
+        match routers.converge(&spec).await {
+            Ok(steps) => {
+                tracing::debug!(router = %spec.id, steps = steps.len(), "router converged");
+                let executed = Executed::applied(
+                    json!({ "router": spec.id, "changes": steps.len(), "noop": steps.is_empty() }),
+                    OwnedChange::RouterPut {
+                        id: spec.id.clone(),
+                        spec: spec.to_json(),
+                    },
+                );
+                let commit = Commit::RouterPut {
+                    spec: Box::new(spec),
+                    previous,
+                };
+                (executed, commit)
+            }
+            Err(e) => {
+                tracing::warn!(router = %spec.id, error = %e, "router create failed; rolling back");
+                let undo = Commit::RouterPut {
+                    spec: Box::new(spec.clone()),
+                    previous,
+                };
+                undo_router(routers, &undo).await;
+                failed(&RouterError::Kernel(e))
+            }
+        }
+    }
+}
+
+/// Converges the routers to the record (start, `state.sync`, the periodic check), disowns
+/// what it removed and reports what it fixed as a drift event.
+pub async fn reconcile_routers(
+    routers: &mut Routers,
+    store: &Arc<Store>,
+    drift: &tokio::sync::mpsc::Sender<Value>,
+) -> Result<(), StateError> {
+    let done = routers.reconcile().await;
+    report_reconciled(&done, drift);
+    for id in done.removed {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.disown_router(&id))
+            .await
+            .expect("state store task panicked")?;
+    }
+    Ok(())
+}
+
+/// Logs a reconcile's result and sends it as a drift event when it changed anything.
+fn report_reconciled(done: &crate::router::Reconciled, drift: &tokio::sync::mpsc::Sender<Value>) {
+    if done.is_empty() {
+        return;
+    }
+    for (id, steps) in &done.repaired {
+        tracing::warn!(router = %id, steps = ?steps, "router drift found and repaired");
+    }
+    for id in &done.removed {
+        tracing::warn!(router = %id, "owned router no longer wanted: removed");
+    }
+    for (id, error) in &done.failed {
+        tracing::error!(router = %id, %error, "router could not be repaired");
+    }
+    let event = json!({ "what": "routers", "routers": done });
+    if drift.try_send(event).is_err() {
+        tracing::warn!("drift event dropped: too many pending");
+    }
+}
+
+/// `router.delete`: removes the router (absent is fine).
+async fn router_delete(routers: &mut Routers, id: String) -> (Executed, Commit) {
+    let previous = routers.get(&id).cloned().map(Box::new);
+    if previous.is_none() && !routers.is_owned(&id) {
+        let executed =
+            Executed::applied(json!({ "router": id, "absent": true }), OwnedChange::None);
+        return (executed, Commit::None);
+    }
+    match routers.remove(&id, previous.as_deref()).await {
+        Ok(()) => (
+            Executed::applied(
+                json!({ "router": id, "absent": previous.is_none() }),
+                OwnedChange::RouterDelete(id.clone()),
+            ),
+            Commit::RouterDelete { id, previous },
+        ),
+        Err(e) => {
+            tracing::warn!(router = %id, error = %e, "router delete failed; restoring it");
+            undo_router(
+                routers,
+                &Commit::RouterDelete {
+                    id: id.clone(),
+                    previous,
+                },
+            )
+            .await;
+            let (status, error) = router_error(&RouterError::Kernel(e));
+            let executed = Executed {
+                status,
+                error: Some(error),
+                data: json!({ "router": id }),
+                change: OwnedChange::None,
+            };
+            (executed, Commit::None)
+        }
+    }
+}
+
+/// Puts the kernel back to the record as it was before a router command.
+async fn undo_router(routers: &Routers, commit: &Commit) {
+    let (id, previous) = match commit {
+        Commit::RouterPut { spec, previous } => (spec.id.as_str(), previous),
+        Commit::RouterDelete { id, previous } => (id.as_str(), previous),
+        _ => return,
+    };
+    let result = match previous {
+        Some(p) => routers.converge(p).await.map(|_| ()),
+        None => match commit {
+            Commit::RouterPut { spec, .. } => routers.remove(id, Some(spec)).await,
+            _ => Ok(()),
+        },
+    };
+    if let Err(e) = result {
+        tracing::error!(router = %id, error = %e, "could not roll the router back; the next reconcile retries");
+    }
 }

@@ -20,6 +20,8 @@ pub mod manager;
 pub mod netstat;
 /// Wire contract: deliveries -> checked requests; acks.
 pub mod protocol;
+/// Logical routers: network namespaces with veth interfaces, converged via netlink.
+pub mod router;
 /// Crash-safe store of processed commands and applied state.
 pub mod state;
 /// The only code that touches the host: nft (later netlink, namespaces).

@@ -30,6 +30,7 @@ pub enum ControlError {
 pub enum Request {
     Rules,
     Status,
+    Routers,
 }
 
 /// The broker session as the daemon last saw it.
@@ -53,6 +54,7 @@ pub struct SessionStatus {
 /// What the daemon shares with the control socket.
 pub struct Shared {
     pub firewall: Arc<tokio::sync::Mutex<Firewall>>,
+    pub routers: Arc<tokio::sync::Mutex<crate::router::Routers>>,
     pub store: Arc<crate::state::Store>,
     pub host_id: String,
     pub started_ms: u64,
@@ -112,6 +114,7 @@ async fn answer(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
             Err(e) => json!({"error": format!("bad request: {e}")}),
             Ok(Request::Rules) => rules(shared).await,
             Ok(Request::Status) => status(shared).await,
+            Ok(Request::Routers) => json!({"routers": shared.routers.lock().await.inspect().await}),
         }
     };
     let mut bytes = serde_json::to_vec(&reply).expect("JSON serialises");

@@ -50,6 +50,12 @@ pub enum ErrorCode {
     StaleGeneration,
     NftFailed,
     StoreFailed,
+    DuplicateName,
+    DuplicateAddress,
+    DuplicateRoute,
+    UnreachableGateway,
+    UnknownBridge,
+    RouterFailed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -52,6 +52,10 @@ pub enum RequestKind {
         /// The `data` JSON as received, compact: what the journal stores.
         raw: String,
     },
+    RouterCreate(Box<crate::router::spec::RouterSpec>),
+    RouterDelete {
+        id: String,
+    },
 }
 
 impl RequestKind {
@@ -61,6 +65,8 @@ impl RequestKind {
             RequestKind::StateSync => "state.sync",
             RequestKind::FirewallApply { .. } => "firewall.apply",
             RequestKind::FirewallPatch { .. } => "firewall.patch",
+            RequestKind::RouterCreate(_) => "router.create",
+            RequestKind::RouterDelete { .. } => "router.delete",
         }
     }
 }
@@ -269,6 +275,10 @@ fn decode_inner(
             patch: Box::new(super::firewall::decode_patch(data)?),
             raw: data.to_string(),
         },
+        "router.create" => RequestKind::RouterCreate(Box::new(super::router::decode_router(data)?)),
+        "router.delete" => RequestKind::RouterDelete {
+            id: super::router::decode_router_delete(data)?,
+        },
         other => {
             return Err(reject(
                 ErrorCode::UnknownType,
@@ -336,6 +346,32 @@ fn valid_command_id(id: &str) -> bool {
 }
 
 /// A value quoted for a one-line message, shortened so hostile input stays small.
+pub(super) fn invalid(path: &str, message: impl Into<String>) -> Reject {
+    reject(ErrorCode::InvalidField, message, Some(path.to_string()))
+}
+
+pub(super) fn as_object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, Reject> {
+    v.as_object()
+        .ok_or_else(|| invalid(path, "must be an object"))
+}
+
+pub(super) fn as_array<'a>(v: &'a Value, path: &str) -> Result<&'a Vec<Value>, Reject> {
+    v.as_array()
+        .ok_or_else(|| invalid(path, "must be an array"))
+}
+
+pub(super) fn as_str<'a>(v: &'a Value, path: &str) -> Result<&'a str, Reject> {
+    v.as_str().ok_or_else(|| invalid(path, "must be a string"))
+}
+
+pub(super) fn u64_field(obj: &Map<String, Value>, key: &str, parent: &str) -> Result<u64, Reject> {
+    let path = child_path(parent, key);
+    obj.get(key)
+        .ok_or_else(|| missing(parent, key))?
+        .as_u64()
+        .ok_or_else(|| invalid(&path, format!("{key} must be a non-negative integer")))
+}
+
 pub(super) fn echo(s: &str) -> String {
     let short: String = s.chars().take(ECHO_MAX).collect();
     if short.len() < s.len() {

@@ -7,39 +7,16 @@ use ipnet::IpNet;
 use serde_json::{Map, Value};
 
 use super::ErrorCode;
-use super::command::{Reject, child_path, deny_unknown, echo, missing, reject};
+use super::command::{
+    Reject, as_array, as_object, as_str, child_path, deny_unknown, echo, invalid, missing, reject,
+    u64_field,
+};
 use crate::firewall::spec::{
     Action, Addr, Defaults, Direction, Iface, Limits, PartialDefaults, Patch, Policy, PortRange,
     Protocol, Rule, RuleSet, is_valid_iface, is_valid_rule_id, is_valid_set_name, parse_net,
 };
 
 const COMMENT_MAX: usize = 256;
-
-fn invalid(path: &str, message: impl Into<String>) -> Reject {
-    reject(ErrorCode::InvalidField, message, Some(path.to_string()))
-}
-
-fn as_object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, Reject> {
-    v.as_object()
-        .ok_or_else(|| invalid(path, "must be an object"))
-}
-
-fn as_array<'a>(v: &'a Value, path: &str) -> Result<&'a Vec<Value>, Reject> {
-    v.as_array()
-        .ok_or_else(|| invalid(path, "must be an array"))
-}
-
-fn as_str<'a>(v: &'a Value, path: &str) -> Result<&'a str, Reject> {
-    v.as_str().ok_or_else(|| invalid(path, "must be a string"))
-}
-
-fn u64_field(obj: &Map<String, Value>, key: &str, parent: &str) -> Result<u64, Reject> {
-    let path = child_path(parent, key);
-    obj.get(key)
-        .ok_or_else(|| missing(parent, key))?
-        .as_u64()
-        .ok_or_else(|| invalid(&path, format!("{key} must be a non-negative integer")))
-}
 
 fn bool_field(obj: &Map<String, Value>, key: &str, parent: &str) -> Result<bool, Reject> {
     match obj.get(key) {

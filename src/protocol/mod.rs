@@ -4,6 +4,7 @@
 mod ack;
 mod command;
 mod firewall;
+mod router;
 
 pub use ack::{Ack, AckError, ErrorCode, Status};
 pub use command::{DecodeContext, Incoming, Rejection, Request, RequestKind, decode};

@@ -21,6 +21,11 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const FIREWALL: TableDefinition<&str, &[u8]> = TableDefinition::new("firewall");
 /// sequence -> `firewall.patch` data applied on top of the snapshot, in order.
 const FIREWALL_JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("firewall_journal");
+/// router id -> the applied router spec (canonical JSON).
+const ROUTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("routers");
+/// router id -> when the agent first made kernel objects for it (ms). Written before the
+/// first kernel change, so a crash half way leaves a namespace the agent knows it owns.
+const ROUTERS_OWNED: TableDefinition<&str, u64> = TableDefinition::new("routers_owned");
 
 /// The state change a command made, committed together with its dedup record.
 #[derive(Debug)]
@@ -30,6 +35,13 @@ pub enum Change<'a> {
     FirewallReplace(&'a str),
     /// A patch (its `data` JSON) goes on top of the current firewall state.
     FirewallPatch(&'a str),
+    /// Router `id` is now as `spec` (canonical JSON) says.
+    RouterPut {
+        id: &'a str,
+        spec: &'a str,
+    },
+    /// Router `id` is gone: neither wanted nor owned any more.
+    RouterDelete(&'a str),
 }
 
 /// The firewall as stored: a snapshot and the patches since, to be replayed in order.
@@ -104,6 +116,24 @@ mod firewall_tests {
             vec![b"{\"p\":1}".to_vec(), b"{\"p\":2}".to_vec()]
         );
         s.compact_firewall("{\"generation\":3}").unwrap();
+        s.own_router("lr1").unwrap();
+        s.own_router("lr2").unwrap();
+        s.commit(
+            "d",
+            &ack,
+            Change::RouterPut {
+                id: "lr1",
+                spec: "{}",
+            },
+        )
+        .unwrap();
+        s.disown_router("lr1").unwrap();
+        s.disown_router("lr2").unwrap();
+        assert_eq!(s.owned_routers().unwrap(), vec!["lr1".to_string()]);
+        assert_eq!(s.load_routers().unwrap().len(), 1);
+        s.commit("e", &ack, Change::RouterDelete("lr1")).unwrap();
+        assert!(s.owned_routers().unwrap().is_empty());
+        assert!(s.load_routers().unwrap().is_empty());
         let fw = s.load_firewall().unwrap();
         assert!(fw.journal.is_empty());
         assert!(s.lookup("c").unwrap().is_some());
@@ -156,6 +186,8 @@ impl Store {
             tx.open_table(PROCESSED_ORDER)?;
             tx.open_table(FIREWALL)?;
             tx.open_table(FIREWALL_JOURNAL)?;
+            tx.open_table(ROUTERS)?;
+            tx.open_table(ROUTERS_OWNED)?;
         }
         tx.commit()?;
         Ok(())
@@ -201,6 +233,17 @@ impl Store {
                     let mut journal = tx.open_table(FIREWALL_JOURNAL)?;
                     let next = journal.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0);
                     journal.insert(next, data.as_bytes())?;
+                }
+                Change::RouterPut { id, spec } => {
+                    tx.open_table(ROUTERS)?.insert(id, spec.as_bytes())?;
+                    let mut owned = tx.open_table(ROUTERS_OWNED)?;
+                    if owned.get(id)?.is_none() {
+                        owned.insert(id, crate::protocol::now_ms())?;
+                    }
+                }
+                Change::RouterDelete(id) => {
+                    tx.open_table(ROUTERS)?.remove(id)?;
+                    tx.open_table(ROUTERS_OWNED)?.remove(id)?;
                 }
             }
             let mut meta = tx.open_table(META)?;
@@ -255,6 +298,49 @@ impl Store {
             .insert("snapshot", snapshot.as_bytes())?;
         tx.delete_table(FIREWALL_JOURNAL)?;
         tx.open_table(FIREWALL_JOURNAL)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The recorded routers: id and spec JSON.
+    pub fn load_routers(&self) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        let tx = self.db.begin_read()?;
+        tx.open_table(ROUTERS)?
+            .iter()?
+            .map(|e| {
+                e.map(|(k, v)| (k.value().to_string(), v.value().to_vec()))
+                    .map_err(StateError::from)
+            })
+            .collect()
+    }
+
+    /// Router ids the agent owns (recorded, or being created).
+    pub fn owned_routers(&self) -> Result<Vec<String>, StateError> {
+        let tx = self.db.begin_read()?;
+        tx.open_table(ROUTERS_OWNED)?
+            .iter()?
+            .map(|e| {
+                e.map(|(k, _)| k.value().to_string())
+                    .map_err(StateError::from)
+            })
+            .collect()
+    }
+
+    /// Records, durably, that the agent is about to make kernel objects for router `id`.
+    pub fn own_router(&self, id: &str) -> Result<(), StateError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(ROUTERS_OWNED)?
+            .insert(id, crate::protocol::now_ms())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forgets an owned router that is not wanted (its kernel objects are gone).
+    pub fn disown_router(&self, id: &str) -> Result<(), StateError> {
+        let tx = self.db.begin_write()?;
+        if tx.open_table(ROUTERS)?.get(id)?.is_none() {
+            tx.open_table(ROUTERS_OWNED)?.remove(id)?;
+        }
         tx.commit()?;
         Ok(())
     }

@@ -1,4 +1,6 @@
-//! The only code that touches the host: nftables (and, later, netlink and namespaces).
+//! The only code that touches the host: nftables, rtnetlink and network namespaces.
 
+pub mod netns;
 pub mod nfnl;
 pub mod nft;
+pub mod rtnl;

@@ -8,13 +8,14 @@ use anyhow::{Context, Result, ensure};
 use futures_util::StreamExt;
 use libtest_mimic::Trial;
 use rampart::broker::EVENTS_EXCHANGE;
-use rampart::manager::Manager;
-use rampart::protocol::{Ack, ErrorCode, Status};
+use rampart::protocol::{ErrorCode, Status};
 use serde_json::{Value, json};
 
-use crate::support::netns::{Netns, Servers, Tcp, relay, tcp_probe, udp_probe, veth};
+use crate::support::netns::{Netns, Servers, Tcp, tcp_probe, udp_probe, veth};
 use crate::support::rampart;
-use crate::support::{AgentProc, Host, HostOptions, env, runtime};
+use crate::support::site::Site;
+use crate::support::{AgentProc, HostOptions, env, runtime};
+use crate::support::{applied, manager, send};
 use crate::trial;
 
 pub fn tests() -> Vec<Trial> {
@@ -64,15 +65,12 @@ pub fn tests() -> Vec<Trial> {
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// One test's hosts: broker side, agent host, client, workload.
+/// One test's hosts: the agent's site, a client, a workload.
 struct Topo {
     n: u8,
-    ag: Netns,
+    site: Site,
     cl: Netns,
     wl: Netns,
-    host: Host,
-    _brk: Netns,
-    _relay: Servers,
 }
 
 impl Topo {
@@ -81,23 +79,23 @@ impl Topo {
     }
 
     fn with_firewall(n: u8, id: &str, firewall: &str) -> Topo {
-        let brk = Netns::new(&format!("rpf{n}-brk"));
-        let ag = Netns::new(&format!("rpf{n}-ag"));
+        let site = Site::new(
+            &format!("rpf{n}"),
+            &format!("10.201.{n}"),
+            id,
+            HostOptions {
+                firewall: firewall.into(),
+                ..Default::default()
+            },
+        );
+        let ag = &site.ag;
         let cl = Netns::new(&format!("rpf{n}-cl"));
         let wl = Netns::new(&format!("rpf{n}-wl"));
-        veth(
-            &brk,
-            "b0",
-            &format!("10.201.{n}.1/30"),
-            &ag,
-            "e0",
-            &format!("10.201.{n}.2/30"),
-        );
         veth(
             &cl,
             "c0",
             &format!("10.202.{n}.2/24"),
-            &ag,
+            ag,
             "e1",
             &format!("10.202.{n}.1/24"),
         );
@@ -105,33 +103,14 @@ impl Topo {
             &wl,
             "w0",
             &format!("10.203.{n}.2/24"),
-            &ag,
+            ag,
             "tapw0",
             &format!("10.203.{n}.1/24"),
         );
         ag.sysctl("net.ipv4.ip_forward", "1");
         cl.route(&format!("10.203.{n}.0/24"), &format!("10.202.{n}.1"));
         wl.route("default", &format!("10.203.{n}.1"));
-        let target = format!("127.0.0.1:{}", env().broker.port).parse().unwrap();
-        let relay = relay(&brk.name, &format!("10.201.{n}.1:5671"), target);
-        let host = env().host(
-            id,
-            HostOptions {
-                urls: Some(vec![format!("amqps://10.201.{n}.1:5671/%2f")]),
-                server_name: Some("localhost".into()),
-                firewall: firewall.into(),
-                ..Default::default()
-            },
-        );
-        Topo {
-            n,
-            ag,
-            cl,
-            wl,
-            host,
-            _brk: brk,
-            _relay: relay,
-        }
+        Topo { n, site, cl, wl }
     }
 
     fn agent_ip(&self) -> String {
@@ -145,9 +124,7 @@ impl Topo {
     }
 
     fn start(&self) -> AgentProc {
-        let a = AgentProc::start_in(&self.host, Some(&self.ag.name), &[]);
-        a.wait_serving();
-        a
+        self.site.start(&[])
     }
 
     /// TCP from the client to the agent host.
@@ -156,37 +133,20 @@ impl Topo {
     }
 }
 
-async fn manager(host: &str) -> Result<Manager> {
-    let mut m = env().manager().await;
-    m.watch_host(host).await?;
-    Ok(m)
-}
-
-async fn send(m: &mut Manager, host: &str, kind: &str, id: &str, data: Value) -> Result<Ack> {
-    m.send(host, kind, id, &data).await?;
-    Ok(m.wait_ack(id, WAIT).await?)
-}
-
-async fn applied(m: &mut Manager, host: &str, kind: &str, id: &str, data: Value) -> Result<Ack> {
-    let ack = send(m, host, kind, id, data).await?;
-    ensure!(ack.status == Status::Applied, "{id}: {ack:?}");
-    Ok(ack)
-}
-
 fn rule(id: &str, prio: u32, action: &str, dir: &str, proto: &str, ports: &[&str]) -> Value {
     json!({"id": id, "priority": prio, "action": action, "direction": dir, "protocol": proto, "ports": ports})
 }
 
 fn allow_drop_reject() -> Result<()> {
     let t = Topo::new(1, "fw-basic");
-    let _srv = Servers::start(&t.ag.name, "0.0.0.0", &[80, 81, 82, 83, 84, 86], &[53]);
+    let _srv = Servers::start(&t.site.ag.name, "0.0.0.0", &[80, 81, 82, 83, 84, 86], &[53]);
     let _agent = t.start();
     ensure!(
         t.probe(83) == Tcp::Open,
         "before any rule set the host is untouched"
     );
     runtime().block_on(async {
-        let h = &t.host.id;
+        let h = &t.site.host.id;
         let mut m = manager(h).await?;
         let mut other = rule("only-other", 100, "allow", "in", "tcp", &["84"]);
         other["sources"] = json!(["192.0.2.99"]);
@@ -234,7 +194,7 @@ fn allow_drop_reject() -> Result<()> {
         ensure!(sync.data["firewall"]["rules"] == 8, "{}", sync.data);
 
         // `rampart rules` shows the applied set with live counters, from the daemon.
-        let sock = t.host.dir.join("rampart.sock");
+        let sock = t.site.host.dir.join("rampart.sock");
         let out = rampart(&["rules", "--json", "--socket", sock.to_str().unwrap()]);
         ensure!(
             out.status.success(),
@@ -344,10 +304,10 @@ fn counter(table: &str, id: &str) -> u64 {
 
 fn set_patch() -> Result<()> {
     let t = Topo::new(2, "fw-sets");
-    let _srv = Servers::start(&t.ag.name, "0.0.0.0", &[80, 85], &[]);
+    let _srv = Servers::start(&t.site.ag.name, "0.0.0.0", &[80, 85], &[]);
     let _agent = t.start();
     runtime().block_on(async {
-        let h = &t.host.id;
+        let h = &t.site.host.id;
         let mut m = manager(h).await?;
         let mut members = rule("members", 100, "allow", "in", "tcp", &["85"]);
         members["sources"] = json!(["$clients"]);
@@ -360,7 +320,7 @@ fn set_patch() -> Result<()> {
             t.probe(85) == Tcp::Silent,
             "the client is not in the set yet"
         );
-        let before = t.ag.nft_table("rampart").context("table")?;
+        let before = t.site.ag.nft_table("rampart").context("table")?;
         let web_hits = counter(&before, "web");
         ensure!(web_hits > 0, "the web rule counted the probe:\n{before}");
 
@@ -371,7 +331,7 @@ fn set_patch() -> Result<()> {
             t.probe(85) == Tcp::Open,
             "the patch opened the port for the new member"
         );
-        let after = t.ag.nft_table("rampart").context("table")?;
+        let after = t.site.ag.nft_table("rampart").context("table")?;
         ensure!(
             after.contains(&t.client_ip()),
             "nft lists the new element:\n{after}"
@@ -422,7 +382,7 @@ fn stateful_and_forward() -> Result<()> {
     let _wl_srv = Servers::start(&t.wl.name, "0.0.0.0", &[90, 91], &[]);
     let _agent = t.start();
     runtime().block_on(async {
-        let h = &t.host.id;
+        let h = &t.site.host.id;
         let mut m = manager(h).await?;
         let mut wl = rule("to-workload", 100, "allow", "in", "tcp", &["90"]);
         wl["applied_to"] = json!(["tapw*"]);
@@ -430,7 +390,7 @@ fn stateful_and_forward() -> Result<()> {
             "rules": [wl]});
         applied(&mut m, h, "firewall.apply", "state-1", rs).await?;
         // The host's own outbound connection gets its replies back (established).
-        ensure!(tcp_probe(&t.ag.name, &t.client_ip(), 7000) == Tcp::Open, "stateful reply to an outbound connection");
+        ensure!(tcp_probe(&t.site.ag.name, &t.client_ip(), 7000) == Tcp::Open, "stateful reply to an outbound connection");
         // New inbound connections are dropped.
         ensure!(tcp_probe(&t.cl.name, &t.agent_ip(), 7000) == Tcp::Silent);
         // Forwarded traffic towards the workload follows the applied_to rule.
@@ -446,12 +406,12 @@ fn failsafe() -> Result<()> {
     let _cl_srv = Servers::start(&t.cl.name, "0.0.0.0", &[7000], &[]);
     let _agent = t.start();
     runtime().block_on(async {
-        let h = &t.host.id;
+        let h = &t.site.host.id;
         let mut m = manager(h).await?;
         let rs = json!({"generation": 1, "defaults": {"in": "drop", "out": "drop", "forward": "drop"},
             "rules": [rule("all-in", 1, "drop", "in", "any", &[]), rule("all-out", 1, "drop", "out", "any", &[])]});
         applied(&mut m, h, "firewall.apply", "fs-1", rs).await?;
-        ensure!(tcp_probe(&t.ag.name, &t.client_ip(), 7000) == Tcp::Silent, "outbound is cut");
+        ensure!(tcp_probe(&t.site.ag.name, &t.client_ip(), 7000) == Tcp::Silent, "outbound is cut");
         // New broker connections still pass: the session keeps serving commands.
         let ack = applied(&mut m, h, "ping", "fs-ping", json!({})).await?;
         ensure!(!ack.duplicate);
@@ -464,11 +424,11 @@ fn stale_and_invalid() -> Result<()> {
     let t = Topo::new(5, "fw-stale");
     let _agent = t.start();
     runtime().block_on(async {
-        let h = &t.host.id;
+        let h = &t.site.host.id;
         let mut m = manager(h).await?;
         let rs = |g: u64, port: &str| json!({"generation": g, "rules": [rule("r", 1, "drop", "in", "tcp", &[port])]});
         applied(&mut m, h, "firewall.apply", "st-5", rs(5, "1000")).await?;
-        let table = t.ag.nft_table("rampart").context("table")?;
+        let table = t.site.ag.nft_table("rampart").context("table")?;
         // The same generation and content again: applied, a no-op.
         let ack = applied(&mut m, h, "firewall.apply", "st-5b", rs(5, "1000")).await?;
         ensure!(ack.data["noop"] == true, "{ack:?}");
@@ -505,7 +465,7 @@ fn stale_and_invalid() -> Result<()> {
             ensure!(ack.status == Status::Rejected, "{id}: {ack:?}");
             ensure!(ack.error.as_ref().map(|e| e.code) == Some(code), "{id}: {ack:?}");
         }
-        let now = t.ag.nft_table("rampart").context("table")?;
+        let now = t.site.ag.nft_table("rampart").context("table")?;
         let (now, table) = (without_counters(&now), without_counters(&table));
         ensure!(now == table, "the kernel changed:\n{table}\n---\n{now}");
         let sync = applied(&mut m, h, "state.sync", "st-sync", json!({})).await?;
@@ -536,7 +496,7 @@ fn kill9_patches() -> Result<()> {
     let mut agent = t.start();
     const N: u64 = 40;
     runtime().block_on(async {
-        let h = &t.host.id;
+        let h = &t.site.host.id;
         let mut m = manager(h).await?;
         applied(&mut m, h, "firewall.apply", "cr-1", json!({"generation": 1, "rules": []})).await?;
         for g in 2..=N {
@@ -562,7 +522,7 @@ fn kill9_patches() -> Result<()> {
             let ack = m.wait_ack(&format!("cr-{g}"), WAIT).await?;
             ensure!(ack.status == Status::Applied, "cr-{g}: {ack:?}");
         }
-        let table = t.ag.nft_table("rampart").context("table")?;
+        let table = t.site.ag.nft_table("rampart").context("table")?;
         for g in 2..=N {
             let n = table.matches(&format!("comment \"p{g}\"")).count();
             ensure!(n == 1, "rule p{g} appears {n} times:\n{table}");
@@ -578,17 +538,17 @@ fn kill9_patches() -> Result<()> {
 
 fn drift() -> Result<()> {
     let t = Topo::new(7, "fw-drift");
-    let _srv = Servers::start(&t.ag.name, "0.0.0.0", &[80, 83], &[]);
+    let _srv = Servers::start(&t.site.ag.name, "0.0.0.0", &[80, 83], &[]);
     let _agent = t.start();
     runtime().block_on(async {
-        let h = &t.host.id;
+        let h = &t.site.host.id;
         let mut m = manager(h).await?;
         let mut events = m.subscribe(EVENTS_EXCHANGE, &format!("drift.{h}")).await?;
         let rs = json!({"generation": 1, "defaults": {"in": "drop"}, "rules": [rule("web", 1, "allow", "in", "tcp", &["80"])]});
         applied(&mut m, h, "firewall.apply", "dr-1", rs).await?;
         ensure!(t.probe(83) == Tcp::Silent);
         tokio::time::sleep(Duration::from_millis(1500)).await; // a drift check learns the table
-        t.ag.nft("delete table inet rampart");
+        t.site.ag.nft("delete table inet rampart");
         ensure!(t.probe(83) == Tcp::Open, "the table is really gone");
         let d = tokio::time::timeout(WAIT, events.next()).await.context("no drift event")?.context("stream ended")??;
         let v: Value = serde_json::from_slice(&d.data)?;
@@ -596,7 +556,7 @@ fn drift() -> Result<()> {
         ensure!(t.probe(83) == Tcp::Silent, "restored");
         ensure!(t.probe(80) == Tcp::Open);
         // A rule slipped into our table by hand is noticed too.
-        t.ag.nft("add rule inet rampart input tcp dport 83 accept");
+        t.site.ag.nft("add rule inet rampart input tcp dport 83 accept");
         let d = tokio::time::timeout(WAIT, events.next()).await.context("no second drift event")?.context("stream ended")??;
         let v: Value = serde_json::from_slice(&d.data)?;
         ensure!(v["data"]["what"] == "table changed", "{v}");
@@ -609,17 +569,17 @@ fn drift() -> Result<()> {
 fn drift_events_at_once() -> Result<()> {
     // No periodic check within the test's time: only the kernel's events can trigger it.
     let t = Topo::with_firewall(9, "fw-flush", "drift_check_secs = 3600");
-    let _srv = Servers::start(&t.ag.name, "0.0.0.0", &[83], &[]);
+    let _srv = Servers::start(&t.site.ag.name, "0.0.0.0", &[83], &[]);
     let _agent = t.start();
     runtime().block_on(async {
-        let h = &t.host.id;
+        let h = &t.site.host.id;
         let mut m = manager(h).await?;
         let rs = json!({"generation": 1, "defaults": {"in": "drop"}, "rules": []});
         applied(&mut m, h, "firewall.apply", "fl-1", rs).await?;
         ensure!(t.probe(83) == Tcp::Silent);
-        t.ag.nft("flush ruleset");
+        t.site.ag.nft("flush ruleset");
         let back = crate::support::wait_until(Duration::from_secs(5), || {
-            t.ag.nft_table("rampart").is_some()
+            t.site.ag.nft_table("rampart").is_some()
         });
         ensure!(back, "the flushed table was not restored at once");
         ensure!(t.probe(83) == Tcp::Silent, "and it drops again");
@@ -630,10 +590,10 @@ fn drift_events_at_once() -> Result<()> {
 
 fn reboot_restore() -> Result<()> {
     let t = Topo::new(8, "fw-reboot");
-    let _srv = Servers::start(&t.ag.name, "0.0.0.0", &[80, 83], &[]);
+    let _srv = Servers::start(&t.site.ag.name, "0.0.0.0", &[80, 83], &[]);
     let mut agent = t.start();
     runtime().block_on(async {
-        let h = &t.host.id;
+        let h = &t.site.host.id;
         let mut m = manager(h).await?;
         let rs = json!({"generation": 1, "defaults": {"in": "drop"}, "rules": [rule("web", 1, "allow", "in", "tcp", &["80"])]});
         applied(&mut m, h, "firewall.apply", "rb-1", rs).await?;
@@ -645,25 +605,27 @@ fn reboot_restore() -> Result<()> {
     agent.signal(nix::sys::signal::Signal::SIGTERM);
     agent.wait_exit(WAIT).context("agent did not stop")?;
     // As after a reboot: no table, and this time no broker either.
-    t.ag.nft("delete table inet rampart");
+    t.site.ag.nft("delete table inet rampart");
     ensure!(t.probe(83) == Tcp::Open, "the table is really gone");
-    let text = std::fs::read_to_string(&t.host.config)?.replace(":5671/", ":5999/");
-    std::fs::write(&t.host.config, text)?;
-    let agent = AgentProc::start_in(&t.host, Some(&t.ag.name), &[]);
+    let text = std::fs::read_to_string(&t.site.host.config)?.replace(":5671/", ":5999/");
+    std::fs::write(&t.site.host.config, text)?;
+    let agent = AgentProc::start_in(&t.site.host, Some(&t.site.ag.name), &[]);
     ensure!(
         agent.wait_log("firewall restored", 1, WAIT),
         "{}",
         agent.current_log()
     );
-    let table =
-        t.ag.nft_table("rampart")
-            .context("rules are back in the kernel")?;
+    let table = t
+        .site
+        .ag
+        .nft_table("rampart")
+        .context("rules are back in the kernel")?;
     ensure!(
         table.contains("comment \"web2\""),
         "the patched generation is restored:\n{table}"
     );
     ensure!(t.probe(80) == Tcp::Open && t.probe(83) == Tcp::Open);
-    let _srv84 = Servers::start(&t.ag.name, "0.0.0.0", &[84], &[]);
+    let _srv84 = Servers::start(&t.site.ag.name, "0.0.0.0", &[84], &[]);
     ensure!(t.probe(84) == Tcp::Silent, "default drop is back");
     ensure!(
         !agent.current_log().contains("serving commands"),

@@ -5,6 +5,7 @@
 mod backbone;
 mod firewall;
 mod ops;
+mod routers;
 mod support;
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -22,6 +23,7 @@ fn main() {
     tests.extend(backbone::tests());
     tests.extend(firewall::tests());
     tests.extend(ops::tests());
+    tests.extend(routers::tests());
 
     let needs_env = !args.list
         && tests

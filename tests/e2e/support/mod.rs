@@ -3,6 +3,7 @@
 pub mod broker;
 pub mod netns;
 pub mod pki;
+pub mod site;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -202,7 +203,8 @@ impl AgentProc {
         AgentProc::start_in(host, None, envs)
     }
 
-    /// Starts the agent inside network namespace `ns` (through `ip netns exec`, which execs).
+    /// Starts the agent inside network namespace `ns` (through `nsenter`, which execs, and
+    /// unlike `ip netns exec` keeps the mount namespace, as a systemd host's agent has it).
     pub fn start_in(host: &Host, ns: Option<&str>, envs: &[(&str, &str)]) -> AgentProc {
         let log = host.dir.join("agent.log");
         let mut f = std::fs::OpenOptions::new()
@@ -213,8 +215,9 @@ impl AgentProc {
         writeln!(f, "===== agent start =====").unwrap();
         let mut cmd = match ns {
             Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_rampart")]);
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg(env!("CARGO_BIN_EXE_rampart"));
                 c
             }
             None => Command::new(env!("CARGO_BIN_EXE_rampart")),
@@ -325,4 +328,42 @@ pub fn rampart(args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .expect("running rampart")
+}
+
+/// How long a test waits for an ack.
+pub const ACK_WAIT: Duration = Duration::from_secs(20);
+
+/// The shared manager, watching `host`'s acks.
+pub async fn manager(host: &str) -> anyhow::Result<Manager> {
+    let mut m = env().manager().await;
+    m.watch_host(host).await?;
+    Ok(m)
+}
+
+/// Sends one command and waits for its ack.
+pub async fn send(
+    m: &mut Manager,
+    host: &str,
+    kind: &str,
+    id: &str,
+    data: serde_json::Value,
+) -> anyhow::Result<rampart::protocol::Ack> {
+    m.send(host, kind, id, &data).await?;
+    Ok(m.wait_ack(id, ACK_WAIT).await?)
+}
+
+/// Sends one command and insists that it is applied.
+pub async fn applied(
+    m: &mut Manager,
+    host: &str,
+    kind: &str,
+    id: &str,
+    data: serde_json::Value,
+) -> anyhow::Result<rampart::protocol::Ack> {
+    let ack = send(m, host, kind, id, data).await?;
+    anyhow::ensure!(
+        ack.status == rampart::protocol::Status::Applied,
+        "{id}: {ack:?}"
+    );
+    Ok(ack)
 }

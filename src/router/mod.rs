@@ -1,0 +1,301 @@
+//! Logical routers: the wanted routers (as recorded), converging the kernel to them, and
+//! reconciling at start and on `state.sync`. Kernel work goes to the namespace thread.
+
+pub mod plan;
+pub mod spec;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::sys::netns::{self, NetnsWorker};
+use crate::sys::rtnl::{self, KernelError};
+use plan::{Observed, Step};
+use spec::{NETNS_PREFIX, RouterSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("bridge {bridge} does not exist on this host (or is not a bridge)")]
+    UnknownBridge { bridge: String, field: String },
+    #[error("{0}")]
+    Kernel(#[from] KernelError),
+}
+
+/// How a router stands against the kernel, as last seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterState {
+    /// The kernel matched the record when last converged.
+    Applied,
+    /// The last repair failed; the next reconcile retries.
+    Degraded,
+}
+
+/// What a reconcile changed: for the `drift.<host>` event and the log.
+#[derive(Debug, Default, Serialize)]
+pub struct Reconciled {
+    /// Wanted routers that had to be repaired, with the steps taken.
+    pub repaired: BTreeMap<String, Vec<String>>,
+    /// Owned routers that are no longer wanted and were removed.
+    pub removed: Vec<String>,
+    /// Routers that could not be repaired, with the reason.
+    pub failed: BTreeMap<String, String>,
+}
+
+impl Reconciled {
+    pub fn is_empty(&self) -> bool {
+        self.repaired.is_empty() && self.removed.is_empty() && self.failed.is_empty()
+    }
+}
+
+pub struct Routers {
+    worker: NetnsWorker,
+    wanted: BTreeMap<String, RouterSpec>,
+    /// Ids the agent may have made a namespace for (recorded before the first kernel change).
+    owned: BTreeSet<String>,
+    state: BTreeMap<String, RouterState>,
+    /// Test-only: die half way through a new router (RAMPART_FAULT).
+    crash_mid_create: bool,
+}
+
+impl Routers {
+    pub fn new(
+        worker: NetnsWorker,
+        wanted: Vec<RouterSpec>,
+        owned: BTreeSet<String>,
+        crash_mid_create: bool,
+    ) -> Routers {
+        Routers {
+            worker,
+            wanted: wanted.into_iter().map(|s| (s.id.clone(), s)).collect(),
+            owned,
+            state: BTreeMap::new(),
+            crash_mid_create,
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<&RouterSpec> {
+        self.wanted.get(id)
+    }
+
+    pub fn is_owned(&self, id: &str) -> bool {
+        self.owned.contains(id)
+    }
+
+    /// Every bridge the spec names must exist before anything is made.
+    pub async fn check_bridges(&self, spec: &RouterSpec) -> Result<(), RouterError> {
+        for (i, iface) in spec.interfaces.iter().enumerate() {
+            let Some(bridge) = iface.bridge.clone() else {
+                continue;
+            };
+            let b = bridge.clone();
+            let exists = self
+                .worker
+                .run(move |ctx| async move { rtnl::is_bridge(&ctx, &b).await })
+                .await?;
+            if !exists {
+                return Err(RouterError::UnknownBridge {
+                    bridge,
+                    field: format!("$.data.interfaces[{i}].bridge"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings the kernel to `spec`; returns the steps that were needed (none: equal).
+    pub async fn converge(&self, spec: &RouterSpec) -> Result<Vec<Step>, KernelError> {
+        let spec = spec.clone();
+        let crash = self.crash_mid_create;
+        self.worker
+            .run(move |ctx| async move {
+                let observed = rtnl::observe(&ctx, &spec).await?;
+                let steps = plan::plan(&spec, &observed);
+                if crash && !observed.namespace && steps.len() > 2 {
+                    rtnl::apply(&ctx, &spec, &steps[..2]).await?;
+                    tracing::error!(router = %spec.id, "RAMPART_FAULT=crash_mid_router_create: killing myself");
+                    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+                }
+                rtnl::apply(&ctx, &spec, &steps).await?;
+                Ok(steps)
+            })
+            .await
+    }
+
+    /// Removes router `id` from the kernel: its namespace and every host end it has (those
+    /// of `spec` when known, and any the agent's alias names).
+    pub async fn remove(&self, id: &str, spec: Option<&RouterSpec>) -> Result<(), KernelError> {
+        let id = id.to_string();
+        let mut ends: Vec<String> = spec
+            .map(|s| s.interfaces.iter().map(|i| i.host_name(&s.id)).collect())
+            .unwrap_or_default();
+        let by_alias = spec.is_none();
+        self.worker
+            .run(move |ctx| async move {
+                if by_alias {
+                    ends = rtnl::agent_host_links(&ctx)
+                        .await?
+                        .remove(&id)
+                        .unwrap_or_default();
+                }
+                rtnl::delete(&ctx, &id, &ends).await
+            })
+            .await
+    }
+
+    /// The id is about to get kernel objects: the caller has recorded it as owned.
+    pub fn note_owned(&mut self, id: &str) {
+        self.owned.insert(id.to_string());
+    }
+
+    /// The record now holds `spec` (after the store commit).
+    pub fn commit_put(&mut self, spec: RouterSpec) {
+        self.state.insert(spec.id.clone(), RouterState::Applied);
+        self.owned.insert(spec.id.clone());
+        self.wanted.insert(spec.id.clone(), spec);
+    }
+
+    /// The record no longer holds `id` (after the store commit).
+    pub fn commit_delete(&mut self, id: &str) {
+        self.wanted.remove(id);
+        self.owned.remove(id);
+        self.state.remove(id);
+    }
+
+    /// Converges the kernel to the record: repairs wanted routers, removes owned ones that
+    /// are no longer wanted, leaves every other namespace alone. Returns what it did; the
+    /// ids it removed are to be disowned in the store by the caller.
+    pub async fn reconcile(&mut self) -> Reconciled {
+        let mut done = Reconciled::default();
+        let listed = self
+            .worker
+            .run(|_| async { netns::list_ns(NETNS_PREFIX) })
+            .await;
+        let present: BTreeSet<String> = match listed {
+            Ok(names) => names
+                .into_iter()
+                .filter_map(|n| n.strip_prefix(NETNS_PREFIX).map(str::to_string))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list router namespaces");
+                BTreeSet::new()
+            }
+        };
+        let stray_links = self
+            .worker
+            .run(|ctx| async move { rtnl::agent_host_links(&ctx).await })
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot list the agent's host interfaces");
+                BTreeMap::new()
+            });
+        let unwanted: BTreeSet<String> = present
+            .iter()
+            .chain(stray_links.keys())
+            .filter(|id| self.owned.contains(*id) && !self.wanted.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in unwanted {
+            match self.remove(&id, None).await {
+                Ok(()) => done.removed.push(id),
+                Err(e) => {
+                    done.failed.insert(id, e.to_string());
+                }
+            }
+        }
+        let wanted: Vec<RouterSpec> = self.wanted.values().cloned().collect();
+        for spec in wanted {
+            match self.converge(&spec).await {
+                Ok(steps) => {
+                    self.state.insert(spec.id.clone(), RouterState::Applied);
+                    if !steps.is_empty() {
+                        done.repaired.insert(
+                            spec.id.clone(),
+                            steps.iter().map(|s| s.to_string()).collect(),
+                        );
+                    }
+                }
+                Err(e) => {
+                    self.state.insert(spec.id.clone(), RouterState::Degraded);
+                    done.failed.insert(spec.id.clone(), e.to_string());
+                }
+            }
+        }
+        for id in &done.removed {
+            self.owned.remove(id);
+        }
+        done
+    }
+
+    /// The `routers` part of the state summary.
+    pub fn summary(&self) -> Value {
+        let list: Vec<Value> = self
+            .wanted
+            .values()
+            .map(|s| {
+                json!({
+                    "id": s.id,
+                    "interfaces": s.interfaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+                    "state": self.state.get(&s.id).copied().unwrap_or(RouterState::Applied),
+                })
+            })
+            .collect();
+        Value::Array(list)
+    }
+
+    /// Each router with the kernel's view beside the record, for `rampart routers`.
+    pub async fn inspect(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        for spec in self.wanted.values() {
+            let s = spec.clone();
+            let observed = self
+                .worker
+                .run(move |ctx| async move { rtnl::observe(&ctx, &s).await })
+                .await;
+            out.push(view(spec, observed));
+        }
+        out
+    }
+}
+
+fn view(spec: &RouterSpec, observed: Result<Observed, KernelError>) -> Value {
+    let (observed, error) = match observed {
+        Ok(o) => (o, None),
+        Err(e) => (Observed::default(), Some(e.to_string())),
+    };
+    let pending: Vec<String> = plan::plan(spec, &observed)
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let interfaces: Vec<Value> = spec
+        .interfaces
+        .iter()
+        .map(|i| {
+            let o = observed.interfaces.get(&i.name);
+            let state = match o {
+                None => "missing",
+                Some(o) if o.up && o.host.as_ref().is_some_and(|h| h.up) => "up",
+                Some(_) => "down",
+            };
+            json!({
+                "name": i.name,
+                "host": i.host_name(&spec.id),
+                "addresses": i.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "mtu": i.mtu,
+                "bridge": i.bridge,
+                "state": state,
+            })
+        })
+        .collect();
+    json!({
+        "id": spec.id,
+        "namespace": spec.netns(),
+        "present": observed.namespace,
+        "interfaces": interfaces,
+        "routes": spec.routes.iter().map(|r| json!({"destination": r.destination.to_string(), "via": r.via.to_string()})).collect::<Vec<_>>(),
+        "in_sync": pending.is_empty() && error.is_none(),
+        "pending": pending,
+        "error": error,
+    })
+}

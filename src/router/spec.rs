@@ -1,0 +1,142 @@
+//! Checked router specs: what `router.create` asks for, after validation. Everything here
+//! is safe to hand to netlink (names are kernel-legal, addresses parse, routes resolve).
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// At most this many interfaces per router.
+pub const MAX_INTERFACES: usize = 32;
+/// At most this many addresses per interface.
+pub const MAX_ADDRESSES: usize = 64;
+/// At most this many routes per router.
+pub const MAX_ROUTES: usize = 256;
+/// The prefix of every router namespace (`ip netns list` shows `lr-<id>`).
+pub const NETNS_PREFIX: &str = "lr-";
+/// The alias the agent puts on every host-side veth end: `rampart <router>/<interface>`.
+pub const ALIAS_PREFIX: &str = "rampart ";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterSpec {
+    pub id: String,
+    pub interfaces: Vec<Interface>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    /// The inner end's name, inside the router namespace.
+    pub name: String,
+    /// Interface addresses (host bits set), e.g. `192.168.10.1/24`.
+    pub addresses: Vec<IpNet>,
+    pub mtu: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub destination: IpNet,
+    pub via: IpAddr,
+}
+
+impl RouterSpec {
+    pub fn netns(&self) -> String {
+        netns_name(&self.id)
+    }
+
+    /// The canonical JSON the state store keeps.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("router spec serialises")
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<RouterSpec, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+impl Interface {
+    /// The host end's name for this interface of router `router`.
+    pub fn host_name(&self, router: &str) -> String {
+        host_name(router, &self.name)
+    }
+}
+
+pub fn netns_name(id: &str) -> String {
+    format!("{NETNS_PREFIX}{id}")
+}
+
+/// `rp` and 10 hex digits of SHA-256(`<router>/<interface>`): 12 characters, deterministic,
+/// within the kernel's 15, and the same on every host. The alias names the pair in full.
+pub fn host_name(router: &str, interface: &str) -> String {
+    let digest = Sha256::digest(format!("{router}/{interface}").as_bytes());
+    format!("rp{}", hex::encode(&digest[..5]))
+}
+
+pub fn host_alias(router: &str, interface: &str) -> String {
+    format!("{ALIAS_PREFIX}{router}/{interface}")
+}
+
+/// The router id named by a host-side alias, if the agent made that interface.
+pub fn router_of_alias(alias: &str) -> Option<&str> {
+    alias.strip_prefix(ALIAS_PREFIX)?.split('/').next()
+}
+
+/// `^[a-z0-9][a-z0-9-]{0,11}$`
+pub fn is_valid_router_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    !b.is_empty()
+        && b.len() <= 12
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+/// A kernel-legal interface name the agent accepts: `^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$`.
+pub fn is_valid_ifname(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 15
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_are_short_stable_and_distinct() {
+        let a = host_name("lr1", "lif0");
+        assert_eq!(a.len(), 12);
+        assert_eq!(a, host_name("lr1", "lif0"));
+        assert_ne!(a, host_name("lr1", "lif1"));
+        assert_ne!(a, host_name("lr2", "lif0"));
+        assert!(is_valid_ifname(&a));
+        assert_eq!(router_of_alias(&host_alias("lr1", "lif0")), Some("lr1"));
+        assert_eq!(router_of_alias("something else"), None);
+    }
+
+    #[test]
+    fn ids_and_names() {
+        for ok in ["a", "lr1", "0-x", "abcdefghijkl"] {
+            assert!(is_valid_router_id(ok), "{ok}");
+        }
+        for bad in ["", "-a", "A", "abcdefghijklm", "a_b", "a/b", "a.b"] {
+            assert!(!is_valid_router_id(bad), "{bad}");
+        }
+        for ok in ["lif0", "eth0.10", "a_b-c", "x23456789012345"] {
+            assert!(is_valid_ifname(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "x234567890123456", "-a", "é"] {
+            assert!(!is_valid_ifname(bad), "{bad}");
+        }
+    }
+}

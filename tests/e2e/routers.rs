@@ -1,0 +1,483 @@
+//! Logical routers (issue 5) with real namespaces and real packets. The agent runs in its own
+//! namespace (its "host"), where the test makes two bridges; two workload namespaces hang off
+//! them and talk to each other only through the router the agent makes.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use libtest_mimic::Trial;
+use rampart::protocol::{ErrorCode, Status};
+use rampart::router::spec::host_name;
+use serde_json::{Value, json};
+
+use crate::support::netns::{Netns, Servers, Tcp, tcp_probe};
+use crate::support::site::Site;
+use crate::support::{HostOptions, applied, manager, rampart, runtime, send, wait_until};
+use crate::trial;
+
+pub fn tests() -> Vec<Trial> {
+    vec![
+        trial(
+            "routers::create_forwards_packets_and_delete_stops_them",
+            create_and_delete,
+        ),
+        trial(
+            "routers::converge_moves_an_address_and_adds_a_route",
+            converge,
+        ),
+        trial(
+            "routers::fifty_routers_created_and_deleted_leave_nothing",
+            fifty,
+        ),
+        trial(
+            "routers::kill9_mid_create_ends_fully_created_matching_the_ack",
+            kill9_mid_create,
+        ),
+        trial(
+            "routers::namespace_deleted_by_hand_is_recreated_at_start_and_foreign_ones_kept",
+            recreated_at_start,
+        ),
+        trial(
+            "routers::invalid_specs_and_half_way_failures_change_nothing",
+            invalid,
+        ),
+    ]
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The agent's site plus two workloads, `wa` on 10.205.n.0/24 behind bridge `bra` and `wb`
+/// on 10.206.n.0/24 behind `brb`, each with the router's address (.1) as gateway.
+struct Lab {
+    n: u8,
+    site: Site,
+    wa: Netns,
+    wb: Netns,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let o = Command::new("ip").args(args).output()?;
+    ensure!(
+        o.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(())
+}
+
+impl Lab {
+    fn new(n: u8, id: &str) -> Result<Lab> {
+        let site = Site::new(
+            &format!("rpr{n}"),
+            &format!("10.204.{n}"),
+            id,
+            HostOptions {
+                firewall: "drift_check_secs = 3600".into(),
+                ..Default::default()
+            },
+        );
+        let ag = site.ag.name.clone();
+        let wa = Netns::new(&format!("rpr{n}-wa"));
+        let wb = Netns::new(&format!("rpr{n}-wb"));
+        for (w, br, tap, net) in [(&wa, "bra", "tapa", 205), (&wb, "brb", "tapb", 206)] {
+            ip(&["-n", &ag, "link", "add", br, "type", "bridge"])?;
+            ip(&["-n", &ag, "link", "set", br, "up"])?;
+            ip(&[
+                "-n", &ag, "link", "add", tap, "type", "veth", "peer", "name", "w0", "netns",
+                &w.name,
+            ])?;
+            ip(&["-n", &ag, "link", "set", tap, "master", br, "up"])?;
+            let addr = format!("10.{net}.{n}.2/24");
+            ip(&["-n", &w.name, "addr", "add", &addr, "dev", "w0"])?;
+            ip(&["-n", &w.name, "link", "set", "w0", "up"])?;
+            w.route("default", &format!("10.{net}.{n}.1"));
+        }
+        Ok(Lab { n, site, wa, wb })
+    }
+
+    fn wb_ip(&self) -> String {
+        format!("10.206.{}.2", self.n)
+    }
+
+    /// Router `id` joining both workload subnets.
+    fn two_legs(&self, id: &str) -> Value {
+        let n = self.n;
+        json!({"id": id, "interfaces": [
+            {"name": "lif0", "addresses": [format!("10.205.{n}.1/24")], "bridge": "bra"},
+            {"name": "lif1", "addresses": [format!("10.206.{n}.1/24")], "mtu": 1400, "bridge": "brb"},
+        ], "routes": []})
+    }
+
+    fn routers_json(&self) -> Result<Vec<Value>> {
+        let sock = self.site.host.dir.join("rampart.sock");
+        let out = rampart(&["routers", "--json", "--socket", &sock.display().to_string()]);
+        ensure!(out.status.success(), "rampart routers: {out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["routers"].as_array().cloned().unwrap_or_default())
+    }
+
+    fn in_sync(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .routers_json()?
+            .iter()
+            .any(|r| r["id"] == id && r["in_sync"] == true))
+    }
+
+    /// Names of the links in the agent's namespace.
+    fn host_links(&self) -> Result<Vec<String>> {
+        let o = Command::new("ip")
+            .args(["-n", &self.site.ag.name, "-o", "link", "show"])
+            .output()?;
+        Ok(String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|s| s.trim().split('@').next().unwrap_or("").to_string())
+            .collect())
+    }
+}
+
+/// Router ids carry the test run's pid, so concurrent runs never share a namespace name.
+fn rid(tag: &str) -> String {
+    format!("{tag}-{}", std::process::id() % 100_000)
+}
+
+fn ns_exists(id: &str) -> bool {
+    Path::new("/run/netns").join(format!("lr-{id}")).exists()
+}
+
+fn mounted(id: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .contains(&format!("/run/netns/lr-{id} "))
+}
+
+fn create_and_delete() -> Result<()> {
+    let lab = Lab::new(1, "rt-basic")?;
+    let id = rid("a");
+    let _agent = lab.site.start(&[]);
+    let _srv = Servers::start(&lab.wb.name, &lab.wb_ip(), &[8080], &[]);
+    ensure!(
+        !lab.wa.ping(&lab.wb_ip()),
+        "no path before the router exists"
+    );
+    runtime().block_on(async {
+        let h = &lab.site.host.id;
+        let mut m = manager(h).await?;
+        let ack = applied(&mut m, h, "router.create", "c1", lab.two_legs(&id)).await?;
+        ensure!(ack.data["changes"].as_u64() > Some(0), "{ack:?}");
+        ensure!(ns_exists(&id), "lr-{id} is in /run/netns");
+        let ip_list = Command::new("ip").args(["netns", "list"]).output()?;
+        ensure!(
+            String::from_utf8_lossy(&ip_list.stdout).contains(&format!("lr-{id}")),
+            "ip netns list shows it"
+        );
+        ensure!(lab.wa.ping(&lab.wb_ip()), "ping across the router");
+        ensure!(
+            tcp_probe(&lab.wa.name, &lab.wb_ip(), 8080) == Tcp::Open,
+            "TCP across the router"
+        );
+        // Inside the namespace: forwarding on, loopback up, MTU as asked.
+        let inner = Command::new("ip")
+            .args(["-n", &format!("lr-{id}"), "-o", "link", "show"])
+            .output()?;
+        let inner = String::from_utf8_lossy(&inner.stdout);
+        ensure!(inner.contains("lo: <LOOPBACK,UP"), "{inner}");
+        ensure!(
+            inner.contains("lif1@") && inner.contains("mtu 1400"),
+            "{inner}"
+        );
+        let fwd = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &format!("lr-{id}"),
+                "sysctl",
+                "-n",
+                "net.ipv4.ip_forward",
+                "net.ipv6.conf.all.forwarding",
+            ])
+            .output()?;
+        ensure!(
+            String::from_utf8_lossy(&fwd.stdout)
+                .split_whitespace()
+                .eq(["1", "1"]),
+            "forwarding: {fwd:?}"
+        );
+        // The host end is on its bridge, with its documented name.
+        let host = host_name(&id, "lif0");
+        let port = Command::new("ip")
+            .args(["-n", &lab.site.ag.name, "-o", "link", "show", &host])
+            .output()?;
+        ensure!(
+            String::from_utf8_lossy(&port.stdout).contains("master bra"),
+            "{port:?}"
+        );
+
+        let routers = lab.routers_json()?;
+        ensure!(
+            routers.len() == 1 && routers[0]["in_sync"] == true,
+            "{routers:?}"
+        );
+        let again = applied(&mut m, h, "router.create", "c2", lab.two_legs(&id)).await?;
+        ensure!(
+            again.data["noop"] == true,
+            "equal spec changes nothing: {again:?}"
+        );
+        let sync = applied(&mut m, h, "state.sync", "s1", json!({})).await?;
+        ensure!(
+            sync.data["routers"][0]["id"] == id.as_str()
+                && sync.data["routers"][0]["state"] == "applied",
+            "{:?}",
+            sync.data
+        );
+
+        applied(&mut m, h, "router.delete", "d1", json!({"id": id})).await?;
+        ensure!(!lab.wa.ping(&lab.wb_ip()), "no path after delete");
+        ensure!(!ns_exists(&id) && !mounted(&id), "namespace and mount gone");
+        let links = lab.host_links()?;
+        ensure!(
+            !links.contains(&host) && !links.contains(&host_name(&id, "lif1")),
+            "host ends gone: {links:?}"
+        );
+        let absent = applied(&mut m, h, "router.delete", "d2", json!({"id": id})).await?;
+        ensure!(absent.data["absent"] == true, "{absent:?}");
+        Ok(())
+    })
+}
+
+fn converge() -> Result<()> {
+    let lab = Lab::new(2, "rt-converge")?;
+    let n = lab.n;
+    let id = rid("c");
+    let _agent = lab.site.start(&[]);
+    // wb also owns 10.208.n.1, reachable from wa only through a route on the router.
+    ip(&[
+        "-n",
+        &lab.wb.name,
+        "addr",
+        "add",
+        &format!("10.208.{n}.1/32"),
+        "dev",
+        "lo",
+    ])?;
+    let far = format!("10.208.{n}.1");
+    runtime().block_on(async {
+        let h = &lab.site.host.id;
+        let mut m = manager(h).await?;
+        applied(&mut m, h, "router.create", "v1", lab.two_legs(&id)).await?;
+        ensure!(lab.wa.ping(&lab.wb_ip()), "ping across");
+        ensure!(!lab.wa.ping(&far), "no route to 10.208 yet");
+
+        let mut moved = lab.two_legs(&id);
+        moved["interfaces"][1]["addresses"] = json!([format!("10.207.{n}.1/24")]);
+        applied(&mut m, h, "router.create", "v2", moved).await?;
+        ensure!(!lab.wa.ping(&lab.wb_ip()), "the router left wb's subnet");
+
+        let mut routed = lab.two_legs(&id);
+        routed["routes"] = json!([{"destination": format!("10.208.{n}.0/24"), "via": lab.wb_ip()}]);
+        let ack = applied(&mut m, h, "router.create", "v3", routed).await?;
+        ensure!(ack.data["noop"] == false, "{ack:?}");
+        ensure!(lab.wa.ping(&lab.wb_ip()), "address moved back");
+        ensure!(lab.wa.ping(&far), "route added");
+        ensure!(lab.in_sync(&id)?, "kernel matches the record");
+        applied(&mut m, h, "router.delete", "v4", json!({"id": id})).await?;
+        Ok(())
+    })
+}
+
+fn fifty() -> Result<()> {
+    let lab = Lab::new(3, "rt-fifty")?;
+    let _agent = lab.site.start(&[]);
+    let ids: Vec<String> = (0..50).map(|i| rid(&format!("m{i}"))).collect();
+    runtime().block_on(async {
+        let h = &lab.site.host.id;
+        let mut m = manager(h).await?;
+        for (i, id) in ids.iter().enumerate() {
+            let spec = json!({"id": id, "interfaces": [
+                {"name": "up0", "addresses": [format!("10.230.{i}.1/24")]},
+                {"name": "dn0", "addresses": [format!("10.231.{i}.1/24")], "bridge": if i % 2 == 0 { "bra" } else { "brb" }},
+            ], "routes": [{"destination": "0.0.0.0/0", "via": format!("10.230.{i}.254")}]});
+            m.send(h, "router.create", &format!("mk{i}"), &spec).await?;
+        }
+        for i in 0..ids.len() {
+            let ack = m.wait_ack(&format!("mk{i}"), WAIT).await?;
+            ensure!(ack.status == Status::Applied, "{ack:?}");
+        }
+        ensure!(ids.iter().all(|id| ns_exists(id)), "50 namespaces");
+        ensure!(lab.routers_json()?.len() == 50, "50 listed");
+        for (i, id) in ids.iter().enumerate() {
+            m.send(h, "router.delete", &format!("rm{i}"), &json!({"id": id})).await?;
+        }
+        for i in 0..ids.len() {
+            let ack = m.wait_ack(&format!("rm{i}"), WAIT).await?;
+            ensure!(ack.status == Status::Applied, "{ack:?}");
+        }
+        Ok(())
+    })?;
+    ensure!(
+        ids.iter().all(|id| !ns_exists(id) && !mounted(id)),
+        "no namespace or mount left"
+    );
+    let links = lab.host_links()?;
+    let leaked: Vec<&String> = links.iter().filter(|l| l.starts_with("rp")).collect();
+    ensure!(leaked.is_empty(), "no veth left: {leaked:?}");
+    ensure!(lab.routers_json()?.is_empty(), "none listed");
+    Ok(())
+}
+
+fn kill9_mid_create() -> Result<()> {
+    let lab = Lab::new(4, "rt-crash")?;
+    let id = rid("k");
+    let mut agent = lab
+        .site
+        .start(&[("RAMPART_FAULT", "crash_mid_router_create")]);
+    runtime().block_on(async {
+        let h = &lab.site.host.id;
+        let mut m = manager(h).await?;
+        m.send(h, "router.create", "k1", &lab.two_legs(&id)).await?;
+        ensure!(
+            agent.wait_exit(WAIT).is_some(),
+            "the fault killed the agent"
+        );
+        ensure!(ns_exists(&id), "half a router is left by the crash");
+        let links = lab.host_links()?;
+        ensure!(
+            links.contains(&host_name(&id, "lif0")) && !links.contains(&host_name(&id, "lif1")),
+            "one interface of two: {links:?}"
+        );
+        drop(agent);
+        let _agent = lab.site.start(&[]);
+        let ack = m.wait_ack("k1", WAIT).await?;
+        ensure!(ack.status == Status::Applied && !ack.duplicate, "{ack:?}");
+        ensure!(lab.in_sync(&id)?, "fully created after the restart");
+        ensure!(lab.wa.ping(&lab.wb_ip()), "and it forwards");
+        applied(&mut m, h, "router.delete", "k2", json!({"id": id})).await?;
+        Ok(())
+    })
+}
+
+fn recreated_at_start() -> Result<()> {
+    let lab = Lab::new(5, "rt-restart")?;
+    let id = rid("r");
+    let foreign = format!("lr-{}", rid("f"));
+    let mut agent = lab.site.start(&[]);
+    runtime().block_on(async {
+        let h = &lab.site.host.id;
+        let mut m = manager(h).await?;
+        applied(&mut m, h, "router.create", "r1", lab.two_legs(&id)).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    ensure!(agent.wait_exit(WAIT).is_some(), "agent stops");
+    drop(agent);
+    ip(&["netns", "del", &format!("lr-{id}")])?;
+    ip(&["netns", "add", &foreign])?;
+    let result = (|| {
+        ensure!(
+            !lab.wa.ping(&lab.wb_ip()),
+            "router gone while the agent is down"
+        );
+        let agent = lab.site.start(&[]);
+        ensure!(ns_exists(&id), "recreated before serving");
+        ensure!(
+            agent.wait_log("router drift found and repaired", 1, WAIT),
+            "drift reported"
+        );
+        ensure!(
+            wait_until(WAIT, || lab.wa.ping(&lab.wb_ip())),
+            "forwards again"
+        );
+        ensure!(lab.in_sync(&id)?, "in sync");
+        ensure!(
+            Path::new("/run/netns").join(&foreign).exists(),
+            "a namespace the agent does not own is left alone"
+        );
+        runtime().block_on(async {
+            let h = &lab.site.host.id;
+            let mut m = manager(h).await?;
+            applied(&mut m, h, "router.delete", "r2", json!({"id": id})).await?;
+            Ok(())
+        })
+    })();
+    let _ = ip(&["netns", "del", &foreign]);
+    result
+}
+
+fn invalid() -> Result<()> {
+    let lab = Lab::new(6, "rt-invalid")?;
+    let id = rid("i");
+    let _agent = lab.site.start(&[]);
+    runtime().block_on(async {
+        let h = &lab.site.host.id;
+        let mut m = manager(h).await?;
+        let mut no_bridge = lab.two_legs(&id);
+        no_bridge["interfaces"][1]["bridge"] = json!("nosuchbr");
+        let ack = send(&mut m, h, "router.create", "i1", no_bridge).await?;
+        ensure!(ack.status == Status::Rejected, "{ack:?}");
+        let e = ack.error.context("error")?;
+        ensure!(
+            e.code == ErrorCode::UnknownBridge
+                && e.field.as_deref() == Some("$.data.interfaces[1].bridge"),
+            "{e:?}"
+        );
+
+        let mut far_gw = lab.two_legs(&id);
+        far_gw["routes"] = json!([{"destination": "0.0.0.0/0", "via": "10.99.0.1"}]);
+        let ack = send(&mut m, h, "router.create", "i2", far_gw).await?;
+        ensure!(
+            ack.error.as_ref().map(|e| e.code) == Some(ErrorCode::UnreachableGateway),
+            "{ack:?}"
+        );
+
+        let mut hostile = lab.two_legs(&id);
+        hostile["interfaces"][0]["name"] = json!("x;reboot");
+        let ack = send(&mut m, h, "router.create", "i3", hostile).await?;
+        ensure!(ack.status == Status::Rejected, "{ack:?}");
+        let ack = send(
+            &mut m,
+            h,
+            "router.create",
+            "i4",
+            json!({"id": "../../etc", "interfaces": []}),
+        )
+        .await?;
+        ensure!(ack.status == Status::Rejected, "{ack:?}");
+        ensure!(!ns_exists(&id), "nothing was made");
+
+        // Half way: the second host end's name is taken, so the create fails after the
+        // namespace and the first interface exist; both are rolled back.
+        let taken = host_name(&id, "lif1");
+        ip(&[
+            "-n",
+            &lab.site.ag.name,
+            "link",
+            "add",
+            &taken,
+            "type",
+            "bridge",
+        ])?;
+        let ack = send(&mut m, h, "router.create", "i5", lab.two_legs(&id)).await?;
+        ensure!(ack.status == Status::Failed, "{ack:?}");
+        let e = ack.error.context("error")?;
+        ensure!(
+            e.code == ErrorCode::RouterFailed
+                && e.message.contains("add interface lif1")
+                && e.message.contains("File exists"),
+            "{e:?}"
+        );
+        ensure!(!ns_exists(&id), "namespace rolled back");
+        ensure!(
+            !lab.host_links()?.contains(&host_name(&id, "lif0")),
+            "first interface rolled back"
+        );
+        ensure!(lab.routers_json()?.is_empty(), "none listed");
+        ip(&["-n", &lab.site.ag.name, "link", "del", &taken])?;
+        let ack = applied(&mut m, h, "router.create", "i6", lab.two_legs(&id)).await?;
+        ensure!(ack.data["changes"].as_u64() > Some(0), "{ack:?}");
+        applied(&mut m, h, "router.delete", "i7", json!({"id": id})).await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,52 @@
+//! An agent host in its own namespace: the agent sees only the test's interfaces and
+//! reaches the shared broker through a veth and a relay (`10.<net>.1:5671`).
+
+use super::netns::{Netns, Servers, relay, veth};
+use super::{AgentProc, Host, HostOptions, env};
+
+pub struct Site {
+    /// The agent's namespace ("the host").
+    pub ag: Netns,
+    pub host: Host,
+    _brk: Netns,
+    _relay: Servers,
+}
+
+impl Site {
+    /// `base`: namespace name prefix; `net`: three octets for the broker link (a /30).
+    pub fn new(base: &str, net: &str, id: &str, opts: HostOptions) -> Site {
+        let brk = Netns::new(&format!("{base}-brk"));
+        let ag = Netns::new(&format!("{base}-ag"));
+        veth(
+            &brk,
+            "b0",
+            &format!("{net}.1/30"),
+            &ag,
+            "e0",
+            &format!("{net}.2/30"),
+        );
+        let target = format!("127.0.0.1:{}", env().broker.port).parse().unwrap();
+        let relay = relay(&brk.name, &format!("{net}.1:5671"), target);
+        let host = env().host(
+            id,
+            HostOptions {
+                urls: Some(vec![format!("amqps://{net}.1:5671/%2f")]),
+                server_name: Some("localhost".into()),
+                ..opts
+            },
+        );
+        Site {
+            ag,
+            host,
+            _brk: brk,
+            _relay: relay,
+        }
+    }
+
+    /// Starts the agent in the site's namespace and waits until it serves commands.
+    pub fn start(&self, envs: &[(&str, &str)]) -> AgentProc {
+        let a = AgentProc::start_in(&self.host, Some(&self.ag.name), envs);
+        a.wait_serving();
+        a
+    }
+}
