@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use rampart::firewall::layout::Layout;
 use rampart::firewall::render::{RenderCtx, render_full};
-use rampart::manager::Manager;
 use serde_json::{Value, json};
 use support::netns::{Netns, relay, veth};
+use support::timing::{median, ms, timed};
 use support::{AgentProc, HostOptions, env};
 
 fn rule_set(generation: u64, rules: usize, elements: usize) -> Value {
@@ -36,29 +36,6 @@ fn rule_set(generation: u64, rules: usize, elements: usize) -> Value {
         })
         .collect();
     json!({"generation": generation, "defaults": {"in": "allow"}, "address_sets": address_sets, "rules": rules})
-}
-
-async fn timed(
-    m: &mut Manager,
-    host: &str,
-    kind: &str,
-    id: &str,
-    data: &Value,
-) -> anyhow::Result<Duration> {
-    let t = Instant::now();
-    m.send(host, kind, id, data).await?;
-    let ack = m.wait_ack(id, Duration::from_secs(300)).await?;
-    anyhow::ensure!(ack.status == rampart::protocol::Status::Applied, "{ack:?}");
-    Ok(t.elapsed())
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 /// `nft -f` of the text the agent would render for `rs`, in a scratch namespace.

@@ -506,26 +506,38 @@ async fn apply_step(
     }
 }
 
-/// Removes router `id`: the named host ends that carry its alias (they take their inner
-/// ends with them, at once, so the names are free again) and the namespace. Absent parts
-/// are fine.
+/// Removes router `id`: its namespace, and the named host ends that carry its alias.
+/// Unmounting the namespace lets the kernel tear all its interfaces down in one batch (one
+/// RCU grace period, where deleting veths one by one costs one each); the host ends go
+/// with their peers, and are waited for so that their names are free when this returns.
+/// An end still there after that (something else holds the namespace open) is deleted.
 pub async fn delete(ctx: &Ctx, id: &str, host_ends: &[String]) -> Result<(), KernelError> {
-    for name in host_ends {
-        let link = link_by_name(&ctx.host, name)
-            .await
-            .map_err(fail(format!("look up {name}")))?;
-        // Only an interface with the agent's alias for this router: a same-named link
-        // that someone else made is not ours to delete.
-        if let Some(l) = link.filter(|l| l.alias.as_deref().and_then(router_of_alias) == Some(id)) {
+    let name = crate::router::spec::netns_name(id);
+    netns::remove_ns(&name).map_err(io_fail(format!("remove namespace {name}")))?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+    for end in host_ends {
+        loop {
+            let link = link_by_name(&ctx.host, end)
+                .await
+                .map_err(fail(format!("look up {end}")))?;
+            // Only an interface with the agent's alias for this router: a same-named link
+            // that someone else made is not ours to delete.
+            let Some(l) = link.filter(|l| l.alias.as_deref().and_then(router_of_alias) == Some(id))
+            else {
+                break;
+            };
+            if tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                continue;
+            }
             match ctx.host.link().del(l.index).execute().await {
-                Ok(()) => {}
-                Err(e) if is_no_device(&e) => {}
-                Err(e) => return Err(fail(format!("delete {name}"))(e)),
+                Ok(()) => break,
+                Err(e) if is_no_device(&e) => break,
+                Err(e) => return Err(fail(format!("delete {end}"))(e)),
             }
         }
     }
-    let name = crate::router::spec::netns_name(id);
-    netns::remove_ns(&name).map_err(io_fail(format!("remove namespace {name}")))
+    Ok(())
 }
 
 /// Host links the agent made (by their alias), by router id.

@@ -4,6 +4,9 @@ pub mod broker;
 pub mod netns;
 pub mod pki;
 pub mod site;
+/// Used by the benchmarks (benches/), which include this support module.
+#[allow(dead_code)]
+pub mod timing;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
