@@ -91,6 +91,13 @@ pub enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// The agent's own TLS identity in use: subject, issuer, serial, names, validity,
+    /// fingerprint, files and when it was installed (read from the files; no daemon needed).
+    Cert {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the agent in the foreground (as systemd does).
     Run,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -200,6 +207,16 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
                 print_rules(&answer);
+            }
+            Ok(0)
+        }
+        Command::Cert { json } => {
+            let config = Config::load(&cli.config)?;
+            let v = cert_description(&config)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_cert(&v);
             }
             Ok(0)
         }
@@ -403,6 +420,94 @@ fn list(v: &serde_json::Value) -> String {
         "-".to_string()
     } else {
         items.join(",")
+    }
+}
+
+/// The identity the agent uses (or would use at start), as `rampart cert` shows it.
+fn cert_description(config: &Config) -> anyhow::Result<serde_json::Value> {
+    use std::os::unix::fs::PermissionsExt;
+    let files = crate::certs::store::in_use(&config.state_dir, &config.broker);
+    let chain = crate::broker::tls::load_certs(&files.cert)?;
+    let info = crate::broker::tls::cert_info(&chain[0]).map_err(anyhow::Error::msg)?;
+    let key_mode = std::fs::metadata(&files.key)
+        .map(|m| format!("{:04o}", m.permissions().mode() & 0o7777))
+        .unwrap_or_else(|e| format!("unreadable: {e}"));
+    let days_left = crate::certs::days_left(&info, crate::protocol::now_ms() as i64 / 1000);
+    Ok(serde_json::json!({
+        "subject": info.subject,
+        "issuer": info.issuer,
+        "serial": info.serial,
+        "sans": info.sans,
+        "not_before": info.not_before,
+        "not_after": info.not_after,
+        "days_left": days_left,
+        "warn_days": config.broker.cert_warn_days,
+        "sha256": info.sha256,
+        "chain_length": chain.len(),
+        "files": {"cert": files.cert, "key": files.key, "key_mode": key_mode, "ca": files.ca},
+        "source": files.source,
+        "installed": files.installed,
+    }))
+}
+
+fn print_cert(v: &serde_json::Value) {
+    let text = |v: &serde_json::Value| {
+        v.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string())
+    };
+    let sans: Vec<String> = v["sans"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(text)
+        .collect();
+    println!("subject:     {}", text(&v["subject"]));
+    println!("issuer:      {}", text(&v["issuer"]));
+    println!("serial:      {}", text(&v["serial"]));
+    println!(
+        "names:       {}",
+        if sans.is_empty() {
+            "-".into()
+        } else {
+            sans.join(", ")
+        }
+    );
+    println!("not before:  {}", text(&v["not_before"]));
+    let soon = v["days_left"].as_i64().unwrap_or(0) < v["warn_days"].as_i64().unwrap_or(0);
+    println!(
+        "not after:   {} ({} days left{})",
+        text(&v["not_after"]),
+        v["days_left"],
+        if soon { ", EXPIRES SOON" } else { "" }
+    );
+    println!("sha256:      {}", text(&v["sha256"]));
+    println!("certificate: {}", text(&v["files"]["cert"]));
+    println!(
+        "key:         {} (mode {})",
+        text(&v["files"]["key"]),
+        text(&v["files"]["key_mode"])
+    );
+    println!("ca:          {}", text(&v["files"]["ca"]));
+    match v["installed"].as_object() {
+        Some(i) => {
+            let at = i["installed_ms"]
+                .as_i64()
+                .and_then(|ms| time::OffsetDateTime::from_unix_timestamp(ms / 1000).ok())
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_else(|| "?".into());
+            println!(
+                "installed:   {at} by cert.install {}",
+                text(&i["command_id"])
+            );
+        }
+        None => println!(
+            "installed:   from the configuration ({})",
+            text(&v["source"])
+        ),
     }
 }
 

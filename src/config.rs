@@ -172,6 +172,10 @@ pub struct BrokerConfig {
     pub auth: AuthMechanism,
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// A `cert.<host>` event warns once a day when the agent's certificate expires within
+    /// this many days.
+    #[serde(default = "default_cert_warn_days")]
+    pub cert_warn_days: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -267,6 +271,10 @@ fn default_prefetch() -> u16 {
 fn default_backoff_initial_ms() -> u64 {
     100
 }
+fn default_cert_warn_days() -> u32 {
+    14
+}
+
 fn default_backoff_max_ms() -> u64 {
     30_000
 }

@@ -13,8 +13,9 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::broker::{self, Backoff, BrokerError, Connector, Session, amqp};
+use crate::certs::Current;
 use crate::config::{AuthMechanism, Config, parse_failsafe};
-use crate::dispatch::{Dispatcher, Disposition};
+use crate::dispatch::{CertContext, Dispatcher, Disposition, Rotation};
 use crate::firewall::render::RenderCtx;
 use crate::firewall::spec::{Limits, RuleSet};
 use crate::firewall::{Drift, Firewall};
@@ -31,6 +32,8 @@ const STABLE_SESSION: Duration = Duration::from_secs(30);
 /// Why a session ended.
 enum SessionEnd {
     Shutdown,
+    /// `cert.install` opened a session with the new identity: continue on that one.
+    Rotate(Box<Rotation>),
     /// The broker settings changed (SIGHUP): open a session with the new ones.
     Reload,
     Lost(String),
@@ -51,12 +54,24 @@ struct Agent {
     alive_ms: std::sync::atomic::AtomicU64,
     /// How often the main loop reports that it is alive.
     pulse: Duration,
+    /// When the last `cert.<host>` expiry warning went out (ms since the epoch; 0: never).
+    cert_warned_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Runs the agent in the foreground until SIGTERM or SIGINT.
 pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Result<()> {
     let b = &config.broker;
-    let (identity, tls) = broker::tls::from_config(b).context("loading the TLS identity")?;
+    // The newest identity installed by cert.install, else the configured files.
+    let (current, identity, tls) =
+        Current::load(&config.state_dir, b).context("loading the TLS identity")?;
+    tracing::info!(
+        source = current.files.source,
+        cert = %current.files.cert.display(),
+        subject = %current.info.subject,
+        not_after = %current.info.not_after,
+        "TLS identity loaded"
+    );
+    let identity_state = Arc::new(std::sync::RwLock::new(current));
     let cn = identity.info.common_name.clone();
     let host_id = match (&config.host_id, &cn) {
         (Some(id), _) => id.clone(),
@@ -107,7 +122,7 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         store: store.clone(),
         host_id: host_id.clone(),
         started_ms: now_ms(),
-        certificate: identity.info.clone(),
+        identity: identity_state.clone(),
         session: std::sync::Mutex::new(crate::control::SessionStatus {
             state: "connecting".into(),
             ..Default::default()
@@ -144,7 +159,11 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         dispatcher: Dispatcher::new(
             store,
             decode,
-            identity.info.clone(),
+            CertContext {
+                identity: identity_state.clone(),
+                state_dir: config.state_dir.clone(),
+                broker: std::sync::RwLock::new(config.broker.clone()),
+            },
             firewall.clone(),
             routers,
             drift_tx,
@@ -160,6 +179,7 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         pulse: sd_notify::watchdog_enabled()
             .map(|p| (p / 4).min(Duration::from_secs(5)))
             .unwrap_or(Duration::from_secs(5)),
+        cert_warned_ms: std::sync::atomic::AtomicU64::new(0),
     });
     notify(&[
         sd_notify::NotifyState::Ready,
@@ -361,7 +381,8 @@ fn notify(states: &[sd_notify::NotifyState]) {
 
 /// Everything needed to open sessions with the configured identity and brokers.
 fn build_connector(config: &Config, host_id: &str) -> anyhow::Result<Connector> {
-    let (_, tls) = broker::tls::from_config(&config.broker).context("loading the TLS identity")?;
+    let (_, _, tls) =
+        Current::load(&config.state_dir, &config.broker).context("loading the TLS identity")?;
     Ok(Connector::new(
         &config.broker,
         tls,
@@ -417,6 +438,7 @@ impl Agent {
                 }
                 self.dispatcher
                     .set_trusted_senders(new.broker.trusted_senders.clone());
+                self.dispatcher.set_broker_config(new.broker.clone());
                 let reconnect_needed = old.broker.needs_reconnect(&new.broker);
                 *self.config.lock().expect("config lock") = Arc::new(new);
                 tracing::info!(
@@ -467,20 +489,43 @@ impl Agent {
             Duration::from_millis(b.backoff_max_ms),
         );
         let mut next_url = 0usize;
+        // A session already open on a newly installed identity (make-before-break).
+        let mut rotated: Option<Session> = None;
+        // The identity `connector` presents; when a rotation switched the files but its
+        // session was lost before taking over, the next connector is built from them.
+        let mut connector_identity = self.identity_sha();
         loop {
             self.beat();
             if *stop.borrow() {
                 return;
             }
-            let url = &connector.urls[next_url % connector.urls.len()];
-            next_url += 1;
-            match connector.connect(url).await {
+            let attempt = match rotated.take() {
+                Some(session) => Ok(session),
+                None => {
+                    if connector_identity != self.identity_sha() {
+                        match build_connector(&self.config(), &self.host_id) {
+                            Ok(c) => connector = c,
+                            Err(e) => {
+                                tracing::error!(error = %e, "the installed identity is unusable")
+                            }
+                        }
+                        connector_identity = self.identity_sha();
+                    }
+                    let url = &connector.urls[next_url % connector.urls.len()];
+                    next_url += 1;
+                    connector
+                        .connect(url)
+                        .await
+                        .map_err(|e| (url.display.clone(), e))
+                }
+            };
+            match attempt {
                 Ok(session) => {
                     {
                         let mut st = self.shared.session.lock().expect("session lock");
                         st.state = "connected".into();
                         st.url = Some(session.url.clone());
-                        st.broker_port = Some(url.uri.authority.port);
+                        st.broker_port = Some(session.port);
                         st.tls_version = Some(session.tls.version.clone());
                         st.cipher = Some(session.tls.cipher.clone());
                         st.broker_certificate = Some(session.tls.peer_subject.clone());
@@ -508,6 +553,21 @@ impl Agent {
                             let _ = session.connection.close(200, "agent stopping".into()).await;
                             return;
                         }
+                        SessionEnd::Rotate(rotation) => {
+                            let Rotation {
+                                connector: c,
+                                session: next,
+                            } = *rotation;
+                            let _ = session
+                                .connection
+                                .close(200, "identity rotated".into())
+                                .await;
+                            tracing::info!(url = %next.url, "old session closed; serving on the new identity");
+                            connector = c;
+                            connector_identity = self.identity_sha();
+                            rotated = Some(next);
+                            continue;
+                        }
                         SessionEnd::Reload => {
                             let _ = session
                                 .connection
@@ -533,10 +593,10 @@ impl Agent {
                         backoff.reset();
                     }
                     // After losing a session, try the same broker first.
-                    next_url -= 1;
+                    next_url = next_url.saturating_sub(1);
                 }
-                Err(e) => {
-                    tracing::warn!(url = %url.display, error = %e, "cannot connect to broker");
+                Err((url, e)) => {
+                    tracing::warn!(url = %url, error = %e, "cannot connect to broker");
                     self.note_error(e.to_string());
                 }
             }
@@ -560,6 +620,16 @@ impl Agent {
                 }
             }
         }
+    }
+
+    fn identity_sha(&self) -> String {
+        self.shared
+            .identity
+            .read()
+            .expect("identity lock")
+            .info
+            .sha256
+            .clone()
     }
 
     fn note_error(&self, e: String) {
@@ -622,6 +692,7 @@ impl Agent {
             .await
             .unwrap_or_else(|e| json!({"error": e.to_string()}));
         self.publish_event(&publish_ch, "state", summary).await?;
+        self.warn_expiry(&publish_ch).await?;
 
         tracing::info!(queue = %broker::host_queue(&self.host_id), "serving commands");
         let period = Duration::from_secs(u64::from(b.heartbeat_secs));
@@ -647,13 +718,18 @@ impl Agent {
                     None => return Ok(SessionEnd::Lost("connection events ended".into())),
                 },
                 delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => self.process(&publish_ch, delivery).await?,
+                    Some(Ok(delivery)) => {
+                        if let Some(rotation) = self.process(&publish_ch, delivery).await? {
+                            return Ok(SessionEnd::Rotate(rotation));
+                        }
+                    }
                     Some(Err(e)) => return Ok(SessionEnd::Lost(e.to_string())),
                     None => return Ok(SessionEnd::Lost("the broker cancelled the consumer".into())),
                 },
                 _ = heartbeat.tick() => {
                     let data = self.heartbeat_data(session).await;
                     self.publish_event(&publish_ch, "heartbeat", data).await?;
+                    self.warn_expiry(&publish_ch).await?;
                     self.shared.session.lock().expect("session lock").last_heartbeat_ms = Some(now_ms());
                 }
                 Some(event) = drift.recv() => {
@@ -667,7 +743,7 @@ impl Agent {
         &self,
         publish_ch: &Channel,
         delivery: lapin::message::Delivery,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Option<Box<Rotation>>, BrokerError> {
         let props = &delivery.properties;
         let signature =
             props
@@ -733,6 +809,31 @@ impl Agent {
                 .await
                 .map_err(amqp("rejecting the delivery"))?,
         };
+        Ok(outcome.rotation)
+    }
+
+    /// Publishes `cert.<host>` when the certificate expires within `cert_warn_days`, at most
+    /// once a day (and once per start).
+    async fn warn_expiry(&self, ch: &Channel) -> Result<(), BrokerError> {
+        use std::sync::atomic::Ordering;
+        let warn_days = i64::from(self.config().broker.cert_warn_days);
+        let (summary, days) = {
+            let current = self.shared.identity.read().expect("identity lock");
+            let days = crate::certs::days_left(&current.info, now_ms() as i64 / 1000);
+            (current.summary(), days)
+        };
+        let last = self.cert_warned_ms.load(Ordering::Relaxed);
+        if days >= warn_days || (last != 0 && now_ms().saturating_sub(last) < 86_400_000) {
+            return Ok(());
+        }
+        tracing::warn!(days_left = days, not_after = %summary["not_after"], "the agent's certificate expires soon");
+        self.publish_event(
+            ch,
+            "cert",
+            json!({"certificate": summary, "days_left": days, "warn_days": warn_days}),
+        )
+        .await?;
+        self.cert_warned_ms.store(now_ms(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -744,7 +845,8 @@ impl Agent {
             "uptime_secs": self.started.elapsed().as_secs(),
             "broker": session.url,
             "firewall": firewall,
-            "routers": 0,
+            "routers": self.shared.routers.lock().await.summary().as_array().map_or(0, Vec::len),
+            "certificate": self.shared.identity.read().expect("identity lock").summary(),
             "last_error": self.shared.session.lock().expect("session lock").last_error.clone(),
         })
     }

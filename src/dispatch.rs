@@ -8,7 +8,7 @@ use std::time::Instant;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use crate::broker::tls::CertInfo;
+use crate::certs::{CertError, Current};
 use crate::firewall::spec::{Patch, RuleSet};
 use crate::firewall::{ApplyPlan, Firewall, FirewallError};
 use crate::protocol::{
@@ -34,6 +34,32 @@ pub enum Disposition {
 pub struct Outcome {
     pub ack: Ack,
     pub disposition: Disposition,
+    /// A `cert.install` that succeeded: the session on the new identity, to take over once
+    /// the ack is out and the delivery acked.
+    pub rotation: Option<Box<Rotation>>,
+}
+
+/// The broker session opened with a newly installed identity, and how to open more.
+pub struct Rotation {
+    pub connector: crate::broker::Connector,
+    pub session: crate::broker::Session,
+}
+
+impl std::fmt::Debug for Rotation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rotation")
+            .field("url", &self.session.url)
+            .finish()
+    }
+}
+
+/// What `cert.install` needs besides the request.
+pub struct CertContext {
+    /// The identity in use, shared with the daemon (heartbeats, expiry) and the CLI.
+    pub identity: Arc<std::sync::RwLock<Current>>,
+    pub state_dir: std::path::PathBuf,
+    /// Broker settings for the trial session (replaced on SIGHUP).
+    pub broker: std::sync::RwLock<crate::config::BrokerConfig>,
 }
 
 /// Test-only crash points, read once from `RAMPART_FAULT` (see docs/operations.md).
@@ -44,6 +70,8 @@ pub enum Fault {
     CrashAfterPersist,
     /// SIGKILL itself half way through creating a new router (namespace and one interface).
     CrashMidRouterCreate,
+    /// SIGKILL itself during a rotation: new session up, new identity written, not switched.
+    CrashMidCertRotation,
 }
 
 impl Fault {
@@ -51,6 +79,7 @@ impl Fault {
         match std::env::var("RAMPART_FAULT").as_deref() {
             Ok("crash_after_persist") => Fault::CrashAfterPersist,
             Ok("crash_mid_router_create") => Fault::CrashMidRouterCreate,
+            Ok("crash_mid_cert_rotation") => Fault::CrashMidCertRotation,
             _ => Fault::None,
         }
     }
@@ -135,7 +164,7 @@ pub struct Dispatcher {
     store: Arc<Store>,
     decode: std::sync::RwLock<DecodeContext>,
     host_id: String,
-    certificate: CertInfo,
+    certs: CertContext,
     firewall: Arc<Mutex<Firewall>>,
     routers: Arc<Mutex<Routers>>,
     /// Where reconcile results go (as `drift.<host>` events).
@@ -147,7 +176,7 @@ impl Dispatcher {
     pub fn new(
         store: Arc<Store>,
         decode: DecodeContext,
-        certificate: CertInfo,
+        certs: CertContext,
         firewall: Arc<Mutex<Firewall>>,
         routers: Arc<Mutex<Routers>>,
         drift: tokio::sync::mpsc::Sender<Value>,
@@ -156,7 +185,7 @@ impl Dispatcher {
             store,
             host_id: decode.host_id.clone(),
             decode: std::sync::RwLock::new(decode),
-            certificate,
+            certs,
             firewall,
             routers,
             drift,
@@ -171,6 +200,11 @@ impl Dispatcher {
     /// Takes effect from the next command (SIGHUP reload).
     pub fn set_trusted_senders(&self, senders: Vec<String>) {
         self.decode.write().expect("decode lock").trusted_senders = senders;
+    }
+
+    /// Broker settings for later rotations (SIGHUP reload).
+    pub fn set_broker_config(&self, broker: crate::config::BrokerConfig) {
+        *self.certs.broker.write().expect("broker lock") = broker;
     }
 
     pub async fn handle(&self, incoming: Incoming) -> Outcome {
@@ -198,6 +232,7 @@ impl Dispatcher {
                 return Outcome {
                     ack,
                     disposition: Disposition::Reject,
+                    rotation: None,
                 };
             }
         };
@@ -209,6 +244,7 @@ impl Dispatcher {
                 return Outcome {
                     ack: original.as_duplicate(),
                     disposition,
+                    rotation: None,
                 };
             }
             Ok(None) => {}
@@ -230,6 +266,7 @@ impl Dispatcher {
             _ => None,
         };
         let Request { id, kind, .. } = request;
+        let mut rotation = None;
         let (executed, commit) = match kind {
             RequestKind::Ping => (
                 Executed::applied(json!({}), OwnedChange::None),
@@ -252,6 +289,11 @@ impl Dispatcher {
             RequestKind::FirewallPatch { patch, raw } => {
                 let fw = fw_guard.as_mut().expect("locked above");
                 firewall_patch(fw, &patch, raw).await
+            }
+            RequestKind::CertInstall(bundle) => {
+                let (executed, r) = self.cert_install(&bundle, &id).await;
+                rotation = r;
+                (executed, Commit::None)
             }
             RequestKind::RouterCreate(spec) => {
                 let routers = rt_guard.as_mut().expect("locked above");
@@ -290,6 +332,7 @@ impl Dispatcher {
             return Outcome {
                 ack,
                 disposition: Disposition::Reject,
+                rotation: None,
             };
         }
         let persist_started = Instant::now();
@@ -305,7 +348,10 @@ impl Dispatcher {
             if let Some(routers) = rt_guard.as_mut() {
                 undo_router(routers, &commit).await;
             }
-            return self.store_failure(&id, type_name, e);
+            // An identity already switched stays switched: the new session carries on.
+            let mut outcome = self.store_failure(&id, type_name, e);
+            outcome.rotation = rotation;
+            return outcome;
         }
         if let Some(routers) = rt_guard.as_mut() {
             match &commit {
@@ -341,6 +387,7 @@ impl Dispatcher {
         Outcome {
             ack,
             disposition: Disposition::Ack,
+            rotation,
         }
     }
 
@@ -356,11 +403,7 @@ impl Dispatcher {
             "version": env!("CARGO_PKG_VERSION"),
             "firewall": firewall,
             "routers": self.routers.lock().await.summary(),
-            "certificate": {
-                "subject": self.certificate.subject,
-                "not_after": self.certificate.not_after,
-                "sha256": self.certificate.sha256,
-            },
+            "certificate": self.certs.identity.read().expect("identity lock").summary(),
             "commands": { "processed": processed },
         }))
     }
@@ -427,6 +470,7 @@ impl Dispatcher {
         Outcome {
             ack,
             disposition: Disposition::Ack,
+            rotation: None,
         }
     }
 }
@@ -679,5 +723,159 @@ async fn undo_router(routers: &Routers, commit: &Commit) {
     };
     if let Err(e) = result {
         tracing::error!(router = %id, error = %e, "could not roll the router back; the next reconcile retries");
+    }
+}
+
+/// The one place where certificate errors become ack codes (all are rejections).
+fn cert_error(e: &CertError) -> AckError {
+    let (code, field) = match e {
+        CertError::BadPem { field, .. } => (ErrorCode::BadPem, *field),
+        CertError::KeyMismatch => (ErrorCode::KeyMismatch, "$.data.private_key_pem"),
+        CertError::Expired { .. } => (ErrorCode::Expired, "$.data.certificate_pem"),
+        CertError::NotYetValid { .. } => (ErrorCode::NotYetValid, "$.data.certificate_pem"),
+        CertError::WrongHost { .. } | CertError::LoginName { .. } => {
+            (ErrorCode::WrongHost, "$.data.certificate_pem")
+        }
+        CertError::UntrustedChain { .. } => (ErrorCode::UntrustedChain, "$.data.certificate_pem"),
+    };
+    AckError {
+        code,
+        message: e.to_string(),
+        field: Some(field.to_string()),
+    }
+}
+
+impl Dispatcher {
+    /// `cert.install`, make-before-break: validate; open a session with the new identity;
+    /// only once the broker took it, write the files and switch to them. Any failure
+    /// before the switch changes nothing and the old session carries on.
+    async fn cert_install(
+        &self,
+        bundle: &crate::certs::Bundle,
+        id: &str,
+    ) -> (Executed, Option<Box<Rotation>>) {
+        let current = self.certs.identity.read().expect("identity lock").clone();
+        let external = self.certs.broker.read().expect("broker lock").auth
+            == crate::config::AuthMechanism::External;
+        let login_cn = current.info.common_name.as_deref().filter(|_| external);
+        let validated = match crate::certs::validate(
+            bundle,
+            &self.host_id,
+            login_cn,
+            &current.ca_pem,
+            rustls::pki_types::UnixTime::now(),
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                let executed = Executed {
+                    status: Status::Rejected,
+                    error: Some(cert_error(&e)),
+                    data: json!({}),
+                    change: OwnedChange::None,
+                };
+                return (executed, None);
+            }
+        };
+        let info = validated.identity.info.clone();
+        let described = json!({
+            "subject": info.subject,
+            "issuer": info.issuer,
+            "serial": info.serial,
+            "not_after": info.not_after,
+            "sha256": info.sha256,
+        });
+        if info.sha256 == current.info.sha256 && validated.ca_pem == current.ca_pem {
+            let executed = Executed::applied(
+                json!({ "certificate": described, "noop": true }),
+                OwnedChange::None,
+            );
+            return (executed, None);
+        }
+        let failed = |message: String| Executed {
+            status: Status::Failed,
+            error: Some(AckError {
+                code: ErrorCode::RotationFailed,
+                message,
+                field: None,
+            }),
+            data: json!({ "certificate": described }),
+            change: OwnedChange::None,
+        };
+        // Make: a session with the new identity, against the configured brokers in turn.
+        let broker = self.certs.broker.read().expect("broker lock").clone();
+        let connector =
+            match crate::broker::tls::client_config(validated.roots.clone(), &validated.identity)
+                .map_err(|e| e.to_string())
+                .and_then(|tls| {
+                    crate::broker::Connector::new(&broker, tls, format!("rampart/{}", self.host_id))
+                        .map_err(|e| e.to_string())
+                }) {
+                Ok(c) => c,
+                Err(e) => return (failed(format!("cannot use the new identity: {e}")), None),
+            };
+        let mut last_error = String::from("no broker URL");
+        let mut session = None;
+        for url in &connector.urls {
+            match connector.connect(url).await {
+                Ok(s) => {
+                    session = Some(s);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(url = %url.display, error = %e, "trial session with the new identity failed");
+                    last_error = format!("{}: {e}", url.display);
+                }
+            }
+        }
+        let Some(session) = session else {
+            return (
+                failed(format!(
+                    "the broker did not accept a session with the new identity ({last_error}); the old identity stays"
+                )),
+                None,
+            );
+        };
+        // Break: write the new identity, then switch to it in one rename.
+        let state_dir = self.certs.state_dir.clone();
+        let command_id = id.to_string();
+        let crash = self.fault == Fault::CrashMidCertRotation;
+        let written = tokio::task::spawn_blocking(move || {
+            let staged = crate::certs::store::stage(&state_dir, &validated, &command_id)?;
+            if crash {
+                tracing::error!("RAMPART_FAULT=crash_mid_cert_rotation: killing myself");
+                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+            }
+            crate::certs::store::switch(&state_dir, &staged).inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&staged);
+            })?;
+            Ok::<_, std::io::Error>(validated.ca_pem)
+        })
+        .await
+        .expect("identity writer panicked");
+        let ca_pem = match written {
+            Ok(ca) => ca,
+            Err(e) => {
+                let _ = session
+                    .connection
+                    .close(200, "identity not installed".into())
+                    .await;
+                return (failed(format!("cannot write the new identity: {e}")), None);
+            }
+        };
+        let files = crate::certs::store::in_use(&self.certs.state_dir, &broker);
+        tracing::info!(
+            subject = %info.subject,
+            serial = %info.serial,
+            not_after = %info.not_after,
+            cert = %files.cert.display(),
+            "new identity installed; switching the broker session over"
+        );
+        *self.certs.identity.write().expect("identity lock") = Current {
+            info,
+            files,
+            ca_pem,
+        };
+        let executed = Executed::applied(json!({ "certificate": described }), OwnedChange::None);
+        (executed, Some(Box::new(Rotation { connector, session })))
     }
 }

@@ -2,6 +2,8 @@
 
 /// Transport: TLS, AMQP session, topology, confirmed publishing, backoff.
 pub mod broker;
+/// The agent's own TLS identity: validation, installed identities, rotation.
+pub mod certs;
 /// Command-line interface.
 pub mod cli;
 /// Typed configuration file.

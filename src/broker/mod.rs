@@ -109,6 +109,7 @@ pub struct TlsDetails {
 pub struct Session {
     pub connection: Connection,
     pub url: String,
+    pub port: u16,
     pub tls: TlsDetails,
     pub connected_at: SystemTime,
 }
@@ -214,6 +215,7 @@ impl Connector {
         Ok(Session {
             connection,
             url: url.display.clone(),
+            port: url.uri.authority.port,
             tls,
             connected_at: SystemTime::now(),
         })

@@ -37,6 +37,13 @@ impl From<rustls::Error> for TlsError {
 pub struct CertInfo {
     pub subject: String,
     pub common_name: Option<String>,
+    pub issuer: String,
+    /// Hex, colon-separated, as `openssl x509 -serial` groups it.
+    pub serial: String,
+    /// DNS names and IP addresses of the subjectAltName extension.
+    pub sans: Vec<String>,
+    pub not_before: String,
+    pub not_before_unix: i64,
     pub not_after: String,
     pub not_after_unix: i64,
     pub sha256: String,
@@ -116,23 +123,57 @@ pub fn cert_info(der: &CertificateDer<'_>) -> Result<CertInfo, String> {
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_string);
     let not_after = cert.validity().not_after;
+    let not_before = cert.validity().not_before;
+    let mut sans = Vec::new();
+    if let Ok(Some(ext)) = cert.subject_alternative_name() {
+        for name in &ext.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(d) => sans.push(d.to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(ip) => {
+                    let ip = match ip.len() {
+                        4 => <[u8; 4]>::try_from(*ip).map(std::net::IpAddr::from).ok(),
+                        16 => <[u8; 16]>::try_from(*ip).map(std::net::IpAddr::from).ok(),
+                        _ => None,
+                    };
+                    if let Some(ip) = ip {
+                        sans.push(ip.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let rfc2822 = |t: x509_parser::time::ASN1Time| t.to_rfc2822().unwrap_or_else(|_| t.to_string());
     Ok(CertInfo {
         subject: cert.subject().to_string(),
         common_name,
-        not_after: not_after
-            .to_rfc2822()
-            .unwrap_or_else(|_| not_after.to_string()),
+        issuer: cert.issuer().to_string(),
+        serial: cert.raw_serial_as_string(),
+        sans,
+        not_before: rfc2822(not_before),
+        not_before_unix: not_before.timestamp(),
+        not_after: rfc2822(not_after),
         not_after_unix: not_after.timestamp(),
         sha256: hex::encode(Sha256::digest(der.as_ref())),
     })
 }
 
-/// The configured identity and the client TLS configuration built from it.
+/// The identity and CA of the configuration's files: the manager's side. (The agent uses
+/// `certs::Current`, which prefers an identity installed by `cert.install`.)
 pub fn from_config(
     b: &crate::config::BrokerConfig,
 ) -> Result<(Identity, Arc<rustls::ClientConfig>), TlsError> {
-    let identity = load_identity(&b.cert_file, &b.key_file)?;
-    let tls = client_config(load_roots(&b.ca_file)?, &identity)?;
+    from_files(&b.cert_file, &b.key_file, &b.ca_file)
+}
+
+/// An identity and CA from these files, and the client TLS configuration built from them.
+pub fn from_files(
+    cert_file: &Path,
+    key_file: &Path,
+    ca_file: &Path,
+) -> Result<(Identity, Arc<rustls::ClientConfig>), TlsError> {
+    let identity = load_identity(cert_file, key_file)?;
+    let tls = client_config(load_roots(ca_file)?, &identity)?;
     Ok((identity, tls))
 }
 

@@ -58,7 +58,7 @@ pub struct Shared {
     pub store: Arc<crate::state::Store>,
     pub host_id: String,
     pub started_ms: u64,
-    pub certificate: crate::broker::tls::CertInfo,
+    pub identity: Arc<std::sync::RwLock<crate::certs::Current>>,
     pub session: std::sync::Mutex<SessionStatus>,
     /// Commands answered, by ack status (duplicates counted apart).
     pub commands: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
@@ -196,7 +196,7 @@ async fn status(shared: &Shared) -> Value {
         "session": *shared.session.lock().expect("session lock"),
         "firewall": firewall,
         "routers": [],
-        "certificate": shared.certificate,
+        "certificate": shared.identity.read().expect("identity lock").info.clone(),
         "commands": *shared.commands.lock().expect("commands lock"),
         "dedup_records": dedup,
     })

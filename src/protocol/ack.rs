@@ -56,6 +56,12 @@ pub enum ErrorCode {
     UnreachableGateway,
     UnknownBridge,
     RouterFailed,
+    BadPem,
+    KeyMismatch,
+    Expired,
+    NotYetValid,
+    UntrustedChain,
+    RotationFailed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -53,6 +53,7 @@ pub enum RequestKind {
         raw: String,
     },
     RouterCreate(Box<crate::router::spec::RouterSpec>),
+    CertInstall(Box<crate::certs::Bundle>),
     RouterDelete {
         id: String,
     },
@@ -66,6 +67,7 @@ impl RequestKind {
             RequestKind::FirewallApply { .. } => "firewall.apply",
             RequestKind::FirewallPatch { .. } => "firewall.patch",
             RequestKind::RouterCreate(_) => "router.create",
+            RequestKind::CertInstall(_) => "cert.install",
             RequestKind::RouterDelete { .. } => "router.delete",
         }
     }
@@ -275,6 +277,9 @@ fn decode_inner(
             patch: Box::new(super::firewall::decode_patch(data)?),
             raw: data.to_string(),
         },
+        "cert.install" => {
+            RequestKind::CertInstall(Box::new(super::cert::decode_cert_install(data)?))
+        }
         "router.create" => RequestKind::RouterCreate(Box::new(super::router::decode_router(data)?)),
         "router.delete" => RequestKind::RouterDelete {
             id: super::router::decode_router_delete(data)?,

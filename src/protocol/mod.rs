@@ -2,6 +2,7 @@
 //! [`Request`]s, outcomes become [`Ack`]s. Wire structs never leave this module.
 
 mod ack;
+mod cert;
 mod command;
 mod firewall;
 mod router;

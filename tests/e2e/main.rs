@@ -3,6 +3,7 @@
 //! built-in harness lacks); each test makes its own hosts and agents.
 
 mod backbone;
+mod certs;
 mod firewall;
 mod ops;
 mod routers;
@@ -21,6 +22,7 @@ fn main() {
     let args = Arguments::from_args();
     let mut tests = Vec::new();
     tests.extend(backbone::tests());
+    tests.extend(certs::tests());
     tests.extend(firewall::tests());
     tests.extend(ops::tests());
     tests.extend(routers::tests());

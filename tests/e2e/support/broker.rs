@@ -32,9 +32,17 @@ fn write(path: &Path, text: &str) {
 impl Broker {
     /// Starts a node under `dir`, with a server certificate from `ca`.
     pub fn start(dir: &Path, ca: &Ca, tag: &str) -> Broker {
+        Broker::start_trusting(dir, ca, &[], tag)
+    }
+
+    /// Same, and the node also accepts client certificates from the CAs in `also`.
+    pub fn start_trusting(dir: &Path, ca: &Ca, also: &[&Ca], tag: &str) -> Broker {
         std::fs::create_dir_all(dir).unwrap();
         let server = ca.issue("localhost", &["localhost", "127.0.0.1"], Role::Server);
-        write(&dir.join("ca.pem"), &ca.pem());
+        let bundle: String = std::iter::once(ca.pem())
+            .chain(also.iter().map(|c| c.pem()))
+            .collect();
+        write(&dir.join("ca.pem"), &bundle);
         write(&dir.join("server.pem"), &server.cert_pem);
         write(&dir.join("server.key"), &server.key_pem);
         let port = free_port();
@@ -222,6 +230,22 @@ impl Broker {
             .env("ERL_EPMD_PORT", self.epmd_port.to_string())
             .args(["-port", &self.epmd_port.to_string(), "-kill"])
             .output();
+    }
+
+    /// SHA-256 (upper-case hex) of the client certificate of each open connection of
+    /// `user`, as the broker holds it (`list_connections` has no such column in 3.10): the
+    /// reader's state (from `sys:get_state`, `{Deb, Buf, #v1{}}`) holds the TLS socket.
+    pub fn peer_cert_hashes(&self, user: &str) -> Vec<String> {
+        let expr = format!(
+            "[binary_to_list(binary:encode_hex(crypto:hash(sha256, D))) || P <- rabbit_networking:connections(), \
+             {{user, U}} <- [hd(rabbit_reader:info(P, [user]))], U =:= <<\"{user}\">>, \
+             {{ok, D}} <- [rabbit_net:peercert(element(3, element(3, sys:get_state(P))))]]."
+        );
+        let out = self.ctl_ok(&["eval", &expr]);
+        out.split('"')
+            .filter(|s| s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()))
+            .map(str::to_string)
+            .collect()
     }
 
     pub fn url(&self) -> String {

@@ -22,6 +22,8 @@ use rampart::manager::Manager;
 pub struct Env {
     pub root: PathBuf,
     pub ca: Ca,
+    /// Also trusted by the broker (for rotations onto a new CA).
+    pub ca2: Ca,
     pub broker: Broker,
     pub manager_config: PathBuf,
     pub intruder_config: PathBuf,
@@ -39,7 +41,9 @@ pub fn init(root: &Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
     let ca = Ca::new("rampart-test-ca");
-    let broker = Broker::start(&root.join("broker"), &ca, "test");
+    // A second CA the broker trusts too: certificate rotation moves hosts onto it.
+    let ca2 = Ca::new("rampart-test-ca-2");
+    let broker = Broker::start_trusting(&root.join("broker"), &ca, &[&ca2], "test");
     let manager_config = write_client(root, &ca, &broker, "manager", "manager", "");
     let intruder_config = write_client(root, &ca, &broker, "intruder", "intruder", "");
     // The operator's set-up step: the manager declares the shared topology.
@@ -47,6 +51,7 @@ pub fn init(root: &Path) {
     let _ = ENV.set(Env {
         root: root.to_path_buf(),
         ca,
+        ca2,
         broker,
         manager_config,
         intruder_config,

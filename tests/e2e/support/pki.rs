@@ -34,9 +34,28 @@ impl Ca {
     }
 
     pub fn issue(&self, cn: &str, sans: &[&str], role: Role) -> Issued {
+        self.issue_with(cn, sans, role, None, (-1, 365))
+    }
+
+    /// A certificate with an organisation (to tell apart two of one CN) and a validity of
+    /// `days` (from, to) around now.
+    pub fn issue_with(
+        &self,
+        cn: &str,
+        sans: &[&str],
+        role: Role,
+        org: Option<&str>,
+        days: (i64, i64),
+    ) -> Issued {
         let mut params =
             CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
+        if let Some(o) = org {
+            params.distinguished_name.push(DnType::OrganizationName, o);
+        }
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::days(days.0);
+        params.not_after = now + time::Duration::days(days.1);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![match role {
             Role::Server => ExtendedKeyUsagePurpose::ServerAuth,

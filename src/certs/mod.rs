@@ -1,0 +1,418 @@
+//! The agent's own TLS identity: `cert.install` validation, the identities installed under
+//! `state_dir` (switched atomically, the previous one kept), and which files are in use.
+//! Private key material never leaves this module in a message, a log line or an ack.
+
+pub mod store;
+
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+
+use crate::broker::tls::{CertInfo, Identity, cert_info};
+
+/// Largest PEM text accepted per field (a long chain fits easily).
+pub const MAX_PEM_BYTES: usize = 64 * 1024;
+
+/// `cert.install` data after the wire checks: the PEM texts, not yet validated.
+pub struct Bundle {
+    pub certificate_pem: String,
+    pub private_key_pem: String,
+    pub ca_pem: Option<String>,
+}
+
+impl std::fmt::Debug for Bundle {
+    // The key never reaches a log line or a test failure message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bundle")
+            .field("certificate_pem_bytes", &self.certificate_pem.len())
+            .field("private_key_pem", &"<redacted>")
+            .field("ca_pem_bytes", &self.ca_pem.as_ref().map(String::len))
+            .finish()
+    }
+}
+
+impl PartialEq for Bundle {
+    fn eq(&self, other: &Self) -> bool {
+        self.certificate_pem == other.certificate_pem
+            && self.private_key_pem == other.private_key_pem
+            && self.ca_pem == other.ca_pem
+    }
+}
+
+impl Clone for Bundle {
+    fn clone(&self) -> Self {
+        Bundle {
+            certificate_pem: self.certificate_pem.clone(),
+            private_key_pem: self.private_key_pem.clone(),
+            ca_pem: self.ca_pem.clone(),
+        }
+    }
+}
+
+/// Why a bundle is refused. Messages name the problem, never the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertError {
+    #[error("{what}: {message}")]
+    BadPem {
+        field: &'static str,
+        what: &'static str,
+        message: String,
+    },
+    #[error("the private key does not match the certificate's public key")]
+    KeyMismatch,
+    #[error("the certificate expired on {not_after}")]
+    Expired { not_after: String },
+    #[error("the certificate is not valid before {not_before}")]
+    NotYetValid { not_before: String },
+    #[error("the certificate names {names}, not this host ({host})")]
+    WrongHost { names: String, host: String },
+    #[error(
+        "the broker logs in by certificate CN: the new CN {new} is not the agent's user {user}"
+    )]
+    LoginName { new: String, user: String },
+    #[error("the certificate does not chain to {against}: {message}")]
+    UntrustedChain {
+        against: &'static str,
+        message: String,
+    },
+}
+
+/// A bundle that passed every check, ready to be tried and installed.
+pub struct Validated {
+    pub identity: Identity,
+    /// The CA the agent verifies the broker with from now on (the new `ca_pem`, or the
+    /// CA in use), as PEM text and as a store.
+    pub ca_pem: String,
+    pub roots: RootCertStore,
+    pub certificate_pem: String,
+    pub private_key_pem: String,
+}
+
+fn certs(
+    pem: &str,
+    field: &'static str,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let bad = |message: String| CertError::BadPem {
+        field,
+        what,
+        message,
+    };
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("not PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad("no CERTIFICATE block".into()));
+    }
+    Ok(certs)
+}
+
+fn roots_from(
+    certs: &[CertificateDer<'static>],
+    field: &'static str,
+) -> Result<RootCertStore, CertError> {
+    let mut roots = RootCertStore::empty();
+    for c in certs {
+        roots.add(c.clone()).map_err(|e| CertError::BadPem {
+            field,
+            what: "CA bundle",
+            message: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
+/// Checks a bundle for this host: PEM, key matches, valid at `now`, names the host, keeps
+/// the CN the broker maps to the agent's user (`login_cn`, with EXTERNAL login), chains to
+/// the new CA when one is given, else to the CA in use (`current_ca_pem`).
+pub fn validate(
+    bundle: &Bundle,
+    host_id: &str,
+    login_cn: Option<&str>,
+    current_ca_pem: &str,
+    now: UnixTime,
+) -> Result<Validated, CertError> {
+    let chain = certs(
+        &bundle.certificate_pem,
+        "$.data.certificate_pem",
+        "certificate",
+    )?;
+    let key = PrivateKeyDer::from_pem_slice(bundle.private_key_pem.as_bytes()).map_err(|e| {
+        CertError::BadPem {
+            field: "$.data.private_key_pem",
+            what: "private key",
+            // The parser's message names the PEM section, never its contents.
+            message: format!("no PKCS#8, SEC1 or RSA private key: {e}"),
+        }
+    })?;
+    let info = cert_info(&chain[0]).map_err(|message| CertError::BadPem {
+        field: "$.data.certificate_pem",
+        what: "certificate",
+        message,
+    })?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| CertError::BadPem {
+            field: "$.data.private_key_pem",
+            what: "private key",
+            message: format!("unsupported key: {e}"),
+        })?;
+    let certified = rustls::sign::CertifiedKey::new(chain.clone(), signing);
+    match certified.keys_match() {
+        Ok(()) => {}
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            return Err(CertError::KeyMismatch);
+        }
+        Err(e) => {
+            return Err(CertError::BadPem {
+                field: "$.data.certificate_pem",
+                what: "certificate",
+                message: e.to_string(),
+            });
+        }
+    }
+    let secs = now.as_secs() as i64;
+    if secs < info.not_before_unix {
+        return Err(CertError::NotYetValid {
+            not_before: info.not_before.clone(),
+        });
+    }
+    if secs > info.not_after_unix {
+        return Err(CertError::Expired {
+            not_after: info.not_after.clone(),
+        });
+    }
+    let names_host =
+        info.common_name.as_deref() == Some(host_id) || info.sans.iter().any(|s| s == host_id);
+    if !names_host {
+        let mut names: Vec<String> = info
+            .common_name
+            .iter()
+            .map(|cn| format!("CN={cn}"))
+            .collect();
+        names.extend(info.sans.iter().map(|s| format!("SAN={s}")));
+        return Err(CertError::WrongHost {
+            names: if names.is_empty() {
+                "no name".into()
+            } else {
+                names.join(", ")
+            },
+            host: host_id.to_string(),
+        });
+    }
+    if let Some(user) = login_cn
+        && info.common_name.as_deref() != Some(user)
+    {
+        return Err(CertError::LoginName {
+            new: info.common_name.clone().unwrap_or_else(|| "(none)".into()),
+            user: user.to_string(),
+        });
+    }
+    let (ca_pem, against) = match &bundle.ca_pem {
+        Some(pem) => (pem.clone(), "the new CA (ca_pem)"),
+        None => (current_ca_pem.to_string(), "the CA in use"),
+    };
+    let ca_certs = certs(&ca_pem, "$.data.ca_pem", "CA bundle")?;
+    let roots = roots_from(&ca_certs, "$.data.ca_pem")?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots.clone()),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map_err(|e| CertError::UntrustedChain {
+        against,
+        message: e.to_string(),
+    })?;
+    verifier
+        .verify_client_cert(&chain[0], &chain[1..], now)
+        .map_err(|e| CertError::UntrustedChain {
+            against,
+            message: e.to_string(),
+        })?;
+    Ok(Validated {
+        identity: Identity { chain, key, info },
+        ca_pem,
+        roots,
+        certificate_pem: bundle.certificate_pem.clone(),
+        private_key_pem: bundle.private_key_pem.clone(),
+    })
+}
+
+/// The identity the agent uses now.
+#[derive(Debug, Clone)]
+pub struct Current {
+    pub info: CertInfo,
+    pub files: store::InUse,
+    /// The CA bundle the broker is verified with (what a new certificate must chain to
+    /// when `cert.install` brings no `ca_pem`).
+    pub ca_pem: String,
+}
+
+impl Current {
+    /// The identity in use at start: the newest installed one, else the configured files.
+    pub fn load(
+        state_dir: &std::path::Path,
+        broker: &crate::config::BrokerConfig,
+    ) -> Result<(Current, Identity, Arc<rustls::ClientConfig>), crate::broker::tls::TlsError> {
+        let files = store::in_use(state_dir, broker);
+        let (identity, tls) = crate::broker::tls::from_files(&files.cert, &files.key, &files.ca)?;
+        let ca_pem = std::fs::read_to_string(&files.ca).map_err(|cause| {
+            crate::broker::tls::TlsError::Read {
+                path: files.ca.clone(),
+                cause,
+            }
+        })?;
+        let current = Current {
+            info: identity.info.clone(),
+            files,
+            ca_pem,
+        };
+        Ok((current, identity, tls))
+    }
+
+    /// `certificate` of the state summary and heartbeats.
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "subject": self.info.subject,
+            "serial": self.info.serial,
+            "not_after": self.info.not_after,
+            "sha256": self.info.sha256,
+            "days_left": days_left(&self.info, crate::protocol::now_ms() as i64 / 1000),
+        })
+    }
+}
+
+/// Whole days until `info` expires (negative once expired).
+pub fn days_left(info: &CertInfo, now_unix: i64) -> i64 {
+    (info.not_after_unix - now_unix).div_euclid(86_400)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+
+    struct Ca(CertifiedIssuer<'static, KeyPair>);
+
+    fn ca(name: &str) -> Ca {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        Ca(CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap())
+    }
+
+    fn issue(ca: &Ca, cn: &str, days: (i64, i64)) -> (String, String) {
+        let mut p = CertificateParams::new(vec![]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now + time::Duration::days(days.0);
+        p.not_after = now + time::Duration::days(days.1);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &ca.0).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn bundle(cert: &str, key: &str, ca_pem: Option<&str>) -> Bundle {
+        Bundle {
+            certificate_pem: cert.into(),
+            private_key_pem: key.into(),
+            ca_pem: ca_pem.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn each_failure_has_its_own_error() {
+        let ca1 = ca("ca1");
+        let ca2 = ca("ca2");
+        let now = UnixTime::now();
+        let (cert, key) = issue(&ca1, "h1", (-1, 30));
+        let (_, other_key) = issue(&ca1, "h1", (-1, 30));
+        let check = |b: Bundle| validate(&b, "h1", Some("h1"), &ca1.0.pem(), now).map(|_| ());
+        assert_eq!(check(bundle(&cert, &key, None)), Ok(()));
+        assert!(matches!(
+            check(bundle("garbage", &key, None)),
+            Err(CertError::BadPem {
+                field: "$.data.certificate_pem",
+                ..
+            })
+        ));
+        assert!(matches!(
+            check(bundle(
+                &cert,
+                "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+                None
+            )),
+            Err(CertError::BadPem {
+                field: "$.data.private_key_pem",
+                ..
+            })
+        ));
+        assert_eq!(
+            check(bundle(&cert, &other_key, None)),
+            Err(CertError::KeyMismatch)
+        );
+        let (old, old_key) = issue(&ca1, "h1", (-30, -1));
+        assert!(matches!(
+            check(bundle(&old, &old_key, None)),
+            Err(CertError::Expired { .. })
+        ));
+        let (future, future_key) = issue(&ca1, "h1", (2, 30));
+        assert!(matches!(
+            check(bundle(&future, &future_key, None)),
+            Err(CertError::NotYetValid { .. })
+        ));
+        let (other, other_key) = issue(&ca1, "h2", (-1, 30));
+        assert!(matches!(
+            check(bundle(&other, &other_key, None)),
+            Err(CertError::WrongHost { .. })
+        ));
+        let (foreign, foreign_key) = issue(&ca2, "h1", (-1, 30));
+        assert!(matches!(
+            check(bundle(&foreign, &foreign_key, None)),
+            Err(CertError::UntrustedChain { .. })
+        ));
+        // With the new CA given, it chains.
+        assert_eq!(
+            check(bundle(&foreign, &foreign_key, Some(&ca2.0.pem()))),
+            Ok(())
+        );
+        assert!(matches!(
+            check(bundle(&foreign, &foreign_key, Some("nope"))),
+            Err(CertError::BadPem {
+                field: "$.data.ca_pem",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn no_message_or_debug_output_carries_the_key() {
+        let ca1 = ca("ca1");
+        let (cert, key) = issue(&ca1, "h1", (-1, 30));
+        let (_, other_key) = issue(&ca1, "h1", (-1, 30));
+        let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+        let b = bundle(&cert, &other_key, None);
+        let e = validate(&b, "h1", None, &ca1.0.pem(), UnixTime::now())
+            .err()
+            .unwrap();
+        let mangled = bundle(&cert, &key.replace('A', "!"), None);
+        let e2 = validate(&mangled, "h1", None, &ca1.0.pem(), UnixTime::now())
+            .err()
+            .unwrap();
+        for text in [
+            e.to_string(),
+            e2.to_string(),
+            format!("{b:?}"),
+            format!("{e2:?}"),
+        ] {
+            assert!(!text.contains(&body[..40]), "{text}");
+            assert!(!text.contains(&other_key[30..70]), "{text}");
+        }
+    }
+}
