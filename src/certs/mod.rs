@@ -261,6 +261,18 @@ impl Current {
     ) -> Result<(Current, Identity, Arc<rustls::ClientConfig>), crate::broker::tls::TlsError> {
         let files = store::in_use(state_dir, broker);
         let (identity, tls) = crate::broker::tls::from_files(&files.cert, &files.key, &files.ca)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(meta) = std::fs::metadata(&files.key)
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                tracing::warn!(
+                    key = %files.key.display(),
+                    mode = format!("{:04o}", meta.permissions().mode() & 0o7777),
+                    "the private key is readable by others than its owner; chmod 600 it"
+                );
+            }
+        }
         let ca_pem = std::fs::read_to_string(&files.ca).map_err(|cause| {
             crate::broker::tls::TlsError::Read {
                 path: files.ca.clone(),

@@ -8,8 +8,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use futures_util::StreamExt;
 use libtest_mimic::Trial;
 use nix::sys::signal::Signal;
+use rampart::broker::EVENTS_EXCHANGE;
 use rampart::protocol::{ErrorCode, Status};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -42,6 +44,10 @@ pub fn tests() -> Vec<Trial> {
         trial(
             "certs::kill9_mid_rotation_restart_gives_one_whole_identity",
             kill9_mid_rotation,
+        ),
+        trial(
+            "certs::expiry_is_reported_and_warned_about_once",
+            expiry_warning,
         ),
     ]
 }
@@ -399,6 +405,61 @@ fn kill9_mid_rotation() -> Result<()> {
         ensure!(std::fs::read_to_string(host.dir.join("cert.pem"))? == original);
         ensure!(Path::new(&host.dir.join("state/identity/key.pem")).exists());
         applied(&mut m, &id, "ping", "k2", json!({})).await?;
+        Ok(())
+    })
+}
+
+fn expiry_warning() -> Result<()> {
+    let host = env().host(
+        "cert-expiring",
+        HostOptions {
+            heartbeat_secs: Some(1),
+            ..Default::default()
+        },
+    );
+    let id = host.id.clone();
+    let soon = env()
+        .ca
+        .issue_with(&id, &[&id], Role::Client, None, (-1, 5));
+    std::fs::write(host.dir.join("cert.pem"), &soon.cert_pem)?;
+    std::fs::write(host.dir.join("key.pem"), &soon.key_pem)?;
+    runtime().block_on(async {
+        let m = env().manager().await;
+        let mut events = m.subscribe(EVENTS_EXCHANGE, &format!("*.{id}")).await?;
+        let _agent = start(&host, &[]);
+        let (mut warnings, mut heartbeats) = (vec![], vec![]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+        while let Ok(Some(d)) = tokio::time::timeout_at(deadline, events.next()).await {
+            let v: Value = serde_json::from_slice(&d?.data)?;
+            match v["type"].as_str() {
+                Some("cert") => warnings.push(v["data"].clone()),
+                Some("heartbeat") => heartbeats.push(v["data"].clone()),
+                _ => {}
+            }
+        }
+        ensure!(
+            warnings.len() == 1,
+            "one warning, not one per heartbeat: {warnings:?}"
+        );
+        let days = warnings[0]["days_left"].as_i64().context("days_left")?;
+        ensure!((3..=5).contains(&days), "{warnings:?}");
+        ensure!(warnings[0]["warn_days"] == 14, "{warnings:?}");
+        ensure!(heartbeats.len() >= 2, "heartbeats: {heartbeats:?}");
+        ensure!(
+            heartbeats[0]["certificate"]["sha256"]
+                .as_str()
+                .map(str::to_uppercase)
+                == Some(sha(&soon.cert_pem)),
+            "heartbeat carries the certificate: {:?}",
+            heartbeats[0]
+        );
+        let cli = cert_cli(&host)?;
+        // Seconds later, whole days left can only have dropped, by one at most.
+        let cli_days = cli["days_left"].as_i64().context("days_left")?;
+        ensure!(
+            cli_days == days || cli_days == days - 1,
+            "cli {cli_days} vs event {days}"
+        );
         Ok(())
     })
 }
