@@ -813,27 +813,17 @@ impl Dispatcher {
                 Ok(c) => c,
                 Err(e) => return (failed(format!("cannot use the new identity: {e}")), None),
             };
-        let mut last_error = String::from("no broker URL");
-        let mut session = None;
-        for url in &connector.urls {
-            match connector.connect(url).await {
-                Ok(s) => {
-                    session = Some(s);
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(url = %url.display, error = %e, "trial session with the new identity failed");
-                    last_error = format!("{}: {e}", url.display);
-                }
+        let session = match connector.connect_first().await {
+            Ok(s) => s,
+            Err(why) => {
+                tracing::warn!(error = %why, "trial session with the new identity failed");
+                return (
+                    failed(format!(
+                        "the broker did not accept a session with the new identity ({why}); the old identity stays"
+                    )),
+                    None,
+                );
             }
-        }
-        let Some(session) = session else {
-            return (
-                failed(format!(
-                    "the broker did not accept a session with the new identity ({last_error}); the old identity stays"
-                )),
-                None,
-            );
         };
         // Break: write the new identity, then switch to it in one rename.
         let state_dir = self.certs.state_dir.clone();

@@ -133,18 +133,10 @@ impl Manager {
             }
         };
         let connector = Connector::new(b, tls, format!("rampart-manager/{name}"))?;
-        let mut errors = vec![];
-        let mut session = None;
-        for url in &connector.urls {
-            match connector.connect(url).await {
-                Ok(s) => {
-                    session = Some(s);
-                    break;
-                }
-                Err(e) => errors.push(e.to_string()),
-            }
-        }
-        let session = session.ok_or_else(|| ManagerError::Unreachable(errors.join("; ")))?;
+        let session = connector
+            .connect_first()
+            .await
+            .map_err(ManagerError::Unreachable)?;
         broker::ensure_shared_topology(&session.connection).await?;
         let channel = broker::confirm_channel(&session.connection).await?;
         let q = private_queue(&channel, "declaring the ack queue").await?;

@@ -153,6 +153,18 @@ impl Connector {
         })
     }
 
+    /// One attempt per URL, in order, until one works; else every URL's error, joined.
+    pub async fn connect_first(&self) -> Result<Session, String> {
+        let mut errors = vec![];
+        for url in &self.urls {
+            match self.connect(url).await {
+                Ok(s) => return Ok(s),
+                Err(e) => errors.push(format!("{}: {e}", url.display)),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
     /// One attempt against one URL: TCP, TLS (broker verified), AMQP handshake and login.
     pub async fn connect(&self, url: &BrokerUrl) -> Result<Session, BrokerError> {
         let mut uri = url.uri.clone();

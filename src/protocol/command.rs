@@ -664,10 +664,13 @@ mod robustness {
         }
     }
 
-    const SEEDS: [&str; 3] = [
+    const SEEDS: [&str; 6] = [
         r#"{"specversion":"1.0","id":"c1","type":"ping","source":"m","host":"host-1","timestamp":1,"data":{}}"#,
         r#"{"specversion":"1.0","id":"c2","type":"firewall.apply","source":"m","host":"host-1","timestamp":1,"data":{"generation":2,"defaults":{"in":"drop"},"address_sets":{"web":["10.0.0.0/24","2001:db8::1"]},"rules":[{"id":"r1","priority":1,"action":"reject","direction":"both","protocol":"tcp","ports":["22","80-90"],"sources":["$web"],"applied_to":["tap*"],"log":true,"comment":"x"}]}}"#,
         r#"{"specversion":"1.0","id":"c3","type":"firewall.patch","source":"m","host":"host-1","timestamp":1,"data":{"base_generation":2,"generation":3,"add_addresses":{"web":["10.0.1.1"]},"delete_rules":["r1"],"upsert_rules":[{"id":"r2","priority":5,"action":"allow","direction":"in"}]}}"#,
+        r#"{"specversion":"1.0","id":"c4","type":"router.create","source":"m","host":"host-1","timestamp":1,"data":{"id":"lr1","interfaces":[{"name":"lif0","addresses":["192.168.10.1/24","fd00::1/64"],"mtu":1500,"bridge":"br-tenant"}],"routes":[{"destination":"0.0.0.0/0","via":"192.168.10.254"}]}}"#,
+        r#"{"specversion":"1.0","id":"c5","type":"router.delete","source":"m","host":"host-1","timestamp":1,"data":{"id":"lr1"}}"#,
+        r#"{"specversion":"1.0","id":"c6","type":"cert.install","source":"m","host":"host-1","timestamp":1,"data":{"purpose":"broker-client","certificate_pem":"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n","private_key_pem":"-----BEGIN PRIVATE KEY-----\nMC4C\n-----END PRIVATE KEY-----\n","ca_pem":"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"}}"#,
     ];
 
     const TOKENS: [&str; 14] = [
