@@ -499,6 +499,7 @@ impl Agent {
             if *stop.borrow() {
                 return;
             }
+            let handover = rotated.is_some();
             let attempt = match rotated.take() {
                 Some(session) => Ok(session),
                 None => {
@@ -532,7 +533,8 @@ impl Agent {
                         st.broker_certificate_not_after = Some(session.tls.peer_not_after.clone());
                         st.connected_since_ms = Some(now_ms());
                         st.sessions += 1;
-                        if st.sessions > 1 {
+                        // A hand-over to a rotated identity is not a reconnect.
+                        if st.sessions > 1 && !handover {
                             st.reconnects += 1;
                         }
                     }

@@ -81,7 +81,13 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// yet. The key is created 0600.
 pub fn stage(state_dir: &Path, v: &Validated, command_id: &str) -> std::io::Result<PathBuf> {
     let root = state_dir.join(DIR);
-    std::fs::create_dir_all(&root)?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)?;
+    }
     let now = crate::protocol::now_ms();
     let dir = root.join(format!("{now}-{}", &v.identity.info.sha256[..12]));
     {

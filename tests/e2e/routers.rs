@@ -7,14 +7,16 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use futures_util::StreamExt;
 use libtest_mimic::Trial;
+use rampart::broker::EVENTS_EXCHANGE;
 use rampart::protocol::{ErrorCode, Status};
 use rampart::router::spec::host_name;
 use serde_json::{Value, json};
 
 use crate::support::netns::{Netns, Servers, Tcp, tcp_probe};
 use crate::support::site::Site;
-use crate::support::{HostOptions, applied, manager, rampart, runtime, send, wait_until};
+use crate::support::{HostOptions, applied, env, manager, rampart, runtime, send, wait_until};
 use crate::trial;
 
 pub fn tests() -> Vec<Trial> {
@@ -380,11 +382,34 @@ fn recreated_at_start() -> Result<()> {
             !lab.wa.ping(&lab.wb_ip()),
             "router gone while the agent is down"
         );
+        let h = lab.site.host.id.clone();
+        // One runtime for the subscription's whole life: its connection lives on it.
+        let rt = runtime();
+        let (m, mut events) = rt.block_on(async {
+            let m = env().manager().await;
+            let events = m.subscribe(EVENTS_EXCHANGE, &format!("drift.{h}")).await?;
+            Ok::<_, anyhow::Error>((m, events))
+        })?;
         let agent = lab.site.start(&[]);
         ensure!(ns_exists(&id), "recreated before serving");
         ensure!(
             agent.wait_log("router drift found and repaired", 1, WAIT),
-            "drift reported"
+            "drift logged"
+        );
+        // The drift found at start is published once a session is up.
+        let event: Value = rt.block_on(async {
+            let d = tokio::time::timeout(WAIT, events.next())
+                .await
+                .context("no drift event")?
+                .context("subscription ended")??;
+            m.close().await;
+            Ok::<_, anyhow::Error>(serde_json::from_slice(&d.data)?)
+        })?;
+        ensure!(
+            event["data"]["routers"]["repaired"][id.as_str()]
+                .as_array()
+                .is_some_and(|steps| steps.iter().any(|s| s == "create namespace")),
+            "drift event names the repair: {event}"
         );
         ensure!(
             wait_until(WAIT, || lab.wa.ping(&lab.wb_ip())),
