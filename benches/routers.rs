@@ -251,5 +251,11 @@ fn main() -> anyhow::Result<()> {
     });
     drop(agent);
     support::teardown();
+    if std::env::var_os("RAMPART_BENCH_KEEP").is_some() {
+        println!(
+            "agent log: {}",
+            root.keep().join("hosts/bench-rt/agent.log").display()
+        );
+    }
     result
 }

@@ -789,6 +789,7 @@ impl Agent {
         if let Some(cid) = &ack.correlation_id {
             ack_props = ack_props.with_correlation_id(cid.as_str().into());
         }
+        let confirm_started = Instant::now();
         broker::publish_confirmed(
             publish_ch,
             broker::ACKS_EXCHANGE,
@@ -798,6 +799,11 @@ impl Agent {
             false,
         )
         .await?;
+        tracing::debug!(
+            command_id = ack.correlation_id.as_deref().unwrap_or("-"),
+            confirm_us = confirm_started.elapsed().as_micros() as u64,
+            "ack confirmed by the broker"
+        );
         // Only now, with the ack safely at the broker, does the command leave the queue.
         match outcome.disposition {
             Disposition::Ack => delivery

@@ -24,6 +24,9 @@ pub struct Ctx {
     host_ns: File,
     /// A netlink route connection in the host namespace.
     pub host: rtnetlink::Handle,
+    /// /run/netns is known to be a shared mount point. Checked once: re-marking it walks
+    /// every namespace mount below it, which made each create cost more than the last.
+    netns_dir_shared: std::cell::Cell<bool>,
 }
 
 type Job = Box<dyn FnOnce(Rc<Ctx>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
@@ -57,7 +60,11 @@ impl NetnsWorker {
                     let host_ns = File::open("/proc/thread-self/ns/net")?;
                     let (conn, host, _) = rtnetlink::new_connection()?;
                     tokio::spawn(conn);
-                    Ok::<_, io::Error>(Rc::new(Ctx { host_ns, host }))
+                    Ok::<_, io::Error>(Rc::new(Ctx {
+                        host_ns,
+                        host,
+                        netns_dir_shared: std::cell::Cell::new(false),
+                    }))
                 });
                 let ctx = match ctx {
                     Ok(ctx) => {
@@ -134,7 +141,11 @@ impl Ctx {
         name: &str,
         f: impl FnOnce() -> io::Result<T>,
     ) -> io::Result<(File, T)> {
-        ensure_netns_dir()?;
+        std::fs::create_dir_all(NETNS_DIR)?;
+        if !self.netns_dir_shared.get() {
+            ensure_netns_dir()?;
+            self.netns_dir_shared.set(true);
+        }
         let path = ns_path(name);
         std::fs::OpenOptions::new()
             .write(true)
@@ -199,7 +210,6 @@ pub fn ns_path(name: &str) -> PathBuf {
 /// Makes /run/netns a shared mount point as iproute2 does, so namespaces made here are
 /// seen (and can be entered) from every mount namespace, the host's included.
 fn ensure_netns_dir() -> io::Result<()> {
-    std::fs::create_dir_all(NETNS_DIR)?;
     let shared = || {
         mount(
             None::<&str>,

@@ -215,6 +215,10 @@ pub fn relay(ns: &str, listen: &str, target: SocketAddr) -> Servers {
             let Ok(outbound) = TcpStream::connect(target) else {
                 continue;
             };
+            // Without this, Nagle on one hop meets delayed ACKs on the other and a small
+            // frame waits 40 ms whenever the broker has nothing else to send.
+            let _ = inbound.set_nodelay(true);
+            let _ = outbound.set_nodelay(true);
             for (mut from, mut to) in [
                 (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
                 (outbound, inbound),
