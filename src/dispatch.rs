@@ -620,11 +620,25 @@ impl Dispatcher {
             }
             Err(e) => {
                 tracing::warn!(router = %spec.id, error = %e, "router create failed; rolling back");
+                let was_new = previous.is_none();
                 let undo = Commit::RouterPut {
                     spec: Box::new(spec.clone()),
                     previous,
                 };
-                undo_router(routers, &undo).await;
+                // A new router rolled back entirely is no longer the agent's to watch.
+                if undo_router(routers, &undo).await && was_new {
+                    let store = self.store.clone();
+                    let id = spec.id.clone();
+                    let disowned = tokio::task::spawn_blocking(move || store.disown_router(&id))
+                        .await
+                        .expect("state store task panicked");
+                    match disowned {
+                        Ok(()) => routers.forget(&spec.id),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not disown a rolled-back router")
+                        }
+                    }
+                }
                 failed(&RouterError::Kernel(e))
             }
         }
@@ -708,11 +722,12 @@ async fn router_delete(routers: &mut Routers, id: String) -> (Executed, Commit) 
 }
 
 /// Puts the kernel back to the record as it was before a router command.
-async fn undo_router(routers: &Routers, commit: &Commit) {
+/// True when the kernel is back as it was.
+async fn undo_router(routers: &Routers, commit: &Commit) -> bool {
     let (id, previous) = match commit {
         Commit::RouterPut { spec, previous } => (spec.id.as_str(), previous),
         Commit::RouterDelete { id, previous } => (id.as_str(), previous),
-        _ => return,
+        _ => return true,
     };
     let result = match previous {
         Some(p) => routers.converge(p).await.map(|_| ()),
@@ -721,8 +736,12 @@ async fn undo_router(routers: &Routers, commit: &Commit) {
             _ => Ok(()),
         },
     };
-    if let Err(e) = result {
-        tracing::error!(router = %id, error = %e, "could not roll the router back; the next reconcile retries");
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(router = %id, error = %e, "could not roll the router back; the next reconcile retries");
+            false
+        }
     }
 }
 

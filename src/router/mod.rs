@@ -149,6 +149,13 @@ impl Routers {
         self.owned.insert(id.to_string());
     }
 
+    /// A new router was rolled back entirely and disowned in the store.
+    pub fn forget(&mut self, id: &str) {
+        if !self.wanted.contains_key(id) {
+            self.owned.remove(id);
+        }
+    }
+
     /// The record now holds `spec` (after the store commit).
     pub fn commit_put(&mut self, spec: RouterSpec) {
         self.state.insert(spec.id.clone(), RouterState::Applied);
