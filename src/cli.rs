@@ -738,10 +738,22 @@ fn print_status(a: &serde_json::Value) {
         "firewall:    generation {}, {} rules, {} sets, {} elements",
         f["generation"], f["rules"], f["address_sets"], f["elements"]
     );
+    let routers = a["routers"].as_array().cloned().unwrap_or_default();
+    let degraded = routers.iter().filter(|r| r["state"] != "applied").count();
     println!(
-        "certificate: {} (until {})",
+        "routers:     {}{}",
+        routers.len(),
+        if degraded > 0 {
+            format!(" ({degraded} DEGRADED: see rampart routers)")
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "certificate: {} (until {}, {} days left)",
         text(&a["certificate"]["subject"]),
-        text(&a["certificate"]["not_after"])
+        text(&a["certificate"]["not_after"]),
+        a["certificate"]["days_left"]
     );
     println!(
         "commands:    {} (dedup store: {} ids)",

@@ -195,8 +195,8 @@ async fn status(shared: &Shared) -> Value {
         "uptime_secs": now.saturating_sub(shared.started_ms) / 1000,
         "session": *shared.session.lock().expect("session lock"),
         "firewall": firewall,
-        "routers": [],
-        "certificate": shared.identity.read().expect("identity lock").info.clone(),
+        "routers": shared.routers.lock().await.summary(),
+        "certificate": shared.identity.read().expect("identity lock").summary(),
         "commands": *shared.commands.lock().expect("commands lock"),
         "dedup_records": dedup,
     })

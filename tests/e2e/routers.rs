@@ -94,8 +94,12 @@ impl Lab {
             ip(&["-n", &ag, "link", "set", tap, "master", br, "up"])?;
             let addr = format!("10.{net}.{n}.2/24");
             ip(&["-n", &w.name, "addr", "add", &addr, "dev", "w0"])?;
+            let addr6 = format!("fd00:{net}:{n}::2/64");
+            ip(&["-n", &w.name, "addr", "add", &addr6, "dev", "w0", "nodad"])?;
             ip(&["-n", &w.name, "link", "set", "w0", "up"])?;
             w.route("default", &format!("10.{net}.{n}.1"));
+            let gw6 = format!("fd00:{net}:{n}::1");
+            ip(&["-6", "-n", &w.name, "route", "add", "default", "via", &gw6])?;
         }
         Ok(Lab { n, site, wa, wb })
     }
@@ -104,12 +108,16 @@ impl Lab {
         format!("10.206.{}.2", self.n)
     }
 
-    /// Router `id` joining both workload subnets.
+    fn wb_ip6(&self) -> String {
+        format!("fd00:206:{}::2", self.n)
+    }
+
+    /// Router `id` joining both workload subnets, IPv4 and IPv6.
     fn two_legs(&self, id: &str) -> Value {
         let n = self.n;
         json!({"id": id, "interfaces": [
-            {"name": "lif0", "addresses": [format!("10.205.{n}.1/24")], "bridge": "bra"},
-            {"name": "lif1", "addresses": [format!("10.206.{n}.1/24")], "mtu": 1400, "bridge": "brb"},
+            {"name": "lif0", "addresses": [format!("10.205.{n}.1/24"), format!("fd00:205:{n}::1/64")], "bridge": "bra"},
+            {"name": "lif1", "addresses": [format!("10.206.{n}.1/24"), format!("fd00:206:{n}::1/64")], "mtu": 1400, "bridge": "brb"},
         ], "routes": []})
     }
 
@@ -177,6 +185,11 @@ fn create_and_delete() -> Result<()> {
             "ip netns list shows it"
         );
         ensure!(lab.wa.ping(&lab.wb_ip()), "ping across the router");
+        // IPv6 forwarding too (the router's addresses finish duplicate detection first).
+        ensure!(
+            wait_until(WAIT, || lab.wa.ping(&lab.wb_ip6())),
+            "IPv6 ping across the router"
+        );
         ensure!(
             tcp_probe(&lab.wa.name, &lab.wb_ip(), 8080) == Tcp::Open,
             "TCP across the router"
@@ -218,6 +231,13 @@ fn create_and_delete() -> Result<()> {
             "{port:?}"
         );
 
+        let sock = lab.site.host.dir.join("rampart.sock");
+        let status = rampart(&["status", "--json", "--socket", &sock.display().to_string()]);
+        let status: Value = serde_json::from_slice(&status.stdout)?;
+        ensure!(
+            status["routers"][0]["id"] == id.as_str() && status["routers"][0]["state"] == "applied",
+            "rampart status shows the router: {status}"
+        );
         let routers = lab.routers_json()?;
         ensure!(
             routers.len() == 1 && routers[0]["in_sync"] == true,
@@ -238,6 +258,7 @@ fn create_and_delete() -> Result<()> {
 
         applied(&mut m, h, "router.delete", "d1", json!({"id": id})).await?;
         ensure!(!lab.wa.ping(&lab.wb_ip()), "no path after delete");
+        ensure!(!lab.wa.ping(&lab.wb_ip6()), "no IPv6 path after delete");
         ensure!(!ns_exists(&id) && !mounted(&id), "namespace and mount gone");
         let links = lab.host_links()?;
         ensure!(
