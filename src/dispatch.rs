@@ -848,6 +848,7 @@ impl Dispatcher {
         let state_dir = self.certs.state_dir.clone();
         let command_id = id.to_string();
         let crash = self.fault == Fault::CrashMidCertRotation;
+        let broker_files = broker.clone();
         let written = tokio::task::spawn_blocking(move || {
             let staged = crate::certs::store::stage(&state_dir, &validated, &command_id)?;
             if crash {
@@ -857,12 +858,13 @@ impl Dispatcher {
             crate::certs::store::switch(&state_dir, &staged).inspect_err(|_| {
                 let _ = std::fs::remove_dir_all(&staged);
             })?;
-            Ok::<_, std::io::Error>(validated.ca_pem)
+            let files = crate::certs::store::in_use(&state_dir, &broker_files);
+            Ok::<_, std::io::Error>((validated.ca_pem, files))
         })
         .await
         .expect("identity writer panicked");
-        let ca_pem = match written {
-            Ok(ca) => ca,
+        let (ca_pem, files) = match written {
+            Ok(written) => written,
             Err(e) => {
                 let _ = session
                     .connection
@@ -871,7 +873,6 @@ impl Dispatcher {
                 return (failed(format!("cannot write the new identity: {e}")), None);
             }
         };
-        let files = crate::certs::store::in_use(&self.certs.state_dir, &broker);
         tracing::info!(
             subject = %info.subject,
             serial = %info.serial,
