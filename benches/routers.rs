@@ -250,12 +250,6 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok(())
     });
     drop(agent);
-    support::teardown();
-    if std::env::var_os("RAMPART_BENCH_KEEP").is_some() {
-        println!(
-            "agent log: {}",
-            root.keep().join("hosts/bench-rt/agent.log").display()
-        );
-    }
+    support::timing::finish(root, "bench-rt");
     result
 }

@@ -28,3 +28,13 @@ pub fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
+
+/// Stops the broker; with `RAMPART_BENCH_KEEP` set, keeps the files and says where the
+/// agent's log is (for a look at its debug timings).
+pub fn finish(root: tempfile::TempDir, host: &str) {
+    super::teardown();
+    if std::env::var_os("RAMPART_BENCH_KEEP").is_some() {
+        let log = root.keep().join("hosts").join(host).join("agent.log");
+        println!("agent log: {}", log.display());
+    }
+}
