@@ -491,14 +491,7 @@ fn print_cert(v: &serde_json::Value) {
     println!("ca:          {}", text(&v["files"]["ca"]));
     match v["installed"].as_object() {
         Some(i) => {
-            let at = i["installed_ms"]
-                .as_i64()
-                .and_then(|ms| time::OffsetDateTime::from_unix_timestamp(ms / 1000).ok())
-                .and_then(|t| {
-                    t.format(&time::format_description::well_known::Rfc3339)
-                        .ok()
-                })
-                .unwrap_or_else(|| "?".into());
+            let at = when(&i["installed_ms"]);
             println!(
                 "installed:   {at} by cert.install {}",
                 text(&i["command_id"])
@@ -603,14 +596,11 @@ fn print_routers(a: &serde_json::Value) {
 }
 
 fn print_rules(a: &serde_json::Value) {
-    let applied = a["applied_at_ms"]
-        .as_i64()
-        .and_then(|ms| time::OffsetDateTime::from_unix_timestamp(ms / 1000).ok())
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| "at start (restored)".to_string());
+    let applied = if a["applied_at_ms"].is_i64() || a["applied_at_ms"].is_u64() {
+        when(&a["applied_at_ms"])
+    } else {
+        "at start (restored)".to_string()
+    };
     println!(
         "table inet {}  generation {}  applied {}  {}",
         a["table"].as_str().unwrap_or("?"),
