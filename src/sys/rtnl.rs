@@ -216,6 +216,12 @@ pub async fn observe(ctx: &Ctx, spec: &RouterSpec) -> Result<Observed, KernelErr
             lo_up = l.up;
             continue;
         }
+        // Every new namespace gets the fallback devices of loaded tunnel modules (sit0,
+        // gre0, tunl0, ...); they cannot be deleted and are not the router's business.
+        let named = spec.interfaces.iter().any(|i| i.name == l.name);
+        if l.kind != Some(InfoKind::Veth) && !named {
+            continue;
+        }
         by_index.insert(l.index, l.name.clone());
         let host = match link_by_name(
             &ctx.host,
@@ -460,8 +466,14 @@ async fn apply_step(
             .await
             .map_err(cause),
         Step::RemoveInterface(name) => {
-            let index = index_of(inner, name).await?;
-            inner.link().del(index).execute().await.map_err(cause)
+            // Gone already is fine: deleting one end of a pair takes the other with it.
+            match link_by_name(inner, name).await.map_err(cause)? {
+                None => Ok(()),
+                Some(l) => match inner.link().del(l.index).execute().await {
+                    Err(e) if !is_no_device(&e) => Err(cause(e)),
+                    _ => Ok(()),
+                },
+            }
         }
         Step::AddInterface(iface) => add_interface(ctx, &spec.id, ns, inner, iface).await,
         Step::SetMtu { name, mtu } => {

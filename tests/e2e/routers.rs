@@ -306,6 +306,26 @@ fn converge() -> Result<()> {
         ensure!(lab.wa.ping(&lab.wb_ip()), "address moved back");
         ensure!(lab.wa.ping(&far), "route added");
         ensure!(lab.in_sync(&id)?, "kernel matches the record");
+        // A device that is not a veth (like the tunnel fallback devices the kernel puts in
+        // every namespace) is left alone; a stray veth is removed.
+        let ns = format!("lr-{id}");
+        ip(&["-n", &ns, "link", "add", "fb0", "type", "bridge"])?;
+        ip(&[
+            "-n", &ns, "link", "add", "stray0", "type", "veth", "peer", "name", "stray1",
+        ])?;
+        let sync = applied(&mut m, h, "state.sync", "v3s", json!({})).await?;
+        ensure!(
+            sync.data["routers"][0]["state"] == "applied",
+            "the repair succeeded: {:?}",
+            sync.data["routers"]
+        );
+        let links = Command::new("ip")
+            .args(["-n", &ns, "-o", "link", "show"])
+            .output()?;
+        let links = String::from_utf8_lossy(&links.stdout);
+        ensure!(links.contains("fb0:"), "non-veth device kept: {links}");
+        ensure!(!links.contains("stray0@"), "stray veth removed: {links}");
+        ensure!(lab.in_sync(&id)?, "still in sync");
         applied(&mut m, h, "router.delete", "v4", json!({"id": id})).await?;
         Ok(())
     })
