@@ -57,6 +57,20 @@ struct Lab {
     site: Site,
     wa: Netns,
     wb: Netns,
+    /// Router ids this test used: their namespaces go when the test ends, pass or fail.
+    ids: std::cell::RefCell<Vec<String>>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for id in self.ids.borrow().iter() {
+            if ns_exists(id) {
+                let _ = Command::new("ip")
+                    .args(["netns", "del", &format!("lr-{id}")])
+                    .output();
+            }
+        }
+    }
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -101,7 +115,13 @@ impl Lab {
             let gw6 = format!("fd00:{net}:{n}::1");
             ip(&["-6", "-n", &w.name, "route", "add", "default", "via", &gw6])?;
         }
-        Ok(Lab { n, site, wa, wb })
+        Ok(Lab {
+            n,
+            site,
+            wa,
+            wb,
+            ids: Default::default(),
+        })
     }
 
     fn wb_ip(&self) -> String {
@@ -154,6 +174,15 @@ fn rid(tag: &str) -> String {
     format!("{tag}-{}", std::process::id() % 100_000)
 }
 
+impl Lab {
+    /// A router id for this test, cleaned up with the lab.
+    fn rid(&self, tag: &str) -> String {
+        let id = rid(tag);
+        self.ids.borrow_mut().push(id.clone());
+        id
+    }
+}
+
 fn ns_exists(id: &str) -> bool {
     Path::new("/run/netns").join(format!("lr-{id}")).exists()
 }
@@ -166,7 +195,7 @@ fn mounted(id: &str) -> bool {
 
 fn create_and_delete() -> Result<()> {
     let lab = Lab::new(1, "rt-basic")?;
-    let id = rid("a");
+    let id = lab.rid("a");
     let _agent = lab.site.start(&[]);
     let _srv = Servers::start(&lab.wb.name, &lab.wb_ip(), &[8080], &[]);
     ensure!(
@@ -274,7 +303,7 @@ fn create_and_delete() -> Result<()> {
 fn converge() -> Result<()> {
     let lab = Lab::new(2, "rt-converge")?;
     let n = lab.n;
-    let id = rid("c");
+    let id = lab.rid("c");
     let _agent = lab.site.start(&[]);
     // wb also owns 10.208.n.1, reachable from wa only through a route on the router.
     ip(&[
@@ -334,7 +363,7 @@ fn converge() -> Result<()> {
 fn fifty() -> Result<()> {
     let lab = Lab::new(3, "rt-fifty")?;
     let _agent = lab.site.start(&[]);
-    let ids: Vec<String> = (0..50).map(|i| rid(&format!("m{i}"))).collect();
+    let ids: Vec<String> = (0..50).map(|i| lab.rid(&format!("m{i}"))).collect();
     runtime().block_on(async {
         let h = &lab.site.host.id;
         let mut m = manager(h).await?;
@@ -373,7 +402,7 @@ fn fifty() -> Result<()> {
 
 fn kill9_mid_create() -> Result<()> {
     let lab = Lab::new(4, "rt-crash")?;
-    let id = rid("k");
+    let id = lab.rid("k");
     let mut agent = lab
         .site
         .start(&[("RAMPART_FAULT", "crash_mid_router_create")]);
@@ -404,7 +433,7 @@ fn kill9_mid_create() -> Result<()> {
 
 fn recreated_at_start() -> Result<()> {
     let lab = Lab::new(5, "rt-restart")?;
-    let id = rid("r");
+    let id = lab.rid("r");
     let foreign = format!("lr-{}", rid("f"));
     let mut agent = lab.site.start(&[]);
     runtime().block_on(async {
@@ -474,7 +503,7 @@ fn recreated_at_start() -> Result<()> {
 
 fn invalid() -> Result<()> {
     let lab = Lab::new(6, "rt-invalid")?;
-    let id = rid("i");
+    let id = lab.rid("i");
     let _agent = lab.site.start(&[]);
     runtime().block_on(async {
         let h = &lab.site.host.id;
