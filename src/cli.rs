@@ -198,37 +198,18 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             socket,
             action: None,
         } => {
-            let socket = match socket {
-                Some(s) => s,
-                None => Config::load(&cli.config)?.control.socket,
-            };
+            let socket = socket_path(&cli.config, socket)?;
             let answer = crate::control::ask(&socket, &crate::control::Request::Rules).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
-            } else {
-                print_rules(&answer);
-            }
-            Ok(0)
+            show(&answer, json, print_rules)
         }
         Command::Cert { json } => {
             let config = Config::load(&cli.config)?;
-            let v = cert_description(&config)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print_cert(&v);
-            }
-            Ok(0)
+            show(&cert_description(&config)?, json, print_cert)
         }
         Command::Routers { json, socket } => {
             let socket = socket_path(&cli.config, socket)?;
             let answer = crate::control::ask(&socket, &crate::control::Request::Routers).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
-            } else {
-                print_routers(&answer);
-            }
-            Ok(0)
+            show(&answer, json, print_routers)
         }
         Command::Status { json, socket } => {
             let socket = socket_path(&cli.config, socket)?;
@@ -502,6 +483,16 @@ fn print_cert(v: &serde_json::Value) {
             text(&v["source"])
         ),
     }
+}
+
+/// Prints an answer as pretty JSON or through its text printer.
+fn show(v: &serde_json::Value, json: bool, text: fn(&serde_json::Value)) -> anyhow::Result<i32> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        text(v);
+    }
+    Ok(0)
 }
 
 fn print_routers(a: &serde_json::Value) {

@@ -11,7 +11,7 @@ use rampart::manager::{Manager, Outgoing, command_body};
 use rampart::protocol::{Ack, ErrorCode, Status};
 use serde_json::{Value, json};
 
-use crate::support::{AgentProc, HostOptions, env, runtime};
+use crate::support::{ACK_WAIT, AgentProc, HostOptions, env, runtime};
 use crate::trial;
 
 pub fn tests() -> Vec<Trial> {
@@ -57,11 +57,8 @@ pub fn tests() -> Vec<Trial> {
     ]
 }
 
-const ACK_WAIT: Duration = Duration::from_secs(20);
-
 async fn ack_for(m: &mut Manager, host: &str, kind: &str, id: &str) -> Result<Ack> {
-    m.send(host, kind, id, &json!({})).await?;
-    Ok(m.wait_ack(id, ACK_WAIT).await?)
+    crate::support::send(m, host, kind, id, json!({})).await
 }
 
 fn ping_and_state_sync_round_trip() -> Result<()> {

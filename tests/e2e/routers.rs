@@ -448,8 +448,9 @@ fn recreated_at_start() -> Result<()> {
     ip(&["netns", "del", &format!("lr-{id}")])?;
     ip(&["netns", "add", &foreign])?;
     let result = (|| {
+        // `ip netns del` returns before the kernel has torn the namespace down.
         ensure!(
-            !lab.wa.ping(&lab.wb_ip()),
+            wait_until(WAIT, || !lab.wa.ping(&lab.wb_ip())),
             "router gone while the agent is down"
         );
         let h = lab.site.host.id.clone();
