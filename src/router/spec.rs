@@ -79,6 +79,17 @@ pub fn host_name(router: &str, interface: &str) -> String {
     format!("rp{}", hex::encode(&digest[..5]))
 }
 
+/// The inner end's MAC address: locally administered, unicast, from SHA-256 of
+/// `mac/<router>/<interface>`. A router made again (after a reboot, or a namespace deleted by
+/// hand) answers with the same MAC, so its neighbours' ARP and ND caches stay right.
+pub fn inner_mac(router: &str, interface: &str) -> [u8; 6] {
+    let digest = Sha256::digest(format!("mac/{router}/{interface}").as_bytes());
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&digest[..6]);
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
+}
+
 pub fn host_alias(router: &str, interface: &str) -> String {
     format!("{ALIAS_PREFIX}{router}/{interface}")
 }
@@ -122,6 +133,10 @@ mod tests {
         assert!(is_valid_ifname(&a));
         assert_eq!(router_of_alias(&host_alias("lr1", "lif0")), Some("lr1"));
         assert_eq!(router_of_alias("something else"), None);
+        let mac = inner_mac("lr1", "lif0");
+        assert_eq!(mac, inner_mac("lr1", "lif0"));
+        assert_ne!(mac, inner_mac("lr1", "lif1"));
+        assert_eq!(mac[0] & 0x03, 0x02, "locally administered unicast");
     }
 
     #[test]

@@ -442,6 +442,20 @@ fn recreated_at_start() -> Result<()> {
         applied(&mut m, h, "router.create", "r1", lab.two_legs(&id)).await?;
         Ok::<_, anyhow::Error>(())
     })?;
+    let mac = || -> Result<String> {
+        let o = Command::new("ip")
+            .args(["-n", &format!("lr-{id}"), "-o", "link", "show", "lif0"])
+            .output()?;
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        Ok(text
+            .split("link/ether ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_default()
+            .to_string())
+    };
+    let mac_before = mac()?;
+    ensure!(!mac_before.is_empty(), "lif0 has a MAC");
     agent.signal(nix::sys::signal::Signal::SIGTERM);
     ensure!(agent.wait_exit(WAIT).is_some(), "agent stops");
     drop(agent);
@@ -463,6 +477,8 @@ fn recreated_at_start() -> Result<()> {
         })?;
         let agent = lab.site.start(&[]);
         ensure!(ns_exists(&id), "recreated before serving");
+        // The same MAC as before: the workloads' ARP caches still point at the router.
+        ensure!(mac()? == mac_before, "lif0 keeps its MAC {mac_before}");
         ensure!(
             agent.wait_log("router drift found and repaired", 1, WAIT),
             "drift logged"
