@@ -335,6 +335,7 @@ async fn rules_check(config_path: &std::path::Path, file: &str) -> anyhow::Resul
     let limits = crate::firewall::spec::Limits {
         max_rules: fw.max_rules,
         max_elements: fw.max_elements,
+        max_rule_expansion: fw.max_rule_expansion,
     };
     let data: serde_json::Value = match serde_json::from_str(&text) {
         Ok(v) => v,

@@ -69,6 +69,13 @@ pub struct FirewallConfig {
     pub max_rules: usize,
     #[serde(default = "default_max_elements")]
     pub max_elements: usize,
+    /// Kernel statements one rule may expand into (sources x destinations x interfaces x
+    /// address families, after repeated references are removed).
+    #[serde(default = "default_max_rule_expansion")]
+    pub max_rule_expansion: usize,
+    /// What the firewall does when the stored state cannot be read at start.
+    #[serde(default)]
+    pub when_state_lost: WhenStateLost,
     /// The nft binary.
     #[serde(default = "default_nft")]
     pub nft: PathBuf,
@@ -83,6 +90,8 @@ impl Default for FirewallConfig {
             drift_check_secs: default_drift_check_secs(),
             max_rules: default_max_rules(),
             max_elements: default_max_elements(),
+            max_rule_expansion: default_max_rule_expansion(),
+            when_state_lost: WhenStateLost::default(),
             nft: default_nft(),
         }
     }
@@ -100,8 +109,22 @@ fn default_max_rules() -> usize {
 fn default_max_elements() -> usize {
     1_000_000
 }
+fn default_max_rule_expansion() -> usize {
+    1_000
+}
 fn default_nft() -> PathBuf {
     PathBuf::from("/usr/sbin/nft")
+}
+
+/// The firewall's answer to a state store that cannot be read at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenStateLost {
+    /// Failsafe and established traffic only; new inbound and forwarded traffic dropped.
+    #[default]
+    Isolate,
+    /// No rules until the manager sends a rule set.
+    Open,
 }
 
 /// `"tcp/22"` -> (protocol, port).
@@ -189,6 +212,14 @@ pub struct CommandsConfig {
     /// How many processed command ids (with their acks) are kept for deduplication.
     #[serde(default = "default_dedup_keep")]
     pub dedup_keep: usize,
+    /// Commands whose `timestamp` is older than this are rejected (`bad_timestamp`); at least
+    /// the queue's message TTL, so that nothing the broker still holds is refused for age.
+    #[serde(default = "default_max_age_ms")]
+    pub max_age_ms: u64,
+    /// Bytes of command bodies the broker may push ahead of the one in hand (prefetch is
+    /// derived from it and `max_body_bytes`: RabbitMQ has no byte-based prefetch).
+    #[serde(default = "default_max_buffered_bytes")]
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for CommandsConfig {
@@ -197,6 +228,8 @@ impl Default for CommandsConfig {
             max_body_bytes: default_max_body_bytes(),
             signing_keys: Vec::new(),
             dedup_keep: default_dedup_keep(),
+            max_age_ms: default_max_age_ms(),
+            max_buffered_bytes: default_max_buffered_bytes(),
         }
     }
 }
@@ -287,6 +320,12 @@ fn default_auth() -> AuthMechanism {
 fn default_max_body_bytes() -> usize {
     16 * 1024 * 1024
 }
+fn default_max_age_ms() -> u64 {
+    7_500_000
+}
+fn default_max_buffered_bytes() -> usize {
+    64 * 1024 * 1024
+}
 fn default_dedup_keep() -> usize {
     10_000
 }
@@ -298,6 +337,16 @@ fn default_log_level() -> String {
 }
 fn default_log_format() -> LogFormat {
     LogFormat::Text
+}
+
+impl Config {
+    /// The prefetch the session asks for: the configured count, lowered so that the bodies
+    /// the broker may push ahead fit in `commands.max_buffered_bytes`.
+    pub fn effective_prefetch(&self) -> u16 {
+        let by_bytes = self.commands.max_buffered_bytes / self.commands.max_body_bytes.max(1);
+        let by_bytes = u16::try_from(by_bytes).unwrap_or(u16::MAX).max(1);
+        self.broker.prefetch.min(by_bytes)
+    }
 }
 
 impl BrokerConfig {
@@ -388,6 +437,21 @@ impl Config {
         if self.commands.max_body_bytes == 0 {
             return Err(invalid("commands.max_body_bytes", "must be at least 1"));
         }
+        if self.commands.max_age_ms < u64::from(b.message_ttl_ms) {
+            return Err(invalid(
+                "commands.max_age_ms",
+                "must be at least broker.message_ttl_ms, or queued commands expire as bad_timestamp",
+            ));
+        }
+        if self.commands.max_buffered_bytes < self.commands.max_body_bytes {
+            return Err(invalid(
+                "commands.max_buffered_bytes",
+                "must be at least commands.max_body_bytes (one body must fit)",
+            ));
+        }
+        if self.firewall.max_rule_expansion == 0 {
+            return Err(invalid("firewall.max_rule_expansion", "must be at least 1"));
+        }
         let f = &self.firewall;
         let t = f.table.as_bytes();
         if t.is_empty()
@@ -464,6 +528,26 @@ mod tests {
     fn bad_host_id_is_refused() {
         let text = format!("host_id = \"Host_1\"\n{MINIMAL}");
         assert!(Config::parse(&text).is_err());
+    }
+
+    #[test]
+    fn prefetch_is_bounded_by_bytes() {
+        let c = Config::parse(MINIMAL).unwrap();
+        // 64 MiB of 16 MiB bodies: four ahead, not 32 (512 MiB).
+        assert_eq!(c.effective_prefetch(), 4);
+        let text = format!("{MINIMAL}\n[commands]\nmax_body_bytes = 65536\n");
+        assert_eq!(Config::parse(&text).unwrap().effective_prefetch(), 32);
+        let text = format!("{MINIMAL}\n[commands]\nmax_buffered_bytes = 1000\n");
+        assert!(Config::parse(&text).is_err());
+    }
+
+    #[test]
+    fn replay_window_covers_the_queue_ttl() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.commands.max_age_ms, 7_500_000);
+        let text = format!("{MINIMAL}\n[commands]\nmax_age_ms = 60000\n");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("max_age_ms"), "{err}");
     }
 
     #[test]

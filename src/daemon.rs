@@ -98,6 +98,7 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     let limits = Limits {
         max_rules: config.firewall.max_rules,
         max_elements: config.firewall.max_elements,
+        max_rule_expansion: config.firewall.max_rule_expansion,
     };
     let decode = DecodeContext {
         host_id: host_id.clone(),
@@ -105,6 +106,7 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         max_body_bytes: config.commands.max_body_bytes,
         signing_keys,
         limits,
+        max_age_ms: config.commands.max_age_ms,
     };
     let connector = Connector::new(b, tls, format!("rampart/{host_id}"))?;
     let store = Arc::new(store);
@@ -670,7 +672,7 @@ impl Agent {
             .await
             .map_err(amqp("opening a channel"))?;
         consume_ch
-            .basic_qos(b.prefetch, BasicQosOptions::default())
+            .basic_qos(cfg.effective_prefetch(), BasicQosOptions::default())
             .await
             .map_err(amqp("setting the prefetch"))?;
         broker::declare_agent_topology(conn, &consume_ch, &self.host_id, b).await?;

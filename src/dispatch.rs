@@ -12,7 +12,8 @@ use crate::certs::{CertError, Current};
 use crate::firewall::spec::{Patch, RuleSet};
 use crate::firewall::{ApplyPlan, Firewall, FirewallError};
 use crate::protocol::{
-    Ack, AckError, DecodeContext, ErrorCode, Incoming, Request, RequestKind, Status, decode,
+    Ack, AckError, DecodeContext, ErrorCode, Incoming, Request, RequestKind, Status, claimed_id,
+    decode,
 };
 use crate::router::spec::RouterSpec;
 use crate::router::{RouterError, Routers};
@@ -209,6 +210,16 @@ impl Dispatcher {
 
     pub async fn handle(&self, incoming: Incoming) -> Outcome {
         let started = Instant::now();
+        // Dedup comes before every check that depends on configuration (PROTOCOL.md
+        // section 3): a redelivery keeps its original answer whatever changed since.
+        let claimed = claimed_id(&incoming);
+        if let Some(id) = &claimed
+            && let Some(outcome) = self
+                .duplicate_of(id, incoming.kind.as_deref().unwrap_or("unknown"))
+                .await
+        {
+            return outcome;
+        }
         let decoded = decode(&self.decode.read().expect("decode lock"), &incoming);
         let request = match decoded {
             Ok(r) => r,
@@ -237,18 +248,12 @@ impl Dispatcher {
             }
         };
 
-        match self.lookup(&request.id).await {
-            Ok(Some(original)) => {
-                tracing::info!(command_id = %request.id, status = original.status.as_str(), "duplicate command: answering with the stored ack");
-                let disposition = disposition_of(original.status);
-                return Outcome {
-                    ack: original.as_duplicate(),
-                    disposition,
-                    rotation: None,
-                };
-            }
-            Ok(None) => {}
-            Err(e) => return self.store_failure(&request.id, request.kind.type_name(), e),
+        if claimed.as_deref() != Some(request.id.as_str())
+            && let Some(outcome) = self
+                .duplicate_of(&request.id, request.kind.type_name())
+                .await
+        {
+            return outcome;
         }
 
         let type_name = request.kind.type_name();
@@ -406,6 +411,24 @@ impl Dispatcher {
             "certificate": self.certs.identity.read().expect("identity lock").summary(),
             "commands": { "processed": processed },
         }))
+    }
+
+    /// The stored outcome of an already processed command id, answered again as a duplicate
+    /// (or a store failure, which must not let the command run a second time).
+    async fn duplicate_of(&self, id: &str, type_name: &str) -> Option<Outcome> {
+        match self.lookup(id).await {
+            Ok(Some(original)) => {
+                tracing::info!(command_id = %id, status = original.status.as_str(), "duplicate command: answering with the stored ack");
+                let disposition = disposition_of(original.status);
+                Some(Outcome {
+                    ack: original.as_duplicate(),
+                    disposition,
+                    rotation: None,
+                })
+            }
+            Ok(None) => None,
+            Err(e) => Some(self.store_failure(id, type_name, e)),
+        }
     }
 
     async fn lookup(&self, id: &str) -> Result<Option<Ack>, StateError> {

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::layout::{Bucket, Hook, Layout};
-use super::spec::{Action, Addr, Direction, Policy, Protocol, Rule, RuleSet};
+use super::spec::{Action, Addr, Direction, Iface, Policy, Protocol, Rule, RuleSet};
 
 /// What the rendering needs besides the rule set.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,11 +135,13 @@ fn alternatives(list: &[Addr], family: Family) -> Option<Vec<String>> {
     if list.is_empty() {
         return None;
     }
+    // A repeated reference adds nothing but statements: each one is kept once.
+    let mut seen = std::collections::HashSet::new();
     let mut alts = vec![];
     let literals: Vec<String> = list
         .iter()
         .filter_map(|a| match a {
-            Addr::Net(n) if Family::of(n) == family => Some(n.to_string()),
+            Addr::Net(n) if Family::of(n) == family && seen.insert(a) => Some(n.to_string()),
             _ => None,
         })
         .collect();
@@ -149,11 +151,56 @@ fn alternatives(list: &[Addr], family: Family) -> Option<Vec<String>> {
         _ => alts.push(format!("{{ {} }}", literals.join(", "))),
     }
     for a in list {
-        if let Addr::Set(name) = a {
+        if let Addr::Set(name) = a
+            && seen.insert(a)
+        {
             alts.push(format!("@{}", family.set_name(name)));
         }
     }
     Some(alts)
+}
+
+/// How many kernel rules (one per match alternative) `rule` renders to across all hooks:
+/// sources x destinations x interfaces x families after repeated references are removed.
+/// Computed without rendering, so a hostile rule is refused before it costs memory.
+pub fn expansion(rule: &Rule) -> usize {
+    let side = |list: &[Addr], family: Family| -> usize {
+        if list.is_empty() {
+            return 1;
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut literals = false;
+        let mut sets = 0usize;
+        for a in list {
+            match a {
+                Addr::Net(n) if Family::of(n) == family => literals = true,
+                Addr::Set(_) if seen.insert(a) => sets += 1,
+                _ => {}
+            }
+        }
+        sets + usize::from(literals)
+    };
+    let families: &[Family] = match rule.protocol {
+        Protocol::Icmp => &[Family::V4],
+        Protocol::Icmpv6 => &[Family::V6],
+        _ if rule.sources.is_empty() && rule.destinations.is_empty() => &[Family::V4],
+        _ => &[Family::V4, Family::V6],
+    };
+    let per_iface = if matches!(rule.direction, Direction::Both) {
+        2
+    } else {
+        1
+    };
+    let unique_ifaces: std::collections::HashSet<&Iface> = rule.applied_to.iter().collect();
+    let ifaces = unique_ifaces.len().saturating_mul(per_iface).max(1);
+    families
+        .iter()
+        .map(|f| {
+            side(&rule.sources, *f)
+                .saturating_mul(side(&rule.destinations, *f))
+                .saturating_mul(ifaces)
+        })
+        .fold(0usize, usize::saturating_add)
 }
 
 fn verdict(action: Action, tcp: bool) -> &'static str {
@@ -183,7 +230,8 @@ pub fn rule_lines(rule: &Rule, hook: Hook) -> Vec<String> {
                 ifmatches.push(format!("iifname \"{}\" ", iface.0));
             }
         }
-        ifmatches.dedup();
+        let mut seen = std::collections::HashSet::new();
+        ifmatches.retain(|m| seen.insert(m.clone()));
     } else {
         ifmatches.push(String::new());
     }

@@ -65,14 +65,14 @@ pub struct PortRange {
 }
 
 /// One entry of `sources` / `destinations`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Addr {
     Net(IpNet),
     Set(String),
 }
 
 /// An interface pattern of `applied_to`: a name, or a prefix ending in `*`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Iface(pub String);
 
 impl Iface {
@@ -171,6 +171,8 @@ pub struct RuleSet {
 pub struct Limits {
     pub max_rules: usize,
     pub max_elements: usize,
+    /// Kernel rules one rule may render to (see `render::expansion`).
+    pub max_rule_expansion: usize,
 }
 
 impl Default for Limits {
@@ -178,8 +180,19 @@ impl Default for Limits {
         Limits {
             max_rules: 100_000,
             max_elements: 1_000_000,
+            max_rule_expansion: 1_000,
         }
     }
+}
+
+impl Limits {
+    /// No limits: what restoring the stored state uses, since what was accepted once must
+    /// come back even if the limits were lowered since.
+    pub const NONE: Limits = Limits {
+        max_rules: usize::MAX,
+        max_elements: usize::MAX,
+        max_rule_expansion: usize::MAX,
+    };
 }
 
 /// A delta (`firewall.patch`), checked field by field; whether it fits the current rule set
@@ -227,9 +240,14 @@ pub fn is_valid_iface(name: &str) -> bool {
     if name == "*" {
         return true;
     }
-    let stem = name.strip_suffix('*').unwrap_or(name);
+    // The kernel compares at most IFNAMSIZ-1 = 15 bytes; a wildcard's stem must leave room
+    // for at least one more character, or nft refuses the pattern.
+    let (stem, max) = match name.strip_suffix('*') {
+        Some(stem) => (stem, 14),
+        None => (name, 15),
+    };
     !stem.is_empty()
-        && stem.len() <= 15
+        && stem.len() <= max
         && stem
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
@@ -238,12 +256,19 @@ pub fn is_valid_iface(name: &str) -> bool {
 /// Parses an address or prefix; host bits must be clear so that what the manager sent is
 /// exactly what is enforced.
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
-    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
-        return Ok(IpNet::from(ip));
+    let net = match s.parse::<std::net::IpAddr>() {
+        Ok(ip) => IpNet::from(ip),
+        Err(_) => s
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IPv4/IPv6 address or prefix"))?,
+    };
+    if let IpNet::V6(v6) = net
+        && v6.addr().to_ipv4_mapped().is_some()
+    {
+        return Err(format!(
+            "{s:?} is an IPv4-mapped IPv6 address, which never matches IPv4 traffic: write the IPv4 address"
+        ));
     }
-    let net: IpNet = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not an IPv4/IPv6 address or prefix"))?;
     if net.trunc() != net {
         return Err(format!(
             "{s:?} has host bits set (did you mean {}?)",
@@ -381,6 +406,10 @@ mod tests {
         assert!(!is_valid_iface("eth0\""));
         assert!(!is_valid_iface("averyveryverylongname"));
         assert!(!is_valid_iface("**"));
+        // The kernel takes 15 characters; a wildcard needs room for one more.
+        assert!(is_valid_iface("abcdefghijklmno"));
+        assert!(is_valid_iface("abcdefghijklmn*"));
+        assert!(!is_valid_iface("abcdefghijklmno*"));
     }
 
     #[test]
@@ -398,6 +427,12 @@ mod tests {
         );
         assert!(parse_net("10.0.0.0/33").is_err());
         assert!(parse_net("10.0.0.0/8; flush").is_err());
+        for mapped in ["::ffff:10.0.0.1", "::ffff:0:0/96", "::ffff:10.0.0.0/120"] {
+            let e = parse_net(mapped).unwrap_err();
+            assert!(e.contains("IPv4-mapped"), "{mapped}: {e}");
+        }
+        assert!(parse_net("::/0").is_ok());
+        assert!(parse_net("64:ff9b::10.0.0.1").is_ok());
     }
 
     #[test]

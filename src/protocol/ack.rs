@@ -43,6 +43,8 @@ pub enum ErrorCode {
     BadSignature,
     UnknownType,
     DuplicateId,
+    DuplicateKey,
+    BadTimestamp,
     UnknownSet,
     SetInUse,
     UnknownRule,

@@ -4,6 +4,7 @@
 use base64::Engine;
 use serde_json::{Map, Value};
 
+use super::strict_json::StrictError;
 use super::{AckError, ErrorCode};
 
 /// Longest key or value echoed back in an error message, so a hostile body cannot make the
@@ -28,7 +29,12 @@ pub struct DecodeContext {
     pub max_body_bytes: usize,
     pub signing_keys: Vec<ed25519_dalek::VerifyingKey>,
     pub limits: crate::firewall::spec::Limits,
+    /// Oldest command accepted, by its `timestamp` (replay window).
+    pub max_age_ms: u64,
 }
+
+/// How far a command's `timestamp` may lie in the future (clock skew between hosts).
+pub const MAX_FUTURE_MS: u64 = 5 * 60 * 1000;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
@@ -96,6 +102,21 @@ pub(super) fn reject(code: ErrorCode, message: impl Into<String>, field: Option<
     }
 }
 
+/// The command id a delivery claims (AMQP `message_id`, else the body's `id`), learned
+/// without any check that depends on configuration, so that a redelivery is recognised
+/// even when the senders, keys or limits changed since it was first processed.
+pub fn claimed_id(incoming: &Incoming) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: Option<String>,
+    }
+    let id = match &incoming.message_id {
+        Some(mid) => mid.clone(),
+        None => serde_json::from_slice::<IdOnly>(&incoming.body).ok()?.id?,
+    };
+    valid_command_id(&id).then_some(id)
+}
+
 /// Checks one delivery against PROTOCOL.md section 3.
 pub fn decode(ctx: &DecodeContext, incoming: &Incoming) -> Result<Request, Rejection> {
     let mut correlation_id = incoming.message_id.clone();
@@ -142,12 +163,17 @@ fn decode_inner(
             None,
         )
     })?;
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        reject(
+    let value = super::strict_json::parse(text).map_err(|e| match e {
+        StrictError::Syntax(e) => reject(
             ErrorCode::InvalidJson,
             format!("body is not JSON: {e}"),
             None,
-        )
+        ),
+        StrictError::DuplicateKey(path) => reject(
+            ErrorCode::DuplicateKey,
+            format!("key {path} appears more than once"),
+            Some(path),
+        ),
     })?;
     let Value::Object(obj) = value else {
         return Err(reject(
@@ -258,6 +284,7 @@ fn decode_inner(
             )
         })?,
     };
+    check_timestamp(ctx, timestamp, super::now_ms())?;
     let data = obj.get("data").ok_or_else(|| missing("$", "data"))?;
 
     let kind = match kind {
@@ -274,7 +301,7 @@ fn decode_inner(
             raw: data.to_string(),
         },
         "firewall.patch" => RequestKind::FirewallPatch {
-            patch: Box::new(super::firewall::decode_patch(data)?),
+            patch: Box::new(super::firewall::decode_patch(data, &ctx.limits)?),
             raw: data.to_string(),
         },
         "cert.install" => {
@@ -298,6 +325,33 @@ fn decode_inner(
         timestamp,
         kind,
     })
+}
+
+/// The replay window of PROTOCOL.md section 3.
+fn check_timestamp(ctx: &DecodeContext, timestamp: u64, now: u64) -> Result<(), Reject> {
+    let field = Some("$.timestamp".to_string());
+    if timestamp > now.saturating_add(MAX_FUTURE_MS) {
+        return Err(reject(
+            ErrorCode::BadTimestamp,
+            format!(
+                "timestamp is {} ms in the future (at most {MAX_FUTURE_MS} allowed)",
+                timestamp - now
+            ),
+            field,
+        ));
+    }
+    let age = now.saturating_sub(timestamp);
+    if age > ctx.max_age_ms {
+        return Err(reject(
+            ErrorCode::BadTimestamp,
+            format!(
+                "command is {age} ms old, older than commands.max_age_ms ({})",
+                ctx.max_age_ms
+            ),
+            field,
+        ));
+    }
+    Ok(())
 }
 
 fn check_sender(ctx: &DecodeContext, user_id: Option<&str>) -> Result<(), Reject> {
@@ -462,6 +516,7 @@ mod tests {
             max_body_bytes: 1024,
             signing_keys: vec![],
             limits: Default::default(),
+            max_age_ms: u64::MAX,
         }
     }
 
@@ -490,6 +545,36 @@ mod tests {
         assert_eq!(r.kind, RequestKind::Ping);
         assert_eq!(r.id, "c1");
         assert_eq!(r.timestamp, 1);
+    }
+
+    #[test]
+    fn timestamps_outside_the_window_are_bad() {
+        let mut c = ctx();
+        c.max_age_ms = 7_500_000;
+        let now = crate::protocol::now_ms();
+        let at = |ts: u64| ping("").replace(r#""timestamp":1"#, &format!(r#""timestamp":{ts}"#));
+        for ok in [now, now - 7_400_000, now + 60_000] {
+            assert!(decode(&c, &incoming(&at(ok))).is_ok(), "{ok}");
+        }
+        for bad in [1, now - 7_600_000, now + 6 * 60_000] {
+            let (code, field) = code_of(decode(&c, &incoming(&at(bad))));
+            assert_eq!(code, ErrorCode::BadTimestamp, "{bad}");
+            assert_eq!(field.as_deref(), Some("$.timestamp"));
+        }
+    }
+
+    #[test]
+    fn a_repeated_key_is_rejected_with_its_path() {
+        let twice = ping("").replace(r#""host":"host-1","#, r#""host":"host-1","host":"host-2","#);
+        let r = decode(&ctx(), &incoming(&twice)).unwrap_err();
+        assert_eq!(r.error.code, ErrorCode::DuplicateKey);
+        assert_eq!(r.error.field.as_deref(), Some("$.host"));
+        // Still correlated, so the manager learns why.
+        assert_eq!(r.correlation_id, None);
+        let deep = r#"{"specversion":"1.0","id":"c1","type":"firewall.apply","source":"m","host":"host-1","timestamp":1,"data":{"generation":1,"rules":[{"id":"r1","priority":1,"action":"drop","action":"allow","direction":"in"}]}}"#;
+        let (code, field) = code_of(decode(&ctx(), &incoming(deep)));
+        assert_eq!(code, ErrorCode::DuplicateKey);
+        assert_eq!(field.as_deref(), Some("$.data.rules[0].action"));
     }
 
     #[test]
@@ -661,6 +746,7 @@ mod robustness {
             max_body_bytes: 1 << 20,
             signing_keys: vec![],
             limits: Default::default(),
+            max_age_ms: u64::MAX,
         }
     }
 

@@ -289,6 +289,24 @@ fn too_many(path: &str, what: &str, limit: usize) -> Reject {
     )
 }
 
+/// Refuses a rule that would render to more kernel rules than the limit allows, before
+/// anything is rendered (PROTOCOL.md section 4, `firewall.max_rule_expansion`).
+fn check_expansion(r: &Rule, path: &str, limits: &Limits) -> Result<(), Reject> {
+    let n = crate::firewall::render::expansion(r);
+    if n > limits.max_rule_expansion {
+        return Err(reject(
+            ErrorCode::TooMany,
+            format!(
+                "rule {} expands to {n} kernel rules (sources x destinations x interfaces x families), more than firewall.max_rule_expansion {}",
+                echo(&r.id),
+                limits.max_rule_expansion
+            ),
+            Some(path.to_string()),
+        ));
+    }
+    Ok(())
+}
+
 /// `firewall.apply` data -> a whole, valid rule set.
 pub(crate) fn decode_rule_set(v: &Value, limits: &Limits) -> Result<RuleSet, Reject> {
     let path = "$.data";
@@ -324,6 +342,7 @@ pub(crate) fn decode_rule_set(v: &Value, limits: &Limits) -> Result<RuleSet, Rej
         for (i, r) in list.iter().enumerate() {
             let p = format!("$.data.rules[{i}]");
             let r = rule(r, &p)?;
+            check_expansion(&r, &p, limits)?;
             if let Some((name, at)) = r.first_missing_set(|n| sets.contains_key(n)) {
                 return Err(reject(
                     ErrorCode::UnknownSet,
@@ -368,7 +387,7 @@ const PATCH_KEYS: [&str; 9] = [
 
 /// `firewall.patch` data -> a checked delta (its fit with the current rule set is checked
 /// when it is applied).
-pub(crate) fn decode_patch(v: &Value) -> Result<Patch, Reject> {
+pub(crate) fn decode_patch(v: &Value, limits: &Limits) -> Result<Patch, Reject> {
     let path = "$.data";
     let obj = as_object(v, path)?;
     deny_unknown(obj, &PATCH_KEYS, path)?;
@@ -386,6 +405,7 @@ pub(crate) fn decode_patch(v: &Value) -> Result<Patch, Reject> {
         for (i, r) in as_array(list, "$.data.upsert_rules")?.iter().enumerate() {
             let p = format!("$.data.upsert_rules[{i}]");
             let r = rule(r, &p)?;
+            check_expansion(&r, &p, limits)?;
             if !seen.insert(r.id.clone()) {
                 return Err(reject(
                     ErrorCode::DuplicateId,
@@ -584,22 +604,95 @@ mod tests {
         let limits = Limits {
             max_rules: 0,
             max_elements: 2,
+            max_rule_expansion: 1_000,
         };
         let e = decode_rule_set(&contract_example(), &limits).unwrap_err();
         assert_eq!(e.code, ErrorCode::TooMany);
     }
 
+    /// 2 000 x 2 000 references to one set would render to four million kernel rules.
+    fn blow_up_rule(refs: usize) -> Value {
+        json!({"id": "wide", "priority": 1, "action": "drop", "direction": "in",
+               "sources": vec!["$a"; refs], "destinations": vec!["$a"; refs]})
+    }
+
+    #[test]
+    fn repeated_references_count_once_and_expansion_is_bounded() {
+        let set = json!({"a": ["10.0.0.0/24", "2001:db8::/64"], "b": ["10.1.0.0/24"]});
+        // Repeated references collapse: one set per side, two families = 2 kernel rules.
+        let rs = decode_rule_set(
+            &json!({"generation": 1, "address_sets": set, "rules": [blow_up_rule(2_000)]}),
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(crate::firewall::render::expansion(&rs.rules["wide"]), 2);
+        // Distinct references multiply: 40 interfaces x 2 (both) x 2 families x 4 x 4.
+        let sets: serde_json::Map<String, Value> = (0..4)
+            .map(|i| (format!("s{i}"), json!([format!("10.{i}.0.0/16")])))
+            .collect();
+        let refs: Vec<String> = (0..4).map(|i| format!("$s{i}")).collect();
+        let ifaces: Vec<String> = (0..40).map(|i| format!("tap{i}")).collect();
+        let wide = json!({"generation": 1, "address_sets": sets, "rules": [
+            {"id": "r", "priority": 1, "action": "drop", "direction": "both",
+             "sources": refs, "destinations": refs, "applied_to": ifaces}]});
+        let e = decode_rule_set(&wide, &Limits::default()).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TooMany);
+        assert_eq!(e.field.as_deref(), Some("$.data.rules[0]"));
+        assert!(e.message.contains("2560"), "{}", e.message);
+        // The same in a patch.
+        let patch = json!({"base_generation": 1, "generation": 2,
+            "upsert_rules": wide["rules"].clone()});
+        let e = decode_patch(&patch, &Limits::default()).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("$.data.upsert_rules[0]"));
+        // Restoring stored state knows no limit.
+        assert!(decode_rule_set(&wide, &Limits::NONE).is_ok());
+    }
+
+    #[test]
+    fn expansion_matches_what_is_rendered() {
+        let sets: serde_json::Map<String, Value> = (0..3)
+            .map(|i| {
+                (
+                    format!("s{i}"),
+                    json!([format!("10.{i}.0.0/16"), "2001:db8::/64"]),
+                )
+            })
+            .collect();
+        let rs = decode_rule_set(
+            &json!({"generation": 1, "address_sets": sets, "rules": [
+                {"id": "r", "priority": 1, "action": "allow", "direction": "both",
+                 "sources": ["$s0", "$s1", "$s0", "10.9.0.0/16"], "destinations": ["$s2"],
+                 "applied_to": ["tap0", "tap1", "tap0"]}]}),
+            &Limits::default(),
+        )
+        .unwrap();
+        let r = &rs.rules["r"];
+        let rendered =
+            crate::firewall::render::rule_lines(r, crate::firewall::layout::Hook::Forward);
+        assert_eq!(crate::firewall::render::expansion(r), rendered.len());
+    }
+
     #[test]
     fn patches_decode_and_check_generations() {
-        let p = decode_patch(&json!({"base_generation": 42, "generation": 43,
-            "add_addresses": {"web": ["10.0.9.0/24"]}, "delete_rules": ["ssh-in"]}))
+        let p = decode_patch(
+            &json!({"base_generation": 42, "generation": 43,
+            "add_addresses": {"web": ["10.0.9.0/24"]}, "delete_rules": ["ssh-in"]}),
+            &Limits::default(),
+        )
         .unwrap();
         assert_eq!(p.add_addresses["web"].len(), 1);
         assert_eq!(p.delete_rules, vec!["ssh-in"]);
-        let e = decode_patch(&json!({"base_generation": 42, "generation": 42})).unwrap_err();
+        let e = decode_patch(
+            &json!({"base_generation": 42, "generation": 42}),
+            &Limits::default(),
+        )
+        .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("$.data.generation"));
-        let e =
-            decode_patch(&json!({"base_generation": 1, "generation": 2, "bogus": 1})).unwrap_err();
+        let e = decode_patch(
+            &json!({"base_generation": 1, "generation": 2, "bogus": 1}),
+            &Limits::default(),
+        )
+        .unwrap_err();
         assert_eq!(e.code, ErrorCode::UnknownField);
     }
 }

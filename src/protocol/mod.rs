@@ -6,19 +6,19 @@ mod cert;
 mod command;
 mod firewall;
 mod router;
+mod strict_json;
 
 pub use ack::{Ack, AckError, ErrorCode, Status};
-pub use command::{DecodeContext, Incoming, Rejection, Request, RequestKind, decode};
+pub use command::{
+    DecodeContext, Incoming, MAX_FUTURE_MS, Rejection, Request, RequestKind, claimed_id, decode,
+};
 
 /// A rule set as the state store keeps it (canonical JSON), without limits: what was
 /// accepted once is restored even if the limits were lowered since.
 pub fn decode_stored_rule_set(bytes: &[u8]) -> Result<crate::firewall::spec::RuleSet, String> {
     let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-    let limits = crate::firewall::spec::Limits {
-        max_rules: usize::MAX,
-        max_elements: usize::MAX,
-    };
-    firewall::decode_rule_set(&v, &limits).map_err(|r| format!("{}: {:?}", r.message, r.field))
+    firewall::decode_rule_set(&v, &crate::firewall::spec::Limits::NONE)
+        .map_err(|r| format!("{}: {:?}", r.message, r.field))
 }
 
 /// Checks a rule set (`firewall.apply` data) as the agent would, for `rampart rules check`.
@@ -36,7 +36,8 @@ pub fn check_rule_set(
 /// A journal entry (a patch's `data` JSON) from the state store.
 pub fn decode_stored_patch(bytes: &[u8]) -> Result<crate::firewall::spec::Patch, String> {
     let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-    firewall::decode_patch(&v).map_err(|r| format!("{}: {:?}", r.message, r.field))
+    firewall::decode_patch(&v, &crate::firewall::spec::Limits::NONE)
+        .map_err(|r| format!("{}: {:?}", r.message, r.field))
 }
 
 /// `^[a-z0-9][a-z0-9._-]{0,62}$`
