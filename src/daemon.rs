@@ -87,12 +87,15 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     };
     let signing_keys = load_signing_keys(&config)?;
 
-    let state_dir = config.state_dir.clone();
-    let keep = config.commands.dedup_keep;
-    let store = tokio::task::spawn_blocking(move || Store::open(&state_dir, keep))
-        .await
-        .expect("state store task panicked")
-        .context("opening the state store")?;
+    let mut lost = None;
+    let store = match open_store(&config).await {
+        Ok(store) => store,
+        Err(e) => {
+            let fresh = set_store_aside(&config, &e).await?;
+            lost = Some(e);
+            fresh
+        }
+    };
     tracing::info!(path = %store.path().display(), "state store open");
 
     let limits = Limits {
@@ -109,12 +112,43 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         max_age_ms: config.commands.max_age_ms,
     };
     let connector = Connector::new(b, tls, format!("rampart/{host_id}"))?;
-    let store = Arc::new(store);
+    let mut store = Arc::new(store);
 
     // The recorded rule set goes back into the kernel before any broker is contacted, so a
     // restart or a reboot never leaves the host open.
     let ctx = render_ctx(&config, &connector).await;
-    let firewall = load_firewall(&store, &config, ctx, limits).await?;
+    let mut firewall = match load_firewall(&store, &config, ctx.clone(), limits).await {
+        Ok(fw) => fw,
+        Err(e) if lost.is_none() => {
+            drop(store);
+            store = Arc::new(set_store_aside(&config, &e).await?);
+            lost = Some(e);
+            Firewall::new(
+                Nft::new(&config.firewall.nft),
+                ctx,
+                limits,
+                RuleSet::default(),
+            )
+        }
+        Err(e) => return Err(e.context("the fresh state store does not load")),
+    };
+    let state_lost = match &lost {
+        None => None,
+        Some(e) => Some(after_state_lost(&mut firewall, &store, &config, e).await),
+    };
+    if firewall.is_managed() {
+        match firewall.restore().await {
+            Ok(()) => tracing::info!(
+                generation = firewall.current().generation,
+                rules = firewall.current().rules.len(),
+                table = firewall.table(),
+                "firewall restored from the state store"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "could not restore the firewall; the drift check will retry")
+            }
+        }
+    }
     let firewall = Arc::new(tokio::sync::Mutex::new(firewall));
     let (drift_tx, drift_rx) = tokio::sync::mpsc::channel(16);
     let routers = load_routers(&store, &drift_tx).await?;
@@ -183,6 +217,7 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
             .unwrap_or(Duration::from_secs(5)),
         cert_warned_ms: std::sync::atomic::AtomicU64::new(0),
     });
+    agent.dispatcher.set_state_lost(state_lost);
     notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status("state restored; connecting to the broker"),
@@ -275,7 +310,9 @@ async fn load_firewall(
             .map_err(|e| anyhow::anyhow!("stored rule set does not decode: {e}"))?,
         None => RuleSet::default(),
     };
-    let mut fw = Firewall::new(Nft::new(&config.firewall.nft), ctx, limits, snapshot);
+    // Replayed without limits: what was accepted once comes back even if the limits were
+    // lowered since (they apply to the next command).
+    let mut fw = Firewall::new(Nft::new(&config.firewall.nft), ctx, Limits::NONE, snapshot);
     for entry in &stored.journal {
         let patch = crate::protocol::decode_stored_patch(entry)
             .map_err(|e| anyhow::anyhow!("stored patch does not decode: {e}"))?;
@@ -284,20 +321,81 @@ async fn load_firewall(
             .map_err(|e| anyhow::anyhow!("stored patch does not apply: {e}"))?;
         fw.commit_patch(plan);
     }
-    if fw.is_managed() {
-        match fw.restore().await {
-            Ok(()) => tracing::info!(
-                generation = fw.current().generation,
-                rules = fw.current().rules.len(),
-                table = fw.table(),
-                "firewall restored from the state store"
-            ),
-            Err(e) => {
-                tracing::error!(error = %e, "could not restore the firewall; the drift check will retry")
-            }
-        }
-    }
+    fw.set_limits(limits);
     Ok(fw)
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let state_dir = config.state_dir.clone();
+    let keep = config.commands.dedup_keep;
+    tokio::task::spawn_blocking(move || Store::open(&state_dir, keep))
+        .await
+        .expect("state store task panicked")
+        .context("opening the state store")
+}
+
+/// Keeps an unreadable store aside (for a person to look at) and opens a fresh one.
+async fn set_store_aside(config: &Config, why: &anyhow::Error) -> anyhow::Result<Store> {
+    let path = config.state_dir.join("state.redb");
+    let aside = config
+        .state_dir
+        .join(format!("state.redb.unreadable-{}", now_ms()));
+    tracing::error!(error = %format!("{why:#}"), path = %path.display(), kept_as = %aside.display(), "the state store cannot be read: keeping it aside and starting from a fresh one");
+    std::fs::rename(&path, &aside)
+        .with_context(|| format!("keeping {} aside as {}", path.display(), aside.display()))?;
+    open_store(config)
+        .await
+        .context("opening a fresh state store")
+}
+
+/// The rule set to enforce when the stored one is lost: the failsafe (brokers and ports)
+/// and established traffic pass, new inbound and forwarded traffic is dropped. Generation 0,
+/// so the manager's next full rule set replaces it.
+pub fn isolation_rule_set() -> RuleSet {
+    use crate::firewall::spec::{Defaults, Policy};
+    RuleSet {
+        defaults: Defaults {
+            input: Policy::Drop,
+            output: Policy::Allow,
+            forward: Policy::Drop,
+        },
+        ..RuleSet::default()
+    }
+}
+
+/// Installs (and records, so a restart keeps it) the isolation rule set when configured,
+/// and returns what the `state` event says about the loss.
+async fn after_state_lost(
+    fw: &mut Firewall,
+    store: &Arc<Store>,
+    config: &Config,
+    why: &anyhow::Error,
+) -> Value {
+    let mode = config.firewall.when_state_lost;
+    if mode == crate::config::WhenStateLost::Isolate {
+        let rs = isolation_rule_set();
+        let snapshot = rs.canonical_json();
+        let s = store.clone();
+        let recorded = tokio::task::spawn_blocking(move || s.compact_firewall(&snapshot))
+            .await
+            .expect("state store task panicked");
+        if let Err(e) = recorded {
+            tracing::error!(error = %e, "could not record the isolation rule set");
+        }
+        fw.replace_unchecked(rs);
+        tracing::warn!(
+            "firewall isolated until the manager sends a full rule set: failsafe and established traffic only"
+        );
+    } else {
+        tracing::warn!(
+            "firewall.when_state_lost = \"open\": no rules until the manager sends a full rule set"
+        );
+    }
+    json!({
+        "at": now_ms(),
+        "firewall": if mode == crate::config::WhenStateLost::Isolate { "isolate" } else { "open" },
+        "error": format!("{why:#}"),
+    })
 }
 
 /// Starts the namespace thread and converges the kernel's routers to the record, before

@@ -171,6 +171,9 @@ pub struct Dispatcher {
     /// Where reconcile results go (as `drift.<host>` events).
     drift: tokio::sync::mpsc::Sender<Value>,
     fault: Fault,
+    /// Set when the stored state could not be read at start; reported in every summary
+    /// until the manager sent a full rule set.
+    state_lost: std::sync::Mutex<Option<Value>>,
 }
 
 impl Dispatcher {
@@ -191,7 +194,13 @@ impl Dispatcher {
             routers,
             drift,
             fault: Fault::from_env(),
+            state_lost: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Records that the stored state was lost at start (see `daemon::after_state_lost`).
+    pub fn set_state_lost(&self, what: Option<Value>) {
+        *self.state_lost.lock().expect("state_lost lock") = what;
     }
 
     pub fn host_id(&self) -> &str {
@@ -369,7 +378,11 @@ impl Dispatcher {
         if let Some(fw) = fw_guard.as_mut() {
             match commit {
                 Commit::None => {}
-                Commit::Replace(rs, layout) => fw.commit_replace(*rs, layout),
+                Commit::Replace(rs, layout) => {
+                    fw.commit_replace(*rs, layout);
+                    // A full rule set is what a lost state was waiting for.
+                    self.set_state_lost(None);
+                }
                 Commit::Patch(plan) => {
                     fw.commit_patch(*plan);
                     self.maybe_compact(fw).await;
@@ -403,14 +416,18 @@ impl Dispatcher {
             .await
             .expect("state store task panicked")?;
         let firewall = self.firewall.lock().await.current().summary();
-        Ok(json!({
+        let mut summary = json!({
             "host": self.host_id(),
             "version": env!("CARGO_PKG_VERSION"),
             "firewall": firewall,
             "routers": self.routers.lock().await.summary(),
             "certificate": self.certs.identity.read().expect("identity lock").summary(),
             "commands": { "processed": processed },
-        }))
+        });
+        if let Some(lost) = self.state_lost.lock().expect("state_lost lock").clone() {
+            summary["state_lost"] = lost;
+        }
+        Ok(summary)
     }
 
     /// The stored outcome of an already processed command id, answered again as a duplicate

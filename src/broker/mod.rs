@@ -288,7 +288,9 @@ fn queue_args(cfg: &BrokerConfig) -> FieldTable {
 }
 
 const EXCHANGES: [(&str, ExchangeKind); 4] = [
-    (COMMANDS_EXCHANGE, ExchangeKind::Direct),
+    // Topic, not direct: RabbitMQ checks topic permissions on queue.bind only for topic
+    // exchanges, and that check is what keeps a host from binding another host's commands.
+    (COMMANDS_EXCHANGE, ExchangeKind::Topic),
     (ACKS_EXCHANGE, ExchangeKind::Topic),
     (EVENTS_EXCHANGE, ExchangeKind::Topic),
     (DEAD_EXCHANGE, ExchangeKind::Fanout),

@@ -180,10 +180,25 @@ impl Firewall {
         &self.limits
     }
 
-    /// True once a rule set has been applied (generation 0 means the host was never given one
-    /// and its firewall is left alone).
+    /// Limits for the next commands (after restoring, and on reload).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// True once a rule set has been applied, or the isolation rule set installed after a
+    /// lost state (an empty generation 0 means the host was never given one and its firewall
+    /// is left alone).
     pub fn is_managed(&self) -> bool {
-        self.current.generation > 0
+        self.current.generation > 0 || self.current != RuleSet::default()
+    }
+
+    /// Takes `rs` as the current rule set without checks (the isolation rule set); the next
+    /// `restore` puts it into the kernel.
+    pub fn replace_unchecked(&mut self, rs: RuleSet) {
+        self.layout = Layout::build(rs.rules.values());
+        self.refs = refs_of(&rs);
+        self.current = rs;
+        self.baseline = None;
     }
 
     /// Puts the recorded rule set into the kernel (at start, and to repair drift).

@@ -212,6 +212,21 @@ fn open() -> Result<OwnedFd, NfnlError> {
     Ok(fd)
 }
 
+/// A batch is one datagram: the send buffer must hold it whole (else EMSGSIZE, from about
+/// 208 KB with the default buffer), and the receive buffer every ack it asks for (else
+/// ENOBUFS). As nft does: the forced size (root), else the plain one up to the sysctl cap.
+fn size_buffers(fd: &OwnedFd, batch_bytes: usize, acks: usize) {
+    // The kernel doubles what it is given; each ack costs a small skb.
+    let send = batch_bytes.saturating_add(4096);
+    let recv = acks.saturating_mul(1024).max(256 * 1024);
+    if setsockopt(fd, sockopt::SndBufForce, &send).is_err() {
+        let _ = setsockopt(fd, sockopt::SndBuf, &send);
+    }
+    if setsockopt(fd, sockopt::RcvBufForce, &recv).is_err() {
+        let _ = setsockopt(fd, sockopt::RcvBuf, &recv);
+    }
+}
+
 fn libc_timeval(d: Duration) -> nix::libc::timeval {
     nix::libc::timeval {
         tv_sec: d.as_secs() as nix::libc::time_t,
@@ -230,6 +245,7 @@ pub fn apply(table: &str, changes: &[SetChange]) -> Result<(), NfnlError> {
     let fd = open()?;
     let seq0 = (std::process::id() << 8) ^ (crate::protocol::now_ms() as u32);
     let (batch, mut pending) = encode_batch(table, changes, seq0);
+    size_buffers(&fd, batch.len(), pending.len());
     send(fd.as_raw_fd(), &batch, MsgFlags::empty()).map_err(NfnlError::Socket)?;
     let mut buf = vec![0u8; 65536];
     let mut first_error = None;

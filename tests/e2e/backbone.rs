@@ -456,6 +456,41 @@ fn least_privilege() -> Result<()> {
         ensure!(r.is_err(), "a host consumed another host's queue");
         ensure!(format!("{:?}", r.err()).contains("ACCESS_REFUSED"));
 
+        // Copying another host's commands is refused: binding a queue of its own (it may
+        // configure only its own queue) to rampart.commands with the victim's key fails the
+        // topic read check.
+        let ch = conn.create_channel().await?;
+        broker::declare_host_queue(&ch, &rogue.id, b).await?;
+        let own = broker::host_queue(&rogue.id);
+        let r = ch
+            .queue_bind(
+                own.as_str().into(),
+                broker::COMMANDS_EXCHANGE.into(),
+                victim.id.as_str().into(),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await;
+        ensure!(
+            r.is_err(),
+            "a host bound its queue to another host's commands"
+        );
+        ensure!(format!("{:?}", r.err()).contains("ACCESS_REFUSED"));
+        // Wildcards are no way around it.
+        for key in ["#", "*", "bb-#"] {
+            let ch = conn.create_channel().await?;
+            let r = ch
+                .queue_bind(
+                    own.as_str().into(),
+                    broker::COMMANDS_EXCHANGE.into(),
+                    key.into(),
+                    lapin::options::QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await;
+            ensure!(r.is_err(), "a host bound its queue with the key {key}");
+        }
+
         // Forging an ack under another host's routing key is refused (topic permission).
         let ch = broker::confirm_channel(conn).await?;
         let forged = broker::publish_confirmed(
@@ -508,6 +543,15 @@ fn least_privilege() -> Result<()> {
         )
         .await?;
         let _ = conn.close(200, "OK".into()).await;
+
+        // With these permissions the host's own agent serves as before.
+        m.close().await;
+        // (A fresh manager: the old one's ack queue holds the "{}" the host published above.)
+        let mut m = crate::support::manager(&rogue.id).await?;
+        let agent = AgentProc::start(&rogue);
+        agent.wait_serving();
+        let ack = ack_for(&mut m, &rogue.id, "ping", "lp-ping").await?;
+        ensure!(ack.status == Status::Applied, "{ack:?}");
         m.close().await;
         Ok(())
     })

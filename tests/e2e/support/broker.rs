@@ -185,6 +185,16 @@ impl Broker {
             &format!(r"^(rampart\.host\.{h}|rampart\.acks|rampart\.events|rampart\.dead)$"),
             &format!(r"^(rampart\.host\.{h}|rampart\.commands)$"),
         ]);
+        // Topic read on the commands exchange is checked at queue.bind: only its own key.
+        self.ctl_ok(&[
+            "set_topic_permissions",
+            "-p",
+            "/",
+            id,
+            "rampart.commands",
+            "^$",
+            &format!("^{h}$"),
+        ]);
         self.ctl_ok(&[
             "set_topic_permissions",
             "-p",
