@@ -66,19 +66,19 @@ pub fn tests() -> Vec<Trial> {
 const WAIT: Duration = Duration::from_secs(20);
 
 /// One test's hosts: the agent's site, a client, a workload.
-struct Topo {
-    n: u8,
-    site: Site,
-    cl: Netns,
-    wl: Netns,
+pub(crate) struct Topo {
+    pub n: u8,
+    pub site: Site,
+    pub cl: Netns,
+    pub wl: Netns,
 }
 
 impl Topo {
-    fn new(n: u8, id: &str) -> Topo {
+    pub fn new(n: u8, id: &str) -> Topo {
         Topo::with_firewall(n, id, "drift_check_secs = 1")
     }
 
-    fn with_firewall(n: u8, id: &str, firewall: &str) -> Topo {
+    pub fn with_firewall(n: u8, id: &str, firewall: &str) -> Topo {
         let site = Site::new(
             &format!("rpf{n}"),
             &format!("10.201.{n}"),
@@ -113,27 +113,34 @@ impl Topo {
         Topo { n, site, cl, wl }
     }
 
-    fn agent_ip(&self) -> String {
+    pub fn agent_ip(&self) -> String {
         format!("10.202.{}.1", self.n)
     }
-    fn client_ip(&self) -> String {
+    pub fn client_ip(&self) -> String {
         format!("10.202.{}.2", self.n)
     }
     fn workload_ip(&self) -> String {
         format!("10.203.{}.2", self.n)
     }
 
-    fn start(&self) -> AgentProc {
+    pub fn start(&self) -> AgentProc {
         self.site.start(&[])
     }
 
     /// TCP from the client to the agent host.
-    fn probe(&self, port: u16) -> Tcp {
+    pub fn probe(&self, port: u16) -> Tcp {
         tcp_probe(&self.cl.name, &self.agent_ip(), port)
     }
 }
 
-fn rule(id: &str, prio: u32, action: &str, dir: &str, proto: &str, ports: &[&str]) -> Value {
+pub(crate) fn rule(
+    id: &str,
+    prio: u32,
+    action: &str,
+    dir: &str,
+    proto: &str,
+    ports: &[&str],
+) -> Value {
     json!({"id": id, "priority": prio, "action": action, "direction": dir, "protocol": proto, "ports": ports})
 }
 

@@ -8,6 +8,7 @@ mod firewall;
 mod ops;
 mod routers;
 mod support;
+mod trust;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -26,6 +27,7 @@ fn main() {
     tests.extend(firewall::tests());
     tests.extend(ops::tests());
     tests.extend(routers::tests());
+    tests.extend(trust::tests());
 
     let needs_env = !args.list
         && tests

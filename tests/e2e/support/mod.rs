@@ -117,6 +117,8 @@ pub struct HostOptions {
     pub urls: Option<Vec<String>>,
     pub signing_keys: Vec<PathBuf>,
     pub max_body_bytes: Option<usize>,
+    /// More lines for the `[commands]` section.
+    pub commands: String,
     /// Lines for the `[firewall]` section.
     pub firewall: String,
 }
@@ -168,7 +170,7 @@ impl Env {
             .iter()
             .map(|p| p.display().to_string())
             .collect();
-        text += &format!("signing_keys = {}\n", toml_list(&keys));
+        text += &format!("signing_keys = {}\n{}\n", toml_list(&keys), opts.commands);
         text += &format!("\n[control]\nsocket = \"{d}/rampart.sock\"\n");
         text += &format!("\n[firewall]\n{}\n", opts.firewall);
         let config = dir.join("rampart.toml");
