@@ -198,8 +198,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             socket,
             action: None,
         } => {
-            let socket = socket_path(&cli.config, socket)?;
-            let answer = crate::control::ask(&socket, &crate::control::Request::Rules).await?;
+            let answer = ask_daemon(&cli.config, socket, &crate::control::Request::Rules).await?;
             show(&answer, json, print_rules)
         }
         Command::Cert { json } => {
@@ -207,20 +206,18 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             show(&cert_description(&config)?, json, print_cert)
         }
         Command::Routers { json, socket } => {
-            let socket = socket_path(&cli.config, socket)?;
-            let answer = crate::control::ask(&socket, &crate::control::Request::Routers).await?;
+            let answer = ask_daemon(&cli.config, socket, &crate::control::Request::Routers).await?;
             show(&answer, json, print_routers)
         }
         Command::Status { json, socket } => {
-            let socket = socket_path(&cli.config, socket)?;
-            let answer = match crate::control::ask(&socket, &crate::control::Request::Status).await
-            {
-                Ok(a) => a,
-                Err(e) => {
-                    eprintln!("rampart status: the daemon does not answer: {e}");
-                    return Ok(1);
-                }
-            };
+            let answer =
+                match ask_daemon(&cli.config, socket, &crate::control::Request::Status).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        eprintln!("rampart status: the daemon does not answer: {e}");
+                        return Ok(1);
+                    }
+                };
             if json {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
@@ -242,11 +239,16 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
                 },
         } => {
             // The daemon is optional here: without it the rows are still listed.
-            let status = match socket_path(&cli.config, socket) {
-                Ok(path) => crate::control::ask(&path, &crate::control::Request::Status)
-                    .await
-                    .ok(),
-                Err(_) => None,
+            let status = match ask_daemon(&cli.config, socket, &crate::control::Request::Status)
+                .await
+            {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    eprintln!(
+                        "rampart connection list: could not ask the daemon ({e}); the broker session is not marked"
+                    );
+                    None
+                }
             };
             connection_list(port, state.as_deref(), json, status.as_ref())?;
             Ok(0)
@@ -673,10 +675,48 @@ pub fn print_table(rows: &[Vec<String>]) {
     }
 }
 
-fn socket_path(config: &std::path::Path, socket: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    match socket {
-        Some(s) => Ok(s),
-        None => Ok(Config::load(config)?.control.socket),
+/// Asks the daemon: at `--socket` if given, else at the configuration's `control.socket`
+/// and then at the default socket, so that an inspection works even where the
+/// configuration file is elsewhere or unreadable (an operator's shell, a support script).
+async fn ask_daemon(
+    config: &std::path::Path,
+    socket: Option<PathBuf>,
+    request: &crate::control::Request,
+) -> anyhow::Result<serde_json::Value> {
+    let candidates = match socket {
+        Some(s) => vec![s],
+        None => {
+            let mut c = vec![];
+            if let Ok(cfg) = Config::load(config) {
+                c.push(cfg.control.socket);
+            }
+            let default = PathBuf::from(crate::config::DEFAULT_SOCKET);
+            if !c.contains(&default) {
+                c.push(default);
+            }
+            c
+        }
+    };
+    let mut errors = vec![];
+    for path in candidates {
+        match crate::control::ask(&path, request).await {
+            Ok(answer) => return Ok(answer),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    anyhow::bail!("{}", errors.join("; "))
+}
+
+/// `{"applied": 3, "rejected": 1}` -> `3 applied, 1 rejected`.
+fn counts_in_words(v: &serde_json::Value) -> String {
+    let words: Vec<String> = v
+        .as_object()
+        .map(|m| m.iter().map(|(k, n)| format!("{n} {k}")).collect())
+        .unwrap_or_default();
+    if words.is_empty() {
+        "none yet".to_string()
+    } else {
+        words.join(", ")
     }
 }
 
@@ -739,8 +779,21 @@ fn print_status(a: &serde_json::Value) {
     );
     println!(
         "commands:    {} (dedup store: {} ids)",
-        a["commands"], a["dedup_records"]
+        counts_in_words(&a["commands"]),
+        a["dedup_records"]
     );
+    if let Some(pending) = a["pending_restart"].as_array().filter(|p| !p.is_empty()) {
+        let names: Vec<String> = pending.iter().map(text).collect();
+        println!("restart to apply: {}", names.join(", "));
+    }
+    if let Some(lost) = a.get("state_lost").filter(|v| !v.is_null()) {
+        println!(
+            "STATE LOST:  at {}, firewall {} until the manager sends a full rule set ({})",
+            when(&lost["at"]),
+            text(&lost["firewall"]),
+            text(&lost["error"])
+        );
+    }
 }
 
 fn connection_list(

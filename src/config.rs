@@ -329,8 +329,11 @@ fn default_max_buffered_bytes() -> usize {
 fn default_dedup_keep() -> usize {
     10_000
 }
+/// Where the daemon listens unless `control.socket` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/rampart/rampart.sock";
+
 fn default_socket() -> PathBuf {
-    PathBuf::from("/run/rampart/rampart.sock")
+    PathBuf::from(DEFAULT_SOCKET)
 }
 fn default_log_level() -> String {
     "info".to_string()

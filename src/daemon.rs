@@ -98,11 +98,7 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     };
     tracing::info!(path = %store.path().display(), "state store open");
 
-    let limits = Limits {
-        max_rules: config.firewall.max_rules,
-        max_elements: config.firewall.max_elements,
-        max_rule_expansion: config.firewall.max_rule_expansion,
-    };
+    let limits = limits_of(&config);
     let decode = DecodeContext {
         host_id: host_id.clone(),
         trusted_senders: b.trusted_senders.clone(),
@@ -164,6 +160,8 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
             ..Default::default()
         }),
         commands: Default::default(),
+        pending_restart: Default::default(),
+        state_lost: Arc::new(std::sync::Mutex::new(state_lost)),
     });
     crate::control::serve(&config.control.socket, shared.clone())
         .context("opening the control socket")?;
@@ -203,7 +201,8 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
             firewall.clone(),
             routers,
             drift_tx,
-        ),
+        )
+        .with_state_lost(shared.state_lost.clone()),
         firewall,
         drift_events: tokio::sync::Mutex::new(drift_rx),
         shared,
@@ -217,7 +216,6 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
             .unwrap_or(Duration::from_secs(5)),
         cert_warned_ms: std::sync::atomic::AtomicU64::new(0),
     });
-    agent.dispatcher.set_state_lost(state_lost);
     notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status("state restored; connecting to the broker"),
@@ -500,6 +498,44 @@ async fn wait_for_signal() {
     }
 }
 
+/// The firewall limits a configuration sets.
+fn limits_of(config: &Config) -> Limits {
+    Limits {
+        max_rules: config.firewall.max_rules,
+        max_elements: config.firewall.max_elements,
+        max_rule_expansion: config.firewall.max_rule_expansion,
+    }
+}
+
+/// The settings that changed between `old` and `new` that a running agent cannot take
+/// over (they shape what was set up at start); named in the log and in `rampart status`.
+pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let checks: [(&'static str, bool); 9] = [
+        ("host_id", old.host_id != new.host_id),
+        ("state_dir", old.state_dir != new.state_dir),
+        ("control.socket", old.control.socket != new.control.socket),
+        ("log.format", old.log.format != new.log.format),
+        (
+            "commands.dedup_keep",
+            old.commands.dedup_keep != new.commands.dedup_keep,
+        ),
+        ("firewall.table", old.firewall.table != new.firewall.table),
+        ("firewall.nft", old.firewall.nft != new.firewall.nft),
+        (
+            "firewall.drift_check_secs",
+            old.firewall.drift_check_secs != new.firewall.drift_check_secs,
+        ),
+        (
+            "firewall.when_state_lost",
+            old.firewall.when_state_lost != new.firewall.when_state_lost,
+        ),
+    ];
+    checks
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+}
+
 fn load_signing_keys(config: &Config) -> anyhow::Result<Vec<ed25519_dalek::VerifyingKey>> {
     use ed25519_dalek::pkcs8::DecodePublicKey;
     config
@@ -529,17 +565,37 @@ impl Agent {
     /// broker settings open a new session; a file that does not validate changes nothing.
     async fn reload(&self, path: &std::path::Path, reconnect: &watch::Sender<u64>) {
         notify(&[sd_notify::NotifyState::Reloading]);
-        match Config::load(path) {
-            Err(e) => tracing::error!(error = %e, "configuration not reloaded"),
-            Ok(new) => {
+        // Everything is checked before anything changes: a reload applies whole or not at all.
+        let loaded = Config::load(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|new| Ok((load_signing_keys(&new)?, new)));
+        match loaded {
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "configuration not reloaded"),
+            Ok((signing_keys, new)) => {
                 let old = self.config();
                 if let Err(e) = crate::cli::set_log_level(&new.log.level) {
                     tracing::warn!(error = %e, "log level not changed");
                 }
-                self.dispatcher
-                    .set_trusted_senders(new.broker.trusted_senders.clone());
+                let limits = limits_of(&new);
+                self.dispatcher.set_decode(DecodeContext {
+                    host_id: self.host_id.clone(),
+                    trusted_senders: new.broker.trusted_senders.clone(),
+                    max_body_bytes: new.commands.max_body_bytes,
+                    signing_keys,
+                    limits,
+                    max_age_ms: new.commands.max_age_ms,
+                });
                 self.dispatcher.set_broker_config(new.broker.clone());
-                let reconnect_needed = old.broker.needs_reconnect(&new.broker);
+                self.firewall.lock().await.set_limits(limits);
+                let failsafe_changed = old.firewall.failsafe_in != new.firewall.failsafe_in
+                    || old.firewall.failsafe_out != new.firewall.failsafe_out;
+                let reconnect_needed = old.broker.needs_reconnect(&new.broker)
+                    || old.effective_prefetch() != new.effective_prefetch();
+                let restart = restart_only_changes(&old, &new);
+                if !restart.is_empty() {
+                    tracing::warn!(settings = ?restart, "these settings take effect at the next restart");
+                }
+                *self.shared.pending_restart.lock().expect("pending lock") = restart;
                 *self.config.lock().expect("config lock") = Arc::new(new);
                 tracing::info!(
                     log_level = %self.config().log.level,
@@ -547,11 +603,31 @@ impl Agent {
                     "configuration reloaded"
                 );
                 if reconnect_needed {
+                    // The new session's connector brings the new failsafe along.
                     reconnect.send_modify(|g| *g += 1);
+                } else if failsafe_changed {
+                    self.refresh_failsafe().await;
                 }
             }
         }
         notify(&[sd_notify::NotifyState::Ready]);
+    }
+
+    /// Re-renders the table with the configured failsafe ports (same brokers).
+    async fn refresh_failsafe(&self) {
+        let cfg = self.config();
+        match build_connector(&cfg, &self.host_id) {
+            Ok(c) => {
+                let ctx = render_ctx(&cfg, &c).await;
+                let mut fw = self.firewall.lock().await;
+                if fw.set_ctx(ctx)
+                    && let Err(e) = fw.restore().await
+                {
+                    tracing::error!(error = %e, "could not re-apply the firewall with the new failsafe");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "failsafe not refreshed"),
+        }
     }
 
     /// A connector for the reloaded broker settings; the firewall failsafe follows the new

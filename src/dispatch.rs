@@ -173,7 +173,7 @@ pub struct Dispatcher {
     fault: Fault,
     /// Set when the stored state could not be read at start; reported in every summary
     /// until the manager sent a full rule set.
-    state_lost: std::sync::Mutex<Option<Value>>,
+    state_lost: Arc<std::sync::Mutex<Option<Value>>>,
 }
 
 impl Dispatcher {
@@ -194,12 +194,18 @@ impl Dispatcher {
             routers,
             drift,
             fault: Fault::from_env(),
-            state_lost: std::sync::Mutex::new(None),
+            state_lost: Default::default(),
         }
     }
 
-    /// Records that the stored state was lost at start (see `daemon::after_state_lost`).
-    pub fn set_state_lost(&self, what: Option<Value>) {
+    /// Shares the record of a state lost at start (see `daemon::after_state_lost`) with the
+    /// control socket; a full rule set clears it.
+    pub fn with_state_lost(mut self, lost: Arc<std::sync::Mutex<Option<Value>>>) -> Dispatcher {
+        self.state_lost = lost;
+        self
+    }
+
+    fn set_state_lost(&self, what: Option<Value>) {
         *self.state_lost.lock().expect("state_lost lock") = what;
     }
 
@@ -207,9 +213,9 @@ impl Dispatcher {
         &self.host_id
     }
 
-    /// Takes effect from the next command (SIGHUP reload).
-    pub fn set_trusted_senders(&self, senders: Vec<String>) {
-        self.decode.write().expect("decode lock").trusted_senders = senders;
+    /// Senders, signing keys and limits for the next command (SIGHUP reload).
+    pub fn set_decode(&self, ctx: DecodeContext) {
+        *self.decode.write().expect("decode lock") = ctx;
     }
 
     /// Broker settings for later rotations (SIGHUP reload).

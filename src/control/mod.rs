@@ -62,6 +62,10 @@ pub struct Shared {
     pub session: std::sync::Mutex<SessionStatus>,
     /// Commands answered, by ack status (duplicates counted apart).
     pub commands: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Settings changed by a reload that take effect only at the next restart.
+    pub pending_restart: std::sync::Mutex<Vec<&'static str>>,
+    /// Set when the stored state could not be read at start, until a full rule set.
+    pub state_lost: Arc<std::sync::Mutex<Option<Value>>>,
 }
 
 /// Binds the socket (replacing a stale one) and serves it until the process ends.
@@ -199,6 +203,8 @@ async fn status(shared: &Shared) -> Value {
         "certificate": shared.identity.read().expect("identity lock").summary(),
         "commands": *shared.commands.lock().expect("commands lock"),
         "dedup_records": dedup,
+        "pending_restart": *shared.pending_restart.lock().expect("pending lock"),
+        "state_lost": *shared.state_lost.lock().expect("state_lost lock"),
     })
 }
 

@@ -555,8 +555,9 @@ fn drift() -> Result<()> {
         applied(&mut m, h, "firewall.apply", "dr-1", rs).await?;
         ensure!(t.probe(83) == Tcp::Silent);
         tokio::time::sleep(Duration::from_millis(1500)).await; // a drift check learns the table
+        // (No probe in between: the kernel's event brings the table back within
+        // milliseconds, so "open for a moment" was a race that a loaded machine lost.)
         t.site.ag.nft("delete table inet rampart");
-        ensure!(t.probe(83) == Tcp::Open, "the table is really gone");
         let d = tokio::time::timeout(WAIT, events.next()).await.context("no drift event")?.context("stream ended")??;
         let v: Value = serde_json::from_slice(&d.data)?;
         ensure!(v["type"] == "drift" && v["data"]["generation"] == 1, "{v}");

@@ -27,10 +27,56 @@ pub fn tests() -> Vec<Trial> {
             sd_notify,
         ),
         trial(
-            "ops::sighup_reloads_log_level_and_senders_without_reconnecting",
+            "ops::sighup_reloads_senders_keys_limits_and_names_restart_only_settings",
             sighup,
         ),
+        trial(
+            "ops::inspection_finds_the_daemon_at_the_default_socket_without_a_config",
+            default_socket,
+        ),
     ]
+}
+
+fn default_socket() -> Result<()> {
+    let default = std::path::Path::new(rampart::config::DEFAULT_SOCKET);
+    ensure!(
+        !default.exists(),
+        "{} exists: is a rampart daemon running on this machine?",
+        default.display()
+    );
+    let host = env().host("ops-default-sock", HostOptions::default());
+    let text = std::fs::read_to_string(&host.config)?;
+    let socket_line = format!("socket = \"{}\"\n", host.dir.join("rampart.sock").display());
+    ensure!(text.contains(&socket_line));
+    std::fs::write(&host.config, text.replace(&socket_line, ""))?;
+    let agent = AgentProc::start(&host);
+    agent.wait_serving();
+    // The CLI is run with --config /nonexistent: the default socket answers.
+    let out = rampart(&["status"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.code() == Some(0) && stdout.contains("ops-default-sock"),
+        "status found the daemon: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = rampart(&["connection", "list", "--json"]);
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        rows.iter()
+            .any(|r| r.get("rampart_broker_session").is_some()),
+        "the broker session is marked through the default socket"
+    );
+    drop(agent);
+    // Nobody answers: connection list still lists, and says why nothing is marked.
+    let _ = std::fs::remove_file(default);
+    let out = rampart(&["connection", "list"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "{stderr}");
+    ensure!(
+        stderr.contains("could not ask the daemon"),
+        "stderr says the session is not marked: {stderr}"
+    );
+    Ok(())
 }
 
 fn rows(args: &[&str]) -> Result<Vec<Value>> {
@@ -333,6 +379,56 @@ fn sighup() -> Result<()> {
             ack.status == Status::Rejected
                 && ack.error.map(|e| e.code) == Some(ErrorCode::UntrustedSender),
             "the new trusted senders apply"
+        );
+
+        // 3: signing keys and limits apply on reload too, from the next command on.
+        let key = ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+        let pubkey = host.dir.join("hup.pub.pem");
+        use ed25519_dalek::pkcs8::EncodePublicKey;
+        std::fs::write(
+            &pubkey,
+            key.verifying_key().to_public_key_pem(Default::default())?,
+        )?;
+        let signed = original.replace(
+            "signing_keys = []",
+            &format!("signing_keys = [\"{}\"]", pubkey.display()),
+        );
+        reload(signed.clone(), 3)?;
+        m.send(&host.id, "ping", "hup-4", &serde_json::json!({}))
+            .await?;
+        let ack = m.wait_ack("hup-4", Duration::from_secs(20)).await?;
+        ensure!(
+            ack.error.as_ref().map(|e| e.code) == Some(ErrorCode::MissingSignature),
+            "unsigned commands are refused once keys are configured: {ack:?}"
+        );
+        reload(format!("{original}max_rules = 1\n"), 4)?;
+        let two = serde_json::json!({"generation": 1, "rules": [
+            {"id": "a", "priority": 1, "action": "allow", "direction": "in"},
+            {"id": "b", "priority": 2, "action": "allow", "direction": "in"}]});
+        m.send(&host.id, "firewall.apply", "hup-5", &two).await?;
+        let ack = m.wait_ack("hup-5", Duration::from_secs(20)).await?;
+        ensure!(
+            ack.error.as_ref().map(|e| e.code) == Some(ErrorCode::TooMany),
+            "the lowered limit applies: {ack:?}"
+        );
+
+        // 4: what cannot change while running is named, in the log and in status.
+        reload(format!("{original}table = \"other\"\n"), 5)?;
+        ensure!(
+            agent.wait_log("take effect at the next restart", 1, Duration::from_secs(5)),
+            "{}",
+            agent.current_log()
+        );
+        let socket = host.dir.join("rampart.sock");
+        let out = rampart(&["status", "--socket", socket.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            text.contains("restart to apply: firewall.table"),
+            "status names the setting:\n{text}"
+        );
+        ensure!(
+            text.contains(" applied") && !text.contains('{'),
+            "counters in words:\n{text}"
         );
         m.close().await;
         Ok(())
