@@ -147,7 +147,7 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     }
     let firewall = Arc::new(tokio::sync::Mutex::new(firewall));
     let (drift_tx, drift_rx) = tokio::sync::mpsc::channel(16);
-    let routers = load_routers(&store, &drift_tx).await?;
+    let routers = load_routers(&store, &host_id, &drift_tx).await?;
     let shared = Arc::new(crate::control::Shared {
         firewall: firewall.clone(),
         routers: routers.clone(),
@@ -400,6 +400,7 @@ async fn after_state_lost(
 /// any broker is contacted.
 async fn load_routers(
     store: &Arc<Store>,
+    host_id: &str,
     drift: &tokio::sync::mpsc::Sender<Value>,
 ) -> anyhow::Result<Arc<tokio::sync::Mutex<Routers>>> {
     let s = store.clone();
@@ -416,7 +417,7 @@ async fn load_routers(
                 .with_context(|| format!("recorded router {id} does not decode"))?,
         );
     }
-    let worker = NetnsWorker::start().context("starting the namespace thread")?;
+    let worker = NetnsWorker::start(host_id).context("starting the namespace thread")?;
     let crash = crate::dispatch::Fault::from_env() == crate::dispatch::Fault::CrashMidRouterCreate;
     let mut routers = Routers::new(worker, specs, owned.into_iter().collect(), crash);
     reconcile_routers(&mut routers, store, drift).await;

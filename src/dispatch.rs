@@ -627,6 +627,24 @@ impl Dispatcher {
             return failed(&e);
         }
         if !routers.is_owned(&spec.id) {
+            // Never adopt what someone else made: rolling back would delete it.
+            let ns = crate::sys::netns::ns_path(&spec.netns());
+            if tokio::fs::try_exists(&ns).await.unwrap_or(true) {
+                let executed = Executed {
+                    status: Status::Rejected,
+                    error: Some(AckError {
+                        code: ErrorCode::ForeignNamespace,
+                        message: format!(
+                            "namespace {} exists and was not made by this agent; it is left alone",
+                            spec.netns()
+                        ),
+                        field: Some("$.data.id".into()),
+                    }),
+                    data: json!({ "router": spec.id }),
+                    change: OwnedChange::None,
+                };
+                return (executed, Commit::None);
+            }
             let store = self.store.clone();
             let id = spec.id.clone();
             let owned = tokio::task::spawn_blocking(move || store.own_router(&id))

@@ -58,6 +58,7 @@ pub enum ErrorCode {
     UnreachableGateway,
     UnknownBridge,
     RouterFailed,
+    ForeignNamespace,
     BadPem,
     KeyMismatch,
     Expired,

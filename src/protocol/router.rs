@@ -14,8 +14,8 @@ use super::command::{
     u64_field,
 };
 use crate::router::spec::{
-    Interface, MAX_ADDRESSES, MAX_INTERFACES, MAX_ROUTES, Route, RouterSpec, is_valid_ifname,
-    is_valid_router_id,
+    Interface, MAX_ADDRESSES, MAX_INTERFACES, MAX_ROUTES, RESERVED_IFNAMES, Route, RouterSpec,
+    is_valid_ifname, is_valid_router_id,
 };
 
 const DEFAULT_MTU: u32 = 1500;
@@ -124,11 +124,20 @@ fn decode_interface(
         obj.get("name").ok_or_else(|| missing(path, "name"))?,
         &name_path,
     )?;
-    if !is_valid_ifname(name) || name == "lo" {
+    if !is_valid_ifname(name) {
         return Err(invalid(
             &name_path,
             format!(
-                "interface name {} is not 1-15 of [A-Za-z0-9_.-] starting with a letter or digit (and not lo)",
+                "interface name {} is not 1-15 of [A-Za-z0-9_.-] starting with a letter or digit",
+                echo(name)
+            ),
+        ));
+    }
+    if RESERVED_IFNAMES.contains(&name) {
+        return Err(invalid(
+            &name_path,
+            format!(
+                "interface name {} is reserved by the kernel or a tunnel module in every namespace",
                 echo(name)
             ),
         ));

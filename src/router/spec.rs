@@ -80,16 +80,40 @@ pub fn host_name(router: &str, interface: &str) -> String {
 }
 
 /// The inner end's MAC address: locally administered, unicast, from SHA-256 of
-/// `mac/<router>/<interface>`. A router made again (after a reboot, or a namespace deleted by
-/// hand) answers with the same MAC, so its neighbours' ARP and ND caches stay right.
-pub fn inner_mac(router: &str, interface: &str) -> [u8; 6] {
-    let digest = Sha256::digest(format!("mac/{router}/{interface}").as_bytes());
+/// `mac/<host>/<router>/<interface>`. A router made again (after a reboot, or a namespace
+/// deleted by hand) answers with the same MAC, so its neighbours' ARP and ND caches stay
+/// right; the same router on two hosts (a fleet with one spec everywhere, bridged onto one
+/// segment) gets two MACs.
+pub fn inner_mac(host: &str, router: &str, interface: &str) -> [u8; 6] {
+    let digest = Sha256::digest(format!("mac/{host}/{router}/{interface}").as_bytes());
     let mut mac = [0u8; 6];
     mac.copy_from_slice(&digest[..6]);
     mac[0] = (mac[0] & 0xfe) | 0x02;
     mac
 }
 
+/// Interface names a router may not use: names the kernel reserves in every namespace
+/// (`lo`, and `all`/`default` of /proc/sys/net/*/conf), the fallback devices tunnel modules
+/// create in every new namespace, and the bonding driver's sysfs entry.
+pub const RESERVED_IFNAMES: [&str; 15] = [
+    "lo",
+    "all",
+    "default",
+    "tunl0",
+    "gre0",
+    "gretap0",
+    "erspan0",
+    "ip_vti0",
+    "ip6_vti0",
+    "sit0",
+    "ip6tnl0",
+    "ip6gre0",
+    "ip6gretap0",
+    "ip6erspan0",
+    "bonding_masters",
+];
+
+/// The alias of a router's host-side end: `rampart <router>/<interface>`.
 pub fn host_alias(router: &str, interface: &str) -> String {
     format!("{ALIAS_PREFIX}{router}/{interface}")
 }
@@ -133,9 +157,10 @@ mod tests {
         assert!(is_valid_ifname(&a));
         assert_eq!(router_of_alias(&host_alias("lr1", "lif0")), Some("lr1"));
         assert_eq!(router_of_alias("something else"), None);
-        let mac = inner_mac("lr1", "lif0");
-        assert_eq!(mac, inner_mac("lr1", "lif0"));
-        assert_ne!(mac, inner_mac("lr1", "lif1"));
+        let mac = inner_mac("h1", "lr1", "lif0");
+        assert_eq!(mac, inner_mac("h1", "lr1", "lif0"));
+        assert_ne!(mac, inner_mac("h1", "lr1", "lif1"));
+        assert_ne!(mac, inner_mac("h2", "lr1", "lif0"), "differs between hosts");
         assert_eq!(mac[0] & 0x03, 0x02, "locally administered unicast");
     }
 

@@ -27,6 +27,8 @@ pub struct Ctx {
     /// /run/netns is known to be a shared mount point. Checked once: re-marking it walks
     /// every namespace mount below it, which made each create cost more than the last.
     netns_dir_shared: std::cell::Cell<bool>,
+    /// This host's id: part of what makes router MACs differ between hosts.
+    pub host_id: String,
 }
 
 type Job = Box<dyn FnOnce(Rc<Ctx>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
@@ -39,7 +41,8 @@ pub struct NetnsWorker {
 
 impl NetnsWorker {
     /// Starts the thread (with its own single-threaded runtime) in the caller's namespace.
-    pub fn start() -> io::Result<NetnsWorker> {
+    pub fn start(host_id: &str) -> io::Result<NetnsWorker> {
+        let host_id = host_id.to_string();
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -64,6 +67,7 @@ impl NetnsWorker {
                         host_ns,
                         host,
                         netns_dir_shared: std::cell::Cell::new(false),
+                        host_id,
                     }))
                 });
                 let ctx = match ctx {

@@ -396,7 +396,7 @@ async fn add_interface(
     let peer = LinkMessageBuilder::<LinkUnspec>::new()
         .name(iface.name.clone())
         .mtu(iface.mtu)
-        .address(crate::router::spec::inner_mac(router, &iface.name).to_vec())
+        .address(crate::router::spec::inner_mac(&ctx.host_id, router, &iface.name).to_vec())
         .setns_by_fd(ns.as_raw_fd())
         .build();
     let msg = LinkVeth::new(&host, &iface.name)

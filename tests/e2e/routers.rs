@@ -510,6 +510,27 @@ fn recreated_at_start() -> Result<()> {
         runtime().block_on(async {
             let h = &lab.site.host.id;
             let mut m = manager(h).await?;
+            // Asked to make a router whose namespace someone else made: refused, not adopted
+            // (a failure would then have deleted it on rollback).
+            let foreign_id = foreign.trim_start_matches("lr-").to_string();
+            let ack = send(
+                &mut m,
+                h,
+                "router.create",
+                "r-foreign",
+                lab.two_legs(&foreign_id),
+            )
+            .await?;
+            ensure!(ack.status == Status::Rejected, "{ack:?}");
+            let e = ack.error.context("error")?;
+            ensure!(
+                e.code == ErrorCode::ForeignNamespace && e.field.as_deref() == Some("$.data.id"),
+                "{e:?}"
+            );
+            ensure!(
+                Path::new("/run/netns").join(&foreign).exists(),
+                "the foreign namespace is still there"
+            );
             applied(&mut m, h, "router.delete", "r2", json!({"id": id})).await?;
             Ok(())
         })
@@ -543,6 +564,26 @@ fn invalid() -> Result<()> {
             ack.error.as_ref().map(|e| e.code) == Some(ErrorCode::UnreachableGateway),
             "{ack:?}"
         );
+
+        // Names the kernel or a tunnel module holds in every namespace: rejected before
+        // anything is made, not failed half way.
+        for (n, reserved) in ["all", "default", "lo", "gre0", "sit0", "tunl0"]
+            .iter()
+            .enumerate()
+        {
+            let mut r = lab.two_legs(&id);
+            r["interfaces"][1]["name"] = json!(reserved);
+            let cid = format!("i-reserved-{n}");
+            let ack = send(&mut m, h, "router.create", &cid, r).await?;
+            ensure!(ack.status == Status::Rejected, "{reserved}: {ack:?}");
+            let e = ack.error.context("error")?;
+            ensure!(
+                e.code == ErrorCode::InvalidField
+                    && e.field.as_deref() == Some("$.data.interfaces[1].name"),
+                "{reserved}: {e:?}"
+            );
+        }
+        ensure!(!ns_exists(&id), "nothing was made");
 
         let mut hostile = lab.two_legs(&id);
         hostile["interfaces"][0]["name"] = json!("x;reboot");
