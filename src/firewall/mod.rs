@@ -601,6 +601,10 @@ impl Firewall {
                 }
             }
         };
+        let found = match found {
+            Some(what) => Some(what),
+            None => self.element_drift().await?,
+        };
         let Some(what) = found else {
             return Ok(Drift::None);
         };
@@ -609,6 +613,50 @@ impl Firewall {
             self.baseline = Some(fingerprint(&text));
         }
         Ok(Drift::Repaired(what))
+    }
+
+    /// The first set whose elements in the kernel differ from the record (an `nft flush set`
+    /// by hand, an element added behind our back). One dump per set, off the async threads.
+    async fn element_drift(&self) -> Result<Option<String>, FirewallError> {
+        if self.current.sets.is_empty() {
+            return Ok(None);
+        }
+        let table = self.ctx.table.clone();
+        let sets = self.current.sets.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            for (name, elements) in &sets {
+                for fam in [Family::V4, Family::V6] {
+                    let mut want: Vec<Element> = render::merged(elements, fam)
+                        .iter()
+                        .flat_map(|r| interval_elements(r, fam))
+                        .collect();
+                    let kernel_name = fam.set_name(name);
+                    let mut have = nfnl::dump_elements(&table, &kernel_name)?;
+                    // nft opens every interval set with an all-zero end element.
+                    have.retain(|e| !(e.end && e.key.iter().all(|b| *b == 0)));
+                    want.sort_by(|a, b| (&a.key, a.end).cmp(&(&b.key, b.end)));
+                    have.sort_by(|a, b| (&a.key, a.end).cmp(&(&b.key, b.end)));
+                    if want != have {
+                        return Ok(Some(format!(
+                            "set {name} elements changed ({} in the kernel, {} recorded)",
+                            have.len(),
+                            want.len()
+                        )));
+                    }
+                }
+            }
+            Ok::<_, NfnlError>(None)
+        })
+        .await
+        .expect("element dump task panicked");
+        match found {
+            Ok(found) => Ok(found),
+            // A set missing altogether is drift too.
+            Err(NfnlError::Refused(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(Some("a set is missing".to_string()))
+            }
+            Err(e) => Err(FirewallError::Netlink(e)),
+        }
     }
 
     /// Rules per chain that our own rendering puts in the kernel.

@@ -320,23 +320,116 @@ pub fn watch_table_deletions(table: &str, on_delete: impl Fn()) -> Result<(), Nf
     }
 }
 
-/// The string value of attribute `kind` among `attrs`.
-fn attr_str(attrs: &[u8], kind: u16) -> Option<&str> {
+/// The attributes in `buf`: (kind without the nested flag, payload), stopping at the first
+/// malformed one.
+fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     let mut off = 0;
-    while off + 4 <= attrs.len() {
-        let len = u16::from_ne_bytes(attrs[off..off + 2].try_into().ok()?) as usize;
-        let k = u16::from_ne_bytes(attrs[off + 2..off + 4].try_into().ok()?) & !NLA_F_NESTED;
-        if len < 4 || off + len > attrs.len() {
+    std::iter::from_fn(move || {
+        if off + 4 > buf.len() {
             return None;
         }
-        if k == kind {
-            let v = &attrs[off + 4..off + len];
-            let v = v.split(|b| *b == 0).next()?;
-            return std::str::from_utf8(v).ok();
+        let len = u16::from_ne_bytes(buf[off..off + 2].try_into().ok()?) as usize;
+        let kind = u16::from_ne_bytes(buf[off + 2..off + 4].try_into().ok()?) & !NLA_F_NESTED;
+        if len < 4 || off + len > buf.len() {
+            return None;
         }
+        let payload = &buf[off + 4..off + len];
         off += (len + 3) & !3;
+        Some((kind, payload))
+    })
+}
+
+/// The string value of attribute `kind` among `attrs`.
+fn attr_str(buf: &[u8], kind: u16) -> Option<&str> {
+    let (_, v) = attrs(buf).find(|(k, _)| *k == kind)?;
+    std::str::from_utf8(v.split(|b| *b == 0).next()?).ok()
+}
+
+const NFT_MSG_GETSETELEM: u16 = 13;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_DONE: u16 = 3;
+
+/// The elements of one message's NFTA_SET_ELEM_LIST_ELEMENTS.
+fn parse_elements(attrs_buf: &[u8], out: &mut Vec<Element>) {
+    for (kind, list) in attrs(attrs_buf) {
+        if kind != NFTA_SET_ELEM_LIST_ELEMENTS {
+            continue;
+        }
+        for (_, elem) in attrs(list).filter(|(k, _)| *k == NFTA_LIST_ELEM) {
+            let mut key = None;
+            let mut end = false;
+            for (k, v) in attrs(elem) {
+                match k {
+                    NFTA_SET_ELEM_KEY => {
+                        key = attrs(v)
+                            .find(|(k, _)| *k == NFTA_DATA_VALUE)
+                            .map(|(_, d)| d.to_vec());
+                    }
+                    NFTA_SET_ELEM_FLAGS if v.len() >= 4 => {
+                        let flags = u32::from_be_bytes(v[..4].try_into().expect("4 bytes"));
+                        end = flags & NFT_SET_ELEM_INTERVAL_END != 0;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(key) = key {
+                out.push(Element { key, end });
+            }
+        }
     }
-    None
+}
+
+/// Every element of set `inet <table> <set>` as the kernel holds it (one dump). Blocking:
+/// call it from a blocking thread.
+pub fn dump_elements(table: &str, set: &str) -> Result<Vec<Element>, NfnlError> {
+    let fd = open()?;
+    let mut body = vec![];
+    put_attr(&mut body, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
+    put_attr(&mut body, NFTA_SET_ELEM_LIST_SET, &cstr(set));
+    let seq = (std::process::id() << 8) ^ (crate::protocol::now_ms() as u32);
+    let mut msg = vec![];
+    put_msg(
+        &mut msg,
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        NFPROTO_INET,
+        0,
+        &body,
+    );
+    size_buffers(&fd, msg.len(), 1024);
+    send(fd.as_raw_fd(), &msg, MsgFlags::empty()).map_err(NfnlError::Socket)?;
+    let mut out = vec![];
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Ok(n) => n,
+            Err(nix::Error::EAGAIN) => return Err(NfnlError::NoAnswer),
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(NfnlError::Socket(e)),
+        };
+        let mut off = 0;
+        while off + 16 <= n {
+            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
+            let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
+            if len < 16 || off + len > n {
+                break;
+            }
+            match kind {
+                NLMSG_DONE => return Ok(out),
+                NLMSG_ERROR if len >= 20 => {
+                    let code =
+                        i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
+                    if code != 0 {
+                        return Err(NfnlError::Refused(std::io::Error::from_raw_os_error(-code)));
+                    }
+                }
+                _ if len >= 20 => parse_elements(&buf[off + 20..off + len], &mut out),
+                _ => {}
+            }
+            off += (len + 3) & !3;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -46,6 +46,10 @@ pub fn tests() -> Vec<Trial> {
             "trust::hostile_rule_sets_are_rejected_before_the_kernel",
             hostile_rule_sets,
         ),
+        trial(
+            "trust::a_set_flushed_by_hand_is_noticed_and_refilled",
+            element_drift,
+        ),
     ]
 }
 
@@ -461,6 +465,55 @@ fn hostile_rule_sets() -> Result<()> {
             lines == 2,
             "one kernel rule per family for the deduplicated rule:\n{table}"
         );
+        m.close().await;
+        Ok(())
+    })
+}
+
+fn element_drift() -> Result<()> {
+    let t = Topo::new(24, "tr-elem-drift");
+    let _srv = Servers::start(&t.site.ag.name, "0.0.0.0", &[85], &[]);
+    let _agent = t.start();
+    runtime().block_on(async {
+        use futures_util::StreamExt;
+        let h = &t.site.host.id;
+        let mut m = manager(h).await?;
+        let mut events = m
+            .subscribe(rampart::broker::EVENTS_EXCHANGE, &format!("drift.{h}"))
+            .await?;
+        let mut members = rule("members", 100, "allow", "in", "tcp", &["85"]);
+        members["sources"] = json!(["$clients"]);
+        let rs = json!({"generation": 1, "defaults": {"in": "drop"},
+            "address_sets": {"clients": [t.client_ip(), "192.0.2.0/24", "2001:db8::/64"]},
+            "rules": [members]});
+        applied(&mut m, h, "firewall.apply", "ed-1", rs).await?;
+        // A patch goes the netlink way; the check must agree with it too.
+        let patch = json!({"base_generation": 1, "generation": 2,
+            "add_addresses": {"clients": ["198.51.100.7"]}});
+        applied(&mut m, h, "firewall.patch", "ed-2", patch).await?;
+        ensure!(t.probe(85) == Tcp::Open);
+        // Two drift periods without any event: our own state is not drift.
+        let quiet = tokio::time::timeout(Duration::from_millis(2500), events.next()).await;
+        ensure!(
+            quiet.is_err(),
+            "no drift reported for our own sets: {quiet:?}"
+        );
+
+        t.site.ag.nft("flush set inet rampart as4_clients");
+        let d = tokio::time::timeout(Duration::from_secs(20), events.next())
+            .await
+            .context("no drift event")?
+            .context("stream ended")??;
+        let v: Value = serde_json::from_slice(&d.data)?;
+        ensure!(
+            v["data"]["what"]
+                .as_str()
+                .is_some_and(|w| w.contains("set clients elements changed")),
+            "{v}"
+        );
+        ensure!(t.probe(85) == Tcp::Open, "the set was refilled");
+        let listing = t.site.ag.nft_table("rampart").context("table")?;
+        ensure!(listing.contains("198.51.100.7"), "{listing}");
         m.close().await;
         Ok(())
     })
