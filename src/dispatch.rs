@@ -310,6 +310,7 @@ impl Dispatcher {
                 let fw = fw_guard.as_mut().expect("locked above");
                 firewall_patch(fw, &patch, raw).await
             }
+            RequestKind::CertRequest(req) => (self.cert_request(*req).await, Commit::None),
             RequestKind::CertInstall(bundle) => {
                 let (executed, r) = self.cert_install(&bundle, &id).await;
                 rotation = r;
@@ -814,6 +815,7 @@ fn cert_error(e: &CertError) -> AckError {
     let (code, field) = match e {
         CertError::BadPem { field, .. } => (ErrorCode::BadPem, *field),
         CertError::KeyMismatch => (ErrorCode::KeyMismatch, "$.data.private_key_pem"),
+        CertError::NoPendingKey => (ErrorCode::NoPendingKey, "$.data.private_key_pem"),
         CertError::Expired { .. } => (ErrorCode::Expired, "$.data.certificate_pem"),
         CertError::NotYetValid { .. } => (ErrorCode::NotYetValid, "$.data.certificate_pem"),
         CertError::WrongHost { .. } | CertError::LoginName { .. } => {
@@ -829,6 +831,36 @@ fn cert_error(e: &CertError) -> AckError {
 }
 
 impl Dispatcher {
+    /// `cert.request`: a new key pair kept as the pending key, the CSR in the ack.
+    async fn cert_request(&self, req: crate::certs::request::CertRequest) -> Executed {
+        let dir = self.certs.state_dir.clone();
+        let made = tokio::task::spawn_blocking(move || {
+            crate::certs::request::generate(&dir, &req).map(|csr| (csr, req))
+        })
+        .await
+        .expect("key generation panicked");
+        match made {
+            Ok((csr_pem, req)) => {
+                tracing::info!(subject_cn = %req.subject_cn, dns_names = ?req.dns_names, "new key pair made; CSR in the ack");
+                Executed::applied(
+                    json!({ "csr_pem": csr_pem, "key_type": "ecdsa-p256",
+                            "subject_cn": req.subject_cn, "dns_names": req.dns_names }),
+                    OwnedChange::None,
+                )
+            }
+            Err(e) => Executed {
+                status: Status::Failed,
+                error: Some(AckError {
+                    code: ErrorCode::RequestFailed,
+                    message: e.to_string(),
+                    field: None,
+                }),
+                data: json!({}),
+                change: OwnedChange::None,
+            },
+        }
+    }
+
     /// `cert.install`, make-before-break: validate; open a session with the new identity;
     /// only once the broker took it, write the files and switch to them. Any failure
     /// before the switch changes nothing and the old session carries on.
@@ -837,6 +869,22 @@ impl Dispatcher {
         bundle: &crate::certs::Bundle,
         id: &str,
     ) -> (Executed, Option<Box<Rotation>>) {
+        // Without a key in the command: the pending key of the last cert.request.
+        let from_request = bundle.private_key_pem.is_none();
+        let mut bundle = bundle.clone();
+        if from_request {
+            let dir = self.certs.state_dir.clone();
+            match tokio::task::spawn_blocking(move || crate::certs::request::read_pending(&dir))
+                .await
+                .expect("pending key reader panicked")
+            {
+                Ok(key) => bundle.private_key_pem = key,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the pending key");
+                }
+            }
+        }
+        let bundle = &bundle;
         let current = self.certs.identity.read().expect("identity lock").clone();
         let external = self.certs.broker.read().expect("broker lock").auth
             == crate::config::AuthMechanism::External;
@@ -922,6 +970,10 @@ impl Dispatcher {
             crate::certs::store::switch(&state_dir, &staged).inspect_err(|_| {
                 let _ = std::fs::remove_dir_all(&staged);
             })?;
+            if from_request {
+                // Installed with its certificate; a pending key is good for one install.
+                crate::certs::request::clear_pending(&state_dir);
+            }
             let files = crate::certs::store::in_use(&state_dir, &broker_files);
             Ok::<_, std::io::Error>((validated.ca_pem, files))
         })

@@ -2,6 +2,7 @@
 //! `state_dir` (switched atomically, the previous one kept), and which files are in use.
 //! Private key material never leaves this module in a message, a log line or an ack.
 
+pub mod request;
 pub mod store;
 
 use std::sync::Arc;
@@ -19,7 +20,8 @@ pub const MAX_PEM_BYTES: usize = 64 * 1024;
 /// `cert.install` data after the wire checks: the PEM texts, not yet validated.
 pub struct Bundle {
     pub certificate_pem: String,
-    pub private_key_pem: String,
+    /// `None`: use the pending key of the last `cert.request`.
+    pub private_key_pem: Option<String>,
     pub ca_pem: Option<String>,
 }
 
@@ -63,6 +65,8 @@ pub enum CertError {
     },
     #[error("the private key does not match the certificate's public key")]
     KeyMismatch,
+    #[error("no private_key_pem and no pending key: send cert.request first")]
+    NoPendingKey,
     #[error("the certificate expired on {not_after}")]
     Expired { not_after: String },
     #[error("the certificate is not valid before {not_before}")]
@@ -140,7 +144,11 @@ pub fn validate(
         "$.data.certificate_pem",
         "certificate",
     )?;
-    let key = PrivateKeyDer::from_pem_slice(bundle.private_key_pem.as_bytes()).map_err(|e| {
+    let key_pem = bundle
+        .private_key_pem
+        .as_deref()
+        .ok_or(CertError::NoPendingKey)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
         CertError::BadPem {
             field: "$.data.private_key_pem",
             what: "private key",
@@ -239,7 +247,7 @@ pub fn validate(
         ca_pem,
         roots,
         certificate_pem: bundle.certificate_pem.clone(),
-        private_key_pem: bundle.private_key_pem.clone(),
+        private_key_pem: key_pem.to_string(),
     })
 }
 
@@ -333,7 +341,7 @@ mod tests {
     fn bundle(cert: &str, key: &str, ca_pem: Option<&str>) -> Bundle {
         Bundle {
             certificate_pem: cert.into(),
-            private_key_pem: key.into(),
+            private_key_pem: Some(key.into()),
             ca_pem: ca_pem.map(str::to_string),
         }
     }

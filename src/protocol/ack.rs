@@ -65,6 +65,8 @@ pub enum ErrorCode {
     NotYetValid,
     UntrustedChain,
     RotationFailed,
+    NoPendingKey,
+    RequestFailed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

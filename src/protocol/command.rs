@@ -59,6 +59,7 @@ pub enum RequestKind {
         raw: String,
     },
     RouterCreate(Box<crate::router::spec::RouterSpec>),
+    CertRequest(Box<crate::certs::request::CertRequest>),
     CertInstall(Box<crate::certs::Bundle>),
     RouterDelete {
         id: String,
@@ -73,6 +74,7 @@ impl RequestKind {
             RequestKind::FirewallApply { .. } => "firewall.apply",
             RequestKind::FirewallPatch { .. } => "firewall.patch",
             RequestKind::RouterCreate(_) => "router.create",
+            RequestKind::CertRequest(_) => "cert.request",
             RequestKind::CertInstall(_) => "cert.install",
             RequestKind::RouterDelete { .. } => "router.delete",
         }
@@ -304,6 +306,10 @@ fn decode_inner(
             patch: Box::new(super::firewall::decode_patch(data, &ctx.limits)?),
             raw: data.to_string(),
         },
+        "cert.request" => RequestKind::CertRequest(Box::new(super::cert::decode_cert_request(
+            data,
+            &ctx.host_id,
+        )?)),
         "cert.install" => {
             RequestKind::CertInstall(Box::new(super::cert::decode_cert_install(data)?))
         }
@@ -750,12 +756,13 @@ mod robustness {
         }
     }
 
-    const SEEDS: [&str; 6] = [
+    const SEEDS: [&str; 7] = [
         r#"{"specversion":"1.0","id":"c1","type":"ping","source":"m","host":"host-1","timestamp":1,"data":{}}"#,
         r#"{"specversion":"1.0","id":"c2","type":"firewall.apply","source":"m","host":"host-1","timestamp":1,"data":{"generation":2,"defaults":{"in":"drop"},"address_sets":{"web":["10.0.0.0/24","2001:db8::1"]},"rules":[{"id":"r1","priority":1,"action":"reject","direction":"both","protocol":"tcp","ports":["22","80-90"],"sources":["$web"],"applied_to":["tap*"],"log":true,"comment":"x"}]}}"#,
         r#"{"specversion":"1.0","id":"c3","type":"firewall.patch","source":"m","host":"host-1","timestamp":1,"data":{"base_generation":2,"generation":3,"add_addresses":{"web":["10.0.1.1"]},"delete_rules":["r1"],"upsert_rules":[{"id":"r2","priority":5,"action":"allow","direction":"in"}]}}"#,
         r#"{"specversion":"1.0","id":"c4","type":"router.create","source":"m","host":"host-1","timestamp":1,"data":{"id":"lr1","interfaces":[{"name":"lif0","addresses":["192.168.10.1/24","fd00::1/64"],"mtu":1500,"bridge":"br-tenant"}],"routes":[{"destination":"0.0.0.0/0","via":"192.168.10.254"}]}}"#,
         r#"{"specversion":"1.0","id":"c5","type":"router.delete","source":"m","host":"host-1","timestamp":1,"data":{"id":"lr1"}}"#,
+        r#"{"specversion":"1.0","id":"c7","type":"cert.request","source":"m","host":"host-1","timestamp":1,"data":{"purpose":"broker-client","subject_cn":"host-1","dns_names":["host-1.example"],"key_type":"ecdsa-p256"}}"#,
         r#"{"specversion":"1.0","id":"c6","type":"cert.install","source":"m","host":"host-1","timestamp":1,"data":{"purpose":"broker-client","certificate_pem":"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n","private_key_pem":"-----BEGIN PRIVATE KEY-----\nMC4C\n-----END PRIVATE KEY-----\n","ca_pem":"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"}}"#,
     ];
 

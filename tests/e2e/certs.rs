@@ -49,6 +49,10 @@ pub fn tests() -> Vec<Trial> {
             "certs::expiry_is_reported_and_warned_about_once",
             expiry_warning,
         ),
+        trial(
+            "certs::request_then_install_keeps_the_private_key_on_the_host",
+            request_then_install,
+        ),
     ]
 }
 
@@ -460,6 +464,123 @@ fn expiry_warning() -> Result<()> {
             cli_days == days || cli_days == days - 1,
             "cli {cli_days} vs event {days}"
         );
+        Ok(())
+    })
+}
+
+/// Every message published on the shared exchanges while it lives.
+async fn spy(m: &rampart::manager::Manager) -> Result<Vec<lapin::Consumer>> {
+    let mut all = vec![];
+    for exchange in [
+        rampart::broker::COMMANDS_EXCHANGE,
+        rampart::broker::ACKS_EXCHANGE,
+        EVENTS_EXCHANGE,
+        rampart::broker::DEAD_EXCHANGE,
+    ] {
+        all.push(m.subscribe(exchange, "#").await?);
+    }
+    Ok(all)
+}
+
+fn request_then_install() -> Result<()> {
+    let host = env().host("cert-csr", HostOptions::default());
+    let id = host.id.clone();
+    let _agent = start(&host, &[]);
+    let pending = host.dir.join("state").join("pending-key.pem");
+    runtime().block_on(async {
+        let mut m = manager(&id).await?;
+        let watcher = env().manager().await;
+        let mut streams = spy(&watcher).await?;
+
+        // Nothing pending yet: an install without a key says so.
+        let cert_only = |pem: &str| json!({"purpose": "broker-client", "certificate_pem": pem});
+        let ack = send(
+            &mut m,
+            &id,
+            "cert.install",
+            "csr-0",
+            cert_only(&env().ca.pem()),
+        )
+        .await?;
+        ensure!(
+            ack.status == Status::Rejected
+                && ack.error.as_ref().map(|e| e.code) == Some(ErrorCode::NoPendingKey),
+            "{ack:?}"
+        );
+
+        let ack = applied(
+            &mut m,
+            &id,
+            "cert.request",
+            "csr-1",
+            json!({"purpose": "broker-client", "dns_names": [format!("{id}.example")]}),
+        )
+        .await?;
+        let csr_pem = ack.data["csr_pem"].as_str().context("csr_pem")?.to_string();
+        ensure!(csr_pem.contains("BEGIN CERTIFICATE REQUEST"), "{ack:?}");
+        let mode = std::fs::metadata(&pending)?.permissions().mode() & 0o777;
+        ensure!(mode == 0o600, "pending key mode {mode:o}");
+        let key_pem = std::fs::read_to_string(&pending)?;
+        // The key's base64 lines: none of them may appear in any message.
+        let key_lines: Vec<String> = key_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() > 16)
+            .map(str::to_string)
+            .collect();
+        ensure!(!key_lines.is_empty());
+
+        // The manager's CA signs it; the install carries no key.
+        let cert_pem = env().ca.sign_csr(&csr_pem, 30);
+        let ack = applied(&mut m, &id, "cert.install", "csr-2", cert_only(&cert_pem)).await?;
+        ensure!(
+            ack.data["certificate"]["subject"] == format!("CN={id}"),
+            "{ack:?}"
+        );
+        broker_holds_only(&id, &sha(&cert_pem))?;
+        applied(&mut m, &id, "ping", "csr-3", json!({})).await?;
+        let dir = installed_dir(&host);
+        ensure!(
+            std::fs::read_to_string(dir.join("key.pem"))? == key_pem,
+            "the pending key is installed"
+        );
+        ensure!(!pending.exists(), "a pending key is used once");
+        // A redelivered request answers with the same CSR and makes no new key.
+        let again = send(
+            &mut m,
+            &id,
+            "cert.request",
+            "csr-1",
+            json!({"purpose": "broker-client",
+            "dns_names": [format!("{id}.example")]}),
+        )
+        .await?;
+        ensure!(
+            again.duplicate && again.data["csr_pem"] == csr_pem.as_str(),
+            "{again:?}"
+        );
+        ensure!(!pending.exists(), "no key made by a duplicate");
+
+        // Everything that crossed the bus meanwhile: never the key.
+        let mut seen = 0;
+        for stream in streams.iter_mut() {
+            while let Ok(Some(d)) =
+                tokio::time::timeout(Duration::from_millis(300), stream.next()).await
+            {
+                let d = d?;
+                let body = String::from_utf8_lossy(&d.data);
+                ensure!(
+                    !body.contains("PRIVATE KEY"),
+                    "a message carries a private key: {body}"
+                );
+                for line in &key_lines {
+                    ensure!(!body.contains(line.as_str()), "a message carries the key");
+                }
+                seen += 1;
+            }
+        }
+        ensure!(seen >= 8, "the spy saw the traffic ({seen} messages)");
+        watcher.close().await;
+        m.close().await;
         Ok(())
     })
 }
