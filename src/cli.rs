@@ -755,6 +755,12 @@ fn print_status(a: &serde_json::Value) {
         s["reconnects"]
     );
     println!("last error:  {}", text(&s["last_error"]));
+    if let Some(since) = s["blocked_since_ms"].as_u64() {
+        println!(
+            "BLOCKED:     the broker blocks our publishes since {} (resource alarm on the broker)",
+            when(&since.into())
+        );
+    }
     let f = &a["firewall"];
     println!(
         "firewall:    generation {}, {} rules, {} sets, {} elements",

@@ -709,6 +709,7 @@ impl Agent {
                         st.broker_certificate = Some(session.tls.peer_subject.clone());
                         st.broker_certificate_not_after = Some(session.tls.peer_not_after.clone());
                         st.connected_since_ms = Some(now_ms());
+                        st.blocked_since_ms = None;
                         st.sessions += 1;
                         // A hand-over to a rotated identity is not a reconnect.
                         if st.sessions > 1 && !handover {
@@ -729,7 +730,7 @@ impl Agent {
                     let began = Instant::now();
                     match self.serve(&session, &mut stop, &mut reload).await {
                         SessionEnd::Shutdown => {
-                            let _ = session.connection.close(200, "agent stopping".into()).await;
+                            broker::close_bounded(&session.connection, "agent stopping").await;
                             return;
                         }
                         SessionEnd::Rotate(rotation) => {
@@ -737,10 +738,7 @@ impl Agent {
                                 connector: c,
                                 session: next,
                             } = *rotation;
-                            let _ = session
-                                .connection
-                                .close(200, "identity rotated".into())
-                                .await;
+                            broker::close_bounded(&session.connection, "identity rotated").await;
                             tracing::info!(url = %next.url, "old session closed; serving on the new identity");
                             connector = c;
                             connector_identity = self.identity_sha();
@@ -748,9 +746,7 @@ impl Agent {
                             continue;
                         }
                         SessionEnd::Reload => {
-                            let _ = session
-                                .connection
-                                .close(200, "configuration reloaded".into())
+                            broker::close_bounded(&session.connection, "configuration reloaded")
                                 .await;
                             if let Some(c) = self.reconnector().await {
                                 connector = c;
@@ -765,7 +761,7 @@ impl Agent {
                                 "broker session lost ({why}); retrying"
                             ))]);
                             self.note_error(why);
-                            let _ = session.connection.close(200, "reconnecting".into()).await;
+                            broker::close_bounded(&session.connection, "reconnecting").await;
                         }
                     }
                     if began.elapsed() >= STABLE_SESSION {
@@ -797,6 +793,40 @@ impl Agent {
                         break;
                     }
                 }
+            }
+        }
+    }
+
+    /// A beat, and whether the broker blocks this connection (a resource alarm), for
+    /// `rampart status` and the heartbeats.
+    fn beat_with(&self, conn: &lapin::Connection) {
+        self.beat();
+        let blocked = conn.status().blocked();
+        let mut st = self.shared.session.lock().expect("session lock");
+        match (blocked, st.blocked_since_ms) {
+            // (The connection's events log the transitions, with the broker's reason.)
+            (true, None) => st.blocked_since_ms = Some(now_ms()),
+            (false, Some(since)) => {
+                st.blocked_since_ms = None;
+                st.last_blocked = Some((since, now_ms()));
+            }
+            _ => {}
+        }
+    }
+
+    /// Awaits `f` while the loop keeps beating: the watchdog's view is that the agent runs,
+    /// not that the broker answers (every broker wait has its own bound).
+    async fn with_pulse<F: std::future::Future>(
+        &self,
+        conn: &lapin::Connection,
+        f: F,
+    ) -> F::Output {
+        tokio::pin!(f);
+        let mut pulse = tokio::time::interval(self.pulse);
+        loop {
+            tokio::select! {
+                out = &mut f => return out,
+                _ = pulse.tick() => self.beat_with(conn),
             }
         }
     }
@@ -883,7 +913,7 @@ impl Agent {
                 biased;
                 _ = stop.changed() => return Ok(SessionEnd::Shutdown),
                 _ = reload.changed() => return Ok(SessionEnd::Reload),
-                _ = pulse.tick() => self.beat(),
+                _ = pulse.tick() => self.beat_with(conn),
                 event = events.next() => match event {
                     Some(Event::Error(e)) if !conn.status().connected() => {
                         return Ok(SessionEnd::Lost(e.to_string()));
@@ -898,7 +928,9 @@ impl Agent {
                 },
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
-                        if let Some(rotation) = self.process(&publish_ch, delivery).await? {
+                        if let Some(rotation) =
+                            self.with_pulse(conn, self.process(&publish_ch, delivery)).await?
+                        {
                             return Ok(SessionEnd::Rotate(rotation));
                         }
                     }
@@ -907,12 +939,14 @@ impl Agent {
                 },
                 _ = heartbeat.tick() => {
                     let data = self.heartbeat_data(session).await;
-                    self.publish_event(&publish_ch, "heartbeat", data).await?;
-                    self.warn_expiry(&publish_ch).await?;
+                    self.with_pulse(conn, self.publish_event(&publish_ch, "heartbeat", data))
+                        .await?;
+                    self.with_pulse(conn, self.warn_expiry(&publish_ch)).await?;
                     self.shared.session.lock().expect("session lock").last_heartbeat_ms = Some(now_ms());
                 }
                 Some(event) = drift.recv() => {
-                    self.publish_event(&publish_ch, "drift", event).await?;
+                    self.with_pulse(conn, self.publish_event(&publish_ch, "drift", event))
+                        .await?;
                 }
             }
         }
@@ -1033,7 +1067,18 @@ impl Agent {
             "routers": self.shared.routers.lock().await.summary().as_array().map_or(0, Vec::len),
             "certificate": self.shared.identity.read().expect("identity lock").summary(),
             "last_error": self.shared.session.lock().expect("session lock").last_error.clone(),
+            "broker_blocked": self.blocked_summary(),
         })
+    }
+
+    /// `{"since": ms}` while the broker blocks us, else the last blocked spell, if any.
+    fn blocked_summary(&self) -> Value {
+        let st = self.shared.session.lock().expect("session lock");
+        match (st.blocked_since_ms, st.last_blocked) {
+            (Some(since), _) => json!({ "since": since }),
+            (None, Some((from, to))) => json!({ "last": { "from": from, "to": to } }),
+            (None, None) => Value::Null,
+        }
     }
 
     async fn publish_event(

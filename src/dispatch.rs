@@ -982,10 +982,7 @@ impl Dispatcher {
         let (ca_pem, files) = match written {
             Ok(written) => written,
             Err(e) => {
-                let _ = session
-                    .connection
-                    .close(200, "identity not installed".into())
-                    .await;
+                crate::broker::close_bounded(&session.connection, "identity not installed").await;
                 return (failed(format!("cannot write the new identity: {e}")), None);
             }
         };

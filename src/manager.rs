@@ -297,6 +297,6 @@ impl Manager {
     }
 
     pub async fn close(self) {
-        let _ = self.session.connection.close(200, "OK".into()).await;
+        broker::close_bounded(&self.session.connection, "OK").await;
     }
 }

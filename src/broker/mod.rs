@@ -44,6 +44,10 @@ pub enum BrokerError {
         context: &'static str,
         cause: lapin::Error,
     },
+    #[error(
+        "no publisher confirm for a message to {exchange} within {secs} s (is the broker blocking publishers?)"
+    )]
+    ConfirmTimeout { exchange: String, secs: u64 },
     #[error("the broker refused (nacked) a message published to {exchange}")]
     Nacked { exchange: String },
     #[error("the broker returned an unroutable message published to {exchange} with key {key}")]
@@ -430,9 +434,49 @@ pub async fn confirm_channel(conn: &Connection) -> Result<Channel, BrokerError> 
     Ok(ch)
 }
 
-/// Publishes and waits for the broker's confirm. With `mandatory`, an unroutable message is
-/// an error rather than silently dropped.
+/// How long a publish may wait for its confirm. A broker in a resource alarm blocks
+/// publishers indefinitely; past this the session is given up and made again.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long closing a connection may take before it is simply dropped (a blocked or dying
+/// broker may never answer connection.close).
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes `conn` politely, or drops it after [`CLOSE_TIMEOUT`].
+pub async fn close_bounded(conn: &Connection, reason: &str) {
+    if tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, reason.into()))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            reason,
+            "the broker did not answer connection.close in time; dropping the connection"
+        );
+    }
+}
+
+/// Publishes and waits for the broker's confirm, at most [`CONFIRM_TIMEOUT`]. With
+/// `mandatory`, an unroutable message is an error rather than silently dropped.
 pub async fn publish_confirmed(
+    ch: &Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    props: BasicProperties,
+    mandatory: bool,
+) -> Result<(), BrokerError> {
+    tokio::time::timeout(
+        CONFIRM_TIMEOUT,
+        publish_confirmed_unbounded(ch, exchange, key, body, props, mandatory),
+    )
+    .await
+    .map_err(|_| BrokerError::ConfirmTimeout {
+        exchange: exchange.to_string(),
+        secs: CONFIRM_TIMEOUT.as_secs(),
+    })?
+}
+
+async fn publish_confirmed_unbounded(
     ch: &Channel,
     exchange: &str,
     key: &str,

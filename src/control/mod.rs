@@ -49,6 +49,10 @@ pub struct SessionStatus {
     pub sessions: u64,
     pub reconnects: u64,
     pub last_error: Option<String>,
+    /// Since when the broker blocks this connection's publishes (a resource alarm).
+    pub blocked_since_ms: Option<u64>,
+    /// The last blocked spell: (from, to).
+    pub last_blocked: Option<(u64, u64)>,
 }
 
 /// What the daemon shares with the control socket.

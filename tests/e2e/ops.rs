@@ -34,6 +34,10 @@ pub fn tests() -> Vec<Trial> {
             "ops::inspection_finds_the_daemon_at_the_default_socket_without_a_config",
             default_socket,
         ),
+        trial(
+            "ops::broker_memory_alarm_blocks_publishes_but_the_watchdog_stays_fed",
+            memory_alarm,
+        ),
     ]
 }
 
@@ -439,4 +443,88 @@ fn sighup() -> Result<()> {
         "no reconnect for these settings:\n{log}"
     );
     Ok(())
+}
+
+fn memory_alarm() -> Result<()> {
+    use std::os::unix::net::UnixDatagram;
+    // A broker of its own: an alarm on the shared one would block every other test.
+    let e = env();
+    let b = crate::support::broker::Broker::start(&e.root.join("broker-alarm"), &e.ca, "alarm");
+    b.add_host_user("ops-alarm");
+    let host = e.host_on(
+        &b,
+        "ops-alarm",
+        HostOptions {
+            heartbeat_secs: Some(1),
+            ..Default::default()
+        },
+    );
+    let manager_cfg = e.root.join("manager-alarm.toml");
+    let text = std::fs::read_to_string(&e.manager_config)?.replace(&e.broker.url(), &b.url());
+    std::fs::write(&manager_cfg, text)?;
+    crate::support::declare_topology(&manager_cfg);
+    let path = host.dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path)?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let p = path.to_str().unwrap().to_string();
+    // A 2 s watchdog: systemd would kill an agent that misses it.
+    let agent = AgentProc::start_with_env(
+        &host,
+        &[("NOTIFY_SOCKET", &p), ("WATCHDOG_USEC", "2000000")],
+    );
+    agent.wait_serving();
+    let result = (|| {
+        let mut buf = [0u8; 4096];
+        let mut feeds_during = |secs: u64| -> usize {
+            let end = std::time::Instant::now() + Duration::from_secs(secs);
+            let mut n = 0;
+            while std::time::Instant::now() < end {
+                if let Ok(len) = sock.recv(&mut buf) {
+                    n += usize::from(String::from_utf8_lossy(&buf[..len]).contains("WATCHDOG=1"));
+                }
+            }
+            n
+        };
+        feeds_during(1);
+        b.ctl_ok(&["set_vm_memory_high_watermark", "0.00001"]);
+        // Heartbeats every second now wait for confirms that do not come.
+        let fed = feeds_during(7);
+        ensure!(
+            fed >= 5,
+            "the watchdog was fed {fed} times in 7 s while the broker blocked us:\n{}",
+            agent.current_log()
+        );
+        let socket = host.dir.join("rampart.sock");
+        let out = rampart(&["status", "--json", "--socket", socket.to_str().unwrap()]);
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        ensure!(
+            v["session"]["blocked_since_ms"].is_u64(),
+            "status reports the blocked broker: {v}\n{}",
+            agent.current_log()
+        );
+        let out = rampart(&["status", "--socket", socket.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(text.contains("BLOCKED"), "{text}");
+
+        b.ctl_ok(&["set_vm_memory_high_watermark", "0.4"]);
+        let cfg = rampart::config::Config::load(&manager_cfg)?;
+        crate::support::runtime().block_on(async {
+            let mut m = rampart::manager::Manager::connect(&cfg).await?;
+            m.watch_host(&host.id).await?;
+            m.send(&host.id, "ping", "after-alarm", &serde_json::json!({}))
+                .await?;
+            let ack = m.wait_ack("after-alarm", Duration::from_secs(40)).await?;
+            ensure!(ack.status == rampart::protocol::Status::Applied, "{ack:?}");
+            m.close().await;
+            Ok::<_, anyhow::Error>(())
+        })?;
+        let out = rampart(&["status", "--json", "--socket", socket.to_str().unwrap()]);
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        ensure!(v["session"]["blocked_since_ms"].is_null(), "{v}");
+        ensure!(v["session"]["last_blocked"].is_array(), "{v}");
+        Ok(())
+    })();
+    drop(agent);
+    b.shutdown();
+    result
 }
