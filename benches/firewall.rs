@@ -49,6 +49,7 @@ fn raw_nft(ns: &Netns, data: &Value) -> Duration {
     let ctx = RenderCtx {
         table: "rampart".into(),
         brokers: vec![],
+        resolvers: vec![],
         failsafe_in: vec![],
         failsafe_out: vec![],
     };

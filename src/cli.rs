@@ -360,6 +360,7 @@ async fn rules_check(config_path: &std::path::Path, file: &str) -> anyhow::Resul
             let ctx = crate::firewall::render::RenderCtx {
                 table: fw.table.clone(),
                 brokers: vec![],
+                resolvers: vec![],
                 failsafe_in: fw
                     .failsafe_in
                     .iter()

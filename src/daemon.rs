@@ -260,24 +260,20 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     Ok(())
 }
 
-/// The failsafe: the brokers' addresses (resolved now) and the configured ports.
+/// The failsafe: the brokers' addresses (resolved now, else the last known ones), the
+/// host's DNS servers when a broker is named by a DNS name, and the configured ports.
 async fn render_ctx(config: &Config, connector: &Connector) -> RenderCtx {
-    let mut brokers = vec![];
-    for url in &connector.urls {
-        let a = &url.uri.authority;
-        match tokio::net::lookup_host((a.host.as_str(), a.port)).await {
-            Ok(addrs) => brokers.extend(addrs.map(|sa| (sa.ip(), sa.port()))),
-            Err(e) => {
-                tracing::warn!(url = %url.display, error = %e, "cannot resolve broker for the firewall failsafe")
-            }
-        }
-    }
-    brokers.sort();
-    brokers.dedup();
+    let brokers = connector.broker_addresses().await;
+    let resolvers = if connector.uses_dns() {
+        host_resolvers()
+    } else {
+        vec![]
+    };
     let fw = &config.firewall;
     RenderCtx {
         table: fw.table.clone(),
         brokers,
+        resolvers,
         failsafe_in: fw
             .failsafe_in
             .iter()
@@ -289,6 +285,31 @@ async fn render_ctx(config: &Config, connector: &Connector) -> RenderCtx {
             .filter_map(|s| parse_failsafe(s))
             .collect(),
     }
+}
+
+/// The DNS servers this host asks: `/etc/resolv.conf`, and systemd-resolved's upstream
+/// servers when it is the local stub (loopback itself is always allowed).
+fn host_resolvers() -> Vec<std::net::IpAddr> {
+    let mut out = vec![];
+    for file in ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        out.extend(parse_nameservers(&text));
+    }
+    out.retain(|ip: &std::net::IpAddr| !ip.is_loopback());
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// `nameserver` lines of a resolv.conf (IPv6 zone suffixes dropped).
+pub fn parse_nameservers(text: &str) -> Vec<std::net::IpAddr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter_map(|addr| addr.split('%').next()?.parse().ok())
+        .collect()
 }
 
 /// Rebuilds the applied rule set from the store (snapshot plus journal) and restores it.
@@ -616,18 +637,24 @@ impl Agent {
 
     /// Re-renders the table with the configured failsafe ports (same brokers).
     async fn refresh_failsafe(&self) {
-        let cfg = self.config();
-        match build_connector(&cfg, &self.host_id) {
-            Ok(c) => {
-                let ctx = render_ctx(&cfg, &c).await;
-                let mut fw = self.firewall.lock().await;
-                if fw.set_ctx(ctx)
-                    && let Err(e) = fw.restore().await
-                {
-                    tracing::error!(error = %e, "could not re-apply the firewall with the new failsafe");
-                }
-            }
+        match build_connector(&self.config(), &self.host_id) {
+            Ok(c) => self.follow_broker_addresses(&c).await,
             Err(e) => tracing::error!(error = %e, "failsafe not refreshed"),
+        }
+    }
+
+    /// Puts the failsafe of `connector`'s brokers (as they resolve now, else as they last
+    /// did) and the configured ports into the table, when they changed.
+    async fn follow_broker_addresses(&self, connector: &Connector) {
+        let ctx = render_ctx(&self.config(), connector).await;
+        let mut fw = self.firewall.lock().await;
+        if fw.set_ctx(ctx) {
+            tracing::info!(
+                "failsafe changed (broker addresses, resolvers or ports); re-applying the table"
+            );
+            if let Err(e) = fw.restore().await {
+                tracing::error!(error = %e, "could not re-apply the firewall with the new failsafe");
+            }
         }
     }
 
@@ -677,6 +704,10 @@ impl Agent {
                 return;
             }
             let handover = rotated.is_some();
+            if !handover && connector.uses_dns() {
+                // A broker name may have moved: the failsafe follows before we dial it.
+                self.follow_broker_addresses(&connector).await;
+            }
             let attempt = match rotated.take() {
                 Some(session) => Ok(session),
                 None => {
@@ -1108,5 +1139,35 @@ impl Agent {
             false,
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nameservers_are_read_like_the_resolver_does() {
+        let text = "# generated\nsearch example\nnameserver 10.0.0.2\nnameserver  fe80::1%eth0\n\
+                    nameserver 127.0.0.53\noptions edns0\nnameserver bogus\n";
+        let got = parse_nameservers(text);
+        let want: Vec<std::net::IpAddr> = vec![
+            "10.0.0.2".parse().unwrap(),
+            "fe80::1".parse().unwrap(),
+            "127.0.0.53".parse().unwrap(),
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn restart_only_settings_are_named() {
+        let text = "[broker]\nurls = [\"amqps://b:5671/%2f\"]\nca_file = \"c\"\ncert_file = \"c\"\nkey_file = \"k\"\n";
+        let old = Config::parse(text).unwrap();
+        let new = Config::parse(&format!(
+            "{text}[firewall]\ntable = \"other\"\nmax_rules = 5\n"
+        ))
+        .unwrap();
+        assert_eq!(restart_only_changes(&old, &new), vec!["firewall.table"]);
+        assert!(restart_only_changes(&old, &old).is_empty());
     }
 }

@@ -3,6 +3,8 @@
 
 pub mod tls;
 
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -129,6 +131,15 @@ pub struct Connector {
     pub plain_credentials: Option<(String, String)>,
 }
 
+/// The addresses each broker name last resolved to, process-wide (every connector, the
+/// reloaded and the rotated ones too): used when resolving fails (a rule set dropping DNS,
+/// a resolver down), so a session never depends on DNS answering.
+static PINNED: std::sync::LazyLock<Mutex<HashMap<(String, u16), Vec<SocketAddr>>>> =
+    std::sync::LazyLock::new(Mutex::default);
+
+/// How long one broker name may take to resolve before the pinned addresses are used.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl Connector {
     pub fn new(
         cfg: &BrokerConfig,
@@ -157,6 +168,62 @@ impl Connector {
         })
     }
 
+    /// True when some broker is named by a DNS name rather than an address.
+    pub fn uses_dns(&self) -> bool {
+        self.urls
+            .iter()
+            .any(|u| u.uri.authority.host.parse::<IpAddr>().is_err())
+    }
+
+    /// The addresses of `host:port`: resolved now (bounded), else the pinned ones.
+    pub async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        let key = (host.to_string(), port);
+        let fresh = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port)))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "resolving timed out"))
+            .and_then(|r| r)
+            .map(|addrs| addrs.collect::<Vec<_>>());
+        let mut pinned = PINNED.lock().expect("pinned lock");
+        match fresh {
+            Ok(addrs) if !addrs.is_empty() => {
+                pinned.insert(key, addrs.clone());
+                Ok(addrs)
+            }
+            other => match pinned.get(&key) {
+                Some(addrs) => {
+                    tracing::warn!(host, error = ?other.err(), "cannot resolve the broker; using its last known addresses");
+                    Ok(addrs.clone())
+                }
+                None => other.and_then(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "no address",
+                    ))
+                }),
+            },
+        }
+    }
+
+    /// Every broker's addresses (resolved or pinned), for the firewall failsafe.
+    pub async fn broker_addresses(&self) -> Vec<(IpAddr, u16)> {
+        let mut out = vec![];
+        for url in &self.urls {
+            let a = &url.uri.authority;
+            match self.resolve(&a.host, a.port).await {
+                Ok(addrs) => out.extend(addrs.iter().map(|sa| (sa.ip(), sa.port()))),
+                Err(e) => {
+                    tracing::warn!(url = %url.display, error = %e, "cannot resolve broker for the firewall failsafe")
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// One attempt per URL, in order, until one works; else every URL's error, joined.
     pub async fn connect_first(&self) -> Result<Session, String> {
         let mut errors = vec![];
@@ -183,11 +250,11 @@ impl Connector {
         let details = Arc::new(Mutex::new(TlsDetails::default()));
         let seen = details.clone();
         let tls = RustlsConnector::from(self.tls.clone());
+        let resolver = self.clone();
         let open = async move |uri: AMQPUri, rt| {
-            let addrs: Vec<std::net::SocketAddr> =
-                tokio::net::lookup_host((uri.authority.host.as_str(), uri.authority.port))
-                    .await?
-                    .collect();
+            let addrs = resolver
+                .resolve(&uri.authority.host, uri.authority.port)
+                .await?;
             let stream = AsyncTcpStream::connect(&rt, addrs).await?;
             let stream = stream.into_rustls(&tls, &server_name).await?;
             if let AsyncTcpStream::Rustls(s) = &stream {

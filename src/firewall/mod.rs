@@ -725,6 +725,7 @@ mod tests {
         let ctx = RenderCtx {
             table: "rampart".into(),
             brokers: vec![],
+            resolvers: vec![],
             failsafe_in: vec![],
             failsafe_out: vec![],
         };

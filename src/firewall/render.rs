@@ -17,6 +17,9 @@ pub struct RenderCtx {
     pub table: String,
     /// The agent's brokers, always reachable: (address, TCP port).
     pub brokers: Vec<(IpAddr, u16)>,
+    /// DNS servers always reachable (port 53, UDP and TCP) when a broker is named by a DNS
+    /// name, so that no rule set can keep the agent from resolving it again.
+    pub resolvers: Vec<IpAddr>,
     /// `firewall.failsafe_in` / `failsafe_out` as (protocol, port).
     pub failsafe_in: Vec<(FailsafeProto, u16)>,
     pub failsafe_out: Vec<(FailsafeProto, u16)>,
@@ -352,6 +355,12 @@ fn base_head(hook: Hook, ctx: &RenderCtx) -> Vec<String> {
                     "{kw} daddr {ip} tcp dport {port} accept comment \"failsafe: broker\""
                 ));
             }
+            for ip in &ctx.resolvers {
+                let kw = if ip.is_ipv4() { "ip" } else { "ip6" };
+                l.push(format!(
+                    "{kw} daddr {ip} meta l4proto {{ tcp, udp }} th dport 53 accept comment \"failsafe: resolver\""
+                ));
+            }
             for (p, port) in &ctx.failsafe_out {
                 l.push(format!(
                     "{} dport {port} accept comment \"failsafe\"",
@@ -628,6 +637,7 @@ mod tests {
         let ctx = RenderCtx {
             table: "rampart".into(),
             brokers: vec![("192.0.2.10".parse().unwrap(), 5671)],
+            resolvers: vec![],
             failsafe_in: vec![(FailsafeProto::Tcp, 22)],
             failsafe_out: vec![],
         };

@@ -50,6 +50,10 @@ pub fn tests() -> Vec<Trial> {
             "trust::a_set_flushed_by_hand_is_noticed_and_refilled",
             element_drift,
         ),
+        trial(
+            "trust::broker_by_name_survives_drop_all_through_broker_and_agent_restarts",
+            dns_lockout,
+        ),
     ]
 }
 
@@ -517,4 +521,160 @@ fn element_drift() -> Result<()> {
         m.close().await;
         Ok(())
     })
+}
+
+/// dnsmasq answering one name inside a namespace; stopped on drop.
+struct Dns(std::process::Child);
+
+impl Dns {
+    fn start(ns: &str, listen: &str, name: &str, answer: &str, dir: &std::path::Path) -> Dns {
+        let child = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--no-resolv",
+            ])
+            .args([
+                "--no-hosts",
+                "--conf-file=/dev/null",
+                "--bind-interfaces",
+                "--user=root",
+            ])
+            .arg(format!("--listen-address={listen}"))
+            .arg(format!("--address=/{name}/{answer}"))
+            .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+            .arg(format!(
+                "--log-facility={}",
+                dir.join("dnsmasq.log").display()
+            ))
+            .arg("--log-queries")
+            .spawn()
+            .expect("starting dnsmasq (Debian's dnsmasq-base)");
+        Dns(child)
+    }
+
+    fn queries(dir: &std::path::Path) -> usize {
+        std::fs::read_to_string(dir.join("dnsmasq.log"))
+            .unwrap_or_default()
+            .matches("query[A]")
+            .count()
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn dns_lockout() -> Result<()> {
+    use crate::support::netns::{Netns, relay, veth};
+    const NAME: &str = "broker.rampart.test";
+    let net = "10.205.1";
+    let brk = Netns::new("rpdns-brk");
+    let ag = Netns::new("rpdns-ag");
+    veth(
+        &brk,
+        "b0",
+        &format!("{net}.1/30"),
+        &ag,
+        "e0",
+        &format!("{net}.2/30"),
+    );
+    let target = format!("127.0.0.1:{}", env().broker.port).parse()?;
+    let _relay = relay(&brk.name, &format!("{net}.1:5671"), target);
+    let host = env().host(
+        "tr-dns",
+        HostOptions {
+            urls: Some(vec![format!("amqps://{NAME}:5671/%2f")]),
+            server_name: Some("localhost".into()),
+            firewall: "drift_check_secs = 1".into(),
+            ..Default::default()
+        },
+    );
+    // `ip netns exec` gives the agent this resolv.conf, as a host's own would be.
+    let etc = std::path::PathBuf::from("/etc/netns").join(&ag.name);
+    std::fs::create_dir_all(&etc)?;
+    std::fs::write(
+        etc.join("resolv.conf"),
+        format!("nameserver {net}.1\noptions timeout:1 attempts:1\n"),
+    )?;
+    let mut dns = Some(Dns::start(
+        &brk.name,
+        &format!("{net}.1"),
+        NAME,
+        &format!("{net}.1"),
+        &host.dir,
+    ));
+    let start = || {
+        let a = AgentProc::start_via(&host, &["ip", "netns", "exec", &ag.name], &[]);
+        a.wait_serving();
+        a
+    };
+    let result = (|| {
+        let mut agent = start();
+        ensure!(Dns::queries(&host.dir) > 0, "the broker was found by name");
+        runtime().block_on(async {
+            let h = &host.id;
+            let mut m = manager(h).await?;
+            let rs = json!({"generation": 1,
+                "defaults": {"in": "drop", "out": "drop", "forward": "drop"}, "rules": []});
+            applied(&mut m, h, "firewall.apply", "dns-1", rs).await?;
+            let table = ag.nft_table("rampart").context("table")?;
+            ensure!(
+                table.contains(&format!(
+                    "ip daddr {net}.1 meta l4proto {{ tcp, udp }} th dport 53 accept"
+                )),
+                "the resolver is in the failsafe:\n{table}"
+            );
+
+            // The broker goes away under the agent: it resolves again, through the failsafe.
+            let before = Dns::queries(&host.dir);
+            ensure!(
+                env().broker.close_connections_of(h) >= 1,
+                "the agent had a session"
+            );
+            ensure!(
+                agent.wait_log("serving commands", 2, Duration::from_secs(30)),
+                "{}",
+                agent.current_log()
+            );
+            ensure!(
+                Dns::queries(&host.dir) > before,
+                "it asked the resolver again"
+            );
+            applied(&mut m, h, "ping", "dns-2", json!({})).await?;
+
+            // The agent restarts under drop-all.
+            agent.kill9();
+            agent = start();
+            applied(&mut m, h, "ping", "dns-3", json!({})).await?;
+
+            // The resolver is gone too: the last known address still leads to the broker.
+            dns = None;
+            ensure!(env().broker.close_connections_of(h) >= 1);
+            ensure!(
+                agent.wait_log("serving commands", 2, Duration::from_secs(40)),
+                "{}",
+                agent.current_log()
+            );
+            ensure!(
+                agent
+                    .current_log()
+                    .contains("using its last known addresses"),
+                "{}",
+                agent.current_log()
+            );
+            applied(&mut m, h, "ping", "dns-4", json!({})).await?;
+            m.close().await;
+            Ok(())
+        })
+    })();
+    drop(dns);
+    let _ = std::fs::remove_dir_all(&etc);
+    result
 }

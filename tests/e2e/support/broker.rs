@@ -258,6 +258,22 @@ impl Broker {
             .collect()
     }
 
+    /// Closes every connection of broker user `user`, as a node going away does to them.
+    pub fn close_connections_of(&self, user: &str) -> usize {
+        let out = self.ctl_ok(&["list_connections", "pid", "user"]);
+        let pids: Vec<String> = out
+            .lines()
+            .filter_map(|l| {
+                let (pid, u) = l.split_once('\t')?;
+                (u.trim() == user).then(|| pid.trim().to_string())
+            })
+            .collect();
+        for pid in &pids {
+            let _ = self.ctl(&["close_connection", pid, "test: broker going away"]);
+        }
+        pids.len()
+    }
+
     pub fn url(&self) -> String {
         format!("amqps://localhost:{}/%2f", self.port)
     }

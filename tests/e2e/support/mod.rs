@@ -216,6 +216,18 @@ impl AgentProc {
     /// Starts the agent inside network namespace `ns` (through `nsenter`, which execs, and
     /// unlike `ip netns exec` keeps the mount namespace, as a systemd host's agent has it).
     pub fn start_in(host: &Host, ns: Option<&str>, envs: &[(&str, &str)]) -> AgentProc {
+        match ns {
+            Some(ns) => {
+                let net = format!("--net=/run/netns/{ns}");
+                AgentProc::start_via(host, &["nsenter", &net], envs)
+            }
+            None => AgentProc::start_via(host, &[], envs),
+        }
+    }
+
+    /// Starts the agent behind a launcher (`nsenter ...`, `ip netns exec NS`, which also
+    /// bind-mounts /etc/netns/NS/resolv.conf over /etc/resolv.conf).
+    pub fn start_via(host: &Host, launcher: &[&str], envs: &[(&str, &str)]) -> AgentProc {
         let log = host.dir.join("agent.log");
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -223,11 +235,10 @@ impl AgentProc {
             .open(&log)
             .unwrap();
         writeln!(f, "===== agent start =====").unwrap();
-        let mut cmd = match ns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}"))
-                    .arg(env!("CARGO_BIN_EXE_rampart"));
+        let mut cmd = match launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(env!("CARGO_BIN_EXE_rampart"));
                 c
             }
             None => Command::new(env!("CARGO_BIN_EXE_rampart")),
