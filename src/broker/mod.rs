@@ -134,8 +134,10 @@ pub struct Connector {
 /// The addresses each broker name last resolved to, process-wide (every connector, the
 /// reloaded and the rotated ones too): used when resolving fails (a rule set dropping DNS,
 /// a resolver down), so a session never depends on DNS answering.
-static PINNED: std::sync::LazyLock<Mutex<HashMap<(String, u16), Vec<SocketAddr>>>> =
-    std::sync::LazyLock::new(Mutex::default);
+static PINNED: std::sync::LazyLock<Mutex<Pins>> = std::sync::LazyLock::new(Mutex::default);
+
+/// (broker name, port) -> its last resolved addresses.
+type Pins = HashMap<(String, u16), Vec<SocketAddr>>;
 
 /// How long one broker name may take to resolve before the pinned addresses are used.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
