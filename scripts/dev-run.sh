@@ -76,6 +76,7 @@ H=${HOST//./\\.}
 ctl set_permissions -p / "$HOST" "^rampart\\.host\\.$H\$" \
     "^(rampart\\.host\\.$H|rampart\\.acks|rampart\\.events|rampart\\.dead)\$" \
     "^(rampart\\.host\\.$H|rampart\\.commands)\$"
+ctl set_topic_permissions -p / "$HOST" rampart.commands '^$' "^$H\$"
 ctl set_topic_permissions -p / "$HOST" rampart.acks "^$H\$" '^$'
 ctl set_topic_permissions -p / "$HOST" rampart.events "^[a-z_]+\\.$H\$" '^$'
 

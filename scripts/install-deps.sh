@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages rampart and its tests need (idempotent; Debian 12).
 set -euo pipefail
-pkgs=(rabbitmq-server nftables iproute2 openssl procps iputils-ping systemd gzip dnsmasq-base)
+pkgs=(rabbitmq-server nftables iproute2 openssl procps iputils-ping systemd gzip dnsmasq-base rpm cpio)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -534,6 +534,13 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_example_is_valid() {
+        let c = Config::parse(include_str!("../packaging/rampart.toml.example")).unwrap();
+        assert_eq!(c.firewall.when_state_lost, WhenStateLost::Isolate);
+        assert_eq!(c.commands.max_age_ms, 7_500_000);
+    }
+
+    #[test]
     fn prefetch_is_bounded_by_bytes() {
         let c = Config::parse(MINIMAL).unwrap();
         // 64 MiB of 16 MiB bodies: four ahead, not 32 (512 MiB).
