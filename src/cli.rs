@@ -756,6 +756,13 @@ fn print_status(a: &serde_json::Value) {
         s["reconnects"]
     );
     println!("last error:  {}", text(&s["last_error"]));
+    if let Some(missing) = s["broker_missing"].as_array().filter(|m| !m.is_empty()) {
+        let names: Vec<String> = missing.iter().map(text).collect();
+        println!(
+            "MISSING:     {} on the broker (serving without them)",
+            names.join(", ")
+        );
+    }
     if let Some(since) = s["blocked_since_ms"].as_u64() {
         println!(
             "BLOCKED:     the broker blocks our publishes since {} (resource alarm on the broker)",

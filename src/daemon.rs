@@ -12,7 +12,7 @@ use lapin::{Channel, Event};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::broker::{self, Backoff, BrokerError, Connector, Session, amqp};
+use crate::broker::{self, BrokerError, Connector, Dialer, Session, amqp};
 use crate::certs::Current;
 use crate::config::{AuthMechanism, Config, parse_failsafe};
 use crate::dispatch::{CertContext, Dispatcher, Disposition, Rotation};
@@ -26,8 +26,8 @@ use crate::state::Store;
 use crate::sys::netns::NetnsWorker;
 use crate::sys::nft::Nft;
 
-/// A session that lasted this long was stable: the next failure starts backoff afresh.
-const STABLE_SESSION: Duration = Duration::from_secs(30);
+/// Longest time from SIGTERM to exit.
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(15);
 
 /// Why a session ended.
 enum SessionEnd {
@@ -56,6 +56,8 @@ struct Agent {
     pulse: Duration,
     /// When the last `cert.<host>` expiry warning went out (ms since the epoch; 0: never).
     cert_warned_ms: std::sync::atomic::AtomicU64,
+    /// Whether `rampart.events` exists on the broker of the current session.
+    events_ok: std::sync::atomic::AtomicBool,
 }
 
 /// Runs the agent in the foreground until SIGTERM or SIGINT.
@@ -215,6 +217,7 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
             .map(|p| (p / 4).min(Duration::from_secs(5)))
             .unwrap_or(Duration::from_secs(5)),
         cert_warned_ms: std::sync::atomic::AtomicU64::new(0),
+        events_ok: std::sync::atomic::AtomicBool::new(true),
     });
     notify(&[
         sd_notify::NotifyState::Ready,
@@ -248,10 +251,21 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let socket = agent.config().control.socket.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("stop requested: finishing the command in hand");
         let _ = stop_tx.send(true);
+        // Whatever the broker does, a stop takes at most this long: a command still in hand
+        // is as after a crash (at most once: a redelivery gets its recorded answer).
+        tokio::time::sleep(SHUTDOWN_BOUND).await;
+        tracing::warn!(
+            bound_secs = SHUTDOWN_BOUND.as_secs(),
+            "not stopped within the bound (the broker does not answer); exiting now"
+        );
+        notify(&[sd_notify::NotifyState::Stopping]);
+        let _ = std::fs::remove_file(&socket);
+        std::process::exit(0);
     });
     agent.session_loop(connector, stop_rx, reload_rx).await;
     notify(&[sd_notify::NotifyState::Stopping]);
@@ -686,13 +700,7 @@ impl Agent {
         mut stop: watch::Receiver<bool>,
         mut reload: watch::Receiver<u64>,
     ) {
-        let cfg = self.config();
-        let b = &cfg.broker;
-        let mut backoff = Backoff::new(
-            Duration::from_millis(b.backoff_initial_ms),
-            Duration::from_millis(b.backoff_max_ms),
-        );
-        let mut next_url = 0usize;
+        let mut dialer = self.dialer_for(&connector);
         // A session already open on a newly installed identity (make-before-break).
         let mut rotated: Option<Session> = None;
         // The identity `connector` presents; when a rotation switched the files but its
@@ -720,15 +728,14 @@ impl Agent {
                         }
                         connector_identity = self.identity_sha();
                     }
-                    let url = &connector.urls[next_url % connector.urls.len()];
-                    next_url += 1;
+                    let url = &connector.urls[dialer.pick() % connector.urls.len()];
                     connector
                         .connect(url)
                         .await
                         .map_err(|e| (url.display.clone(), e))
                 }
             };
-            match attempt {
+            let delay = match attempt {
                 Ok(session) => {
                     {
                         let mut st = self.shared.session.lock().expect("session lock");
@@ -780,9 +787,8 @@ impl Agent {
                             broker::close_bounded(&session.connection, "configuration reloaded")
                                 .await;
                             if let Some(c) = self.reconnector().await {
+                                dialer = self.dialer_for(&c);
                                 connector = c;
-                                next_url = 0;
-                                backoff.reset();
                                 continue;
                             }
                         }
@@ -795,18 +801,14 @@ impl Agent {
                             broker::close_bounded(&session.connection, "reconnecting").await;
                         }
                     }
-                    if began.elapsed() >= STABLE_SESSION {
-                        backoff.reset();
-                    }
-                    // After losing a session, try the same broker first.
-                    next_url = next_url.saturating_sub(1);
+                    dialer.session_ended(began.elapsed())
                 }
                 Err((url, e)) => {
                     tracing::warn!(url = %url, error = %e, "cannot connect to broker");
                     self.note_error(e.to_string());
+                    dialer.failed()
                 }
-            }
-            let delay = backoff.next_delay();
+            };
             tracing::info!(delay_ms = delay.as_millis() as u64, "retrying the broker");
             let wake = tokio::time::Instant::now() + delay;
             let mut pulse = tokio::time::interval(self.pulse);
@@ -817,9 +819,8 @@ impl Agent {
                     _ = stop.changed() => return,
                     _ = reload.changed() => {
                         if let Some(c) = self.reconnector().await {
+                            dialer = self.dialer_for(&c);
                             connector = c;
-                            next_url = 0;
-                            backoff.reset();
                         }
                         break;
                     }
@@ -860,6 +861,16 @@ impl Agent {
                 _ = pulse.tick() => self.beat_with(conn),
             }
         }
+    }
+
+    /// Failover and backoff over `connector`'s brokers, with the configured backoff.
+    fn dialer_for(&self, connector: &Connector) -> Dialer {
+        let b = &self.config().broker;
+        Dialer::new(
+            connector.urls.len(),
+            Duration::from_millis(b.backoff_initial_ms),
+            Duration::from_millis(b.backoff_max_ms),
+        )
     }
 
     fn identity_sha(&self) -> String {
@@ -911,7 +922,19 @@ impl Agent {
             .basic_qos(cfg.effective_prefetch(), BasicQosOptions::default())
             .await
             .map_err(amqp("setting the prefetch"))?;
-        broker::declare_agent_topology(conn, &consume_ch, &self.host_id, b).await?;
+        let missing = broker::declare_agent_topology(conn, &consume_ch, &self.host_id, b).await?;
+        if !missing.is_empty() {
+            tracing::warn!(missing = ?missing, "serving without them: no events or no dead-lettering until they are declared");
+        }
+        self.events_ok.store(
+            !missing.contains(&broker::EVENTS_EXCHANGE),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.shared
+            .session
+            .lock()
+            .expect("session lock")
+            .broker_missing = missing.iter().map(|m| m.to_string()).collect();
         let publish_ch = broker::confirm_channel(conn).await?;
         let mut consumer = consume_ch
             .basic_consume(
@@ -926,11 +949,14 @@ impl Agent {
         // Subscribed only now: failed declarations above close their channel with an error
         // event, which must not count as losing the session.
         let mut events = conn.events_listener();
-        let summary = self
+        let mut summary = self
             .dispatcher
             .summary()
             .await
             .unwrap_or_else(|e| json!({"error": e.to_string()}));
+        if !missing.is_empty() {
+            summary["broker_missing"] = json!(missing);
+        }
         self.publish_event(&publish_ch, "state", summary).await?;
         self.warn_expiry(&publish_ch).await?;
 
@@ -1032,13 +1058,12 @@ impl Agent {
             ack_props = ack_props.with_correlation_id(cid.as_str().into());
         }
         let confirm_started = Instant::now();
-        broker::publish_confirmed(
+        broker::publish_until_confirmed(
             publish_ch,
             broker::ACKS_EXCHANGE,
             &self.host_id,
             &ack.to_json(),
             ack_props,
-            false,
         )
         .await?;
         tracing::debug!(
@@ -1118,6 +1143,13 @@ impl Agent {
         event: &str,
         data: Value,
     ) -> Result<(), BrokerError> {
+        if !self.events_ok.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::debug!(
+                event,
+                "rampart.events is missing on this broker: event not sent"
+            );
+            return Ok(());
+        }
         let body = json!({
             "specversion": "1.0",
             "id": uuid::Uuid::new_v4().to_string(),
@@ -1130,13 +1162,12 @@ impl Agent {
         let props = broker::json_properties()
             .with_type(event.into())
             .with_user_id(self.broker_user.as_str().into());
-        broker::publish_confirmed(
+        broker::publish_until_confirmed(
             ch,
             broker::EVENTS_EXCHANGE,
             &format!("{event}.{}", self.host_id),
             &serde_json::to_vec(&body).expect("event serialises"),
             props,
-            false,
         )
         .await
     }

@@ -109,7 +109,17 @@ pub struct Manager {
 
 impl Manager {
     /// Connects once to the first broker that answers.
+    /// Connects and makes sure the shared topology exists (declaring what is missing).
     pub async fn connect(config: &Config) -> Result<Manager, ManagerError> {
+        Manager::connect_with(config, true).await
+    }
+
+    /// Connects without checking or declaring the shared topology.
+    pub async fn connect_without_topology(config: &Config) -> Result<Manager, ManagerError> {
+        Manager::connect_with(config, false).await
+    }
+
+    async fn connect_with(config: &Config, declare: bool) -> Result<Manager, ManagerError> {
         let b = &config.broker;
         let (identity, tls) = broker::tls::from_config(b)?;
         let user = match b.auth {
@@ -137,7 +147,9 @@ impl Manager {
             .connect_first()
             .await
             .map_err(ManagerError::Unreachable)?;
-        broker::ensure_shared_topology(&session.connection).await?;
+        if declare {
+            broker::ensure_shared_topology(&session.connection).await?;
+        }
         let channel = broker::confirm_channel(&session.connection).await?;
         let q = private_queue(&channel, "declaring the ack queue").await?;
         Ok(Manager {
@@ -294,6 +306,16 @@ impl Manager {
         .await
         .map_err(amqp("binding a subscription queue"))?;
         Ok(consume_no_ack(&ch, q.name().as_str(), "consuming a subscription queue").await?)
+    }
+
+    /// A new channel on the manager's connection (tests declare their own objects on it).
+    pub async fn channel(&self) -> Result<Channel, ManagerError> {
+        Ok(self
+            .session
+            .connection
+            .create_channel()
+            .await
+            .map_err(amqp("opening a channel"))?)
     }
 
     pub async fn close(self) {

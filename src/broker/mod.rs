@@ -50,6 +50,8 @@ pub enum BrokerError {
         "no publisher confirm for a message to {exchange} within {secs} s (is the broker blocking publishers?)"
     )]
     ConfirmTimeout { exchange: String, secs: u64 },
+    #[error("{0}")]
+    Missing(String),
     #[error("the broker refused (nacked) a message published to {exchange}")]
     Nacked { exchange: String },
     #[error("the broker returned an unroutable message published to {exchange} with key {key}")]
@@ -342,6 +344,79 @@ impl Backoff {
     }
 }
 
+/// A session at least this long proves its broker healthy: the backoff starts over.
+pub const STABLE_SESSION: Duration = Duration::from_secs(30);
+
+/// Which configured broker to dial next, and how long to wait first. A broker that fails
+/// (refuses, times out, or drops a session early) is no reason to wait: the others are tried
+/// at once, in turn, with a small jitter only; the exponential backoff applies after a whole
+/// round of them failed. After a session is lost the round starts with the next broker, so a
+/// dead node is tried last.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    count: usize,
+    next: usize,
+    /// Failed attempts in the current round.
+    failed: usize,
+    backoff: Backoff,
+    initial: Duration,
+}
+
+impl Dialer {
+    pub fn new(count: usize, initial: Duration, cap: Duration) -> Dialer {
+        Dialer {
+            count: count.max(1),
+            next: 0,
+            failed: 0,
+            backoff: Backoff::new(initial, cap),
+            initial,
+        }
+    }
+
+    /// The index of the broker to dial now.
+    pub fn pick(&mut self) -> usize {
+        let i = self.next % self.count;
+        self.next = (self.next + 1) % self.count;
+        i
+    }
+
+    /// An attempt failed: the wait before the next one.
+    pub fn failed(&mut self) -> Duration {
+        self.failed += 1;
+        if self.failed < self.count {
+            self.small_jitter()
+        } else {
+            self.failed = 0;
+            self.backoff.next_delay()
+        }
+    }
+
+    /// A session ended after `lasted` (lost, not stopped): the wait before the next attempt.
+    pub fn session_ended(&mut self, lasted: Duration) -> Duration {
+        if lasted >= STABLE_SESSION {
+            self.backoff.reset();
+            self.failed = 0;
+            self.small_jitter()
+        } else {
+            // A session that died young counts as a failure of its round, so a broker that
+            // accepts and drops at once cannot make the agent spin.
+            self.failed()
+        }
+    }
+
+    /// Settings changed (reload): first broker, no backoff.
+    pub fn reset(&mut self) {
+        self.next = 0;
+        self.failed = 0;
+        self.backoff.reset();
+    }
+
+    /// Up to the initial backoff: enough to spread a fleet that lost one node together.
+    fn small_jitter(&self) -> Duration {
+        Duration::from_millis(rand::random_range(0..=self.initial.as_millis() as u64))
+    }
+}
+
 fn queue_args(cfg: &BrokerConfig) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
@@ -369,8 +444,13 @@ const EXCHANGES: [(&str, ExchangeKind); 4] = [
     (DEAD_EXCHANGE, ExchangeKind::Fanout),
 ];
 
-/// Declares the shared exchanges and the dead-letter queue. Needs configure permission on
-/// them (a manager has it; a least-privilege host does not).
+/// What an agent cannot serve without (PROTOCOL.md section 2): the exchange its queue is
+/// bound to and the one its acks go to. Events and dead-lettering are reported when missing.
+const REQUIRED: [&str; 2] = [COMMANDS_EXCHANGE, ACKS_EXCHANGE];
+
+/// Declares the shared exchanges and the dead-letter queue (quorum, so that it survives a
+/// node). Needs configure permission on them (a manager has it; a least-privilege host does
+/// not).
 pub async fn declare_shared_topology(conn: &Connection) -> Result<(), BrokerError> {
     let ch = conn
         .create_channel()
@@ -385,13 +465,18 @@ pub async fn declare_shared_topology(conn: &Connection) -> Result<(), BrokerErro
             .await
             .map_err(amqp("declaring an exchange"))?;
     }
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     ch.queue_declare(
         DEAD_QUEUE.into(),
         QueueDeclareOptions {
             durable: true,
             ..Default::default()
         },
-        FieldTable::default(),
+        args,
     )
     .await
     .map_err(amqp("declaring the dead-letter queue"))?;
@@ -408,45 +493,106 @@ pub async fn declare_shared_topology(conn: &Connection) -> Result<(), BrokerErro
     Ok(())
 }
 
-/// Checks that the shared exchanges and the dead-letter queue exist; passive declarations
-/// need no permission.
-async fn check_shared_topology(conn: &Connection) -> Result<(), BrokerError> {
+/// The shared objects that are missing or unavailable, each checked with a passive
+/// declaration on a channel of its own (a failed one closes its channel; passive
+/// declarations need no permission).
+async fn missing_shared_topology(conn: &Connection) -> Result<Vec<&'static str>, BrokerError> {
+    if all_shared_topology(conn).await? {
+        return Ok(vec![]);
+    }
+    let mut missing = vec![];
+    let passive_x = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let passive_q = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    for (name, kind) in EXCHANGES {
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(amqp("opening a channel"))?;
+        match ch
+            .exchange_declare(name.into(), kind, passive_x, FieldTable::default())
+            .await
+        {
+            Ok(()) => {
+                let _ = ch.close(200, "OK".into()).await;
+            }
+            Err(_) => missing.push(name),
+        }
+    }
     let ch = conn
         .create_channel()
         .await
         .map_err(amqp("opening a channel"))?;
-    let missing = "a shared exchange or queue is missing (the manager or the operator declares the topology, see docs/operations.md)";
-    for (name, kind) in EXCHANGES {
-        let passive = ExchangeDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        ch.exchange_declare(name.into(), kind, passive, FieldTable::default())
-            .await
-            .map_err(amqp(missing))?;
+    match ch
+        .queue_declare(DEAD_QUEUE.into(), passive_q, FieldTable::default())
+        .await
+    {
+        Ok(_) => {
+            let _ = ch.close(200, "OK".into()).await;
+        }
+        // Missing, or a classic queue whose home node is down.
+        Err(_) => missing.push("rampart.dead (queue)"),
     }
-    let passive = QueueDeclareOptions {
+    Ok(missing)
+}
+
+/// Whether every shared object exists: the usual case, checked on one channel.
+async fn all_shared_topology(conn: &Connection) -> Result<bool, BrokerError> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(amqp("opening a channel"))?;
+    let passive_x = ExchangeDeclareOptions {
         passive: true,
         ..Default::default()
     };
-    ch.queue_declare(DEAD_QUEUE.into(), passive, FieldTable::default())
+    for (name, kind) in EXCHANGES {
+        if ch
+            .exchange_declare(name.into(), kind, passive_x, FieldTable::default())
+            .await
+            .is_err()
+        {
+            return Ok(false);
+        }
+    }
+    let passive_q = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let found = ch
+        .queue_declare(DEAD_QUEUE.into(), passive_q, FieldTable::default())
         .await
-        .map_err(amqp(missing))?;
-    let _ = ch.close(200, "OK".into()).await;
-    Ok(())
+        .is_ok();
+    if found {
+        let _ = ch.close(200, "OK".into()).await;
+    }
+    Ok(found)
 }
 
 /// Makes sure the shared topology exists: checked passively first (so a least-privilege
-/// user causes no access errors), declared when missing and this user may.
-pub async fn ensure_shared_topology(conn: &Connection) -> Result<(), BrokerError> {
-    if let Err(missing) = check_shared_topology(conn).await {
-        tracing::info!(error = %missing, "shared topology incomplete; trying to declare it");
+/// user causes no access errors), declared when something is missing and this user may.
+/// Returns what is still missing but not needed to serve (events, dead-lettering); a
+/// missing required exchange is an error.
+pub async fn ensure_shared_topology(conn: &Connection) -> Result<Vec<&'static str>, BrokerError> {
+    let mut missing = missing_shared_topology(conn).await?;
+    if !missing.is_empty() {
+        tracing::info!(missing = ?missing, "shared topology incomplete; trying to declare it");
         if let Err(e) = declare_shared_topology(conn).await {
             tracing::debug!(error = %e, "declaring the shared topology failed");
-            return Err(missing);
         }
+        missing = missing_shared_topology(conn).await?;
     }
-    Ok(())
+    if let Some(required) = missing.iter().find(|m| REQUIRED.contains(m)) {
+        return Err(BrokerError::Missing(format!(
+            "{required} is missing (the manager or the operator declares the topology, see docs/operations.md)"
+        )));
+    }
+    Ok(missing)
 }
 
 /// Declares the host's queue and binds it; the same arguments on every side, so
@@ -486,9 +632,10 @@ pub async fn declare_agent_topology(
     ch: &Channel,
     host_id: &str,
     cfg: &BrokerConfig,
-) -> Result<(), BrokerError> {
-    ensure_shared_topology(conn).await?;
-    declare_host_queue(ch, host_id, cfg).await
+) -> Result<Vec<&'static str>, BrokerError> {
+    let missing = ensure_shared_topology(conn).await?;
+    declare_host_queue(ch, host_id, cfg).await?;
+    Ok(missing)
 }
 
 /// A channel in publisher-confirm mode.
@@ -543,6 +690,34 @@ pub async fn publish_confirmed(
         exchange: exchange.to_string(),
         secs: CONFIRM_TIMEOUT.as_secs(),
     })?
+}
+
+/// Publishes until the broker confirms it: a nack (a quorum queue electing its leader, a
+/// queue refusing publishes while full) is retried after a short, growing pause instead of
+/// giving up the session (PROTOCOL.md section 6). Every other error returns.
+pub async fn publish_until_confirmed(
+    ch: &Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> Result<(), BrokerError> {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match publish_confirmed(ch, exchange, key, body, props.clone(), false).await {
+            Err(BrokerError::Nacked { .. }) => {
+                tracing::warn!(
+                    exchange,
+                    key,
+                    retry_in_ms = pause.as_millis() as u64,
+                    "the broker nacked a publish; retrying"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
 }
 
 async fn publish_confirmed_unbounded(
@@ -605,6 +780,47 @@ mod tests {
         assert_eq!(*ceilings.last().unwrap(), 30_000);
         b.reset();
         assert_eq!(b.ceiling(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_failed_broker_is_followed_by_the_others_at_once_and_backoff_only_after_a_round() {
+        let initial = Duration::from_millis(100);
+        let mut d = Dialer::new(3, initial, Duration::from_secs(30));
+        assert_eq!(d.pick(), 0);
+        // A session on broker 0 is lost after 2 s: brokers 1 and 2 are tried without backoff.
+        assert!(d.session_ended(Duration::from_secs(2)) <= initial);
+        assert_eq!(d.pick(), 1);
+        assert!(d.failed() <= initial);
+        assert_eq!(d.pick(), 2);
+        // The round is complete (three failures): now the backoff, growing with each round.
+        let first_round_ceiling = d.backoff.ceiling();
+        let _ = d.failed();
+        assert!(d.backoff.ceiling() > first_round_ceiling);
+        let mut ceilings = vec![];
+        for _ in 0..4 {
+            for i in 0..3 {
+                let _ = d.pick();
+                let delay = d.failed();
+                if i < 2 {
+                    assert!(delay <= initial, "within a round: {delay:?}");
+                }
+            }
+            ceilings.push(d.backoff.ceiling());
+        }
+        assert!(ceilings.windows(2).all(|w| w[0] < w[1]), "{ceilings:?}");
+        // A stable session starts over.
+        assert!(d.session_ended(STABLE_SESSION) <= initial);
+        assert_eq!(d.backoff.ceiling(), initial);
+    }
+
+    #[test]
+    fn one_broker_backs_off_after_each_failure() {
+        let mut d = Dialer::new(1, Duration::from_millis(100), Duration::from_secs(30));
+        for _ in 0..5 {
+            assert_eq!(d.pick(), 0);
+            let _ = d.failed();
+        }
+        assert_eq!(d.backoff.ceiling(), Duration::from_millis(3200));
     }
 
     fn cfg() -> BrokerConfig {

@@ -53,6 +53,9 @@ pub struct SessionStatus {
     pub blocked_since_ms: Option<u64>,
     /// The last blocked spell: (from, to).
     pub last_blocked: Option<(u64, u64)>,
+    /// Shared objects missing on the broker that the agent serves without (events,
+    /// dead-lettering).
+    pub broker_missing: Vec<String>,
 }
 
 /// What the daemon shares with the control socket.

@@ -4,6 +4,7 @@
 
 mod backbone;
 mod certs;
+mod faults;
 mod firewall;
 mod ops;
 mod routers;
@@ -24,6 +25,7 @@ fn main() {
     let mut tests = Vec::new();
     tests.extend(backbone::tests());
     tests.extend(certs::tests());
+    tests.extend(faults::tests());
     tests.extend(firewall::tests());
     tests.extend(ops::tests());
     tests.extend(routers::tests());

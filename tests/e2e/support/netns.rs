@@ -232,3 +232,64 @@ pub fn relay(ns: &str, listen: &str, target: SocketAddr) -> Servers {
     });
     Servers { stop }
 }
+
+/// A relay like [`relay`] that can be killed like a broker node: it stops listening (new
+/// connections are refused) and resets every connection it carries. Killed on drop.
+pub struct KillableRelay {
+    stop: Arc<AtomicBool>,
+    streams: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl KillableRelay {
+    pub fn start(ns: &str, listen: &str, target: SocketAddr) -> KillableRelay {
+        let sa: SocketAddr = listen.parse().unwrap();
+        let listener = in_ns(ns, move || TcpListener::bind(sa).expect("bind relay"));
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let streams: Arc<std::sync::Mutex<Vec<TcpStream>>> = Arc::default();
+        let (stop2, streams2) = (stop.clone(), streams.clone());
+        std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((inbound, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                inbound.set_nonblocking(false).unwrap();
+                let Ok(outbound) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let _ = inbound.set_nodelay(true);
+                let _ = outbound.set_nodelay(true);
+                {
+                    let mut all = streams2.lock().unwrap();
+                    all.push(inbound.try_clone().unwrap());
+                    all.push(outbound.try_clone().unwrap());
+                }
+                for (mut from, mut to) in [
+                    (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                    (outbound, inbound),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+            // The listener closes here: the port refuses connections from now on.
+        });
+        KillableRelay { stop, streams }
+    }
+
+    pub fn kill(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in self.streams.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for KillableRelay {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

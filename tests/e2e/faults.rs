@@ -1,0 +1,273 @@
+//! Faults of the bus (issue 11): a broker that dies or freezes under the agent, a missing
+//! dead-letter queue, nacked publishes. Each fault is real: relays reset like a dead node,
+//! the broker's Erlang VM is stopped with SIGSTOP, queues are deleted with rabbitmqctl.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use libtest_mimic::Trial;
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+use crate::support::broker::Broker;
+use crate::support::netns::{KillableRelay, Netns, veth};
+use crate::support::{AgentProc, HostOptions, applied, env, manager, rampart, runtime, send};
+use crate::trial;
+
+pub fn tests() -> Vec<Trial> {
+    vec![
+        trial(
+            "faults::a_dead_broker_node_is_followed_by_the_next_one_at_once",
+            failover,
+        ),
+        trial(
+            "faults::nacked_acks_are_retried_on_the_same_session",
+            nacked_acks,
+        ),
+        trial(
+            "faults::missing_dead_letter_queue_is_reported_and_commands_flow",
+            missing_dead_letter_queue,
+        ),
+        trial(
+            "faults::frozen_broker_bounded_close_and_sigterm",
+            frozen_broker,
+        ),
+    ]
+}
+
+fn failover() -> Result<()> {
+    let net = "10.206.1";
+    let brk = Netns::new("rpfo-brk");
+    let ag = Netns::new("rpfo-ag");
+    veth(
+        &brk,
+        "b0",
+        &format!("{net}.1/24"),
+        &ag,
+        "e0",
+        &format!("{net}.2/24"),
+    );
+    let o = brk.exec(&["ip", "addr", "add", &format!("{net}.5/24"), "dev", "b0"]);
+    ensure!(o.status.success(), "second address: {o:?}");
+    let target = format!("127.0.0.1:{}", env().broker.port).parse()?;
+    let nodes = [format!("{net}.1:5671"), format!("{net}.5:5671")];
+    let host = env().host(
+        "fl-failover",
+        HostOptions {
+            urls: Some(nodes.iter().map(|n| format!("amqps://{n}/%2f")).collect()),
+            server_name: Some("localhost".into()),
+            ..Default::default()
+        },
+    );
+    // The default backoff cap (30 s): a node dying must not make the agent wait for it.
+    let text = std::fs::read_to_string(&host.config)?
+        .replace("backoff_max_ms = 2000", "backoff_max_ms = 30000");
+    std::fs::write(&host.config, text)?;
+    let mut relays = [
+        Some(KillableRelay::start(&brk.name, &nodes[0], target)),
+        Some(KillableRelay::start(&brk.name, &nodes[1], target)),
+    ];
+    let agent = AgentProc::start_in(&host, Some(&ag.name), &[]);
+    agent.wait_serving();
+    runtime().block_on(async {
+        let h = &host.id;
+        let mut m = manager(h).await?;
+        let mut gaps = vec![];
+        // The agent starts on the first node; then the node it is on dies, five times.
+        let mut on = 0usize;
+        for kill in 0..5 {
+            let sessions = agent.current_log().matches("serving commands").count();
+            relays[on].take().context("relay")?.kill();
+            let killed = Instant::now();
+            ensure!(
+                agent.wait_log("serving commands", sessions + 1, Duration::from_secs(20)),
+                "no new session after kill {kill}:\n{}",
+                agent.current_log()
+            );
+            gaps.push(killed.elapsed());
+            let id = format!("fo-{kill}");
+            applied(&mut m, h, "ping", &id, json!({})).await?;
+            // The dead node comes back (it will be the next to die but one).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            relays[on] = Some(KillableRelay::start(&brk.name, &nodes[on], target));
+            on = 1 - on;
+        }
+        eprintln!("failover: node kill to the next session: {gaps:?}");
+        let worst = gaps.iter().max().copied().unwrap_or_default();
+        ensure!(
+            worst < Duration::from_secs(3),
+            "every failover is immediate, not a backoff: {gaps:?}"
+        );
+        m.close().await;
+        Ok(())
+    })
+}
+
+fn nacked_acks() -> Result<()> {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let host = env().host("fl-nack", HostOptions::default());
+    let agent = AgentProc::start(&host);
+    agent.wait_serving();
+    runtime().block_on(async {
+        let h = &host.id;
+        let mut m = manager(h).await?;
+        // A queue that refuses every message routed to it: the broker nacks the agent's acks.
+        let admin = env().manager().await;
+        let ch = admin.channel().await?;
+        let jam = format!("rampart.jam-{}", std::process::id());
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        ch.queue_declare(jam.as_str().into(), QueueDeclareOptions::default(), args)
+            .await?;
+        ch.queue_bind(
+            jam.as_str().into(),
+            rampart::broker::ACKS_EXCHANGE.into(),
+            h.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        m.send(h, "ping", "nack-1", &json!({})).await?;
+        ensure!(
+            agent.wait_log(
+                "the broker nacked a publish; retrying",
+                3,
+                Duration::from_secs(20)
+            ),
+            "{}",
+            agent.current_log()
+        );
+        ch.queue_delete(jam.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+        let ack = m.wait_ack("nack-1", Duration::from_secs(20)).await?;
+        ensure!(ack.status == rampart::protocol::Status::Applied, "{ack:?}");
+        ensure!(
+            !ack.duplicate,
+            "answered on the same session, not redelivered: {ack:?}"
+        );
+        ensure!(
+            agent.current_log().matches("connected to broker").count() == 1,
+            "no reconnect:\n{}",
+            agent.current_log()
+        );
+        admin.close().await;
+        m.close().await;
+        Ok(())
+    })
+}
+
+/// A broker of the test's own, with host `id`'s user, the topology declared, and a manager
+/// configuration for it.
+fn own_broker(tag: &str, id: &str) -> Result<(Broker, std::path::PathBuf)> {
+    let e = env();
+    let b = Broker::start(&e.root.join(format!("broker-{tag}")), &e.ca, tag);
+    b.add_host_user(id);
+    let manager_cfg = e.root.join(format!("manager-{tag}.toml"));
+    let text = std::fs::read_to_string(&e.manager_config)?.replace(&e.broker.url(), &b.url());
+    std::fs::write(&manager_cfg, text)?;
+    crate::support::declare_topology(&manager_cfg);
+    Ok((b, manager_cfg))
+}
+
+fn missing_dead_letter_queue() -> Result<()> {
+    let (b, manager_cfg) = own_broker("nodead", "fl-nodead")?;
+    let host = env().host_on(&b, "fl-nodead", HostOptions::default());
+    let agent = AgentProc::start(&host);
+    agent.wait_serving();
+    let result = (|| {
+        b.ctl_ok(&["delete_queue", "rampart.dead"]);
+        b.ctl_ok(&["close_all_connections", "test: dead-letter queue gone"]);
+        ensure!(
+            agent.wait_log("serving commands", 2, Duration::from_secs(30)),
+            "the agent serves without rampart.dead:\n{}",
+            agent.current_log()
+        );
+        let cfg = rampart::config::Config::load(&manager_cfg)?;
+        runtime().block_on(async {
+            // (A manager would declare it again: this one only sends.)
+            let mut m = rampart::manager::Manager::connect_without_topology(&cfg).await?;
+            m.watch_host(&host.id).await?;
+            let ack = send(&mut m, &host.id, "ping", "nd-1", json!({})).await?;
+            ensure!(ack.status == rampart::protocol::Status::Applied, "{ack:?}");
+            m.close().await;
+            Ok::<_, anyhow::Error>(())
+        })?;
+        let socket = host.dir.join("rampart.sock");
+        let out = rampart(&["status", "--json", "--socket", socket.to_str().unwrap()]);
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        ensure!(
+            v["session"]["broker_missing"] == json!(["rampart.dead (queue)"]),
+            "status reports what is missing: {v}"
+        );
+        Ok(())
+    })();
+    drop(agent);
+    b.shutdown();
+    result
+}
+
+/// The pid of the Erlang VM of `broker`'s node (its command line does not name the node).
+fn beam_pid(b: &Broker) -> Result<i32> {
+    let out = b.ctl_ok(&["eval", "os:getpid()."]);
+    out.trim()
+        .trim_matches('"')
+        .parse()
+        .with_context(|| format!("os:getpid() said {out:?}"))
+}
+
+fn frozen_broker() -> Result<()> {
+    let (b, _) = own_broker("frozen", "fl-frozen")?;
+    let host = env().host_on(
+        &b,
+        "fl-frozen",
+        HostOptions {
+            heartbeat_secs: Some(1),
+            ..Default::default()
+        },
+    );
+    let mut agent = AgentProc::start(&host);
+    agent.wait_serving();
+    let beam = nix::unistd::Pid::from_raw(beam_pid(&b)?);
+    let result = (|| {
+        // The broker freezes: the agent notices by its heartbeats, gives up the session
+        // without waiting for the frozen broker to answer close, and keeps trying.
+        nix::sys::signal::kill(beam, Signal::SIGSTOP)?;
+        ensure!(
+            agent.wait_log("broker session lost", 1, Duration::from_secs(15)),
+            "{}",
+            agent.current_log()
+        );
+        ensure!(
+            agent.wait_log("cannot connect to broker", 1, Duration::from_secs(30)),
+            "reconnect attempts go on while the broker is frozen:\n{}",
+            agent.current_log()
+        );
+        nix::sys::signal::kill(beam, Signal::SIGCONT)?;
+        ensure!(
+            agent.wait_log("serving commands", 2, Duration::from_secs(60)),
+            "back once the broker thaws:\n{}",
+            agent.current_log()
+        );
+        // Frozen again, and the agent is told to stop: it exits within its bound.
+        nix::sys::signal::kill(beam, Signal::SIGSTOP)?;
+        std::thread::sleep(Duration::from_millis(300));
+        agent.signal(Signal::SIGTERM);
+        let asked = Instant::now();
+        let status = agent.wait_exit(Duration::from_secs(25));
+        nix::sys::signal::kill(beam, Signal::SIGCONT)?;
+        let status = status
+            .with_context(|| format!("no exit 25 s after SIGTERM:\n{}", agent.current_log()))?;
+        ensure!(status.success(), "{status:?}");
+        eprintln!("frozen broker: SIGTERM to exit {:?}", asked.elapsed());
+        Ok(())
+    })();
+    let _ = nix::sys::signal::kill(beam, Signal::SIGCONT);
+    drop(agent);
+    b.shutdown();
+    result
+}
