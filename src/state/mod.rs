@@ -141,7 +141,8 @@ mod firewall_tests {
 }
 
 pub struct Store {
-    db: Database,
+    /// `None` only while it is being reopened.
+    db: std::sync::RwLock<Option<Database>>,
     keep: usize,
     path: PathBuf,
 }
@@ -165,13 +166,17 @@ impl Store {
             path: path.clone(),
             cause,
         })?;
-        let store = Store { db, keep, path };
+        let store = Store {
+            db: std::sync::RwLock::new(Some(db)),
+            keep,
+            path,
+        };
         store.init_schema()?;
         Ok(store)
     }
 
     fn init_schema(&self) -> Result<(), StateError> {
-        let tx = self.db.begin_write()?;
+        let tx = self.write_tx()?;
         {
             let mut meta = tx.open_table(META)?;
             let found = meta.get("schema_version")?.map(|g| g.value());
@@ -193,13 +198,61 @@ impl Store {
         Ok(())
     }
 
+    /// A write transaction. After a failed write (a full disk) redb refuses every further
+    /// one until the database is opened again: the store reopens it once and retries, so
+    /// the agent recovers by itself when the space comes back.
+    fn write_tx(&self) -> Result<redb::WriteTransaction, StateError> {
+        match self.with_db(|db| db.begin_write()) {
+            Err(StateError::Db(redb::Error::PreviousIo)) => {
+                self.reopen()?;
+                self.with_db(|db| db.begin_write())
+            }
+            other => other,
+        }
+    }
+
+    fn read_tx(&self) -> Result<redb::ReadTransaction, StateError> {
+        match self.with_db(|db| db.begin_read()) {
+            Err(StateError::Db(redb::Error::PreviousIo)) => {
+                self.reopen()?;
+                self.with_db(|db| db.begin_read())
+            }
+            other => other,
+        }
+    }
+
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, redb::TransactionError>,
+    ) -> Result<T, StateError> {
+        let guard = self.db.read().expect("store lock");
+        match guard.as_ref() {
+            Some(db) => Ok(f(db)?),
+            None => Err(StateError::Db(redb::Error::PreviousIo)),
+        }
+    }
+
+    /// Closes and opens the database file again (redb's recovery after an I/O error).
+    fn reopen(&self) -> Result<(), StateError> {
+        let mut guard = self.db.write().expect("store lock");
+        // Dropped first: redb holds a lock on the file while it is open.
+        *guard = None;
+        tracing::warn!(path = %self.path.display(), "reopening the state store after an I/O error");
+        let db = Database::create(&self.path).map_err(|cause| StateError::Open {
+            path: self.path.clone(),
+            cause,
+        })?;
+        *guard = Some(db);
+        Ok(())
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
 
     /// The ack stored for a command id, if that id was processed.
     pub fn lookup(&self, id: &str) -> Result<Option<Ack>, StateError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.read_tx()?;
         let table = tx.open_table(PROCESSED)?;
         let Some(guard) = table.get(id)? else {
             return Ok(None);
@@ -219,7 +272,7 @@ impl Store {
     /// Records `ack` for command `id` and the state change it made, atomically and durably.
     pub fn commit(&self, id: &str, ack: &Ack, change: Change<'_>) -> Result<(), StateError> {
         let bytes = ack.to_json();
-        let tx = self.db.begin_write()?;
+        let tx = self.write_tx()?;
         {
             match change {
                 Change::None => {}
@@ -273,7 +326,7 @@ impl Store {
 
     /// The stored firewall: snapshot and journal.
     pub fn load_firewall(&self) -> Result<StoredFirewall, StateError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.read_tx()?;
         let snapshot = tx
             .open_table(FIREWALL)?
             .get("snapshot")?
@@ -287,13 +340,13 @@ impl Store {
     }
 
     pub fn journal_len(&self) -> Result<u64, StateError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.read_tx()?;
         Ok(tx.open_table(FIREWALL_JOURNAL)?.len()?)
     }
 
     /// Folds the journal into a new snapshot of the same state (no command attached).
     pub fn compact_firewall(&self, snapshot: &str) -> Result<(), StateError> {
-        let tx = self.db.begin_write()?;
+        let tx = self.write_tx()?;
         tx.open_table(FIREWALL)?
             .insert("snapshot", snapshot.as_bytes())?;
         tx.delete_table(FIREWALL_JOURNAL)?;
@@ -304,7 +357,7 @@ impl Store {
 
     /// The recorded routers: id and spec JSON.
     pub fn load_routers(&self) -> Result<Vec<(String, Vec<u8>)>, StateError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.read_tx()?;
         tx.open_table(ROUTERS)?
             .iter()?
             .map(|e| {
@@ -316,7 +369,7 @@ impl Store {
 
     /// Router ids the agent owns (recorded, or being created).
     pub fn owned_routers(&self) -> Result<Vec<String>, StateError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.read_tx()?;
         tx.open_table(ROUTERS_OWNED)?
             .iter()?
             .map(|e| {
@@ -328,7 +381,7 @@ impl Store {
 
     /// Records, durably, that the agent is about to make kernel objects for router `id`.
     pub fn own_router(&self, id: &str) -> Result<(), StateError> {
-        let tx = self.db.begin_write()?;
+        let tx = self.write_tx()?;
         tx.open_table(ROUTERS_OWNED)?
             .insert(id, crate::protocol::now_ms())?;
         tx.commit()?;
@@ -337,7 +390,7 @@ impl Store {
 
     /// Forgets an owned router that is not wanted (its kernel objects are gone).
     pub fn disown_router(&self, id: &str) -> Result<(), StateError> {
-        let tx = self.db.begin_write()?;
+        let tx = self.write_tx()?;
         if tx.open_table(ROUTERS)?.get(id)?.is_none() {
             tx.open_table(ROUTERS_OWNED)?.remove(id)?;
         }
@@ -347,7 +400,7 @@ impl Store {
 
     /// How many processed command ids are held.
     pub fn processed_count(&self) -> Result<u64, StateError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.read_tx()?;
         Ok(tx.open_table(PROCESSED)?.len()?)
     }
 }
@@ -410,7 +463,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path(), 10).unwrap();
-            let tx = s.db.begin_write().unwrap();
+            let tx = s.write_tx().unwrap();
             tx.open_table(META)
                 .unwrap()
                 .insert("schema_version", SCHEMA_VERSION + 1)

@@ -32,6 +32,18 @@ pub fn tests() -> Vec<Trial> {
             "faults::frozen_broker_bounded_close_and_sigterm",
             frozen_broker,
         ),
+        trial(
+            "faults::sigstop_longer_than_the_heartbeat_then_sigcont_recovers",
+            sigstop_agent,
+        ),
+        trial(
+            "faults::partition_is_noticed_within_two_heartbeats_and_healed",
+            partition,
+        ),
+        trial(
+            "faults::full_state_disk_fails_commands_cleanly_and_recovers",
+            full_disk,
+        ),
     ]
 }
 
@@ -269,5 +281,154 @@ fn frozen_broker() -> Result<()> {
     let _ = nix::sys::signal::kill(beam, Signal::SIGCONT);
     drop(agent);
     b.shutdown();
+    result
+}
+
+fn sigstop_agent() -> Result<()> {
+    let host = env().host(
+        "fl-sigstop",
+        HostOptions {
+            heartbeat_secs: Some(1),
+            ..Default::default()
+        },
+    );
+    let agent = AgentProc::start(&host);
+    agent.wait_serving();
+    runtime().block_on(async {
+        let h = &host.id;
+        let mut m = manager(h).await?;
+        agent.signal(Signal::SIGSTOP);
+        // The broker gives up on the silent connection after two missed heartbeats.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        m.send(h, "ping", "stop-1", &json!({})).await?;
+        agent.signal(Signal::SIGCONT);
+        let ack = m.wait_ack("stop-1", Duration::from_secs(30)).await?;
+        ensure!(ack.status == rampart::protocol::Status::Applied, "{ack:?}");
+        ensure!(
+            agent.current_log().matches("serving commands").count() >= 2,
+            "it noticed the lost session and made a new one:\n{}",
+            agent.current_log()
+        );
+        m.close().await;
+        Ok(())
+    })
+}
+
+fn partition() -> Result<()> {
+    use crate::support::site::Site;
+    let site = Site::new(
+        "rpfp",
+        "10.207.1",
+        "fl-partition",
+        HostOptions {
+            heartbeat_secs: Some(1),
+            ..Default::default()
+        },
+    );
+    let agent = site.start(&[]);
+    runtime().block_on(async {
+        let h = &site.host.id;
+        let mut m = manager(h).await?;
+        applied(&mut m, h, "ping", "part-0", json!({})).await?;
+        // Packets from the agent's side vanish at the broker's side (no reset, no ICMP).
+        site.brk.nft("add table inet partition");
+        site.brk.nft(
+            "add chain inet partition in { type filter hook input priority -300; policy drop; }",
+        );
+        let cut = Instant::now();
+        ensure!(
+            agent.wait_log("broker session lost", 1, Duration::from_secs(10)),
+            "{}",
+            agent.current_log()
+        );
+        let noticed = cut.elapsed();
+        eprintln!("partition noticed after {noticed:?} (heartbeat 1 s)");
+        // Two heartbeats and the reader's tick: lapin declares the peer dead then.
+        ensure!(
+            noticed < Duration::from_secs(4),
+            "noticed after {noticed:?}"
+        );
+        for i in 0..5 {
+            m.send(h, "ping", &format!("part-{}", i + 1), &json!({}))
+                .await?;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        site.brk.nft("delete table inet partition");
+        for i in 0..5 {
+            let ack = m
+                .wait_ack(&format!("part-{}", i + 1), Duration::from_secs(40))
+                .await?;
+            ensure!(ack.status == rampart::protocol::Status::Applied, "{ack:?}");
+        }
+        m.close().await;
+        Ok(())
+    })
+}
+
+fn full_disk() -> Result<()> {
+    use crate::firewall::{Topo, rule};
+    use crate::support::netns::{Servers, Tcp};
+    let t = Topo::new(25, "fl-fulldisk");
+    let state = t.site.host.dir.join("state");
+    std::fs::create_dir_all(&state)?;
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&state)
+        .status()?;
+    ensure!(mounted.success(), "mounting a tmpfs on the state directory");
+    let _srv = Servers::start(&t.site.ag.name, "0.0.0.0", &[80, 81], &[]);
+    let result = (|| {
+        let mut agent = t.start();
+        runtime().block_on(async {
+            let h = &t.site.host.id;
+            let mut m = manager(h).await?;
+            let rs = json!({"generation": 1, "defaults": {"in": "drop"},
+                "rules": [rule("web", 10, "allow", "in", "tcp", &["80"])]});
+            applied(&mut m, h, "firewall.apply", "fd-1", rs).await?;
+            // The disk fills up.
+            let filler = state.join("filler");
+            let _ = std::process::Command::new("dd")
+                .args(["if=/dev/zero", "bs=64k"])
+                .arg(format!("of={}", filler.display()))
+                .output()?;
+            let big: Vec<Value> = (0..2000)
+                .map(|i| rule(&format!("r{i}"), 100 + i, "allow", "in", "tcp", &["81"]))
+                .collect();
+            let rs = json!({"generation": 2, "defaults": {"in": "drop"}, "rules": big});
+            let ack = send(&mut m, h, "firewall.apply", "fd-2", rs.clone()).await?;
+            ensure!(ack.status == rampart::protocol::Status::Failed, "{ack:?}");
+            ensure!(
+                ack.error.as_ref().map(|e| e.code)
+                    == Some(rampart::protocol::ErrorCode::StoreFailed),
+                "{ack:?}"
+            );
+            // The kernel matches the record: generation 1.
+            ensure!(
+                t.probe(80) == Tcp::Open && t.probe(81) == Tcp::Silent,
+                "rolled back"
+            );
+            // Space comes back: the agent carries on by itself.
+            std::fs::remove_file(&filler)?;
+            applied(&mut m, h, "firewall.apply", "fd-3", rs).await?;
+            ensure!(t.probe(81) == Tcp::Open);
+            m.close().await;
+            Ok::<_, anyhow::Error>(())
+        })?;
+        // Nothing was corrupted: a restart brings generation 2 back.
+        agent.kill9();
+        t.site
+            .ag
+            .exec(&["nft", "delete", "table", "inet", "rampart"]);
+        let _agent = t.start();
+        ensure!(
+            t.probe(81) == Tcp::Open && t.probe(80) == Tcp::Silent,
+            "generation 2 restored after restart"
+        );
+        Ok(())
+    })();
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&state)
+        .status();
     result
 }

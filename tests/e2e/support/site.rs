@@ -8,7 +8,7 @@ pub struct Site {
     /// The agent's namespace ("the host").
     pub ag: Netns,
     pub host: Host,
-    _brk: Netns,
+    pub brk: Netns,
     _relay: Servers,
 }
 
@@ -38,7 +38,7 @@ impl Site {
         Site {
             ag,
             host,
-            _brk: brk,
+            brk,
             _relay: relay,
         }
     }
