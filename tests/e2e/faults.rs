@@ -44,6 +44,10 @@ pub fn tests() -> Vec<Trial> {
             "faults::full_state_disk_fails_commands_cleanly_and_recovers",
             full_disk,
         ),
+        trial(
+            "faults::cluster_node_of_the_session_killed_under_a_command_stream",
+            cluster_node_kills,
+        ),
     ]
 }
 
@@ -431,4 +435,190 @@ fn full_disk() -> Result<()> {
         .arg(&state)
         .status();
     result
+}
+
+/// Node kills in the cluster test: 2 (CI), or `RAMPART_CHAOS_KILLS`.
+fn cluster_kills() -> usize {
+    std::env::var("RAMPART_CHAOS_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+}
+
+fn cluster_node_kills() -> Result<()> {
+    use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    use std::collections::BTreeMap;
+    let e = env();
+    let cluster = crate::support::broker::Cluster::start(&e.root.join("cluster"), &e.ca, "cl");
+    let id = "fl-cluster";
+    cluster.nodes[0].add_host_user(id);
+    let urls = cluster.urls();
+    let host = e.host_on(
+        &cluster.nodes[0],
+        id,
+        HostOptions {
+            urls: Some(urls.clone()),
+            heartbeat_secs: Some(2),
+            ..Default::default()
+        },
+    );
+    let manager_cfg = e.root.join("manager-cluster.toml");
+    let listed: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+    let text = std::fs::read_to_string(&e.manager_config)?
+        .replace(&format!("\"{}\"", e.broker.url()), &listed.join(", "));
+    std::fs::write(&manager_cfg, text)?;
+    crate::support::declare_topology(&manager_cfg);
+    let cfg = rampart::config::Config::load(&manager_cfg)?;
+    let rt = runtime();
+    // The acks go to a quorum queue of the test's own as well, so none is lost with a node.
+    let acks = format!("rampart.test-acks-{}", std::process::id());
+    rt.block_on(async {
+        let m = rampart::manager::Manager::connect(&cfg).await?;
+        let ch = m.channel().await?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare(acks.as_str().into(), durable, args)
+            .await?;
+        ch.queue_bind(
+            acks.as_str().into(),
+            rampart::broker::ACKS_EXCHANGE.into(),
+            id.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        m.close().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let agent = AgentProc::start(&host);
+    agent.wait_serving();
+    let socket = host.dir.join("rampart.sock");
+    let session_port = || -> Option<u64> {
+        let out = rampart(&["status", "--json", "--socket", socket.to_str()?]);
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["session"]["broker_port"].as_u64()
+    };
+
+    // A stream of commands, re-sent by id when the manager's own node dies (a manager's
+    // retry: at most once by the agent's dedup).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let streamer = {
+        let (stop, sent, cfg) = (stop.clone(), sent.clone(), cfg.clone());
+        std::thread::spawn(move || {
+            runtime().block_on(async move {
+                let mut m = None;
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let cmd = format!("cl-{n}");
+                    if m.is_none() {
+                        m = rampart::manager::Manager::connect(&cfg).await.ok();
+                    }
+                    let ok = match &m {
+                        Some(mgr) => mgr.send(id, "ping", &cmd, &json!({})).await.is_ok(),
+                        None => false,
+                    };
+                    if ok {
+                        sent.lock().unwrap().push(cmd);
+                        n += 1;
+                    } else {
+                        m = None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        })
+    };
+    let mut gaps = vec![];
+    let result = (|| {
+        for kill in 0..cluster_kills() {
+            std::thread::sleep(Duration::from_secs(2));
+            let port = session_port().context("agent connected")?;
+            let node = cluster
+                .nodes
+                .iter()
+                .find(|n| u64::from(n.port) == port)
+                .context("the session's node")?;
+            let sessions = agent.current_log().matches("serving commands").count();
+            let processed = agent.current_log().matches("command processed").count();
+            node.kill9();
+            let killed = Instant::now();
+            ensure!(
+                agent.wait_log("serving commands", sessions + 1, Duration::from_secs(30)),
+                "kill {kill}: no new session:\n{}",
+                agent.current_log()
+            );
+            ensure!(
+                agent.wait_log("command processed", processed + 1, Duration::from_secs(30)),
+                "kill {kill}: no command after the kill:\n{}",
+                agent.current_log()
+            );
+            gaps.push(killed.elapsed());
+            node.start_again();
+        }
+        Ok(())
+    })();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = streamer.join();
+    result?;
+    eprintln!("cluster: node kill to the next processed command: {gaps:?}");
+    let sent = sent.lock().unwrap().clone();
+    ensure!(sent.len() > 20, "the stream ran ({} commands)", sent.len());
+    // Every command answered, each id with one outcome.
+    let outcomes: BTreeMap<String, Vec<(String, bool)>> = rt.block_on(async {
+        let m = rampart::manager::Manager::connect(&cfg).await?;
+        let ch = m.channel().await?;
+        let mut got: BTreeMap<String, Vec<(String, bool)>> = BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let answered = sent.iter().all(|c| got.contains_key(c));
+            if answered || Instant::now() > deadline {
+                break;
+            }
+            match ch
+                .basic_get(acks.as_str().into(), BasicGetOptions { no_ack: true })
+                .await?
+            {
+                Some(msg) => {
+                    let ack: rampart::protocol::Ack = serde_json::from_slice(&msg.delivery.data)?;
+                    let cid = ack.correlation_id.clone().unwrap_or_default();
+                    got.entry(cid)
+                        .or_default()
+                        .push((ack.status.as_str().into(), ack.duplicate));
+                }
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        m.close().await;
+        Ok::<_, anyhow::Error>(got)
+    })?;
+    let missing: Vec<&String> = sent.iter().filter(|c| !outcomes.contains_key(*c)).collect();
+    ensure!(missing.is_empty(), "unanswered: {missing:?}");
+    for (cid, answers) in &outcomes {
+        ensure!(
+            answers.iter().all(|(st, _)| st == "applied"),
+            "{cid}: more than one outcome: {answers:?}"
+        );
+        ensure!(
+            answers.iter().filter(|(_, dup)| !dup).count() <= 1,
+            "{cid}: applied twice: {answers:?}"
+        );
+    }
+    let dups = outcomes.values().filter(|a| a.len() > 1).count();
+    eprintln!(
+        "cluster: {} commands, {} answered more than once (duplicates), {} kills",
+        sent.len(),
+        dups,
+        gaps.len()
+    );
+    drop(agent);
+    Ok(())
 }

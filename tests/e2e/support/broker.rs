@@ -37,6 +37,15 @@ impl Broker {
 
     /// Same, and the node also accepts client certificates from the CAs in `also`.
     pub fn start_trusting(dir: &Path, ca: &Ca, also: &[&Ca], tag: &str) -> Broker {
+        let broker = Broker::prepare(dir, ca, also, tag, free_port());
+        broker.spawn();
+        broker.setup_users();
+        broker
+    }
+
+    /// A node's files and ports, not started; `epmd_port` is shared by the nodes of a
+    /// cluster (they find each other through it).
+    fn prepare(dir: &Path, ca: &Ca, also: &[&Ca], tag: &str, epmd_port: u16) -> Broker {
         std::fs::create_dir_all(dir).unwrap();
         let server = ca.issue("localhost", &["localhost", "127.0.0.1"], Role::Server);
         let bundle: String = std::iter::once(ca.pem())
@@ -79,12 +88,39 @@ impl Broker {
             node: format!("rampart-{tag}-{}@localhost", std::process::id()),
             port,
             dist_port: free_port(),
-            epmd_port: free_port(),
+            epmd_port,
             child: std::sync::Mutex::new(None),
         };
-        broker.spawn();
-        broker.setup_users();
         broker
+    }
+
+    /// The pid of the node's Erlang VM (its command line does not name the node).
+    pub fn vm_pid(&self) -> Option<i32> {
+        let out = self.ctl(&["eval", "os:getpid()."]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .trim_matches('"')
+            .parse()
+            .ok()
+    }
+
+    /// kill -9 of the node's VM, as a machine dying does to it.
+    pub fn kill9(&self) {
+        if let Some(pid) = self.vm_pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the node again after [`Broker::kill9`]: it rejoins its cluster from its data.
+    pub fn start_again(&self) {
+        self.spawn();
     }
 
     fn envs(&self, cmd: &mut Command) {
@@ -276,6 +312,55 @@ impl Broker {
 
     pub fn url(&self) -> String {
         format!("amqps://localhost:{}/%2f", self.port)
+    }
+}
+
+/// Three nodes joined into one RabbitMQ cluster on this machine (one epmd, one cookie: the
+/// rabbitmq user's), each with its own TLS port, data and logs.
+pub struct Cluster {
+    pub nodes: Vec<Broker>,
+}
+
+impl Cluster {
+    pub fn start(root: &Path, ca: &Ca, tag: &str) -> Cluster {
+        let epmd = free_port();
+        let nodes: Vec<Broker> = (0..3)
+            .map(|i| {
+                Broker::prepare(
+                    &root.join(format!("{tag}-{i}")),
+                    ca,
+                    &[],
+                    &format!("{tag}{i}"),
+                    epmd,
+                )
+            })
+            .collect();
+        for n in &nodes {
+            n.spawn();
+        }
+        for n in &nodes[1..] {
+            n.ctl_ok(&["stop_app"]);
+            n.ctl_ok(&["reset"]);
+            n.ctl_ok(&["join_cluster", &nodes[0].node]);
+            n.ctl_ok(&["start_app"]);
+        }
+        // Users and permissions are cluster-wide.
+        nodes[0].setup_users();
+        Cluster { nodes }
+    }
+
+    /// Every node's URL, for an agent's or a manager's `urls`.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Broker::url).collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // All nodes down before any takes the shared epmd with it.
+        for n in &self.nodes {
+            n.stop_node();
+        }
     }
 }
 
