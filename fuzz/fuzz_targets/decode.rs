@@ -14,7 +14,14 @@ fuzz_target!(|input: &[u8]| {
     let incoming = Incoming {
         body: body.to_vec(),
         message_id: prop(1, "c1"),
-        kind: prop(2, if flags & 8 != 0 { "firewall.apply" } else { "ping" }),
+        kind: prop(
+            2,
+            if flags & 8 != 0 {
+                "firewall.apply"
+            } else {
+                "ping"
+            },
+        ),
         user_id: prop(4, "manager").or_else(|| prop(16, "intruder")),
         signature: prop(32, "AAAA"),
     };

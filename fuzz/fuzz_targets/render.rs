@@ -36,7 +36,13 @@ fuzz_target!(|input: &[u8]| {
     let out = render_full(&rs, &layout, &ctx);
     // Per rule: at most EXPANSION matches x 3 lines (log, tcp reject, verdict) x 3 hooks, each
     // line a fixed part plus text that appears in the input; plus the fixed skeleton.
-    let bound = 8_192 + input.len() * 3 * 3 * EXPANSION * 2 + rs.rules.len() * 3 * 3 * EXPANSION * 256;
-    assert!(out.len() <= bound, "{} bytes rendered from {} bytes", out.len(), input.len());
+    let bound =
+        8_192 + input.len() * 3 * 3 * EXPANSION * 2 + rs.rules.len() * 3 * 3 * EXPANSION * 256;
+    assert!(
+        out.len() <= bound,
+        "{} bytes rendered from {} bytes",
+        out.len(),
+        input.len()
+    );
     assert!(!out.contains('\0'));
 });

@@ -67,7 +67,10 @@ fuzz_target!(|input: &[u8]| {
     let Some(want) = parts.next().and_then(spec_of) else {
         return;
     };
-    assert!(plan(&want, &image(&want)).is_empty(), "a made router needs nothing");
+    assert!(
+        plan(&want, &image(&want)).is_empty(),
+        "a made router needs nothing"
+    );
     let fresh = plan(&want, &Observed::default());
     assert_eq!(fresh.first(), Some(&Step::CreateNamespace));
     if let Some(have) = parts.next().and_then(spec_of) {
