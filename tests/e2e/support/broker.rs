@@ -83,15 +83,14 @@ impl Broker {
             .status()
             .unwrap();
         assert!(status.success(), "chown of the broker directory failed");
-        let broker = Broker {
+        Broker {
             dir: dir.to_path_buf(),
             node: format!("rampart-{tag}-{}@localhost", std::process::id()),
             port,
             dist_port: free_port(),
             epmd_port,
             child: std::sync::Mutex::new(None),
-        };
-        broker
+        }
     }
 
     /// The pid of the node's Erlang VM (its command line does not name the node).
