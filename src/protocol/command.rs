@@ -583,6 +583,29 @@ mod tests {
         assert_eq!(field.as_deref(), Some("$.data.rules[0].action"));
     }
 
+    /// Found by the `decode` fuzz target: a repeated key deep in the tree gave a path (and a
+    /// message) of kilobytes.
+    #[test]
+    fn a_repeated_key_deep_down_still_gives_a_short_line() {
+        let key = format!("k{}", "x".repeat(60));
+        let mut data = r#"{"d":1,"d":2}"#.to_string();
+        for _ in 0..100 {
+            data = format!(r#"{{"{key}":{data}}}"#);
+        }
+        let body = ping("").replace(r#""data":{}"#, &format!(r#""data":{data}"#));
+        let mut c = ctx();
+        c.max_body_bytes = 1 << 20;
+        let e = decode(&c, &incoming(&body)).unwrap_err().error;
+        assert_eq!(e.code, ErrorCode::DuplicateKey);
+        assert!(e.message.len() < 600, "{} bytes", e.message.len());
+        assert!(
+            e.field.as_ref().is_some_and(|f| f.len() <= 256),
+            "{:?}",
+            e.field
+        );
+        assert!(e.field.unwrap().starts_with("$.data.k"));
+    }
+
     #[test]
     fn every_malformation_has_its_code_and_field() {
         let c = ctx();

@@ -35,6 +35,21 @@ pub(super) fn parse(text: &str) -> Result<Value, StrictError> {
     }
 }
 
+/// Longest path reported: a repeated key 128 levels down must still make a one-line ack.
+const PATH_MAX: usize = 256;
+
+/// `path`, cut to [`PATH_MAX`] bytes (at a character boundary) with `...` when longer.
+fn shorten(path: String) -> String {
+    if path.len() <= PATH_MAX {
+        return path;
+    }
+    let mut end = PATH_MAX - 3;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &path[..end])
+}
+
 struct Seed<'a> {
     path: String,
     duplicate: &'a RefCell<Option<String>>,
@@ -91,7 +106,7 @@ impl<'de> Visitor<'de> for Seed<'_> {
         while let Some(key) = map.next_key::<String>()? {
             let path = child_path(&self.path, &key);
             if out.contains_key(&key) {
-                *self.duplicate.borrow_mut() = Some(path);
+                *self.duplicate.borrow_mut() = Some(shorten(path));
                 return Err(A::Error::custom("repeated key"));
             }
             let v = map.next_value_seed(Seed {
