@@ -199,42 +199,12 @@ impl Drop for Servers {
 
 /// Listens at `listen` inside `ns` and relays each connection to `target` (reached from
 /// the root namespace): the broker, seen from a namespace through a real veth.
-pub fn relay(ns: &str, listen: &str, target: SocketAddr) -> Servers {
-    let sa: SocketAddr = listen.parse().unwrap();
-    let listener = in_ns(ns, move || TcpListener::bind(sa).expect("bind relay"));
-    listener.set_nonblocking(true).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    std::thread::spawn(move || {
-        while !stop2.load(Ordering::Relaxed) {
-            let Ok((inbound, _)) = listener.accept() else {
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            };
-            inbound.set_nonblocking(false).unwrap();
-            let Ok(outbound) = TcpStream::connect(target) else {
-                continue;
-            };
-            // Without this, Nagle on one hop meets delayed ACKs on the other and a small
-            // frame waits 40 ms whenever the broker has nothing else to send.
-            let _ = inbound.set_nodelay(true);
-            let _ = outbound.set_nodelay(true);
-            for (mut from, mut to) in [
-                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
-                (outbound, inbound),
-            ] {
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut from, &mut to);
-                    let _ = to.shutdown(std::net::Shutdown::Both);
-                });
-            }
-        }
-    });
-    Servers { stop }
+pub fn relay(ns: &str, listen: &str, target: SocketAddr) -> KillableRelay {
+    KillableRelay::start(ns, listen, target)
 }
 
-/// A relay like [`relay`] that can be killed like a broker node: it stops listening (new
-/// connections are refused) and resets every connection it carries. Killed on drop.
+/// A relay that can be killed like a broker node: it stops listening (new connections are
+/// refused) and resets every connection it carries. Killed on drop.
 pub struct KillableRelay {
     stop: Arc<AtomicBool>,
     streams: Arc<std::sync::Mutex<Vec<TcpStream>>>,
@@ -258,6 +228,8 @@ impl KillableRelay {
                 let Ok(outbound) = TcpStream::connect(target) else {
                     continue;
                 };
+                // Without this, Nagle on one hop meets delayed ACKs on the other and a small
+                // frame waits 40 ms whenever the broker has nothing else to send.
                 let _ = inbound.set_nodelay(true);
                 let _ = outbound.set_nodelay(true);
                 {

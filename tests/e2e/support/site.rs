@@ -1,7 +1,7 @@
 //! An agent host in its own namespace: the agent sees only the test's interfaces and
 //! reaches the shared broker through a veth and a relay (`10.<net>.1:5671`).
 
-use super::netns::{Netns, Servers, relay, veth};
+use super::netns::{KillableRelay, Netns, relay, veth};
 use super::{AgentProc, Host, HostOptions, env};
 
 pub struct Site {
@@ -9,7 +9,7 @@ pub struct Site {
     pub ag: Netns,
     pub host: Host,
     pub brk: Netns,
-    _relay: Servers,
+    _relay: KillableRelay,
 }
 
 impl Site {
