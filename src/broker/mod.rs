@@ -493,85 +493,74 @@ pub async fn declare_shared_topology(conn: &Connection) -> Result<(), BrokerErro
     Ok(())
 }
 
-/// The shared objects that are missing or unavailable, each checked with a passive
-/// declaration on a channel of its own (a failed one closes its channel; passive
-/// declarations need no permission).
+/// The dead-letter queue as it is named in reports (the exchange has the same name).
+const DEAD_QUEUE_REPORTED: &str = "rampart.dead (queue)";
+
+/// Every shared object by its reported name: the exchanges, then the dead-letter queue.
+fn shared_objects() -> impl Iterator<Item = &'static str> {
+    EXCHANGES
+        .iter()
+        .map(|(name, _)| *name)
+        .chain([DEAD_QUEUE_REPORTED])
+}
+
+/// A passive declaration of one shared object (needs no permission; a failure closes `ch`).
+async fn check_passive(ch: &Channel, object: &'static str) -> Result<(), lapin::Error> {
+    if object == DEAD_QUEUE_REPORTED {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        return ch
+            .queue_declare(DEAD_QUEUE.into(), passive, FieldTable::default())
+            .await
+            .map(drop);
+    }
+    let kind = EXCHANGES
+        .iter()
+        .find(|(name, _)| *name == object)
+        .map(|(_, kind)| kind.clone())
+        .expect("a shared exchange");
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(object.into(), kind, passive, FieldTable::default())
+        .await
+}
+
+/// The shared objects that are missing or unavailable (a classic `rampart.dead` whose node
+/// is down, too). All are checked on one channel first, the usual case; only when one fails
+/// is each checked on a channel of its own, since a failed check closes its channel.
 async fn missing_shared_topology(conn: &Connection) -> Result<Vec<&'static str>, BrokerError> {
-    if all_shared_topology(conn).await? {
+    let open = || async {
+        conn.create_channel()
+            .await
+            .map_err(amqp("opening a channel"))
+    };
+    let ch = open().await?;
+    let mut all = true;
+    for object in shared_objects() {
+        if check_passive(&ch, object).await.is_err() {
+            all = false;
+            break;
+        }
+    }
+    if all {
+        let _ = ch.close(200, "OK".into()).await;
         return Ok(vec![]);
     }
     let mut missing = vec![];
-    let passive_x = ExchangeDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    let passive_q = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    for (name, kind) in EXCHANGES {
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(amqp("opening a channel"))?;
-        match ch
-            .exchange_declare(name.into(), kind, passive_x, FieldTable::default())
-            .await
-        {
+    for object in shared_objects() {
+        let ch = open().await?;
+        match check_passive(&ch, object).await {
             Ok(()) => {
                 let _ = ch.close(200, "OK".into()).await;
             }
-            Err(_) => missing.push(name),
+            Err(_) => missing.push(object),
         }
-    }
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(amqp("opening a channel"))?;
-    match ch
-        .queue_declare(DEAD_QUEUE.into(), passive_q, FieldTable::default())
-        .await
-    {
-        Ok(_) => {
-            let _ = ch.close(200, "OK".into()).await;
-        }
-        // Missing, or a classic queue whose home node is down.
-        Err(_) => missing.push("rampart.dead (queue)"),
     }
     Ok(missing)
-}
-
-/// Whether every shared object exists: the usual case, checked on one channel.
-async fn all_shared_topology(conn: &Connection) -> Result<bool, BrokerError> {
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(amqp("opening a channel"))?;
-    let passive_x = ExchangeDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    for (name, kind) in EXCHANGES {
-        if ch
-            .exchange_declare(name.into(), kind, passive_x, FieldTable::default())
-            .await
-            .is_err()
-        {
-            return Ok(false);
-        }
-    }
-    let passive_q = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    let found = ch
-        .queue_declare(DEAD_QUEUE.into(), passive_q, FieldTable::default())
-        .await
-        .is_ok();
-    if found {
-        let _ = ch.close(200, "OK".into()).await;
-    }
-    Ok(found)
 }
 
 /// Makes sure the shared topology exists: checked passively first (so a least-privilege

@@ -572,30 +572,20 @@ impl Drop for Dns {
 }
 
 fn dns_lockout() -> Result<()> {
-    use crate::support::netns::{Netns, relay, veth};
+    use crate::support::site::Site;
     const NAME: &str = "broker.rampart.test";
     let net = "10.205.1";
-    let brk = Netns::new("rpdns-brk");
-    let ag = Netns::new("rpdns-ag");
-    veth(
-        &brk,
-        "b0",
-        &format!("{net}.1/30"),
-        &ag,
-        "e0",
-        &format!("{net}.2/30"),
-    );
-    let target = format!("127.0.0.1:{}", env().broker.port).parse()?;
-    let _relay = relay(&brk.name, &format!("{net}.1:5671"), target);
-    let host = env().host(
+    let site = Site::new(
+        "rpdns",
+        net,
         "tr-dns",
         HostOptions {
             urls: Some(vec![format!("amqps://{NAME}:5671/%2f")]),
-            server_name: Some("localhost".into()),
             firewall: "drift_check_secs = 1".into(),
             ..Default::default()
         },
     );
+    let (brk, ag, host) = (&site.brk, &site.ag, &site.host);
     // `ip netns exec` gives the agent this resolv.conf, as a host's own would be.
     let etc = std::path::PathBuf::from("/etc/netns").join(&ag.name);
     std::fs::create_dir_all(&etc)?;
@@ -611,7 +601,7 @@ fn dns_lockout() -> Result<()> {
         &host.dir,
     ));
     let start = || {
-        let a = AgentProc::start_via(&host, &["ip", "netns", "exec", &ag.name], &[]);
+        let a = AgentProc::start_via(host, &["ip", "netns", "exec", &ag.name], &[]);
         a.wait_serving();
         a
     };

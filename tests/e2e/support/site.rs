@@ -30,7 +30,11 @@ impl Site {
         let host = env().host(
             id,
             HostOptions {
-                urls: Some(vec![format!("amqps://{net}.1:5671/%2f")]),
+                // The relay's address, unless the test names the broker otherwise (by DNS).
+                urls: opts
+                    .urls
+                    .clone()
+                    .or_else(|| Some(vec![format!("amqps://{net}.1:5671/%2f")])),
                 server_name: Some("localhost".into()),
                 ..opts
             },
