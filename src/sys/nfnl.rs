@@ -50,7 +50,7 @@ pub struct Element {
 }
 
 /// Element changes of one set, applied in the order given (deletions before additions).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetChange {
     pub set: String,
     pub delete: Vec<Element>,
@@ -186,6 +186,92 @@ pub fn encode_batch(table: &str, changes: &[SetChange], first_seq: u32) -> (Vec<
         &[],
     );
     (out, acked)
+}
+
+/// Why bytes are not a batch [`encode_batch`] could have written.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BatchDecodeError {
+    #[error("message at byte {0} is cut short or has a bad length")]
+    BadLength(usize),
+    #[error("the batch does not begin with a batch-begin message")]
+    NoBegin,
+    #[error("the batch does not end with a batch-end message")]
+    NoEnd,
+    #[error("message at byte {0} is not a set element change")]
+    Unexpected(usize),
+    #[error("message at byte {0} names another table")]
+    OtherTable(usize),
+    #[error("message at byte {0} has no table or set name")]
+    NoName(usize),
+}
+
+/// The inverse of [`encode_batch`]: the table and the changes, with consecutive messages
+/// of one set and kind joined again. Checks and fuzzing use it to prove the encoding.
+pub fn decode_batch(bytes: &[u8]) -> Result<(String, Vec<SetChange>), BatchDecodeError> {
+    let mut msgs = vec![];
+    let mut off = 0;
+    while off < bytes.len() {
+        let head = bytes
+            .get(off..off + 20)
+            .ok_or(BatchDecodeError::BadLength(off))?;
+        let len = u32::from_ne_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
+        if len < 20 || off + len > bytes.len() || !len.is_multiple_of(4) {
+            return Err(BatchDecodeError::BadLength(off));
+        }
+        let kind = u16::from_ne_bytes(head[4..6].try_into().expect("2 bytes"));
+        msgs.push((off, kind, &bytes[off + 20..off + len]));
+        off += len;
+    }
+    match msgs.first() {
+        Some((_, NFNL_MSG_BATCH_BEGIN, _)) => {}
+        _ => return Err(BatchDecodeError::NoBegin),
+    }
+    match msgs.last() {
+        Some((at, NFNL_MSG_BATCH_END, _)) if *at > 0 => {}
+        _ => return Err(BatchDecodeError::NoEnd),
+    }
+    let mut table: Option<String> = None;
+    let mut out: Vec<SetChange> = vec![];
+    for (at, kind, body) in &msgs[1..msgs.len() - 1] {
+        let delete = match *kind {
+            k if k == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELSETELEM => true,
+            k if k == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM => false,
+            _ => return Err(BatchDecodeError::Unexpected(*at)),
+        };
+        let (Some(t), Some(set)) = (
+            attr_str(body, NFTA_SET_ELEM_LIST_TABLE),
+            attr_str(body, NFTA_SET_ELEM_LIST_SET),
+        ) else {
+            return Err(BatchDecodeError::NoName(*at));
+        };
+        match &table {
+            Some(known) if known != t => return Err(BatchDecodeError::OtherTable(*at)),
+            Some(_) => {}
+            None => table = Some(t.to_string()),
+        }
+        let mut elements = vec![];
+        parse_elements(body, &mut elements);
+        // A set's deletions come before its additions; a new entry starts when the set
+        // changes or a deletion follows additions.
+        let start_new = match out.last() {
+            Some(c) => c.set != set || (delete && !c.add.is_empty()),
+            None => true,
+        };
+        if start_new {
+            out.push(SetChange {
+                set: set.to_string(),
+                delete: vec![],
+                add: vec![],
+            });
+        }
+        let c = out.last_mut().expect("pushed above");
+        if delete {
+            c.delete.extend(elements);
+        } else {
+            c.add.extend(elements);
+        }
+    }
+    Ok((table.unwrap_or_default(), out))
 }
 
 /// A netfilter netlink socket, subscribed to the multicast `groups` bitmask.
@@ -476,5 +562,45 @@ mod tests {
         );
         assert_eq!(bytes.len(), 20 + msg_len + 20);
         assert!(msg_len.is_multiple_of(4));
+    }
+
+    #[test]
+    fn batches_decode_to_what_was_encoded() {
+        let el = |k: u8, end| Element {
+            key: vec![10, 0, 0, k],
+            end,
+        };
+        let changes = vec![
+            SetChange {
+                set: "as4_a".into(),
+                delete: vec![el(1, false), el(2, true)],
+                // More than one message's worth: joined again on decoding.
+                add: (0..1300).map(|i| el((i % 250) as u8, i % 2 == 1)).collect(),
+            },
+            SetChange {
+                set: "as6_b".into(),
+                delete: vec![Element {
+                    key: vec![0xfd; 16],
+                    end: false,
+                }],
+                add: vec![],
+            },
+        ];
+        let (bytes, acked) = encode_batch("rampart-x", &changes, 7);
+        assert_eq!(acked.len(), 1 + 3 + 1);
+        let (table, back) = decode_batch(&bytes).unwrap();
+        assert_eq!(table, "rampart-x");
+        assert_eq!(back.len(), 2);
+        for (a, b) in changes.iter().zip(&back) {
+            assert_eq!((&a.set, &a.delete, &a.add), (&b.set, &b.delete, &b.add));
+        }
+        assert_eq!(
+            decode_batch(&bytes[..bytes.len() - 20]),
+            Err(BatchDecodeError::NoEnd)
+        );
+        assert_eq!(
+            decode_batch(&bytes[..bytes.len() - 1]),
+            Err(BatchDecodeError::BadLength(bytes.len() - 20))
+        );
     }
 }
