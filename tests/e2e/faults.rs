@@ -9,6 +9,7 @@ use libtest_mimic::Trial;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
+use crate::support::acklog::{self, AckLog};
 use crate::support::broker::Broker;
 use crate::support::netns::{KillableRelay, Netns, veth};
 use crate::support::{AgentProc, HostOptions, applied, env, manager, rampart, runtime, send};
@@ -446,9 +447,6 @@ fn cluster_kills() -> usize {
 }
 
 fn cluster_node_kills() -> Result<()> {
-    use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
-    use lapin::types::{AMQPValue, FieldTable};
-    use std::collections::BTreeMap;
     let e = env();
     let cluster = crate::support::broker::Cluster::start(&e.root.join("cluster"), &e.ca, "cl");
     let id = "fl-cluster";
@@ -472,32 +470,7 @@ fn cluster_node_kills() -> Result<()> {
     let cfg = rampart::config::Config::load(&manager_cfg)?;
     let rt = runtime();
     // The acks go to a quorum queue of the test's own as well, so none is lost with a node.
-    let acks = format!("rampart.test-acks-{}", std::process::id());
-    rt.block_on(async {
-        let m = rampart::manager::Manager::connect(&cfg).await?;
-        let ch = m.channel().await?;
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        ch.queue_declare(acks.as_str().into(), durable, args)
-            .await?;
-        ch.queue_bind(
-            acks.as_str().into(),
-            rampart::broker::ACKS_EXCHANGE.into(),
-            id.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-        m.close().await;
-        Ok::<_, anyhow::Error>(())
-    })?;
+    let acks = rt.block_on(AckLog::declare(&cfg, id, true))?;
     let agent = AgentProc::start(&host);
     agent.wait_serving();
     let socket = host.dir.join("rampart.sock");
@@ -573,50 +546,12 @@ fn cluster_node_kills() -> Result<()> {
     let sent = sent.lock().unwrap().clone();
     ensure!(sent.len() > 20, "the stream ran ({} commands)", sent.len());
     // Every command answered, each id with one outcome.
-    let outcomes: BTreeMap<String, Vec<(String, bool)>> = rt.block_on(async {
-        let m = rampart::manager::Manager::connect(&cfg).await?;
-        let ch = m.channel().await?;
-        let mut got: BTreeMap<String, Vec<(String, bool)>> = BTreeMap::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let answered = sent.iter().all(|c| got.contains_key(c));
-            if answered || Instant::now() > deadline {
-                break;
-            }
-            match ch
-                .basic_get(acks.as_str().into(), BasicGetOptions { no_ack: true })
-                .await?
-            {
-                Some(msg) => {
-                    let ack: rampart::protocol::Ack = serde_json::from_slice(&msg.delivery.data)?;
-                    let cid = ack.correlation_id.clone().unwrap_or_default();
-                    got.entry(cid)
-                        .or_default()
-                        .push((ack.status.as_str().into(), ack.duplicate));
-                }
-                None => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-        m.close().await;
-        Ok::<_, anyhow::Error>(got)
-    })?;
-    let missing: Vec<&String> = sent.iter().filter(|c| !outcomes.contains_key(*c)).collect();
-    ensure!(missing.is_empty(), "unanswered: {missing:?}");
-    for (cid, answers) in &outcomes {
-        ensure!(
-            answers.iter().all(|(st, _)| st == "applied"),
-            "{cid}: more than one outcome: {answers:?}"
-        );
-        ensure!(
-            answers.iter().filter(|(_, dup)| !dup).count() <= 1,
-            "{cid}: applied twice: {answers:?}"
-        );
-    }
-    let dups = outcomes.values().filter(|a| a.len() > 1).count();
+    let outcomes = rt.block_on(acks.collect(&sent, Duration::from_secs(60)))?;
+    let tally = acklog::check(&sent, &outcomes)?;
     eprintln!(
         "cluster: {} commands, {} answered more than once (duplicates), {} kills",
-        sent.len(),
-        dups,
+        tally.sent,
+        tally.duplicates,
         gaps.len()
     );
     drop(agent);

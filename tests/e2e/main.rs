@@ -8,6 +8,7 @@ mod faults;
 mod firewall;
 mod ops;
 mod routers;
+mod storms;
 mod support;
 mod trust;
 
@@ -29,6 +30,7 @@ fn main() {
     tests.extend(firewall::tests());
     tests.extend(ops::tests());
     tests.extend(routers::tests());
+    tests.extend(storms::tests());
     tests.extend(trust::tests());
 
     let needs_env = !args.list

@@ -1,5 +1,6 @@
 //! Shared test environment: one broker for the whole run, hosts and agents made per test.
 
+pub mod acklog;
 pub mod broker;
 pub mod netns;
 pub mod pki;

@@ -1,6 +1,7 @@
 //! An agent host in its own namespace: the agent sees only the test's interfaces and
 //! reaches the shared broker through a veth and a relay (`10.<net>.1:5671`).
 
+use super::broker::Broker;
 use super::netns::{KillableRelay, Netns, relay, veth};
 use super::{AgentProc, Host, HostOptions, env};
 
@@ -15,6 +16,11 @@ pub struct Site {
 impl Site {
     /// `base`: namespace name prefix; `net`: three octets for the broker link (a /30).
     pub fn new(base: &str, net: &str, id: &str, opts: HostOptions) -> Site {
+        Site::on(&env().broker, base, net, id, opts)
+    }
+
+    /// Same, in front of another broker than the shared one (the host's user is made there).
+    pub fn on(broker: &Broker, base: &str, net: &str, id: &str, opts: HostOptions) -> Site {
         let brk = Netns::new(&format!("{base}-brk"));
         let ag = Netns::new(&format!("{base}-ag"));
         veth(
@@ -25,9 +31,11 @@ impl Site {
             "e0",
             &format!("{net}.2/30"),
         );
-        let target = format!("127.0.0.1:{}", env().broker.port).parse().unwrap();
+        let target = format!("127.0.0.1:{}", broker.port).parse().unwrap();
         let relay = relay(&brk.name, &format!("{net}.1:5671"), target);
-        let host = env().host(
+        broker.add_host_user(id);
+        let host = env().host_on(
+            broker,
             id,
             HostOptions {
                 // The relay's address, unless the test names the broker otherwise (by DNS).
