@@ -147,6 +147,14 @@ pub enum QueueType {
     Classic,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UrlOrder {
+    #[default]
+    Spread,
+    Listed,
+}
+
 impl QueueType {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -185,6 +193,11 @@ pub struct BrokerConfig {
     /// Unacknowledged deliveries the broker may push ahead of the one in hand.
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
+    /// Where each round of connection attempts starts: `spread` (a place in `urls` chosen
+    /// by the host id, so a fleet with one list spreads over a cluster's nodes) or
+    /// `listed` (always the first URL: a preferred node).
+    #[serde(default)]
+    pub url_order: UrlOrder,
     #[serde(default = "default_backoff_initial_ms")]
     pub backoff_initial_ms: u64,
     #[serde(default = "default_backoff_max_ms")]

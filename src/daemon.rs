@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::broker::{self, BrokerError, Connector, Dialer, Session, amqp};
 use crate::certs::Current;
-use crate::config::{AuthMechanism, Config, parse_failsafe};
+use crate::config::{AuthMechanism, Config, UrlOrder, parse_failsafe};
 use crate::dispatch::{CertContext, Dispatcher, Disposition, Rotation};
 use crate::firewall::render::RenderCtx;
 use crate::firewall::spec::{Limits, RuleSet};
@@ -866,11 +866,15 @@ impl Agent {
     /// Failover and backoff over `connector`'s brokers, with the configured backoff.
     fn dialer_for(&self, connector: &Connector) -> Dialer {
         let b = &self.config().broker;
-        Dialer::new(
+        let dialer = Dialer::new(
             connector.urls.len(),
             Duration::from_millis(b.backoff_initial_ms),
             Duration::from_millis(b.backoff_max_ms),
-        )
+        );
+        match b.url_order {
+            UrlOrder::Spread => dialer.starting_at(&self.host_id),
+            UrlOrder::Listed => dialer,
+        }
     }
 
     fn identity_sha(&self) -> String {

@@ -11,12 +11,34 @@ fn default_sigpipe() {
     let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }
 
+/// At most two malloc arenas. glibc gives each thread that allocates an arena of its own (up
+/// to eight per core), and their freed pages stay resident: on a hypervisor with many cores
+/// that multiplies the idle agent's memory for no gain, its work being one command at a
+/// time. `MALLOC_ARENA_MAX` in the environment still wins (glibc reads it at start; this
+/// runs only when it is unset).
+#[allow(unsafe_code)]
+fn few_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called first thing in main,
+        // before any other thread exists.
+        let _ = unsafe { nix::libc::mallopt(nix::libc::M_ARENA_MAX, 2) };
+    }
+}
+
+/// Worker threads of the runtime: the agent handles one command at a time and waits on the
+/// broker and the kernel, so two are plenty whatever the host's core count (each idle
+/// worker costs its stack and its arena). Blocking work (netlink batches, file syncs) has
+/// tokio's separate, on-demand pool.
+const WORKER_THREADS: usize = 2;
+
 fn main() {
+    few_malloc_arenas();
     let cli = rampart::cli::Cli::parse();
     if !matches!(cli.command, rampart::cli::Command::Run) {
         default_sigpipe();
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKER_THREADS)
         .enable_all()
         .build()
         .expect("building the tokio runtime");

@@ -85,6 +85,8 @@ pub fn parse_url(url: &str, cfg: &BrokerConfig) -> Result<BrokerUrl, BrokerError
         return Err(err("no host"));
     }
     uri.query.heartbeat = Some(cfg.heartbeat_secs);
+    // Unless the URL asks otherwise: see FRAME_MAX.
+    uri.query.frame_max = uri.query.frame_max.or(Some(FRAME_MAX));
     uri.query.auth_mechanism = Some(match cfg.auth {
         AuthMechanism::External => SASLMechanism::External,
         AuthMechanism::Plain => SASLMechanism::Plain,
@@ -344,6 +346,13 @@ impl Backoff {
     }
 }
 
+/// The largest AMQP frame we propose (the broker may lower it). lapin keeps a send and a
+/// receive ring of 32 frames each, zero-filled when the session opens: at RabbitMQ's default
+/// 128 KiB that is 8 MiB resident per agent, most of an idle agent's private memory; at
+/// 16 KiB it is 1 MiB. Bodies are split into more frames instead (a 16 MiB body: 1 024), a
+/// cost the firewall benchmark does not see.
+pub const FRAME_MAX: u32 = 16 * 1024;
+
 /// A session at least this long proves its broker healthy: the backoff starts over.
 pub const STABLE_SESSION: Duration = Duration::from_secs(30);
 
@@ -355,6 +364,8 @@ pub const STABLE_SESSION: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct Dialer {
     count: usize,
+    /// Where a round starts after a reset (see `starting_at`).
+    first: usize,
     next: usize,
     /// Failed attempts in the current round.
     failed: usize,
@@ -366,11 +377,23 @@ impl Dialer {
     pub fn new(count: usize, initial: Duration, cap: Duration) -> Dialer {
         Dialer {
             count: count.max(1),
+            first: 0,
             next: 0,
             failed: 0,
             backoff: Backoff::new(initial, cap),
             initial,
         }
+    }
+
+    /// Starts at the broker picked by `key` (the host id) instead of the first: hosts that
+    /// share one list of URLs spread over the nodes evenly, and each host keeps its place.
+    pub fn starting_at(mut self, key: &str) -> Dialer {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(key.as_bytes());
+        let n = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+        self.first = (n % self.count as u64) as usize;
+        self.next = self.first;
+        self
     }
 
     /// The index of the broker to dial now.
@@ -404,9 +427,9 @@ impl Dialer {
         }
     }
 
-    /// Settings changed (reload): first broker, no backoff.
+    /// Settings changed (reload): the round's first broker, no backoff.
     pub fn reset(&mut self) {
-        self.next = 0;
+        self.next = self.first;
         self.failed = 0;
         self.backoff.reset();
     }
@@ -803,6 +826,37 @@ mod tests {
     }
 
     #[test]
+    fn hosts_sharing_one_list_spread_over_its_brokers_and_keep_their_place() {
+        let dialer = |host: &str| {
+            Dialer::new(3, Duration::from_millis(100), Duration::from_secs(30)).starting_at(host)
+        };
+        let mut per_broker = [0usize; 3];
+        for i in 0..3000 {
+            per_broker[dialer(&format!("hv-{i}")).pick()] += 1;
+        }
+        // Even within a few percent.
+        assert!(
+            per_broker.iter().all(|n| (900..1100).contains(n)),
+            "{per_broker:?}"
+        );
+        let mut d = dialer("hv-7");
+        let first = d.pick();
+        assert_eq!(dialer("hv-7").pick(), first, "stable for one host");
+        assert_eq!(d.pick(), (first + 1) % 3, "then the others in turn");
+        d.reset();
+        assert_eq!(
+            d.pick(),
+            first,
+            "a reset returns to the host's own first broker"
+        );
+        // Without spreading: the listed order.
+        assert_eq!(
+            Dialer::new(3, Duration::from_millis(100), Duration::from_secs(30)).pick(),
+            0
+        );
+    }
+
+    #[test]
     fn one_broker_backs_off_after_each_failure() {
         let mut d = Dialer::new(1, Duration::from_millis(100), Duration::from_secs(30));
         for _ in 0..5 {
@@ -828,6 +882,7 @@ mod tests {
     fn urls_carry_heartbeat_and_external_auth() {
         let u = parse_url("amqps://user:secret@b.example:5671/%2f", &cfg()).unwrap();
         assert_eq!(u.uri.query.heartbeat, Some(30));
+        assert_eq!(u.uri.query.frame_max, Some(FRAME_MAX));
         assert_eq!(u.uri.query.auth_mechanism, Some(SASLMechanism::External));
         assert!(!u.display.contains("secret"));
         assert!(parse_url("amqp://b.example/%2f", &cfg()).is_err());

@@ -37,7 +37,17 @@ impl Broker {
 
     /// Same, and the node also accepts client certificates from the CAs in `also`.
     pub fn start_trusting(dir: &Path, ca: &Ca, also: &[&Ca], tag: &str) -> Broker {
-        let broker = Broker::prepare(dir, ca, also, tag, free_port());
+        let broker = Broker::prepare(dir, ca, also, tag, free_port(), "127.0.0.1");
+        broker.spawn();
+        broker.setup_users();
+        broker
+    }
+
+    /// A broker listening on `ip` (`0.0.0.0`: also on the addresses of veths to namespaces
+    /// of agents), not only on the loopback.
+    #[allow(dead_code)] // the fleet benchmark's
+    pub fn start_listening(dir: &Path, ca: &Ca, tag: &str, ip: &str) -> Broker {
+        let broker = Broker::prepare(dir, ca, &[], tag, free_port(), ip);
         broker.spawn();
         broker.setup_users();
         broker
@@ -45,7 +55,14 @@ impl Broker {
 
     /// A node's files and ports, not started; `epmd_port` is shared by the nodes of a
     /// cluster (they find each other through it).
-    fn prepare(dir: &Path, ca: &Ca, also: &[&Ca], tag: &str, epmd_port: u16) -> Broker {
+    fn prepare(
+        dir: &Path,
+        ca: &Ca,
+        also: &[&Ca],
+        tag: &str,
+        epmd_port: u16,
+        listen: &str,
+    ) -> Broker {
         std::fs::create_dir_all(dir).unwrap();
         let server = ca.issue("localhost", &["localhost", "127.0.0.1"], Role::Server);
         let bundle: String = std::iter::once(ca.pem())
@@ -57,7 +74,7 @@ impl Broker {
         let port = free_port();
         let conf = format!(
             "listeners.tcp = none\n\
-             listeners.ssl.default = 127.0.0.1:{port}\n\
+             listeners.ssl.default = {listen}:{port}\n\
              ssl_options.cacertfile = {d}/ca.pem\n\
              ssl_options.certfile = {d}/server.pem\n\
              ssl_options.keyfile = {d}/server.key\n\
@@ -257,6 +274,7 @@ impl Broker {
     }
 
     fn stop_node(&self) {
+        let vm = self.vm_pid();
         let _ = self.ctl(&["stop"]);
         if let Some(mut child) = self.child.lock().unwrap().take() {
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -265,6 +283,28 @@ impl Broker {
             }
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // The wrapper can exit before the VM has left epmd: a start in between would find
+        // its node name taken (duplicate_node_name). Wait for both.
+        if let Some(pid) = vm {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let short = self.node.split('@').next().unwrap_or_default().to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let names = Command::new("epmd")
+                .args(["-port", &self.epmd_port.to_string(), "-names"])
+                .output();
+            let listed = names.is_ok_and(|o| {
+                String::from_utf8_lossy(&o.stdout).contains(&format!("name {short} at"))
+            });
+            if !listed {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -322,6 +362,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(root: &Path, ca: &Ca, tag: &str) -> Cluster {
+        Cluster::start_listening(root, ca, tag, "127.0.0.1")
+    }
+
+    /// Same, each node listening on `ip` (see [`Broker::start_listening`]).
+    pub fn start_listening(root: &Path, ca: &Ca, tag: &str, ip: &str) -> Cluster {
         let epmd = free_port();
         let nodes: Vec<Broker> = (0..3)
             .map(|i| {
@@ -331,6 +376,7 @@ impl Cluster {
                     &[],
                     &format!("{tag}{i}"),
                     epmd,
+                    ip,
                 )
             })
             .collect();

@@ -1,0 +1,613 @@
+//! The fleet (issue 11), a benchmark and not a test: N real agent processes (each its own
+//! state directory, control socket, certificate, broker user and nftables table) against
+//! one broker node and against a 3-node cluster. The agents share one network namespace of
+//! the bench's own (their tables hook only its packets) and reach the brokers over a veth;
+//! the brokers run beside the bench. For each N it prints:
+//! - the time until all N are connected (their `state` events are in);
+//! - a `firewall.apply` and then a `firewall.patch` published to all N at once: per-host
+//!   command-to-ack p50 / p99 and the time until every ack is in;
+//! - one broker node: a broker restart, the time until all N are back (their new `state`
+//!   events), the peak rate of new sessions, then a push acked by all;
+//!   the cluster: the node with the most sessions killed during a push, the time until all
+//!   N acked, then a push acked by all;
+//! - agent RSS and PSS (median, max) when idle, and the broker's RSS.
+//!
+//! Run it with `scripts/fleet.sh` (raises the open-file limit first). Settings:
+//! `RAMPART_FLEET_SIZES` (default "100,500,1000"), `RAMPART_FLEET_TOPOLOGIES` (default
+//! "node,cluster"). It stops growing N when the machine runs short (the reason is printed).
+
+#[path = "../tests/e2e/support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions,
+};
+use lapin::types::FieldTable;
+use rampart::broker::{ACKS_EXCHANGE, EVENTS_EXCHANGE};
+use rampart::config::Config;
+use rampart::manager::Manager;
+use rampart::protocol::now_ms;
+use serde_json::{Value, json};
+use support::broker::{Broker, Cluster};
+use support::netns::Netns;
+use support::{AgentProc, HostOptions, env};
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// A durable queue of the bench's own: acks and state events are kept across broker
+/// restarts and read at leisure; the timing comes from the agents' own timestamps.
+struct Tap {
+    queue: String,
+    cfg: Config,
+}
+
+impl Tap {
+    async fn declare(cfg: &Config, name: &str, exchange: &str, key: &str) -> Result<Tap> {
+        let queue = format!("rampart.fleet.{name}");
+        let m = Manager::connect(cfg).await?;
+        let ch = m.channel().await?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        // Quorum: on the cluster it outlives the node the bench kills.
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString("quorum".into()),
+        );
+        ch.queue_declare(queue.as_str().into(), durable, args)
+            .await?;
+        ch.queue_bind(
+            queue.as_str().into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+            .await?;
+        m.close().await;
+        Ok(Tap {
+            queue,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Reads messages until `done` says so (given every body so far) or `timeout`.
+    async fn read_until(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&Value) -> bool,
+    ) -> Result<bool> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let attempt = async {
+                let m = Manager::connect(&self.cfg).await?;
+                let ch = m.channel().await?;
+                ch.basic_qos(1000, Default::default()).await?;
+                let mut c = ch
+                    .basic_consume(
+                        self.queue.as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions {
+                            no_ack: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                loop {
+                    let next = tokio::time::timeout_at(deadline, c.next()).await;
+                    match next {
+                        Err(_) => return Ok::<bool, anyhow::Error>(false),
+                        Ok(Some(Ok(d))) => {
+                            let v: Value = serde_json::from_slice(&d.data)?;
+                            if done(&v) {
+                                m.close().await;
+                                return Ok(true);
+                            }
+                        }
+                        Ok(_) => bail!("the tap's consumer ended"),
+                    }
+                }
+            };
+            match attempt.await {
+                Ok(done) => return Ok(done),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("fleet: tap {} lost ({e:#}), reading again", self.queue);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Every host's user in one `import_definitions` (one rabbitmqctl call per host takes
+/// about a second each), with the least privilege of PROTOCOL.md section 2.
+fn define_users(broker: &Broker, ids: &[String], dir: &Path) {
+    let mut users = vec![];
+    let mut perms = vec![];
+    let mut topics = vec![];
+    for id in ids {
+        let h = id.replace('.', r"\.");
+        users.push(json!({"name": id, "password_hash": "", "tags": []}));
+        perms.push(json!({"user": id, "vhost": "/",
+            "configure": format!(r"^rampart\.host\.{h}$"),
+            "write": format!(r"^(rampart\.host\.{h}|rampart\.acks|rampart\.events|rampart\.dead)$"),
+            "read": format!(r"^(rampart\.host\.{h}|rampart\.commands)$")}));
+        for (exchange, write, read) in [
+            ("rampart.commands", "^$".to_string(), format!("^{h}$")),
+            ("rampart.acks", format!("^{h}$"), "^$".to_string()),
+            (
+                "rampart.events",
+                format!(r"^[a-z_]+\.{h}$"),
+                "^$".to_string(),
+            ),
+        ] {
+            topics.push(json!({"user": id, "vhost": "/", "exchange": exchange,
+                "write": write, "read": read}));
+        }
+    }
+    let defs = json!({"users": users, "permissions": perms, "topic_permissions": topics});
+    let path = dir.join(format!("users-{}.json", ids.len()));
+    std::fs::write(&path, defs.to_string()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    broker.ctl_ok(&["import_definitions", path.to_str().unwrap()]);
+}
+
+/// VmRSS and Pss of a process, in KiB.
+fn memory_kib(pid: i32) -> Option<(u64, u64)> {
+    let field = |text: &str, name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    Some((field(&status, "VmRSS:")?, field(&rollup, "Pss:")?))
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn available_mib() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
+struct Fleet {
+    ids: Vec<String>,
+    agents: Vec<AgentProc>,
+}
+
+/// Publishes one command to every host at once (one publish each, confirmed together) and
+/// returns when it started. A publish lost with a node is sent again by its id (the agent
+/// answers a repeat as a duplicate), on a new connection.
+async fn push(cfg: &Config, ids: &[String], kind: &str, tag: &str, data: &Value) -> Result<u64> {
+    let started = now_ms();
+    let mut left: Vec<&String> = ids.iter().collect();
+    for _ in 0..10 {
+        let m = match Manager::connect(cfg).await {
+            Ok(m) => m,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let sends = left.iter().map(|h| {
+            let id = format!("{tag}-{h}");
+            let m = &m;
+            async move { m.send(h, kind, &id, data).await.is_ok() }
+        });
+        let ok = futures_util::future::join_all(sends).await;
+        left = left
+            .into_iter()
+            .zip(ok)
+            .filter(|(_, ok)| !ok)
+            .map(|(h, _)| h)
+            .collect();
+        m.close().await;
+        if left.is_empty() {
+            return Ok(started);
+        }
+    }
+    bail!("{} publishes never confirmed", left.len())
+}
+
+/// Waits for every host's ack of `tag`; prints p50 / p99 of command-to-ack and the time
+/// until all are in, from `started`. Fails on any answer but `applied`.
+async fn acked_by_all(
+    acks: &Tap,
+    ids: &[String],
+    tag: &str,
+    started: u64,
+    what: &str,
+) -> Result<()> {
+    let want: BTreeSet<String> = ids.iter().map(|h| format!("{tag}-{h}")).collect();
+    let mut got: BTreeMap<String, u64> = BTreeMap::new();
+    let mut bad = vec![];
+    let complete = acks
+        .read_until(Duration::from_secs(300), |v| {
+            let cid = v["correlation_id"].as_str().unwrap_or_default().to_string();
+            if want.contains(&cid) && !got.contains_key(&cid) {
+                if v["status"] != "applied" {
+                    bad.push(v.to_string());
+                }
+                got.insert(cid, v["timestamp"].as_u64().unwrap_or(0));
+            }
+            got.len() == want.len()
+        })
+        .await?;
+    ensure!(
+        bad.is_empty(),
+        "{what}: answers other than applied: {:?}",
+        &bad[..bad.len().min(3)]
+    );
+    ensure!(
+        complete,
+        "{what}: {} of {} acks in 300 s",
+        got.len(),
+        want.len()
+    );
+    let mut lat: Vec<u64> = got.values().map(|t| t.saturating_sub(started)).collect();
+    lat.sort();
+    println!(
+        "  {what:<34} p50 {:>6} ms  p99 {:>6} ms  all acked {:>6} ms  ({} hosts, nothing lost)",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.last().unwrap(),
+        ids.len()
+    );
+    Ok(())
+}
+
+/// Waits for a `state` event from every host with a timestamp at or after `since`; returns
+/// the time from `since` until the last one and the peak number per second.
+async fn all_states(events: &Tap, ids: &[String], since: u64) -> Result<(u64, usize)> {
+    let want: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+    let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+    let complete = events
+        .read_until(Duration::from_secs(600), |v| {
+            let host = v["host"].as_str().unwrap_or_default();
+            let ts = v["timestamp"].as_u64().unwrap_or(0);
+            if ts >= since && want.contains(host) {
+                seen.entry(host.to_string()).or_insert(ts);
+            }
+            seen.len() == want.len()
+        })
+        .await?;
+    ensure!(
+        complete,
+        "{} of {} hosts reported their session",
+        seen.len(),
+        want.len()
+    );
+    let mut per_second: BTreeMap<u64, usize> = BTreeMap::new();
+    for ts in seen.values() {
+        *per_second.entry(ts / 1000).or_default() += 1;
+    }
+    let last = seen.values().max().copied().unwrap_or(since);
+    Ok((
+        last.saturating_sub(since),
+        per_second.values().max().copied().unwrap_or(0),
+    ))
+}
+
+fn memory_line(fleet: &Fleet, brokers: &[&Broker]) {
+    let mut rss = vec![];
+    let mut pss = vec![];
+    for a in &fleet.agents {
+        if let Some((r, p)) = memory_kib(a.pid()) {
+            rss.push(r);
+            pss.push(p);
+        }
+    }
+    rss.sort();
+    pss.sort();
+    let broker_rss: Vec<String> = brokers
+        .iter()
+        .filter_map(|b| b.vm_pid())
+        .filter_map(memory_kib)
+        .map(|(r, _)| format!("{:.0}", mib(r)))
+        .collect();
+    println!(
+        "  idle agent RSS median {:.1} MiB, max {:.1} MiB; PSS median {:.1} MiB; broker RSS {} MiB",
+        mib(percentile(&rss, 0.5)),
+        mib(*rss.last().unwrap()),
+        mib(percentile(&pss, 0.5)),
+        broker_rss.join(" / ")
+    );
+}
+
+/// Starts N agents and waits until all are connected.
+fn start_fleet(
+    rt: &tokio::runtime::Runtime,
+    ns: &Netns,
+    brokers: &[&Broker],
+    cfg: &Config,
+    events: &Tap,
+    n: usize,
+    tag: &str,
+) -> Result<Fleet> {
+    let e = env();
+    let ids: Vec<String> = (0..n).map(|i| format!("{tag}-{i}")).collect();
+    define_users(brokers[0], &ids, &e.root);
+    // Over the veth; the brokers' certificates name localhost.
+    let urls: Vec<String> = brokers
+        .iter()
+        .map(|b| format!("amqps://{BROKER_IP}:{}/%2f", b.port))
+        .collect();
+    let hosts: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            e.host_on(
+                brokers[0],
+                id,
+                HostOptions {
+                    urls: Some(urls.clone()),
+                    server_name: Some("localhost".into()),
+                    firewall: format!("table = \"rf_{tag}_{i}\"\ndrift_check_secs = 300"),
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    let since = now_ms();
+    let t = Instant::now();
+    let agents: Vec<AgentProc> = hosts
+        .iter()
+        .map(|h| AgentProc::start_in(h, Some(&ns.name), &[]))
+        .collect();
+    let spawned = t.elapsed();
+    let fleet = Fleet { ids, agents };
+    let (took, peak) = rt.block_on(all_states(events, &fleet.ids, since))?;
+    println!(
+        "  {:<34} {:>6} ms  (spawned in {} ms, peak {} new sessions/s)",
+        "all connected",
+        took,
+        spawned.as_millis(),
+        peak
+    );
+    let _ = cfg;
+    Ok(fleet)
+}
+
+fn run_size(
+    rt: &tokio::runtime::Runtime,
+    ns: &Netns,
+    topology: &str,
+    brokers: &[&Broker],
+    cfg: &Config,
+    n: usize,
+) -> Result<()> {
+    println!("{topology}, N = {n}:");
+    let tag = format!("f{}{n}", &topology[..1]);
+    let events = rt.block_on(Tap::declare(
+        cfg,
+        &format!("events-{tag}"),
+        EVENTS_EXCHANGE,
+        "state.*",
+    ))?;
+    let acks = rt.block_on(Tap::declare(
+        cfg,
+        &format!("acks-{tag}"),
+        ACKS_EXCHANGE,
+        "#",
+    ))?;
+    let fleet = start_fleet(rt, ns, brokers, cfg, &events, n, &tag)?;
+    std::thread::sleep(Duration::from_secs(5));
+    memory_line(&fleet, brokers);
+
+    let rs = json!({"generation": 1, "address_sets": {"web": ["192.0.2.0/28"]},
+        "rules": [{"id": "ssh", "priority": 10, "action": "allow", "direction": "in",
+                   "protocol": "tcp", "ports": ["22"], "sources": ["$web"]}]});
+    let started = rt.block_on(push(cfg, &fleet.ids, "firewall.apply", "apply", &rs))?;
+    rt.block_on(acked_by_all(
+        &acks,
+        &fleet.ids,
+        "apply",
+        started,
+        "push firewall.apply",
+    ))?;
+    let patch = json!({"base_generation": 1, "generation": 2,
+        "upsert_rules": [{"id": "web", "priority": 20, "action": "allow", "direction": "in",
+                          "protocol": "tcp", "ports": ["443"]}]});
+    let started = rt.block_on(push(cfg, &fleet.ids, "firewall.patch", "patch", &patch))?;
+    rt.block_on(acked_by_all(
+        &acks,
+        &fleet.ids,
+        "patch",
+        started,
+        "push firewall.patch",
+    ))?;
+
+    if brokers.len() == 1 {
+        let b = brokers[0];
+        let down = now_ms();
+        b.restart();
+        let up = now_ms();
+        let (since_down, peak) = rt.block_on(all_states(&events, &fleet.ids, down))?;
+        println!(
+            "  {:<34} {:>6} ms after the broker was up (it was down {} ms; peak {} new sessions/s)",
+            "broker restart: all back",
+            (down + since_down).saturating_sub(up),
+            up - down,
+            peak
+        );
+    } else {
+        // The node holding the most sessions, killed while a push is in flight.
+        let node = busiest(brokers).context("no node holds a session")?;
+        let ping_started = now_ms();
+        let pusher = {
+            let (cfg, ids) = (cfg.clone(), fleet.ids.clone());
+            std::thread::spawn(move || {
+                support::runtime().block_on(push(&cfg, &ids, "ping", "during-kill", &json!({})))
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        node.kill9();
+        pusher.join().expect("pusher")?;
+        rt.block_on(acked_by_all(
+            &acks,
+            &fleet.ids,
+            "during-kill",
+            ping_started,
+            "push with a node killed",
+        ))?;
+        node.start_again();
+    }
+    let started = rt.block_on(push(cfg, &fleet.ids, "ping", "after", &json!({})))?;
+    rt.block_on(acked_by_all(
+        &acks,
+        &fleet.ids,
+        "after",
+        started,
+        "push afterwards",
+    ))?;
+    drop(fleet);
+    // Their tables go with them (one transaction), so the next size starts clean.
+    let script: String = (0..n)
+        .map(|i| format!("delete table inet rf_{tag}_{i}\n"))
+        .collect();
+    let path = env().root.join(format!("cleanup-{tag}.nft"));
+    std::fs::write(&path, script)?;
+    let _ = ns.exec(&["nft", "-f", path.to_str().unwrap()]);
+    Ok(())
+}
+
+/// The node with the most connections (`rabbitmqctl list_connections` on each).
+fn busiest<'a>(brokers: &[&'a Broker]) -> Option<&'a Broker> {
+    brokers
+        .iter()
+        .map(|b| {
+            let out = b.ctl(&[
+                "list_connections",
+                "--local",
+                "-q",
+                "--no-table-headers",
+                "user",
+            ]);
+            (String::from_utf8_lossy(&out.stdout).lines().count(), *b)
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, b)| b)
+}
+
+/// The brokers' end of the veth to the agents' namespace.
+const BROKER_IP: &str = "10.210.0.1";
+
+/// A veth between the bench's namespace (where the brokers listen) and the agents'; it
+/// goes with the agents' namespace.
+fn link_to_host(ns: &Netns) {
+    let ip = |args: &[&str]| {
+        let ok = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip {args:?}");
+    };
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", "rfl0"])
+        .status();
+    ip(&[
+        "link", "add", "rfl0", "type", "veth", "peer", "name", "e0", "netns", &ns.name,
+    ]);
+    ip(&["addr", "add", &format!("{BROKER_IP}/24"), "dev", "rfl0"]);
+    ip(&["link", "set", "rfl0", "up"]);
+    ip(&["-n", &ns.name, "addr", "add", "10.210.0.2/24", "dev", "e0"]);
+    ip(&["-n", &ns.name, "link", "set", "e0", "up"]);
+}
+
+fn run(ns: &Netns, sizes: Vec<usize>, topologies: Vec<String>) -> Result<()> {
+    let root = tempfile::Builder::new()
+        .prefix("rampart-fleet-")
+        .tempdir_in("/tmp")?;
+    // Kept for a look at the logs; printed at the end.
+    let root = root.keep();
+    println!("files: {}", root.display());
+    support::init(&root);
+    let e = env();
+    let rt = support::runtime();
+    for topology in &topologies {
+        let (node, cluster);
+        let (brokers, cfg): (Vec<&Broker>, Config) = match topology.as_str() {
+            "node" => {
+                node = Broker::start_listening(&e.root.join("node"), &e.ca, "fn", "0.0.0.0");
+                let text = std::fs::read_to_string(&e.manager_config)?
+                    .replace(&e.broker.url(), &node.url());
+                let path = e.root.join("manager-fleet-node.toml");
+                std::fs::write(&path, text)?;
+                support::declare_topology(&path);
+                (vec![&node], Config::load(&path)?)
+            }
+            "cluster" => {
+                cluster = Cluster::start_listening(&e.root.join("cluster"), &e.ca, "fl", "0.0.0.0");
+                let listed: Vec<String> =
+                    cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+                let text = std::fs::read_to_string(&e.manager_config)?
+                    .replace(&format!("\"{}\"", e.broker.url()), &listed.join(", "));
+                let path = e.root.join("manager-fleet-cluster.toml");
+                std::fs::write(&path, text)?;
+                support::declare_topology(&path);
+                (cluster.nodes.iter().collect(), Config::load(&path)?)
+            }
+            other => bail!("unknown topology {other} (node, cluster)"),
+        };
+        for &n in &sizes {
+            // About 25 MiB per agent with the brokers' share: stop before the machine swaps.
+            let need = n as u64 * 25 + 2048;
+            if available_mib() < need {
+                println!(
+                    "{topology}, N = {n}: not run: {} MiB available, about {need} MiB needed",
+                    available_mib()
+                );
+                break;
+            }
+            if let Err(e) = run_size(&rt, ns, topology, &brokers, &cfg, n) {
+                println!("{topology}, N = {n}: stopped: {e:#}");
+                break;
+            }
+        }
+    }
+    support::teardown();
+    Ok(())
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::var("RAMPART_FLEET_SIZES")
+        .unwrap_or_else(|_| "100,500,1000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let topologies: Vec<String> = std::env::var("RAMPART_FLEET_TOPOLOGIES")
+        .unwrap_or_else(|_| "node,cluster".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    let ns = Netns::new("rfleet");
+    link_to_host(&ns);
+    let result = run(&ns, sizes, topologies);
+    drop(ns);
+    if let Err(e) = result {
+        eprintln!("fleet: {e}");
+        std::process::exit(1);
+    }
+}
