@@ -256,6 +256,14 @@ pub fn is_valid_iface(name: &str) -> bool {
 /// Parses an address or prefix; host bits must be clear so that what the manager sent is
 /// exactly what is enforced.
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
+    // The longest valid text is an IPv6 address with a prefix (under 64 bytes): a longer
+    // one is not quoted back, so a hostile value cannot blow up the ack and the log.
+    if s.len() > 64 {
+        return Err(format!(
+            "a value of {} bytes is not an IPv4/IPv6 address or prefix",
+            s.len()
+        ));
+    }
     let net = match s.parse::<std::net::IpAddr>() {
         Ok(ip) => IpNet::from(ip),
         Err(_) => s
@@ -389,6 +397,15 @@ impl RuleSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the decode fuzz target: a 700-byte "address" was quoted whole in the ack.
+    #[test]
+    fn a_long_bad_address_is_not_echoed_whole() {
+        let junk = format!("{}$web", " 0 , [ [".repeat(100));
+        let message = parse_net(&junk).unwrap_err();
+        assert!(message.len() < 200, "{message}");
+        assert!(message.contains("804 bytes"), "{message}");
+    }
 
     #[test]
     fn names() {
