@@ -1,11 +1,13 @@
 //! The fleet (issue 11), a benchmark and not a test: N real agent processes (each its own
 //! state directory, control socket, certificate, broker user and nftables table) against
-//! one broker node and against a 3-node cluster. The agents share one network namespace of
-//! the bench's own (their tables hook only its packets) and reach the brokers over a veth;
-//! the brokers run beside the bench. For each N it prints:
+//! one broker node and against a 3-node cluster. Each agent has a network namespace of its
+//! own, as each would have its own host: its table sees only its kernel's packets and
+//! events, its nft only its own table. A veth per namespace joins a bridge where the
+//! brokers listen. For each N it prints:
 //! - the time until all N are connected (their `state` events are in);
-//! - a `firewall.apply` and then a `firewall.patch` published to all N at once: per-host
-//!   command-to-ack p50 / p99 and the time until every ack is in;
+//! - a `firewall.apply`, a `firewall.patch` of addresses (netlink) and one of a rule (nft),
+//!   each published to all N at once: per-host command-to-ack p50 / p99 and the time until
+//!   every ack is in (N nft processes share this machine's cores, as N hosts would not);
 //! - one broker node: a broker restart, the time until all N are back (their new `state`
 //!   events), the peak rate of new sessions, then a push acked by all;
 //!   the cluster: the node with the most sessions killed during a push, the time until all
@@ -36,7 +38,6 @@ use rampart::manager::Manager;
 use rampart::protocol::now_ms;
 use serde_json::{Value, json};
 use support::broker::{Broker, Cluster};
-use support::netns::Netns;
 use support::{AgentProc, HostOptions, env};
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -339,7 +340,7 @@ fn memory_line(fleet: &Fleet, brokers: &[&Broker]) {
 /// Starts N agents and waits until all are connected.
 fn start_fleet(
     rt: &tokio::runtime::Runtime,
-    ns: &Netns,
+    ns: &Namespaces,
     brokers: &[&Broker],
     cfg: &Config,
     events: &Tap,
@@ -356,15 +357,14 @@ fn start_fleet(
         .collect();
     let hosts: Vec<_> = ids
         .iter()
-        .enumerate()
-        .map(|(i, id)| {
+        .map(|id| {
             e.host_on(
                 brokers[0],
                 id,
                 HostOptions {
                     urls: Some(urls.clone()),
                     server_name: Some("localhost".into()),
-                    firewall: format!("table = \"rf_{tag}_{i}\"\ndrift_check_secs = 300"),
+                    firewall: "drift_check_secs = 300".into(),
                     ..Default::default()
                 },
             )
@@ -374,7 +374,8 @@ fn start_fleet(
     let t = Instant::now();
     let agents: Vec<AgentProc> = hosts
         .iter()
-        .map(|h| AgentProc::start_in(h, Some(&ns.name), &[]))
+        .zip(&ns.names)
+        .map(|(h, ns)| AgentProc::start_in(h, Some(ns), &[]))
         .collect();
     let spawned = t.elapsed();
     let fleet = Fleet { ids, agents };
@@ -392,7 +393,6 @@ fn start_fleet(
 
 fn run_size(
     rt: &tokio::runtime::Runtime,
-    ns: &Netns,
     topology: &str,
     brokers: &[&Broker],
     cfg: &Config,
@@ -412,7 +412,8 @@ fn run_size(
         ACKS_EXCHANGE,
         "#",
     ))?;
-    let fleet = start_fleet(rt, ns, brokers, cfg, &events, n, &tag)?;
+    let namespaces = Namespaces::new(&tag, n);
+    let fleet = start_fleet(rt, &namespaces, brokers, cfg, &events, n, &tag)?;
     std::thread::sleep(Duration::from_secs(5));
     memory_line(&fleet, brokers);
 
@@ -427,16 +428,34 @@ fn run_size(
         started,
         "push firewall.apply",
     ))?;
-    let patch = json!({"base_generation": 1, "generation": 2,
-        "upsert_rules": [{"id": "web", "priority": 20, "action": "allow", "direction": "in",
-                          "protocol": "tcp", "ports": ["443"]}]});
-    let started = rt.block_on(push(cfg, &fleet.ids, "firewall.patch", "patch", &patch))?;
+    let addresses = json!({"base_generation": 1, "generation": 2,
+        "add_addresses": {"web": ["192.0.2.77"]}});
+    let started = rt.block_on(push(cfg, &fleet.ids, "firewall.patch", "addr", &addresses))?;
     rt.block_on(acked_by_all(
         &acks,
         &fleet.ids,
-        "patch",
+        "addr",
         started,
-        "push firewall.patch",
+        "push patch (addresses)",
+    ))?;
+    let rule = json!({"base_generation": 2, "generation": 3,
+        "upsert_rules": [{"id": "web", "priority": 20, "action": "allow", "direction": "in",
+                          "protocol": "tcp", "ports": ["443"]}]});
+    let started = rt.block_on(push(cfg, &fleet.ids, "firewall.patch", "rule", &rule))?;
+    rt.block_on(acked_by_all(
+        &acks,
+        &fleet.ids,
+        "rule",
+        started,
+        "push patch (a rule)",
+    ))?;
+    let started = rt.block_on(push(cfg, &fleet.ids, "ping", "ping", &json!({})))?;
+    rt.block_on(acked_by_all(
+        &acks,
+        &fleet.ids,
+        "ping",
+        started,
+        "push ping",
     ))?;
 
     if brokers.len() == 1 {
@@ -473,7 +492,28 @@ fn run_size(
             "push with a node killed",
         ))?;
         node.start_again();
+        // The whole cluster at once (a power loss): every node killed, then all started
+        // together (a clustered node waits for its peers to boot).
+        let down = now_ms();
+        for b in brokers {
+            b.kill9();
+        }
+        std::thread::scope(|s| {
+            for b in brokers {
+                s.spawn(|| b.start_again());
+            }
+        });
+        let up = now_ms();
+        let (since_down, peak) = rt.block_on(all_states(&events, &fleet.ids, down))?;
+        println!(
+            "  {:<34} {:>6} ms after the nodes were up (they were down {} ms; peak {} new sessions/s)",
+            "cluster restart: all back",
+            (down + since_down).saturating_sub(up),
+            up - down,
+            peak
+        );
     }
+    println!("  broker alarms (memory, disk) so far: {}", alarms(brokers));
     let started = rt.block_on(push(cfg, &fleet.ids, "ping", "after", &json!({})))?;
     rt.block_on(acked_by_all(
         &acks,
@@ -483,14 +523,23 @@ fn run_size(
         "push afterwards",
     ))?;
     drop(fleet);
-    // Their tables go with them (one transaction), so the next size starts clean.
-    let script: String = (0..n)
-        .map(|i| format!("delete table inet rf_{tag}_{i}\n"))
-        .collect();
-    let path = env().root.join(format!("cleanup-{tag}.nft"));
-    std::fs::write(&path, script)?;
-    let _ = ns.exec(&["nft", "-f", path.to_str().unwrap()]);
+    // Their tables go with their namespaces.
+    drop(namespaces);
     Ok(())
+}
+
+/// Resource alarms the brokers raised (memory or disk), from their logs.
+fn alarms(brokers: &[&Broker]) -> usize {
+    let count = |b: &&Broker| -> usize {
+        std::fs::read_dir(b.dir.join("log"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|f| std::fs::read_to_string(f.path()).unwrap_or_default())
+            .map(|t| t.matches("resource limit alarm set").count())
+            .sum()
+    };
+    brokers.iter().map(count).sum()
 }
 
 /// The node with the most connections (`rabbitmqctl list_connections` on each).
@@ -511,32 +560,71 @@ fn busiest<'a>(brokers: &[&'a Broker]) -> Option<&'a Broker> {
         .map(|(_, b)| b)
 }
 
-/// The brokers' end of the veth to the agents' namespace.
+/// The brokers' address on the bridge to the agents' namespaces.
 const BROKER_IP: &str = "10.210.0.1";
+const BRIDGE: &str = "rflbr";
 
-/// A veth between the bench's namespace (where the brokers listen) and the agents'; it
-/// goes with the agents' namespace.
-fn link_to_host(ns: &Netns) {
-    let ip = |args: &[&str]| {
-        let ok = std::process::Command::new("ip")
-            .args(args)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "ip {args:?}");
-    };
-    let _ = std::process::Command::new("ip")
-        .args(["link", "del", "rfl0"])
-        .status();
-    ip(&[
-        "link", "add", "rfl0", "type", "veth", "peer", "name", "e0", "netns", &ns.name,
-    ]);
-    ip(&["addr", "add", &format!("{BROKER_IP}/24"), "dev", "rfl0"]);
-    ip(&["link", "set", "rfl0", "up"]);
-    ip(&["-n", &ns.name, "addr", "add", "10.210.0.2/24", "dev", "e0"]);
-    ip(&["-n", &ns.name, "link", "set", "e0", "up"]);
+fn ip_batch(ns: Option<&str>, script: &str) {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new("ip");
+    if let Some(ns) = ns {
+        cmd.args(["-n", ns]);
+    }
+    let mut child = cmd
+        .args(["-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("ip");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "ip -batch failed:\n{script}"
+    );
 }
 
-fn run(ns: &Netns, sizes: Vec<usize>, topologies: Vec<String>) -> Result<()> {
+/// One network namespace per agent, each with a veth on the brokers' bridge.
+struct Namespaces {
+    names: Vec<String>,
+}
+
+impl Namespaces {
+    fn new(tag: &str, n: usize) -> Namespaces {
+        let names: Vec<String> = (0..n).map(|i| format!("{tag}-{i}")).collect();
+        let mut root = String::new();
+        for (i, ns) in names.iter().enumerate() {
+            root += &format!("netns add {ns}\n");
+            root += &format!("link add rfv{i} type veth peer name e0 netns {ns}\n");
+            root += &format!("link set rfv{i} master {BRIDGE} up\n");
+        }
+        ip_batch(None, &root);
+        for (i, ns) in names.iter().enumerate() {
+            let addr = format!("10.210.{}.{}/16", 1 + i / 250, 1 + i % 250);
+            ip_batch(
+                Some(ns),
+                &format!("addr add {addr} dev e0\nlink set e0 up\nlink set lo up\n"),
+            );
+        }
+        Namespaces { names }
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        let script: String = self
+            .names
+            .iter()
+            .map(|ns| format!("netns del {ns}\n"))
+            .collect();
+        ip_batch(None, &script);
+    }
+}
+
+fn run(sizes: Vec<usize>, topologies: Vec<String>) -> Result<()> {
     let root = tempfile::Builder::new()
         .prefix("rampart-fleet-")
         .tempdir_in("/tmp")?;
@@ -581,7 +669,7 @@ fn run(ns: &Netns, sizes: Vec<usize>, topologies: Vec<String>) -> Result<()> {
                 );
                 break;
             }
-            if let Err(e) = run_size(&rt, ns, topology, &brokers, &cfg, n) {
+            if let Err(e) = run_size(&rt, topology, &brokers, &cfg, n) {
                 println!("{topology}, N = {n}: stopped: {e:#}");
                 break;
             }
@@ -602,10 +690,14 @@ fn main() {
         .split(',')
         .map(|s| s.trim().to_string())
         .collect();
-    let ns = Netns::new("rfleet");
-    link_to_host(&ns);
-    let result = run(&ns, sizes, topologies);
-    drop(ns);
+    ip_batch(
+        None,
+        &format!(
+            "link add {BRIDGE} type bridge\naddr add {BROKER_IP}/16 dev {BRIDGE}\nlink set {BRIDGE} up\n"
+        ),
+    );
+    let result = run(sizes, topologies);
+    ip_batch(None, &format!("link del {BRIDGE}\n"));
     if let Err(e) = result {
         eprintln!("fleet: {e}");
         std::process::exit(1);
