@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions,
@@ -196,6 +196,24 @@ fn available_mib() -> u64 {
 struct Fleet {
     ids: Vec<String>,
     agents: Vec<AgentProc>,
+    sockets: Vec<std::path::PathBuf>,
+}
+
+impl Fleet {
+    /// Sessions per broker, as each agent's `rampart status` reports its broker's port.
+    fn sessions_per_broker(&self, brokers: &[&Broker]) -> Vec<usize> {
+        let mut counts = vec![0; brokers.len()];
+        for socket in &self.sockets {
+            let out = support::rampart(&["status", "--json", "--socket", socket.to_str().unwrap()]);
+            let port = serde_json::from_slice::<Value>(&out.stdout)
+                .ok()
+                .and_then(|v| v["session"]["broker_port"].as_u64());
+            if let Some(i) = brokers.iter().position(|b| Some(u64::from(b.port)) == port) {
+                counts[i] += 1;
+            }
+        }
+        counts
+    }
 }
 
 /// Publishes one command to every host at once (one publish each, confirmed together) and
@@ -358,7 +376,7 @@ fn start_fleet(
     let hosts: Vec<_> = ids
         .iter()
         .map(|id| {
-            e.host_on(
+            let host = e.host_on(
                 brokers[0],
                 id,
                 HostOptions {
@@ -367,7 +385,16 @@ fn start_fleet(
                     firewall: "drift_check_secs = 300".into(),
                     ..Default::default()
                 },
+            );
+            // The shipped backoff (the tests cap it at 2 s to be quick): a fleet retrying
+            // every 2 s keeps an overloaded broker overloaded.
+            let text = std::fs::read_to_string(&host.config).unwrap();
+            std::fs::write(
+                &host.config,
+                text.replace("backoff_max_ms = 2000", "backoff_max_ms = 30000"),
             )
+            .unwrap();
+            host
         })
         .collect();
     let since = now_ms();
@@ -378,7 +405,12 @@ fn start_fleet(
         .map(|(h, ns)| AgentProc::start_in(h, Some(ns), &[]))
         .collect();
     let spawned = t.elapsed();
-    let fleet = Fleet { ids, agents };
+    let sockets = hosts.iter().map(|h| h.dir.join("rampart.sock")).collect();
+    let fleet = Fleet {
+        ids,
+        agents,
+        sockets,
+    };
     let (took, peak) = rt.block_on(all_states(events, &fleet.ids, since))?;
     println!(
         "  {:<34} {:>6} ms  (spawned in {} ms, peak {} new sessions/s)",
@@ -416,6 +448,11 @@ fn run_size(
     let fleet = start_fleet(rt, &namespaces, brokers, cfg, &events, n, &tag)?;
     std::thread::sleep(Duration::from_secs(5));
     memory_line(&fleet, brokers);
+    if brokers.len() > 1 {
+        let counts = fleet.sessions_per_broker(brokers);
+        let shown: Vec<String> = counts.iter().map(usize::to_string).collect();
+        println!("  sessions per node: {}", shown.join(" / "));
+    }
 
     let rs = json!({"generation": 1, "address_sets": {"web": ["192.0.2.0/28"]},
         "rules": [{"id": "ssh", "priority": 10, "action": "allow", "direction": "in",
@@ -473,7 +510,9 @@ fn run_size(
         );
     } else {
         // The node holding the most sessions, killed while a push is in flight.
-        let node = busiest(brokers).context("no node holds a session")?;
+        let counts = fleet.sessions_per_broker(brokers);
+        let most = (0..brokers.len()).max_by_key(|i| counts[*i]).unwrap_or(0);
+        let node = brokers[most];
         let ping_started = now_ms();
         let pusher = {
             let (cfg, ids) = (cfg.clone(), fleet.ids.clone());
@@ -542,24 +581,6 @@ fn alarms(brokers: &[&Broker]) -> usize {
     brokers.iter().map(count).sum()
 }
 
-/// The node with the most connections (`rabbitmqctl list_connections` on each).
-fn busiest<'a>(brokers: &[&'a Broker]) -> Option<&'a Broker> {
-    brokers
-        .iter()
-        .map(|b| {
-            let out = b.ctl(&[
-                "list_connections",
-                "--local",
-                "-q",
-                "--no-table-headers",
-                "user",
-            ]);
-            (String::from_utf8_lossy(&out.stdout).lines().count(), *b)
-        })
-        .max_by_key(|(n, _)| *n)
-        .map(|(_, b)| b)
-}
-
 /// The brokers' address on the bridge to the agents' namespaces.
 const BROKER_IP: &str = "10.210.0.1";
 const BRIDGE: &str = "rflbr";
@@ -595,6 +616,21 @@ struct Namespaces {
 impl Namespaces {
     fn new(tag: &str, n: usize) -> Namespaces {
         let names: Vec<String> = (0..n).map(|i| format!("{tag}-{i}")).collect();
+        // What an interrupted run left behind.
+        let stale: String = names
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| format!("netns del {ns}\nlink del rfv{i}\n"))
+            .collect();
+        let _ = std::process::Command::new("sh")
+            .args(["-c", "ip -force -batch - 2>/dev/null"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(stale.as_bytes())?;
+                c.wait()
+            });
         let mut root = String::new();
         for (i, ns) in names.iter().enumerate() {
             root += &format!("netns add {ns}\n");

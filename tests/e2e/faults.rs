@@ -76,9 +76,12 @@ fn failover() -> Result<()> {
             ..Default::default()
         },
     );
-    // The default backoff cap (30 s): a node dying must not make the agent wait for it.
-    let text = std::fs::read_to_string(&host.config)?
-        .replace("backoff_max_ms = 2000", "backoff_max_ms = 30000");
+    // The default backoff cap (30 s): a node dying must not make the agent wait for it. The
+    // listed order: the agent starts on the first node.
+    let text = std::fs::read_to_string(&host.config)?.replace(
+        "backoff_max_ms = 2000",
+        "backoff_max_ms = 30000\nurl_order = \"listed\"",
+    );
     std::fs::write(&host.config, text)?;
     let mut relays = [
         Some(KillableRelay::start(&brk.name, &nodes[0], target)),
