@@ -704,9 +704,16 @@ pub async fn publish_confirmed(
     })?
 }
 
+/// How long nacks of one publish are retried on the same session. Past it the nack is
+/// returned and the session given up: a new session (on another node, if there is one)
+/// starts clean where a channel can stay refused for minutes after a node died (seen in
+/// the fleet benchmark).
+pub const NACK_PATIENCE: Duration = CONFIRM_TIMEOUT;
+
 /// Publishes until the broker confirms it: a nack (a quorum queue electing its leader, a
 /// queue refusing publishes while full) is retried after a short, growing pause instead of
-/// giving up the session (PROTOCOL.md section 6). Every other error returns.
+/// giving up the session at once (PROTOCOL.md section 6), for at most [`NACK_PATIENCE`].
+/// Every other error returns.
 pub async fn publish_until_confirmed(
     ch: &Channel,
     exchange: &str,
@@ -715,8 +722,18 @@ pub async fn publish_until_confirmed(
     props: BasicProperties,
 ) -> Result<(), BrokerError> {
     let mut pause = Duration::from_millis(50);
+    let started = tokio::time::Instant::now();
     loop {
         match publish_confirmed(ch, exchange, key, body, props.clone(), false).await {
+            Err(e @ BrokerError::Nacked { .. }) if started.elapsed() + pause > NACK_PATIENCE => {
+                tracing::warn!(
+                    exchange,
+                    key,
+                    secs = NACK_PATIENCE.as_secs(),
+                    "the broker kept nacking a publish; giving up this session"
+                );
+                return Err(e);
+            }
             Err(BrokerError::Nacked { .. }) => {
                 tracing::warn!(
                     exchange,

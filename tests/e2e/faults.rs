@@ -26,6 +26,10 @@ pub fn tests() -> Vec<Trial> {
             nacked_acks,
         ),
         trial(
+            "faults::acks_nacked_past_the_bound_give_up_the_session",
+            nacked_forever,
+        ),
+        trial(
             "faults::missing_dead_letter_queue_is_reported_and_commands_flow",
             missing_dead_letter_queue,
         ),
@@ -123,35 +127,42 @@ fn failover() -> Result<()> {
     })
 }
 
-fn nacked_acks() -> Result<()> {
-    use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+/// A queue that refuses every message routed to it, bound to `host`'s acks: the broker nacks
+/// every ack the agent publishes. Returns its name.
+async fn jam_acks(ch: &lapin::Channel, host: &str) -> Result<String> {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
     use lapin::types::{AMQPValue, FieldTable};
+    let jam = format!("rampart.jam-{host}-{}", std::process::id());
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(jam.as_str().into(), QueueDeclareOptions::default(), args)
+        .await?;
+    ch.queue_bind(
+        jam.as_str().into(),
+        rampart::broker::ACKS_EXCHANGE.into(),
+        host.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(jam)
+}
+
+fn nacked_acks() -> Result<()> {
+    use lapin::options::QueueDeleteOptions;
     let host = env().host("fl-nack", HostOptions::default());
     let agent = AgentProc::start(&host);
     agent.wait_serving();
     runtime().block_on(async {
         let h = &host.id;
         let mut m = manager(h).await?;
-        // A queue that refuses every message routed to it: the broker nacks the agent's acks.
         let admin = env().manager().await;
         let ch = admin.channel().await?;
-        let jam = format!("rampart.jam-{}", std::process::id());
-        let mut args = FieldTable::default();
-        args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
-        args.insert(
-            "x-overflow".into(),
-            AMQPValue::LongString("reject-publish".into()),
-        );
-        ch.queue_declare(jam.as_str().into(), QueueDeclareOptions::default(), args)
-            .await?;
-        ch.queue_bind(
-            jam.as_str().into(),
-            rampart::broker::ACKS_EXCHANGE.into(),
-            h.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+        let jam = jam_acks(&ch, h).await?;
         m.send(h, "ping", "nack-1", &json!({})).await?;
         ensure!(
             agent.wait_log(
@@ -183,6 +194,62 @@ fn nacked_acks() -> Result<()> {
 
 /// A broker of the test's own, with host `id`'s user, the topology declared, and a manager
 /// configuration for it.
+/// Found by the fleet benchmark: after a cluster node died, some agents' `state` event was
+/// nacked on their new session for minutes and they never served again. Retrying a nack is
+/// bounded like every wait on the broker: past it the session is given up and made again
+/// (here the cause outlives it, so the agent keeps trying), and once the cause is gone the
+/// redelivered command is answered from its record.
+fn nacked_forever() -> Result<()> {
+    use lapin::options::QueueDeleteOptions;
+    let host = env().host("fl-nack-forever", HostOptions::default());
+    let agent = AgentProc::start(&host);
+    agent.wait_serving();
+    runtime().block_on(async {
+        let h = &host.id;
+        let mut m = manager(h).await?;
+        let admin = env().manager().await;
+        let ch = admin.channel().await?;
+        let jam = jam_acks(&ch, h).await?;
+        m.send(h, "ping", "nack-forever", &json!({})).await?;
+        ensure!(
+            agent.wait_log("serving commands", 2, Duration::from_secs(60)),
+            "the session was not given up while every ack was nacked:\n{}",
+            agent.current_log()
+        );
+        ensure!(
+            agent.current_log().contains("nacked"),
+            "{}",
+            agent.current_log()
+        );
+        ch.queue_delete(jam.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+        // (The manager's own queue got a copy of every refused publish: the broker nacks
+        // when any queue it routes to refuses.)
+        let ack = m.wait_ack("nack-forever", Duration::from_secs(60)).await?;
+        ensure!(ack.status == rampart::protocol::Status::Applied, "{ack:?}");
+        // The redelivery is answered from the record, and then the session holds.
+        ensure!(
+            agent.wait_log(
+                "duplicate command: answering with the stored ack",
+                1,
+                Duration::from_secs(60)
+            ),
+            "{}",
+            agent.current_log()
+        );
+        let sessions = agent.current_log().matches("serving commands").count();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        ensure!(
+            agent.current_log().matches("serving commands").count() == sessions,
+            "{}",
+            agent.current_log()
+        );
+        admin.close().await;
+        m.close().await;
+        Ok(())
+    })
+}
+
 fn own_broker(tag: &str, id: &str) -> Result<(Broker, std::path::PathBuf)> {
     let e = env();
     let b = Broker::start(&e.root.join(format!("broker-{tag}")), &e.ca, tag);
