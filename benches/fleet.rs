@@ -728,6 +728,19 @@ fn main() {
         .split(',')
         .map(|s| s.trim().to_string())
         .collect();
+    // The brokers' side needs a neighbour entry per agent: past gc_thresh3 (1024 by
+    // default) the kernel drops new ones and agents see "no route to host" and timeouts.
+    let saved: Vec<(String, String)> = ["gc_thresh1", "gc_thresh2", "gc_thresh3"]
+        .iter()
+        .map(|k| {
+            let path = format!("/proc/sys/net/ipv4/neigh/default/{k}");
+            let value = std::fs::read_to_string(&path).unwrap_or_default();
+            (path, value)
+        })
+        .collect();
+    for ((path, _), value) in saved.iter().zip(["4096", "8192", "16384"]) {
+        std::fs::write(path, value).expect("raising the neighbour table limits");
+    }
     ip_batch(
         None,
         &format!(
@@ -736,6 +749,9 @@ fn main() {
     );
     let result = run(sizes, topologies);
     ip_batch(None, &format!("link del {BRIDGE}\n"));
+    for (path, value) in &saved {
+        let _ = std::fs::write(path, value.trim());
+    }
     if let Err(e) = result {
         eprintln!("fleet: {e}");
         std::process::exit(1);
