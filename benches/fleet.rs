@@ -718,6 +718,11 @@ fn run(sizes: Vec<usize>, topologies: Vec<String>) -> Result<()> {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs bench binaries without --bench: build-check only.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("fleet: benchmark skipped (run it with scripts/fleet.sh)");
+        return;
+    }
     let sizes: Vec<usize> = std::env::var("RAMPART_FLEET_SIZES")
         .unwrap_or_else(|_| "100,500,1000".into())
         .split(',')
