@@ -902,7 +902,11 @@ impl Agent {
         stop: &mut watch::Receiver<bool>,
         reload: &mut watch::Receiver<u64>,
     ) -> SessionEnd {
-        match self.serve_inner(session, stop, reload).await {
+        // The setup (declarations, the `state` event) waits on the broker too: a broker in a
+        // resource alarm holds the event's confirm for up to 30 s, longer than a watchdog
+        // period (found by the 60 s alarm of the long chaos mode).
+        let serving = self.serve_inner(session, stop, reload);
+        match self.with_pulse(&session.connection, serving).await {
             Ok(end) => end,
             Err(e) => SessionEnd::Lost(e.to_string()),
         }
