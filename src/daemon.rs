@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::StreamExt;
+use lapin::Event;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Event};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -768,7 +768,7 @@ impl Agent {
                     let began = Instant::now();
                     match self.serve(&session, &mut stop, &mut reload).await {
                         SessionEnd::Shutdown => {
-                            broker::close_bounded(&session.connection, "agent stopping").await;
+                            self.close(&session, "agent stopping").await;
                             return;
                         }
                         SessionEnd::Rotate(rotation) => {
@@ -776,7 +776,7 @@ impl Agent {
                                 connector: c,
                                 session: next,
                             } = *rotation;
-                            broker::close_bounded(&session.connection, "identity rotated").await;
+                            self.close(&session, "identity rotated").await;
                             tracing::info!(url = %next.url, "old session closed; serving on the new identity");
                             connector = c;
                             connector_identity = self.identity_sha();
@@ -784,8 +784,7 @@ impl Agent {
                             continue;
                         }
                         SessionEnd::Reload => {
-                            broker::close_bounded(&session.connection, "configuration reloaded")
-                                .await;
+                            self.close(&session, "configuration reloaded").await;
                             if let Some(c) = self.reconnector().await {
                                 dialer = self.dialer_for(&c);
                                 connector = c;
@@ -798,7 +797,7 @@ impl Agent {
                                 "broker session lost ({why}); retrying"
                             ))]);
                             self.note_error(why);
-                            broker::close_bounded(&session.connection, "reconnecting").await;
+                            self.close(&session, "reconnecting").await;
                         }
                     }
                     dialer.session_ended(began.elapsed())
@@ -827,6 +826,13 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Closes `session` within [`broker::CLOSE_TIMEOUT`], beating meanwhile.
+    async fn close(&self, session: &Session, reason: &str) {
+        let conn = &session.connection;
+        self.with_pulse(conn, broker::close_bounded(conn, reason))
+            .await;
     }
 
     /// A beat, and whether the broker blocks this connection (a resource alarm), for
@@ -943,7 +949,7 @@ impl Agent {
             .lock()
             .expect("session lock")
             .broker_missing = missing.iter().map(|m| m.to_string()).collect();
-        let publish_ch = broker::confirm_channel(conn).await?;
+        let publish_ch = broker::Publisher::open(conn).await?;
         let mut consumer = consume_ch
             .basic_consume(
                 broker::host_queue(&self.host_id).as_str().into(),
@@ -1019,7 +1025,7 @@ impl Agent {
 
     async fn process(
         &self,
-        publish_ch: &Channel,
+        publish_ch: &broker::Publisher,
         delivery: lapin::message::Delivery,
     ) -> Result<Option<Box<Rotation>>, BrokerError> {
         let props = &delivery.properties;
@@ -1066,14 +1072,14 @@ impl Agent {
             ack_props = ack_props.with_correlation_id(cid.as_str().into());
         }
         let confirm_started = Instant::now();
-        broker::publish_until_confirmed(
-            publish_ch,
-            broker::ACKS_EXCHANGE,
-            &self.host_id,
-            &ack.to_json(),
-            ack_props,
-        )
-        .await?;
+        publish_ch
+            .publish(
+                broker::ACKS_EXCHANGE,
+                &self.host_id,
+                &ack.to_json(),
+                ack_props,
+            )
+            .await?;
         tracing::debug!(
             command_id = ack.correlation_id.as_deref().unwrap_or("-"),
             confirm_us = confirm_started.elapsed().as_micros() as u64,
@@ -1097,7 +1103,7 @@ impl Agent {
 
     /// Publishes `cert.<host>` when the certificate expires within `cert_warn_days`, at most
     /// once a day (and once per start).
-    async fn warn_expiry(&self, ch: &Channel) -> Result<(), BrokerError> {
+    async fn warn_expiry(&self, ch: &broker::Publisher) -> Result<(), BrokerError> {
         use std::sync::atomic::Ordering;
         let warn_days = i64::from(self.config().broker.cert_warn_days);
         let (summary, days) = {
@@ -1147,7 +1153,7 @@ impl Agent {
 
     async fn publish_event(
         &self,
-        ch: &Channel,
+        ch: &broker::Publisher,
         event: &str,
         data: Value,
     ) -> Result<(), BrokerError> {
@@ -1170,8 +1176,7 @@ impl Agent {
         let props = broker::json_properties()
             .with_type(event.into())
             .with_user_id(self.broker_user.as_str().into());
-        broker::publish_until_confirmed(
-            ch,
+        ch.publish(
             broker::EVENTS_EXCHANGE,
             &format!("{event}.{}", self.host_id),
             &serde_json::to_vec(&body).expect("event serialises"),

@@ -662,8 +662,10 @@ pub async fn confirm_channel(conn: &Connection) -> Result<Channel, BrokerError> 
     Ok(ch)
 }
 
-/// How long a publish may wait for its confirm. A broker in a resource alarm blocks
-/// publishers indefinitely; past this the session is given up and made again.
+/// How long a publish may wait for its confirm while the broker has not said it blocks the
+/// connection; past this the session is given up and made again. Time under a resource
+/// alarm (connection.blocked) does not count: a new session would be blocked as well, and
+/// a fleet reconnecting every 30 s costs a broker short of memory more.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long closing a connection may take before it is simply dropped (a blocked or dying
@@ -710,41 +712,88 @@ pub async fn publish_confirmed(
 /// the fleet benchmark).
 pub const NACK_PATIENCE: Duration = CONFIRM_TIMEOUT;
 
-/// Publishes until the broker confirms it: a nack (a quorum queue electing its leader, a
-/// queue refusing publishes while full) is retried after a short, growing pause instead of
-/// giving up the session at once (PROTOCOL.md section 6), for at most [`NACK_PATIENCE`].
-/// Every other error returns.
-pub async fn publish_until_confirmed(
-    ch: &Channel,
-    exchange: &str,
-    key: &str,
-    body: &[u8],
-    props: BasicProperties,
-) -> Result<(), BrokerError> {
-    let mut pause = Duration::from_millis(50);
-    let started = tokio::time::Instant::now();
-    loop {
-        match publish_confirmed(ch, exchange, key, body, props.clone(), false).await {
-            Err(e @ BrokerError::Nacked { .. }) if started.elapsed() + pause > NACK_PATIENCE => {
-                tracing::warn!(
-                    exchange,
-                    key,
-                    secs = NACK_PATIENCE.as_secs(),
-                    "the broker kept nacking a publish; giving up this session"
-                );
-                return Err(e);
+/// The agent's confirm-mode channel, with the status of its connection so that waiting for
+/// a confirm can tell a blocked broker from a silent one.
+pub struct Publisher {
+    ch: Channel,
+    conn: lapin::ConnectionStatus,
+}
+
+impl Publisher {
+    pub async fn open(conn: &Connection) -> Result<Publisher, BrokerError> {
+        Ok(Publisher {
+            ch: confirm_channel(conn).await?,
+            conn: conn.status().clone(),
+        })
+    }
+
+    /// Publishes until the broker confirms it: a nack (a quorum queue electing its leader, a
+    /// queue refusing publishes while full) is retried after a short, growing pause instead
+    /// of giving up the session at once (PROTOCOL.md section 6), for at most
+    /// [`NACK_PATIENCE`]. A confirm may take [`CONFIRM_TIMEOUT`] of unblocked time. Every
+    /// other error returns.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        let mut pause = Duration::from_millis(50);
+        let started = tokio::time::Instant::now();
+        loop {
+            let confirm =
+                publish_confirmed_unbounded(&self.ch, exchange, key, body, props.clone(), false);
+            match self.confirmed_unless_blocked(exchange, confirm).await {
+                Err(e @ BrokerError::Nacked { .. })
+                    if started.elapsed() + pause > NACK_PATIENCE =>
+                {
+                    tracing::warn!(
+                        exchange,
+                        key,
+                        secs = NACK_PATIENCE.as_secs(),
+                        "the broker kept nacking a publish; giving up this session"
+                    );
+                    return Err(e);
+                }
+                Err(BrokerError::Nacked { .. }) => {
+                    tracing::warn!(
+                        exchange,
+                        key,
+                        retry_in_ms = pause.as_millis() as u64,
+                        "the broker nacked a publish; retrying"
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
             }
-            Err(BrokerError::Nacked { .. }) => {
-                tracing::warn!(
-                    exchange,
-                    key,
-                    retry_in_ms = pause.as_millis() as u64,
-                    "the broker nacked a publish; retrying"
-                );
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Awaits `confirm` for at most [`CONFIRM_TIMEOUT`] of the time the connection is not
+    /// blocked.
+    async fn confirmed_unless_blocked(
+        &self,
+        exchange: &str,
+        confirm: impl std::future::Future<Output = Result<(), BrokerError>>,
+    ) -> Result<(), BrokerError> {
+        const SLICE: Duration = Duration::from_millis(250);
+        tokio::pin!(confirm);
+        let mut unblocked = Duration::ZERO;
+        loop {
+            if let Ok(out) = tokio::time::timeout(SLICE, &mut confirm).await {
+                return out;
             }
-            other => return other,
+            if !self.conn.blocked() {
+                unblocked += SLICE;
+            }
+            if unblocked >= CONFIRM_TIMEOUT {
+                return Err(BrokerError::ConfirmTimeout {
+                    exchange: exchange.to_string(),
+                    secs: CONFIRM_TIMEOUT.as_secs(),
+                });
+            }
         }
     }
 }
