@@ -152,18 +152,40 @@ async fn jam_acks(ch: &lapin::Channel, host: &str) -> Result<String> {
     Ok(jam)
 }
 
-fn nacked_acks() -> Result<()> {
+/// Host `name`'s agent is sent ping `id` while every ack it publishes is nacked; `jammed`
+/// checks the agent meanwhile, then the jam is lifted. Returns the agent and the ping's ack.
+fn ping_through_jammed_acks(
+    name: &str,
+    id: &str,
+    jammed: impl FnOnce(&AgentProc) -> Result<()>,
+) -> Result<(AgentProc, rampart::protocol::Ack)> {
     use lapin::options::QueueDeleteOptions;
-    let host = env().host("fl-nack", HostOptions::default());
+    let host = env().host(name, HostOptions::default());
     let agent = AgentProc::start(&host);
     agent.wait_serving();
-    runtime().block_on(async {
+    let ack = runtime().block_on(async {
         let h = &host.id;
         let mut m = manager(h).await?;
         let admin = env().manager().await;
         let ch = admin.channel().await?;
         let jam = jam_acks(&ch, h).await?;
-        m.send(h, "ping", "nack-1", &json!({})).await?;
+        m.send(h, "ping", id, &json!({})).await?;
+        jammed(&agent)?;
+        ch.queue_delete(jam.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+        // (The manager's own queue got a copy of every refused publish: the broker nacks
+        // when any queue it routes to refuses.)
+        let ack = m.wait_ack(id, Duration::from_secs(60)).await?;
+        admin.close().await;
+        m.close().await;
+        anyhow::Ok(ack)
+    })?;
+    ensure!(ack.status == rampart::protocol::Status::Applied, "{ack:?}");
+    Ok((agent, ack))
+}
+
+fn nacked_acks() -> Result<()> {
+    let (agent, ack) = ping_through_jammed_acks("fl-nack", "nack-1", |agent| {
         ensure!(
             agent.wait_log(
                 "the broker nacked a publish; retrying",
@@ -173,44 +195,27 @@ fn nacked_acks() -> Result<()> {
             "{}",
             agent.current_log()
         );
-        ch.queue_delete(jam.as_str().into(), QueueDeleteOptions::default())
-            .await?;
-        let ack = m.wait_ack("nack-1", Duration::from_secs(20)).await?;
-        ensure!(ack.status == rampart::protocol::Status::Applied, "{ack:?}");
-        ensure!(
-            !ack.duplicate,
-            "answered on the same session, not redelivered: {ack:?}"
-        );
-        ensure!(
-            agent.current_log().matches("connected to broker").count() == 1,
-            "no reconnect:\n{}",
-            agent.current_log()
-        );
-        admin.close().await;
-        m.close().await;
         Ok(())
-    })
+    })?;
+    ensure!(
+        !ack.duplicate,
+        "answered on the same session, not redelivered: {ack:?}"
+    );
+    ensure!(
+        agent.current_log().matches("connected to broker").count() == 1,
+        "no reconnect:\n{}",
+        agent.current_log()
+    );
+    Ok(())
 }
 
-/// A broker of the test's own, with host `id`'s user, the topology declared, and a manager
-/// configuration for it.
 /// Found by the fleet benchmark: after a cluster node died, some agents' `state` event was
 /// nacked on their new session for minutes and they never served again. Retrying a nack is
 /// bounded like every wait on the broker: past it the session is given up and made again
 /// (here the cause outlives it, so the agent keeps trying), and once the cause is gone the
 /// redelivered command is answered from its record.
 fn nacked_forever() -> Result<()> {
-    use lapin::options::QueueDeleteOptions;
-    let host = env().host("fl-nack-forever", HostOptions::default());
-    let agent = AgentProc::start(&host);
-    agent.wait_serving();
-    runtime().block_on(async {
-        let h = &host.id;
-        let mut m = manager(h).await?;
-        let admin = env().manager().await;
-        let ch = admin.channel().await?;
-        let jam = jam_acks(&ch, h).await?;
-        m.send(h, "ping", "nack-forever", &json!({})).await?;
+    let (agent, _) = ping_through_jammed_acks("fl-nack-forever", "nack-forever", |agent| {
         ensure!(
             agent.wait_log("serving commands", 2, Duration::from_secs(60)),
             "the session was not given up while every ack was nacked:\n{}",
@@ -221,35 +226,30 @@ fn nacked_forever() -> Result<()> {
             "{}",
             agent.current_log()
         );
-        ch.queue_delete(jam.as_str().into(), QueueDeleteOptions::default())
-            .await?;
-        // (The manager's own queue got a copy of every refused publish: the broker nacks
-        // when any queue it routes to refuses.)
-        let ack = m.wait_ack("nack-forever", Duration::from_secs(60)).await?;
-        ensure!(ack.status == rampart::protocol::Status::Applied, "{ack:?}");
-        // The redelivery is answered from the record, and then the session holds.
-        ensure!(
-            agent.wait_log(
-                "duplicate command: answering with the stored ack",
-                1,
-                Duration::from_secs(60)
-            ),
-            "{}",
-            agent.current_log()
-        );
-        let sessions = agent.current_log().matches("serving commands").count();
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        ensure!(
-            agent.current_log().matches("serving commands").count() == sessions,
-            "{}",
-            agent.current_log()
-        );
-        admin.close().await;
-        m.close().await;
         Ok(())
-    })
+    })?;
+    // The redelivery is answered from the record, and then the session holds.
+    ensure!(
+        agent.wait_log(
+            "duplicate command: answering with the stored ack",
+            1,
+            Duration::from_secs(60)
+        ),
+        "{}",
+        agent.current_log()
+    );
+    let sessions = agent.current_log().matches("serving commands").count();
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(
+        agent.current_log().matches("serving commands").count() == sessions,
+        "{}",
+        agent.current_log()
+    );
+    Ok(())
 }
 
+/// A broker of the test's own, with host `id`'s user, the topology declared, and a manager
+/// configuration for it.
 fn own_broker(tag: &str, id: &str) -> Result<(Broker, std::path::PathBuf)> {
     let e = env();
     let b = Broker::start(&e.root.join(format!("broker-{tag}")), &e.ca, tag);

@@ -221,23 +221,45 @@ fn settle(site: &Site, acks: &AckLog, sent: &[String], model: &Model) -> Result<
     Ok((tally, mismatches.len()))
 }
 
+/// A patch stream under way against a site's agent, its acks logged.
+struct Storm {
+    acks: AckLog,
+    stop: Arc<AtomicBool>,
+    streamer: std::thread::JoinHandle<(Vec<String>, Model)>,
+}
+
+impl Storm {
+    /// Starts `site`'s agent, applies generation 1 through a manager on `cfg`'s broker and
+    /// streams patches every `every`.
+    fn begin(site: &Site, cfg: Config, every: Duration) -> Result<(Storm, AgentProc)> {
+        let h = site.host.id.clone();
+        let acks = runtime().block_on(AckLog::declare(&cfg, &h, false))?;
+        let agent = site.start(&[]);
+        let model = first_generation(&cfg, &h)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let streamer = stream(cfg, h, model, stop.clone(), every);
+        let storm = Storm {
+            acks,
+            stop,
+            streamer,
+        };
+        Ok((storm, agent))
+    }
+
+    /// Stops the stream: the ids it sent, the model they build, and the ack log.
+    fn end(self) -> (Vec<String>, Model, AckLog) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (sent, model) = self.streamer.join().expect("the stream ran");
+        (sent, model, self.acks)
+    }
+}
+
 fn agent_kills() -> Result<()> {
     let kills = count_from_env("RAMPART_CHAOS_AGENT_KILLS", 3);
     let mut rng = Rng::from_env();
     let site = Site::new("rpks", "10.209.1", "st-kill9", HostOptions::default());
     let cfg = Config::load(&env().manager_config)?;
-    let h = site.host.id.clone();
-    let acks = runtime().block_on(AckLog::declare(&cfg, &h, false))?;
-    let mut agent = site.start(&[]);
-    let model = first_generation(&cfg, &h)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let streamer = stream(
-        cfg,
-        h.clone(),
-        model,
-        stop.clone(),
-        Duration::from_millis(10),
-    );
+    let (storm, mut agent) = Storm::begin(&site, cfg, Duration::from_millis(10))?;
     let mut to_serving = vec![];
     let mut started = Instant::now();
     let result = (|| {
@@ -260,8 +282,7 @@ fn agent_kills() -> Result<()> {
         }
         Ok(())
     })();
-    stop.store(true, Ordering::Relaxed);
-    let (sent, model) = streamer.join().expect("the stream ran");
+    let (sent, model, acks) = storm.end();
     result?;
     agent.wait_serving();
     let (tally, mismatches) = settle(&site, &acks, &sent, &model)?;
@@ -302,18 +323,7 @@ fn broker_restarts() -> Result<()> {
     std::fs::write(&manager_cfg, text)?;
     crate::support::declare_topology(&manager_cfg);
     let cfg = Config::load(&manager_cfg)?;
-    let h = site.host.id.clone();
-    let acks = runtime().block_on(AckLog::declare(&cfg, &h, false))?;
-    let agent = site.start(&[]);
-    let model = first_generation(&cfg, &h)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let streamer = stream(
-        cfg,
-        h.clone(),
-        model,
-        stop.clone(),
-        Duration::from_millis(20),
-    );
+    let (storm, agent) = Storm::begin(&site, cfg, Duration::from_millis(20))?;
     let mut back = vec![];
     let result = (|| {
         for r in 0..restarts {
@@ -331,8 +341,7 @@ fn broker_restarts() -> Result<()> {
         std::thread::sleep(Duration::from_millis(1000));
         Ok(())
     })();
-    stop.store(true, Ordering::Relaxed);
-    let (sent, model) = streamer.join().expect("the stream ran");
+    let (sent, model, acks) = storm.end();
     result?;
     let (tally, mismatches) = settle(&site, &acks, &sent, &model)?;
     back.sort();
