@@ -134,6 +134,23 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         None => None,
         Some(e) => Some(after_state_lost(&mut firewall, &store, &config, e).await),
     };
+    // A deleted table (another tool's `nft flush ruleset`) is noticed at once through the
+    // kernel's events; other edits by the periodic check.
+    let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(1);
+    let watch = crate::sys::nfnl::TableWatch::open(&config.firewall.table, move || {
+        let _ = wake_tx.try_send(());
+    });
+    let watch = match watch {
+        Ok(w) => {
+            let w = Arc::new(w);
+            firewall.set_watch(w.clone());
+            Some(w)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no nftables events; drift is found by the periodic check only");
+            None
+        }
+    };
     if firewall.is_managed() {
         match firewall.restore().await {
             Ok(()) => tracing::info!(
@@ -167,21 +184,16 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     });
     crate::control::serve(&config.control.socket, shared.clone())
         .context("opening the control socket")?;
-    // A deleted table (another tool's `nft flush ruleset`) is noticed at once through the
-    // kernel's events; other edits by the periodic check.
-    let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(1);
-    let table = config.firewall.table.clone();
-    std::thread::Builder::new()
-        .name("nft-events".into())
-        .spawn(move || {
-            let wake = || {
-                let _ = wake_tx.try_send(());
-            };
-            if let Err(e) = crate::sys::nfnl::watch_table_deletions(&table, wake) {
-                tracing::warn!(error = %e, "no nftables events; drift is found by the periodic check only");
-            }
-        })
-        .context("starting the nftables event thread")?;
+    if let Some(watch) = watch {
+        std::thread::Builder::new()
+            .name("nft-events".into())
+            .spawn(move || {
+                if let Err(e) = watch.run() {
+                    tracing::warn!(error = %e, "no nftables events; drift is found by the periodic check only");
+                }
+            })
+            .context("starting the nftables event thread")?;
+    }
     tokio::spawn(drift_loop(
         firewall.clone(),
         routers.clone(),

@@ -7,6 +7,7 @@ pub mod render;
 pub mod spec;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -92,6 +93,8 @@ pub struct Firewall {
     /// Fingerprint of our table as last seen after our own change.
     baseline: Option<String>,
     pub applied_at_ms: Option<u64>,
+    /// The kernel event subscription (a deleted table), left during our own transactions.
+    watch: Option<Arc<nfnl::TableWatch>>,
 }
 
 fn refs_of(rs: &RuleSet) -> HashMap<String, BTreeSet<String>> {
@@ -157,7 +160,19 @@ impl Firewall {
             current: restored,
             baseline: None,
             applied_at_ms: None,
+            watch: None,
         }
+    }
+
+    /// The kernel event subscription, left during this firewall's own transactions.
+    pub fn set_watch(&mut self, watch: Arc<nfnl::TableWatch>) {
+        self.watch = Some(watch);
+    }
+
+    /// Out of the kernel's event group while the returned guard lives (see
+    /// [`nfnl::TableWatch`]).
+    fn quiet(watch: &Option<Arc<nfnl::TableWatch>>) -> Option<nfnl::Quiet<'_>> {
+        watch.as_deref().map(nfnl::TableWatch::quiet)
     }
 
     /// Replaces the failsafe context (brokers, ports); true when it changed, so the caller
@@ -208,6 +223,8 @@ impl Firewall {
         }
         self.layout = Layout::build(self.current.rules.values());
         let batch = render::render_full(&self.current, &self.layout, &self.ctx);
+        let watch = self.watch.clone();
+        let _quiet = Self::quiet(&watch);
         self.nft.apply(&batch).await?;
         self.baseline = None;
         Ok(())
@@ -231,6 +248,7 @@ impl Firewall {
     }
 
     pub async fn apply_batch(&self, batch: &str) -> Result<(), FirewallError> {
+        let _quiet = Self::quiet(&self.watch);
         self.nft.apply(batch).await.map_err(FirewallError::from)
     }
 
@@ -240,6 +258,7 @@ impl Firewall {
             KernelChange::Elements(changes) => {
                 let table = self.ctx.table.clone();
                 let changes = changes.clone();
+                let _quiet = Self::quiet(&self.watch);
                 tokio::task::spawn_blocking(move || {
                     let t = std::time::Instant::now();
                     let r = nfnl::apply(&table, &changes);

@@ -60,6 +60,10 @@ pub fn tests() -> Vec<Trial> {
             "firewall::flushed_ruleset_is_restored_at_once_via_kernel_events",
             drift_events_at_once,
         ),
+        trial(
+            "firewall::a_table_deleted_while_the_agent_is_out_of_the_event_group_is_noticed",
+            quiet_watch_notices_deletion,
+        ),
     ]
 }
 
@@ -582,18 +586,72 @@ fn drift_events_at_once() -> Result<()> {
     runtime().block_on(async {
         let h = &t.site.host.id;
         let mut m = manager(h).await?;
-        let rs = json!({"generation": 1, "defaults": {"in": "drop"}, "rules": []});
+        let rs = json!({"generation": 1, "defaults": {"in": "drop"}, "address_sets": {"s": []}, "rules": []});
         applied(&mut m, h, "firewall.apply", "fl-1", rs).await?;
+        // The agent leaves the kernel's event group during its own transactions (nft text
+        // and netlink elements alike): it must be back in it after each.
+        let rule = json!({"base_generation": 1, "generation": 2, "upsert_rules": [rule("web", 1, "allow", "in", "tcp", &["80"])]});
+        applied(&mut m, h, "firewall.patch", "fl-2", rule).await?;
+        let addr = json!({"base_generation": 2, "generation": 3, "add_addresses": {"s": ["192.0.2.1"]}});
+        applied(&mut m, h, "firewall.patch", "fl-3", addr).await?;
         ensure!(t.probe(83) == Tcp::Silent);
-        t.site.ag.nft("flush ruleset");
-        let back = crate::support::wait_until(Duration::from_secs(5), || {
-            t.site.ag.nft_table("rampart").is_some()
-        });
-        ensure!(back, "the flushed table was not restored at once");
-        ensure!(t.probe(83) == Tcp::Silent, "and it drops again");
+        // Twice: the second flush comes after the agent's own restore.
+        for round in 1..=2 {
+            t.site.ag.nft("flush ruleset");
+            let back = crate::support::wait_until(Duration::from_secs(5), || {
+                t.site
+                    .ag
+                    .nft_table("rampart")
+                    .is_some_and(|l| l.contains("192.0.2.1"))
+            });
+            ensure!(back, "flush {round}: the table was not restored at once");
+            ensure!(t.probe(83) == Tcp::Silent, "flush {round}: it drops again");
+        }
         m.close().await;
         Ok(())
     })
+}
+
+/// The agent leaves the kernel's event group during its own transactions (the kernel would
+/// build an event per rule and element). A deletion by someone else in that window must still
+/// be noticed: when it rejoins, it looks the table up.
+fn quiet_watch_notices_deletion() -> Result<()> {
+    use rampart::sys::nfnl::{TableWatch, table_exists};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let ns = Netns::new("rpq");
+    let o = ns.exec(&["nft", "add table inet rampart"]);
+    ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let name = ns.name.clone();
+    let (woken, exists_before, exists_after) = crate::support::netns::in_ns(&ns.name, move || {
+        let woken = Arc::new(AtomicUsize::new(0));
+        let w = woken.clone();
+        let watch = TableWatch::open("rampart", move || {
+            w.fetch_add(1, Ordering::SeqCst);
+        })
+        .expect("subscribing");
+        let before = table_exists("rampart").expect("looking the table up");
+        {
+            let _quiet = watch.quiet();
+            let _inner = watch.quiet();
+            let o = std::process::Command::new("ip")
+                .args(["netns", "exec", &name, "nft", "delete table inet rampart"])
+                .output()
+                .expect("nft");
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        let after = table_exists("rampart").expect("looking the table up");
+        (woken.load(Ordering::SeqCst), before, after)
+    });
+    ensure!(
+        exists_before && !exists_after,
+        "{exists_before} {exists_after}"
+    );
+    ensure!(
+        woken == 1,
+        "the deletion made while out of the group was noticed once, not {woken} times"
+    );
+    Ok(())
 }
 
 fn reboot_restore() -> Result<()> {
