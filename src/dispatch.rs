@@ -63,6 +63,9 @@ pub struct CertContext {
     pub broker: std::sync::RwLock<crate::config::BrokerConfig>,
 }
 
+/// Bodies up to this size are decoded on the async worker; larger ones on the blocking pool.
+const INLINE_DECODE_BYTES: usize = 64 * 1024;
+
 /// Test-only crash points, read once from `RAMPART_FAULT` (see docs/operations.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -223,6 +226,19 @@ impl Dispatcher {
         *self.certs.broker.write().expect("broker lock") = broker;
     }
 
+    /// Decodes `incoming`, a large body on the blocking pool (parsing megabytes of JSON
+    /// would hold an async worker for tens of milliseconds). The body is freed here, not
+    /// kept for as long as the command runs.
+    async fn decode(&self, incoming: Incoming) -> Result<Request, crate::protocol::Rejection> {
+        if incoming.body.len() <= INLINE_DECODE_BYTES {
+            return decode(&self.decode.read().expect("decode lock"), &incoming);
+        }
+        let ctx = self.decode.read().expect("decode lock").clone();
+        tokio::task::spawn_blocking(move || decode(&ctx, &incoming))
+            .await
+            .expect("decoding panicked")
+    }
+
     pub async fn handle(&self, incoming: Incoming) -> Outcome {
         let started = Instant::now();
         // Dedup comes before every check that depends on configuration (PROTOCOL.md
@@ -235,8 +251,7 @@ impl Dispatcher {
         {
             return outcome;
         }
-        let decoded = decode(&self.decode.read().expect("decode lock"), &incoming);
-        let request = match decoded {
+        let request = match self.decode(incoming).await {
             Ok(r) => r,
             Err(rejection) => {
                 tracing::warn!(

@@ -14,14 +14,21 @@ fn default_sigpipe() {
 /// At most two malloc arenas. glibc gives each thread that allocates an arena of its own (up
 /// to eight per core), and their freed pages stay resident: on a hypervisor with many cores
 /// that multiplies the idle agent's memory for no gain, its work being one command at a
-/// time. `MALLOC_ARENA_MAX` in the environment still wins (glibc reads it at start; this
-/// runs only when it is unset).
+/// time. And a fixed mmap threshold: glibc raises it (up to 32 MiB) each time a large block
+/// is freed, after which a large rule set's buffers (body, rendered text, snapshot) come
+/// from the heap and leave it fragmented instead of going back to the kernel when freed.
+/// `MALLOC_ARENA_MAX` / `MALLOC_MMAP_THRESHOLD_` in the environment still win (glibc reads
+/// them at start; each setting here runs only when its variable is unset).
 #[allow(unsafe_code)]
-fn few_malloc_arenas() {
+fn tune_malloc() {
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         // SAFETY: mallopt only sets an allocator parameter; called first thing in main,
         // before any other thread exists.
         let _ = unsafe { nix::libc::mallopt(nix::libc::M_ARENA_MAX, 2) };
+    }
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: as above.
+        let _ = unsafe { nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 256 * 1024) };
     }
 }
 
@@ -32,7 +39,7 @@ fn few_malloc_arenas() {
 const WORKER_THREADS: usize = 2;
 
 fn main() {
-    few_malloc_arenas();
+    tune_malloc();
     let cli = rampart::cli::Cli::parse();
     if !matches!(cli.command, rampart::cli::Command::Run) {
         default_sigpipe();

@@ -153,6 +153,20 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// redb's page cache; its default (1 GiB) let a 3 MB firewall snapshot and the records read
+/// for deduplication stay in the agent's memory. The store is written far more than read.
+const CACHE_BYTES: usize = 4 << 20;
+
+fn open_db(path: &Path) -> Result<Database, StateError> {
+    redb::Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)
+        .map_err(|cause| StateError::Open {
+            path: path.to_path_buf(),
+            cause,
+        })
+}
+
 impl Store {
     /// Opens (or creates) `state_dir/state.redb`, keeping at least `keep` command ids.
     pub fn open(state_dir: &Path, keep: usize) -> Result<Store, StateError> {
@@ -162,10 +176,7 @@ impl Store {
         })?;
         restrict_dir(state_dir);
         let path = state_dir.join("state.redb");
-        let db = Database::create(&path).map_err(|cause| StateError::Open {
-            path: path.clone(),
-            cause,
-        })?;
+        let db = open_db(&path)?;
         let store = Store {
             db: std::sync::RwLock::new(Some(db)),
             keep,
@@ -238,10 +249,7 @@ impl Store {
         // Dropped first: redb holds a lock on the file while it is open.
         *guard = None;
         tracing::warn!(path = %self.path.display(), "reopening the state store after an I/O error");
-        let db = Database::create(&self.path).map_err(|cause| StateError::Open {
-            path: self.path.clone(),
-            cause,
-        })?;
+        let db = open_db(&self.path)?;
         *guard = Some(db);
         Ok(())
     }
