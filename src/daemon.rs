@@ -134,23 +134,6 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         None => None,
         Some(e) => Some(after_state_lost(&mut firewall, &store, &config, e).await),
     };
-    // A deleted table (another tool's `nft flush ruleset`) is noticed at once through the
-    // kernel's events; other edits by the periodic check.
-    let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(1);
-    let watch = crate::sys::nfnl::TableWatch::open(&config.firewall.table, move || {
-        let _ = wake_tx.try_send(());
-    });
-    let watch = match watch {
-        Ok(w) => {
-            let w = Arc::new(w);
-            firewall.set_watch(w.clone());
-            Some(w)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "no nftables events; drift is found by the periodic check only");
-            None
-        }
-    };
     if firewall.is_managed() {
         match firewall.restore().await {
             Ok(()) => tracing::info!(
@@ -184,16 +167,19 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     });
     crate::control::serve(&config.control.socket, shared.clone())
         .context("opening the control socket")?;
-    if let Some(watch) = watch {
-        std::thread::Builder::new()
-            .name("nft-events".into())
-            .spawn(move || {
-                if let Err(e) = watch.run() {
-                    tracing::warn!(error = %e, "no nftables events; drift is found by the periodic check only");
-                }
+    // A deleted or replaced table (another tool's `nft flush ruleset`, a saved ruleset
+    // restored) is noticed within a watch period; other edits by the periodic check.
+    let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(1);
+    let made = firewall.lock().await.made_handle();
+    let table = config.firewall.table.clone();
+    std::thread::Builder::new()
+        .name("nft-watch".into())
+        .spawn(move || {
+            watch_table(&table, &made, || {
+                let _ = wake_tx.try_send(());
             })
-            .context("starting the nftables event thread")?;
-    }
+        })
+        .context("starting the nftables watch thread")?;
     tokio::spawn(drift_loop(
         firewall.clone(),
         routers.clone(),
@@ -487,6 +473,36 @@ async fn reconcile_routers(
 }
 
 /// Every `period`, compares the kernel's table and routers with the record and repairs them.
+/// How often the watch looks our table up: one netlink request, answered at once.
+const TABLE_WATCH_PERIOD: Duration = Duration::from_millis(250);
+
+/// Wakes the drift check when table `inet <table>` is missing or has another handle than the
+/// one the agent last made (`made`, 0 while unknown), once per such finding. Polling one
+/// request four times a second costs nothing; listening to nftables events instead would
+/// make the kernel build an event for every rule and element of every transaction on the
+/// host (see [`Firewall::made_handle`]). Runs forever on its own thread.
+fn watch_table(table: &str, made: &std::sync::atomic::AtomicU64, wake: impl Fn()) {
+    let mut reported: Option<Option<u64>> = None;
+    loop {
+        std::thread::sleep(TABLE_WATCH_PERIOD);
+        let live = match crate::sys::nfnl::table_handle(table) {
+            Ok(live) => live,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot look the table up");
+                continue;
+            }
+        };
+        let ours = made.load(std::sync::atomic::Ordering::Relaxed);
+        let foreign = ours != 0 && live != Some(ours);
+        if !foreign {
+            reported = None;
+        } else if reported != Some(live) {
+            reported = Some(live);
+            wake();
+        }
+    }
+}
+
 async fn drift_loop(
     firewall: Arc<tokio::sync::Mutex<Firewall>>,
     routers: Arc<tokio::sync::Mutex<Routers>>,

@@ -8,6 +8,7 @@ pub mod spec;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -93,8 +94,9 @@ pub struct Firewall {
     /// Fingerprint of our table as last seen after our own change.
     baseline: Option<String>,
     pub applied_at_ms: Option<u64>,
-    /// The kernel event subscription (a deleted table), left during our own transactions.
-    watch: Option<Arc<nfnl::TableWatch>>,
+    /// The kernel's handle of our table as we last made it, 0 while unknown (see
+    /// [`Firewall::made_handle`]).
+    made: Arc<AtomicU64>,
 }
 
 fn refs_of(rs: &RuleSet) -> HashMap<String, BTreeSet<String>> {
@@ -160,19 +162,37 @@ impl Firewall {
             current: restored,
             baseline: None,
             applied_at_ms: None,
-            watch: None,
+            made: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// The kernel event subscription, left during this firewall's own transactions.
-    pub fn set_watch(&mut self, watch: Arc<nfnl::TableWatch>) {
-        self.watch = Some(watch);
+    /// The kernel's handle of our table as this firewall last made it (0 while unknown or
+    /// being remade). A watcher that finds the table missing, or under another handle (a
+    /// tool that flushed the ruleset and restored an old copy), knows someone else did it,
+    /// without listening to nftables events: while any socket on the host listens, the
+    /// kernel builds an event for every rule and element of every transaction in every
+    /// namespace (measured: a 10 000-rule, 100 000-element `nft -f` took 1.8-2.3 s instead
+    /// of 1.1-1.2 s).
+    pub fn made_handle(&self) -> Arc<AtomicU64> {
+        self.made.clone()
     }
 
-    /// Out of the kernel's event group while the returned guard lives (see
-    /// [`nfnl::TableWatch`]).
-    fn quiet(watch: &Option<Arc<nfnl::TableWatch>>) -> Option<nfnl::Quiet<'_>> {
-        watch.as_deref().map(nfnl::TableWatch::quiet)
+    /// Runs a transaction that may make the table anew (a full rule set), then records the
+    /// handle it has.
+    async fn remake(&self, batch: &str) -> Result<(), NftError> {
+        let before = self.made.swap(0, Ordering::Relaxed);
+        let result = self.nft.apply(batch).await;
+        let now = match result {
+            // (A netlink request: answered while it is sent.)
+            Ok(()) => nfnl::table_handle(&self.ctx.table)
+                .ok()
+                .flatten()
+                .unwrap_or(0),
+            // Refused as a whole: the table is what it was.
+            Err(_) => before,
+        };
+        self.made.store(now, Ordering::Relaxed);
+        result
     }
 
     /// Replaces the failsafe context (brokers, ports); true when it changed, so the caller
@@ -223,9 +243,7 @@ impl Firewall {
         }
         self.layout = Layout::build(self.current.rules.values());
         let batch = render::render_full(&self.current, &self.layout, &self.ctx);
-        let watch = self.watch.clone();
-        let _quiet = Self::quiet(&watch);
-        self.nft.apply(&batch).await?;
+        self.remake(&batch).await?;
         self.baseline = None;
         Ok(())
     }
@@ -247,18 +265,18 @@ impl Firewall {
         Ok(ApplyPlan::Replace { batch, layout })
     }
 
+    /// Applies a whole rule set's text (see [`render::render_full`]).
     pub async fn apply_batch(&self, batch: &str) -> Result<(), FirewallError> {
-        let _quiet = Self::quiet(&self.watch);
-        self.nft.apply(batch).await.map_err(FirewallError::from)
+        self.remake(batch).await.map_err(FirewallError::from)
     }
 
     pub async fn apply_kernel(&self, change: &KernelChange) -> Result<(), FirewallError> {
         match change {
-            KernelChange::Text(batch) => self.apply_batch(batch).await,
+            // A patch changes chains and sets of the table, never the table itself.
+            KernelChange::Text(batch) => self.nft.apply(batch).await.map_err(FirewallError::from),
             KernelChange::Elements(changes) => {
                 let table = self.ctx.table.clone();
                 let changes = changes.clone();
-                let _quiet = Self::quiet(&self.watch);
                 tokio::task::spawn_blocking(move || {
                     let t = std::time::Instant::now();
                     let r = nfnl::apply(&table, &changes);

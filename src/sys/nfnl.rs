@@ -12,7 +12,6 @@ use nix::sys::socket::{
     setsockopt, socket, sockopt,
 };
 use nix::sys::time::TimeVal;
-use nix::{setsockopt_impl, sockopt_impl};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
@@ -277,7 +276,7 @@ pub fn decode_batch(bytes: &[u8]) -> Result<(String, Vec<SetChange>), BatchDecod
 }
 
 /// A netfilter netlink socket, subscribed to the multicast `groups` bitmask.
-fn netlink_socket(groups: u32) -> Result<OwnedFd, NfnlError> {
+fn netlink_socket() -> Result<OwnedFd, NfnlError> {
     let fd = socket(
         AddressFamily::Netlink,
         SockType::Raw,
@@ -285,12 +284,12 @@ fn netlink_socket(groups: u32) -> Result<OwnedFd, NfnlError> {
         SockProtocol::NetlinkNetFilter,
     )
     .map_err(NfnlError::Socket)?;
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups)).map_err(NfnlError::Socket)?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(NfnlError::Socket)?;
     Ok(fd)
 }
 
 fn open() -> Result<OwnedFd, NfnlError> {
-    let fd = netlink_socket(0)?;
+    let fd = netlink_socket()?;
     setsockopt(
         &fd,
         sockopt::ReceiveTimeout,
@@ -369,146 +368,16 @@ pub fn apply(table: &str, changes: &[SetChange]) -> Result<(), NfnlError> {
     }
 }
 
-const NFNLGRP_NFTABLES: u32 = 7;
-const NFT_MSG_DELTABLE: u16 = 2;
 const NFTA_TABLE_NAME: u16 = 1;
 
 const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_GETTABLE: u16 = 1;
+const NFTA_TABLE_HANDLE: u16 = 4;
 
-sockopt_impl!(
-    /// NETLINK_ADD_MEMBERSHIP: join a multicast group.
-    NetlinkAddMembership,
-    SetOnly,
-    libc::SOL_NETLINK,
-    libc::NETLINK_ADD_MEMBERSHIP,
-    usize
-);
-sockopt_impl!(
-    /// NETLINK_DROP_MEMBERSHIP: leave a multicast group.
-    NetlinkDropMembership,
-    SetOnly,
-    libc::SOL_NETLINK,
-    libc::NETLINK_DROP_MEMBERSHIP,
-    usize
-);
-
-/// The nftables event subscription that notices table `inet <table>` being deleted (by
-/// anyone). While the group has a listener the kernel builds an event for every rule and
-/// element a transaction touches: measured here, a 10 000-rule, 100 000-element `nft -f` took
-/// 1.8-2.3 s instead of 1.1-1.2 s, and the burst overflowed the socket, which (events lost)
-/// set off a full drift check after every large apply. So the agent's own transactions run
-/// [`TableWatch::quiet`]: out of the group, and on return a check that the table is there.
-pub struct TableWatch {
-    fd: OwnedFd,
-    table: String,
-    on_delete: Box<dyn Fn() + Send + Sync>,
-    /// Transactions under way in quiet mode; the group is left while it is not zero.
-    quiet: std::sync::Mutex<usize>,
-}
-
-/// Leaves quiet mode when dropped (see [`TableWatch::quiet`]).
-pub struct Quiet<'a>(&'a TableWatch);
-
-impl Drop for Quiet<'_> {
-    fn drop(&mut self) {
-        let mut n = self.0.quiet.lock().expect("quiet lock");
-        *n -= 1;
-        if *n > 0 {
-            return;
-        }
-        if let Err(e) = setsockopt(
-            &self.0.fd,
-            NetlinkAddMembership,
-            &(NFNLGRP_NFTABLES as usize),
-        ) {
-            tracing::warn!(error = %e, "cannot rejoin the nftables event group; checking now");
-            (self.0.on_delete)();
-            return;
-        }
-        // Back in the group: a deletion from now on is an event; one while we were out
-        // shows as a missing table. (A netlink request is answered while it is sent.)
-        match table_exists(&self.0.table) {
-            Ok(true) => {}
-            Ok(false) => (self.0.on_delete)(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot look the table up; checking it");
-                (self.0.on_delete)();
-            }
-        }
-    }
-}
-
-impl TableWatch {
-    /// Subscribes to the nftables events of this network namespace.
-    pub fn open(
-        table: &str,
-        on_delete: impl Fn() + Send + Sync + 'static,
-    ) -> Result<TableWatch, NfnlError> {
-        Ok(TableWatch {
-            fd: netlink_socket(1 << (NFNLGRP_NFTABLES - 1))?,
-            table: table.to_string(),
-            on_delete: Box::new(on_delete),
-            quiet: std::sync::Mutex::new(0),
-        })
-    }
-
-    /// Out of the event group until the returned guard is dropped: for the agent's own
-    /// transactions, whose events it does not need.
-    pub fn quiet(&self) -> Quiet<'_> {
-        let mut n = self.quiet.lock().expect("quiet lock");
-        if *n == 0
-            && let Err(e) = setsockopt(
-                &self.fd,
-                NetlinkDropMembership,
-                &(NFNLGRP_NFTABLES as usize),
-            )
-        {
-            tracing::debug!(error = %e, "cannot leave the nftables event group");
-        }
-        *n += 1;
-        Quiet(self)
-    }
-
-    /// Blocks forever, calling `on_delete` whenever the table is deleted or events were
-    /// lost. Run it on a dedicated thread.
-    pub fn run(&self) -> Result<(), NfnlError> {
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = match recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-                Ok(n) => n,
-                // ENOBUFS: events were lost; the safe answer is to check.
-                Err(nix::Error::ENOBUFS) => {
-                    (self.on_delete)();
-                    continue;
-                }
-                Err(nix::Error::EINTR) => continue,
-                Err(e) => return Err(NfnlError::Socket(e)),
-            };
-            let mut off = 0;
-            while off + 20 <= n {
-                let len =
-                    u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
-                if len < 20 || off + len > n {
-                    break;
-                }
-                let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
-                let family = buf[off + 16];
-                if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELTABLE
-                    && family == NFPROTO_INET
-                    && attr_str(&buf[off + 20..off + len], NFTA_TABLE_NAME)
-                        == Some(self.table.as_str())
-                {
-                    (self.on_delete)();
-                }
-                off += (len + 3) & !3;
-            }
-        }
-    }
-}
-
-/// Whether table `inet <table>` exists (one request, answered at once).
-pub fn table_exists(table: &str) -> Result<bool, NfnlError> {
+/// The kernel's handle of table `inet <table>`, or `None` when there is no such table (one
+/// request, answered while it is sent). A table deleted and made again, by us or by anyone,
+/// has a new handle.
+pub fn table_handle(table: &str) -> Result<Option<u64>, NfnlError> {
     let fd = open()?;
     let mut body = vec![];
     put_attr(&mut body, NFTA_TABLE_NAME, &cstr(table));
@@ -525,7 +394,7 @@ pub fn table_exists(table: &str) -> Result<bool, NfnlError> {
     );
     send(fd.as_raw_fd(), &msg, MsgFlags::empty()).map_err(NfnlError::Socket)?;
     let mut buf = vec![0u8; 8192];
-    let mut found = false;
+    let mut handle = None;
     loop {
         let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
             Ok(n) => n,
@@ -540,13 +409,15 @@ pub fn table_exists(table: &str) -> Result<bool, NfnlError> {
             if len < 16 || off + len > n {
                 break;
             }
-            if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE {
-                found = true;
+            if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE && len >= 20 {
+                handle = attrs(&buf[off + 20..off + len])
+                    .find(|(k, v)| *k == NFTA_TABLE_HANDLE && v.len() == 8)
+                    .map(|(_, v)| u64::from_be_bytes(v.try_into().expect("8 bytes")));
             } else if kind == NLMSG_ERROR && len >= 20 {
                 let code = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
                 return match -code {
-                    0 => Ok(found),
-                    libc::ENOENT => Ok(false),
+                    0 => Ok(handle),
+                    libc::ENOENT => Ok(None),
                     e => Err(NfnlError::Refused(std::io::Error::from_raw_os_error(e))),
                 };
             }
