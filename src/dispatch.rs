@@ -234,9 +234,16 @@ impl Dispatcher {
             return decode(&self.decode.read().expect("decode lock"), &incoming);
         }
         let ctx = self.decode.read().expect("decode lock").clone();
-        tokio::task::spawn_blocking(move || decode(&ctx, &incoming))
+        let (t, bytes) = (Instant::now(), incoming.body.len());
+        let decoded = tokio::task::spawn_blocking(move || decode(&ctx, &incoming))
             .await
-            .expect("decoding panicked")
+            .expect("decoding panicked");
+        tracing::debug!(
+            bytes,
+            decode_us = t.elapsed().as_micros() as u64,
+            "large body decoded"
+        );
+        decoded
     }
 
     pub async fn handle(&self, incoming: Incoming) -> Outcome {
@@ -574,7 +581,10 @@ fn failed_with(fw: &Firewall, e: &FirewallError) -> (Executed, Commit) {
 }
 
 async fn firewall_apply(fw: &mut Firewall, rs: Box<RuleSet>, raw: String) -> (Executed, Commit) {
-    match fw.plan_apply(&rs) {
+    let t = Instant::now();
+    let plan = fw.plan_apply(&rs);
+    tracing::debug!(plan_us = t.elapsed().as_micros() as u64, "rule set planned");
+    match plan {
         Err(e) => failed_with(fw, &e),
         Ok(ApplyPlan::NoOp) => (
             Executed::applied(

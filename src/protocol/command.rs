@@ -430,11 +430,15 @@ pub(super) fn as_str<'a>(v: &'a Value, path: &str) -> Result<&'a str, Reject> {
 }
 
 pub(super) fn u64_field(obj: &Map<String, Value>, key: &str, parent: &str) -> Result<u64, Reject> {
-    let path = child_path(parent, key);
     obj.get(key)
         .ok_or_else(|| missing(parent, key))?
         .as_u64()
-        .ok_or_else(|| invalid(&path, format!("{key} must be a non-negative integer")))
+        .ok_or_else(|| {
+            invalid(
+                &child_path(parent, key),
+                format!("{key} must be a non-negative integer"),
+            )
+        })
 }
 
 pub(super) fn echo(s: &str) -> String {

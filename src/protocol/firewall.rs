@@ -36,11 +36,14 @@ fn enum_field<T: Copy>(
     default: Option<T>,
     choices: &[(&str, T)],
 ) -> Result<T, Reject> {
-    let path = child_path(parent, key);
+    let path = || child_path(parent, key);
     let Some(v) = obj.get(key) else {
         return default.ok_or_else(|| missing(parent, key));
     };
-    let s = as_str(v, &path)?;
+    let s = match v.as_str() {
+        Some(s) => s,
+        None => as_str(v, &path())?,
+    };
     choices
         .iter()
         .find(|(name, _)| *name == s)
@@ -48,7 +51,7 @@ fn enum_field<T: Copy>(
         .ok_or_else(|| {
             let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
             invalid(
-                &path,
+                &path(),
                 format!("{} is not one of {}", echo(s), names.join(", ")),
             )
         })
@@ -89,9 +92,14 @@ fn set_name(s: &str, path: &str) -> Result<String, Reject> {
 fn elements(v: &Value, path: &str) -> Result<BTreeSet<IpNet>, Reject> {
     let mut out = BTreeSet::new();
     for (i, e) in as_array(v, path)?.iter().enumerate() {
-        let p = format!("{path}[{i}]");
-        let s = as_str(e, &p)?;
-        out.insert(parse_net(s).map_err(|m| invalid(&p, m))?);
+        // The element's path only when it is wrong: 100 000 of them are decoded per set
+        // sometimes, and formatting each path cost more than parsing the address.
+        let at = || format!("{path}[{i}]");
+        let s = match e.as_str() {
+            Some(s) => s,
+            None => as_str(e, &at())?,
+        };
+        out.insert(parse_net(s).map_err(|m| invalid(&at(), m))?);
     }
     Ok(out)
 }
@@ -106,15 +114,19 @@ fn set_map(v: &Value, path: &str) -> Result<BTreeMap<String, BTreeSet<IpNet>>, R
     Ok(out)
 }
 
-fn addrs(v: Option<&Value>, path: &str) -> Result<Vec<Addr>, Reject> {
+fn addrs(v: Option<&Value>, parent: &str, key: &str) -> Result<Vec<Addr>, Reject> {
     let Some(v) = v else { return Ok(vec![]) };
+    let path = || child_path(parent, key);
     let mut out = vec![];
-    for (i, e) in as_array(v, path)?.iter().enumerate() {
-        let p = format!("{path}[{i}]");
-        let s = as_str(e, &p)?;
+    for (i, e) in as_array(v, &path())?.iter().enumerate() {
+        let p = || format!("{}[{i}]", path());
+        let s = match e.as_str() {
+            Some(s) => s,
+            None => as_str(e, &p())?,
+        };
         out.push(match s.strip_prefix('$') {
-            Some(name) => Addr::Set(set_name(name, &p)?),
-            None => Addr::Net(parse_net(s).map_err(|m| invalid(&p, m))?),
+            Some(name) => Addr::Set(set_name(name, &p())?),
+            None => Addr::Net(parse_net(s).map_err(|m| invalid(&p(), m))?),
         });
     }
     Ok(out)
@@ -127,12 +139,16 @@ fn port(s: &str) -> Option<u16> {
     s.parse::<u16>().ok().filter(|p| *p > 0)
 }
 
-fn ports(v: Option<&Value>, path: &str) -> Result<Vec<PortRange>, Reject> {
+fn ports(v: Option<&Value>, parent: &str, key: &str) -> Result<Vec<PortRange>, Reject> {
     let Some(v) = v else { return Ok(vec![]) };
+    let path = || child_path(parent, key);
     let mut out = vec![];
-    for (i, e) in as_array(v, path)?.iter().enumerate() {
-        let p = format!("{path}[{i}]");
-        let s = as_str(e, &p)?;
+    for (i, e) in as_array(v, &path())?.iter().enumerate() {
+        let p = || format!("{}[{i}]", path());
+        let s = match e.as_str() {
+            Some(s) => s,
+            None => as_str(e, &p())?,
+        };
         let range = match s.split_once('-') {
             None => port(s).map(|x| PortRange { lo: x, hi: x }),
             Some((a, b)) => match (port(a), port(b)) {
@@ -142,7 +158,7 @@ fn ports(v: Option<&Value>, path: &str) -> Result<Vec<PortRange>, Reject> {
         };
         out.push(range.ok_or_else(|| {
             invalid(
-                &p,
+                &p(),
                 format!(
                     "{} is not a port (1-65535) or an ascending range a-b",
                     echo(s)
@@ -153,15 +169,19 @@ fn ports(v: Option<&Value>, path: &str) -> Result<Vec<PortRange>, Reject> {
     Ok(out)
 }
 
-fn ifaces(v: Option<&Value>, path: &str) -> Result<Vec<Iface>, Reject> {
+fn ifaces(v: Option<&Value>, parent: &str, key: &str) -> Result<Vec<Iface>, Reject> {
     let Some(v) = v else { return Ok(vec![]) };
+    let path = || child_path(parent, key);
     let mut out = vec![];
-    for (i, e) in as_array(v, path)?.iter().enumerate() {
-        let p = format!("{path}[{i}]");
-        let s = as_str(e, &p)?;
+    for (i, e) in as_array(v, &path())?.iter().enumerate() {
+        let p = || format!("{}[{i}]", path());
+        let s = match e.as_str() {
+            Some(s) => s,
+            None => as_str(e, &p())?,
+        };
         if !is_valid_iface(s) {
             return Err(invalid(
-                &p,
+                &p(),
                 format!(
                     "{} is not an interface name (1-15 of [A-Za-z0-9_.-], optional trailing *)",
                     echo(s)
@@ -191,11 +211,15 @@ const RULE_KEYS: [&str; 12] = [
 fn rule(v: &Value, path: &str) -> Result<Rule, Reject> {
     let obj = as_object(v, path)?;
     deny_unknown(obj, &RULE_KEYS, path)?;
-    let id_path = child_path(path, "id");
-    let id = as_str(obj.get("id").ok_or_else(|| missing(path, "id"))?, &id_path)?;
+    let id_path = || child_path(path, "id");
+    let id = obj.get("id").ok_or_else(|| missing(path, "id"))?;
+    let id = match id.as_str() {
+        Some(id) => id,
+        None => as_str(id, &id_path())?,
+    };
     if !is_valid_rule_id(id) {
         return Err(invalid(
-            &id_path,
+            &id_path(),
             format!(
                 "rule id {} does not match ^[A-Za-z0-9][A-Za-z0-9._:-]{{0,63}}$",
                 echo(id)
@@ -244,7 +268,7 @@ fn rule(v: &Value, path: &str) -> Result<Rule, Reject> {
             ("icmpv6", Protocol::Icmpv6),
         ],
     )?;
-    let ports = ports(obj.get("ports"), &child_path(path, "ports"))?;
+    let ports = ports(obj.get("ports"), path, "ports")?;
     if !ports.is_empty() && !matches!(protocol, Protocol::Tcp | Protocol::Udp) {
         return Err(invalid(
             &child_path(path, "ports"),
@@ -271,10 +295,10 @@ fn rule(v: &Value, path: &str) -> Result<Rule, Reject> {
         action,
         direction,
         protocol,
-        sources: addrs(obj.get("sources"), &child_path(path, "sources"))?,
-        destinations: addrs(obj.get("destinations"), &child_path(path, "destinations"))?,
+        sources: addrs(obj.get("sources"), path, "sources")?,
+        destinations: addrs(obj.get("destinations"), path, "destinations")?,
         ports,
-        applied_to: ifaces(obj.get("applied_to"), &child_path(path, "applied_to"))?,
+        applied_to: ifaces(obj.get("applied_to"), path, "applied_to")?,
         log: bool_field(obj, "log", path)?,
         disabled: bool_field(obj, "disabled", path)?,
         comment,

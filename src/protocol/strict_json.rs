@@ -23,7 +23,7 @@ pub(super) fn parse(text: &str) -> Result<Value, StrictError> {
     let duplicate = RefCell::new(None);
     let mut de = serde_json::Deserializer::from_str(text);
     let parsed = Seed {
-        path: "$".to_string(),
+        path: Path::Root,
         duplicate: &duplicate,
     }
     .deserialize(&mut de)
@@ -50,8 +50,27 @@ fn shorten(path: String) -> String {
     format!("{}...", &path[..end])
 }
 
+/// Where a value sits, made into text only for the error report: formatting a path for each
+/// of a large rule set's values cost more than the parse itself.
+#[derive(Clone, Copy)]
+enum Path<'a> {
+    Root,
+    Index(&'a Path<'a>, usize),
+    Key(&'a Path<'a>, &'a str),
+}
+
+impl Path<'_> {
+    fn render(&self) -> String {
+        match self {
+            Path::Root => "$".to_string(),
+            Path::Index(parent, i) => format!("{}[{i}]", parent.render()),
+            Path::Key(parent, key) => child_path(&parent.render(), key),
+        }
+    }
+}
+
 struct Seed<'a> {
-    path: String,
+    path: Path<'a>,
     duplicate: &'a RefCell<Option<String>>,
 }
 
@@ -93,7 +112,7 @@ impl<'de> Visitor<'de> for Seed<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
         while let Some(v) = seq.next_element_seed(Seed {
-            path: format!("{}[{}]", self.path, out.len()),
+            path: Path::Index(&self.path, out.len()),
             duplicate: self.duplicate,
         })? {
             out.push(v);
@@ -104,13 +123,12 @@ impl<'de> Visitor<'de> for Seed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            let path = child_path(&self.path, &key);
             if out.contains_key(&key) {
-                *self.duplicate.borrow_mut() = Some(shorten(path));
+                *self.duplicate.borrow_mut() = Some(shorten(child_path(&self.path.render(), &key)));
                 return Err(A::Error::custom("repeated key"));
             }
             let v = map.next_value_seed(Seed {
-                path,
+                path: Path::Key(&self.path, &key),
                 duplicate: self.duplicate,
             })?;
             out.insert(key, v);
