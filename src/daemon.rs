@@ -473,6 +473,9 @@ async fn reconcile_routers(
 }
 
 /// Every `period`, compares the kernel's table and routers with the record and repairs them.
+/// A command body above this size (a large rule set) is followed by [`crate::sys::trim_heap`].
+const LARGE_BODY: usize = 1 << 20;
+
 /// How often the watch looks our table up: one netlink request, answered at once.
 const TABLE_WATCH_PERIOD: Duration = Duration::from_millis(250);
 
@@ -1068,6 +1071,7 @@ impl Agent {
                     Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_string()),
                     _ => None,
                 });
+        let large = delivery.data.len() > LARGE_BODY;
         let incoming = Incoming {
             message_id: props.message_id().as_ref().map(|s| s.as_str().to_string()),
             kind: props.kind().as_ref().map(|s| s.as_str().to_string()),
@@ -1126,6 +1130,9 @@ impl Agent {
                 .await
                 .map_err(amqp("rejecting the delivery"))?,
         };
+        if large {
+            let _ = tokio::task::spawn_blocking(crate::sys::trim_heap).await;
+        }
         Ok(outcome.rotation)
     }
 
