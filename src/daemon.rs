@@ -768,6 +768,13 @@ impl Agent {
             };
             let delay = match attempt {
                 Ok(session) => {
+                    if !handover && connector.uses_dns() {
+                        // The name may have resolved for the dial but not a moment before,
+                        // for the failsafe (a resolver starting at boot): found in CI, where a
+                        // drop-all rule set then cut the session off. The addresses the dial
+                        // used are pinned now, so this finds them even if DNS fails again.
+                        self.follow_broker_addresses(&connector).await;
+                    }
                     {
                         let mut st = self.shared.session.lock().expect("session lock");
                         st.state = "connected".into();

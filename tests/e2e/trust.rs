@@ -528,6 +528,7 @@ struct Dns(std::process::Child);
 
 impl Dns {
     fn start(ns: &str, listen: &str, name: &str, answer: &str, dir: &std::path::Path) -> Dns {
+        let _ = std::fs::remove_file(dir.join("dnsmasq.pid"));
         let child = std::process::Command::new("ip")
             .args([
                 "netns",
@@ -553,6 +554,13 @@ impl Dns {
             .arg("--log-queries")
             .spawn()
             .expect("starting dnsmasq (Debian's dnsmasq-base)");
+        // Listening once it wrote its pid file (after binding): an agent started before
+        // that would find no resolver at first.
+        let pid_file = dir.join("dnsmasq.pid");
+        assert!(
+            crate::support::wait_until(std::time::Duration::from_secs(10), || pid_file.exists()),
+            "dnsmasq did not start"
+        );
         Dns(child)
     }
 
