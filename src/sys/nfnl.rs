@@ -378,23 +378,54 @@ const NFTA_TABLE_HANDLE: u16 = 4;
 /// request, answered while it is sent). A table deleted and made again, by us or by anyone,
 /// has a new handle.
 pub fn table_handle(table: &str) -> Result<Option<u64>, NfnlError> {
-    let fd = open()?;
     let mut body = vec![];
     put_attr(&mut body, NFTA_TABLE_NAME, &cstr(table));
+    let mut handle = None;
+    let answered = request(
+        NFT_MSG_GETTABLE,
+        NLM_F_REQUEST | NLM_F_ACK,
+        &body,
+        8192,
+        |kind, attrs_buf| {
+            if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE {
+                handle = attrs(attrs_buf)
+                    .find(|(k, v)| *k == NFTA_TABLE_HANDLE && v.len() == 8)
+                    .map(|(_, v)| u64::from_be_bytes(v.try_into().expect("8 bytes")));
+            }
+        },
+    );
+    match answered {
+        Ok(()) => Ok(handle),
+        Err(NfnlError::Refused(e)) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends one nftables request (`msg_type` in the inet family, `body` its attributes) and
+/// hands each answer's attributes to `on_msg` with the message's type, until the dump's end
+/// or the kernel's ack; an error the kernel answers with is returned. Blocking.
+fn request(
+    msg_type: u16,
+    flags: u16,
+    body: &[u8],
+    buf_size: usize,
+    mut on_msg: impl FnMut(u16, &[u8]),
+) -> Result<(), NfnlError> {
+    let fd = open()?;
     let seq = (std::process::id() << 8) ^ (crate::protocol::now_ms() as u32);
     let mut msg = vec![];
     put_msg(
         &mut msg,
-        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
-        NLM_F_REQUEST | NLM_F_ACK,
+        (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
+        flags,
         seq,
         NFPROTO_INET,
         0,
-        &body,
+        body,
     );
+    size_buffers(&fd, msg.len(), 1024);
     send(fd.as_raw_fd(), &msg, MsgFlags::empty()).map_err(NfnlError::Socket)?;
-    let mut buf = vec![0u8; 8192];
-    let mut handle = None;
+    let mut buf = vec![0u8; buf_size];
     loop {
         let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
             Ok(n) => n,
@@ -409,17 +440,18 @@ pub fn table_handle(table: &str) -> Result<Option<u64>, NfnlError> {
             if len < 16 || off + len > n {
                 break;
             }
-            if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE && len >= 20 {
-                handle = attrs(&buf[off + 20..off + len])
-                    .find(|(k, v)| *k == NFTA_TABLE_HANDLE && v.len() == 8)
-                    .map(|(_, v)| u64::from_be_bytes(v.try_into().expect("8 bytes")));
-            } else if kind == NLMSG_ERROR && len >= 20 {
-                let code = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
-                return match -code {
-                    0 => Ok(handle),
-                    libc::ENOENT => Ok(None),
-                    e => Err(NfnlError::Refused(std::io::Error::from_raw_os_error(e))),
-                };
+            match kind {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR if len >= 20 => {
+                    let code =
+                        i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
+                    return match code {
+                        0 => Ok(()),
+                        _ => Err(NfnlError::Refused(std::io::Error::from_raw_os_error(-code))),
+                    };
+                }
+                _ if len >= 20 => on_msg(kind, &buf[off + 20..off + len]),
+                _ => {}
             }
             off += (len + 3) & !3;
         }
@@ -488,54 +520,18 @@ fn parse_elements(attrs_buf: &[u8], out: &mut Vec<Element>) {
 /// Every element of set `inet <table> <set>` as the kernel holds it (one dump). Blocking:
 /// call it from a blocking thread.
 pub fn dump_elements(table: &str, set: &str) -> Result<Vec<Element>, NfnlError> {
-    let fd = open()?;
     let mut body = vec![];
     put_attr(&mut body, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
     put_attr(&mut body, NFTA_SET_ELEM_LIST_SET, &cstr(set));
-    let seq = (std::process::id() << 8) ^ (crate::protocol::now_ms() as u32);
-    let mut msg = vec![];
-    put_msg(
-        &mut msg,
-        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
-        NLM_F_REQUEST | NLM_F_DUMP,
-        seq,
-        NFPROTO_INET,
-        0,
-        &body,
-    );
-    size_buffers(&fd, msg.len(), 1024);
-    send(fd.as_raw_fd(), &msg, MsgFlags::empty()).map_err(NfnlError::Socket)?;
     let mut out = vec![];
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-            Ok(n) => n,
-            Err(nix::Error::EAGAIN) => return Err(NfnlError::NoAnswer),
-            Err(nix::Error::EINTR) => continue,
-            Err(e) => return Err(NfnlError::Socket(e)),
-        };
-        let mut off = 0;
-        while off + 16 <= n {
-            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
-            let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
-            if len < 16 || off + len > n {
-                break;
-            }
-            match kind {
-                NLMSG_DONE => return Ok(out),
-                NLMSG_ERROR if len >= 20 => {
-                    let code =
-                        i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
-                    if code != 0 {
-                        return Err(NfnlError::Refused(std::io::Error::from_raw_os_error(-code)));
-                    }
-                }
-                _ if len >= 20 => parse_elements(&buf[off + 20..off + len], &mut out),
-                _ => {}
-            }
-            off += (len + 3) & !3;
-        }
-    }
+    request(
+        NFT_MSG_GETSETELEM,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        &body,
+        1 << 20,
+        |_, attrs_buf| parse_elements(attrs_buf, &mut out),
+    )?;
+    Ok(out)
 }
 
 #[cfg(test)]
