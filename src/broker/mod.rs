@@ -674,14 +674,19 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Closes `conn` politely, or drops it after [`CLOSE_TIMEOUT`].
 pub async fn close_bounded(conn: &Connection, reason: &str) {
-    if tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, reason.into()))
-        .await
-        .is_err()
-    {
-        tracing::warn!(
+    match tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, reason.into())).await {
+        Ok(Ok(())) => {}
+        // Dropping the connection after this still closes its socket; the log says why
+        // the broker may list it a while longer.
+        Ok(Err(error)) => tracing::warn!(
+            reason,
+            %error,
+            "connection.close failed; dropping the connection"
+        ),
+        Err(_) => tracing::warn!(
             reason,
             "the broker did not answer connection.close in time; dropping the connection"
-        );
+        ),
     }
 }
 
