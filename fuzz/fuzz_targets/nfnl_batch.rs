@@ -27,6 +27,7 @@ fn elements(u: &mut Unstructured, width: usize) -> Result<Vec<Element>> {
         out.push(Element {
             key,
             end: u.arbitrary()?,
+            open: u.arbitrary()?,
         });
     }
     Ok(out)

@@ -669,6 +669,8 @@ impl Firewall {
                         .collect();
                     let kernel_name = fam.set_name(name);
                     let mut have = nfnl::dump_elements(&table, &kernel_name)?;
+                    // Whether nft marked a top interval open is no difference in content.
+                    have.iter_mut().for_each(|e| e.open = false);
                     // nft opens every interval set with an all-zero end element.
                     have.retain(|e| !(e.end && e.key.iter().all(|b| *b == 0)));
                     want.sort_by(|a, b| (&a.key, a.end).cmp(&(&b.key, b.end)));
@@ -731,12 +733,13 @@ fn interval_elements(r: &Range, fam: Family) -> Vec<Element> {
     };
     let mut out = vec![Element {
         key: key(r.start),
-        end: false,
+        ..Element::default()
     }];
     if r.end < max {
         out.push(Element {
             key: key(r.end + 1),
             end: true,
+            open: false,
         });
     }
     out

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::layout::{Bucket, Hook, Layout};
-use super::spec::{Action, Addr, Direction, Iface, Policy, Protocol, Rule, RuleSet};
+use super::spec::{Action, Addr, Direction, Iface, Policy, PortRange, Protocol, Rule, RuleSet};
 
 /// What the rendering needs besides the rule set.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,32 +132,42 @@ fn element_list(ranges: &[Range], family: Family) -> String {
         .join(", ")
 }
 
+/// One side's address match of one kernel rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddrMatch<'a> {
+    Net(IpNet),
+    /// Several literals: an anonymous set.
+    Nets(Vec<IpNet>),
+    /// A named address set (its family's half).
+    Set(&'a str),
+}
+
 /// The address alternatives of one side of a rule, for one family. `None`: the side is
 /// unconstrained. `Some(empty)`: nothing of this family can match.
-fn alternatives(list: &[Addr], family: Family) -> Option<Vec<String>> {
+fn alternatives(list: &[Addr], family: Family) -> Option<Vec<AddrMatch<'_>>> {
     if list.is_empty() {
         return None;
     }
     // A repeated reference adds nothing but statements: each one is kept once.
     let mut seen = std::collections::HashSet::new();
     let mut alts = vec![];
-    let literals: Vec<String> = list
+    let literals: Vec<IpNet> = list
         .iter()
         .filter_map(|a| match a {
-            Addr::Net(n) if Family::of(n) == family && seen.insert(a) => Some(n.to_string()),
+            Addr::Net(n) if Family::of(n) == family && seen.insert(a) => Some(*n),
             _ => None,
         })
         .collect();
     match literals.len() {
         0 => {}
-        1 => alts.push(literals[0].clone()),
-        _ => alts.push(format!("{{ {} }}", literals.join(", "))),
+        1 => alts.push(AddrMatch::Net(literals[0])),
+        _ => alts.push(AddrMatch::Nets(literals)),
     }
     for a in list {
         if let Addr::Set(name) = a
             && seen.insert(a)
         {
-            alts.push(format!("@{}", family.set_name(name)));
+            alts.push(AddrMatch::Set(name));
         }
     }
     Some(alts)
@@ -215,53 +225,177 @@ fn verdict(action: Action, tcp: bool) -> &'static str {
     }
 }
 
+/// An interface match of a forward-hook rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IfMatch<'a> {
+    /// `iifname`: traffic from the workload.
+    In(&'a str),
+    /// `oifname`: traffic towards the workload.
+    Out(&'a str),
+}
+
+/// The layer-4 match of one kernel rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L4Match<'a> {
+    Any,
+    /// `meta l4proto P` (tcp or udp without ports, icmp, ipv6-icmp).
+    Proto(Protocol),
+    /// `tcp dport ...` / `udp dport ...`: one port or range, or an anonymous set.
+    Ports { tcp: bool, ports: &'a [PortRange] },
+}
+
+/// What a kernel rule does once it matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tail<'a> {
+    /// Rate-limited logging; a separate rule, as a limit would skip the verdict.
+    Log { id: &'a str },
+    /// Counter and verdict, commented with the rule id. `tcp_only` adds `meta l4proto tcp`
+    /// (the TCP half of a reject of any protocol); `tcp_reset` rejects with a TCP reset.
+    Verdict {
+        id: &'a str,
+        action: Action,
+        tcp_only: bool,
+        tcp_reset: bool,
+    },
+}
+
+/// One kernel rule, in structured form. Both the nft text and the netlink bytecode are
+/// made from it, so the two cannot disagree on what a rule matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KRule<'a> {
+    pub iface: Option<IfMatch<'a>>,
+    /// The family that the address matches fix (`None`: no address match).
+    pub family: Option<Family>,
+    pub saddr: Option<AddrMatch<'a>>,
+    pub daddr: Option<AddrMatch<'a>>,
+    pub l4: L4Match<'a>,
+    pub tail: Tail<'a>,
+}
+
+impl KRule<'_> {
+    /// The rule as nft text, without the `add rule` prefix.
+    pub fn text(&self) -> String {
+        let mut t = String::new();
+        match self.iface {
+            Some(IfMatch::In(name)) => {
+                let _ = write!(t, "iifname \"{name}\" ");
+            }
+            Some(IfMatch::Out(name)) => {
+                let _ = write!(t, "oifname \"{name}\" ");
+            }
+            None => {}
+        }
+        for (dir, side) in [("saddr", &self.saddr), ("daddr", &self.daddr)] {
+            let (Some(m), Some(f)) = (side, self.family) else {
+                continue;
+            };
+            let _ = write!(t, "{} {dir} ", f.match_kw());
+            match m {
+                AddrMatch::Net(n) => {
+                    let _ = write!(t, "{n} ");
+                }
+                AddrMatch::Nets(ns) => {
+                    let list: Vec<String> = ns.iter().map(IpNet::to_string).collect();
+                    let _ = write!(t, "{{ {} }} ", list.join(", "));
+                }
+                AddrMatch::Set(name) => {
+                    let _ = write!(t, "@{} ", f.set_name(name));
+                }
+            }
+        }
+        match self.l4 {
+            L4Match::Any => {}
+            L4Match::Proto(p) => {
+                let _ = write!(t, "meta l4proto {} ", l4_name(p));
+            }
+            L4Match::Ports { tcp, ports } => {
+                let kw = if tcp { "tcp" } else { "udp" };
+                if let [one] = ports {
+                    let _ = write!(t, "{kw} dport {} ", one.text());
+                } else {
+                    let list: Vec<String> = ports.iter().map(PortRange::text).collect();
+                    let _ = write!(t, "{kw} dport {{ {} }} ", list.join(", "));
+                }
+            }
+        }
+        match self.tail {
+            Tail::Log { id } => {
+                let _ = write!(
+                    t,
+                    "limit rate 10/second burst 20 packets log prefix \"rampart:{id} \" level info"
+                );
+            }
+            Tail::Verdict {
+                id,
+                action,
+                tcp_only,
+                tcp_reset,
+            } => {
+                if tcp_only {
+                    t.push_str("meta l4proto tcp ");
+                }
+                let _ = write!(t, "counter {} comment \"{id}\"", verdict(action, tcp_reset));
+            }
+        }
+        t
+    }
+
+    /// The rule id this kernel rule carries as its comment (log rules carry none).
+    pub fn comment(&self) -> Option<&str> {
+        match self.tail {
+            Tail::Log { .. } => None,
+            Tail::Verdict { id, .. } => Some(id),
+        }
+    }
+}
+
+fn l4_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Icmp => "icmp",
+        Protocol::Icmpv6 => "ipv6-icmp",
+        Protocol::Any => "",
+    }
+}
+
 /// The nft lines (without chain prefix) of one rule in one hook.
 pub fn rule_lines(rule: &Rule, hook: Hook) -> Vec<String> {
+    kernel_rules(rule, hook).iter().map(KRule::text).collect()
+}
+
+/// The kernel rules of one rule in one hook: one per match alternative (interface, family,
+/// source, destination), each preceded by its log rule when the rule logs.
+pub fn kernel_rules(rule: &Rule, hook: Hook) -> Vec<KRule<'_>> {
     // Interface matches: only in the forward hook (rules applied to workloads).
-    let mut ifmatches: Vec<String> = vec![];
+    let mut ifmatches: Vec<Option<IfMatch>> = vec![];
     if hook == Hook::Forward {
         for iface in &rule.applied_to {
             if iface.is_all() {
-                ifmatches.push(String::new());
+                ifmatches.push(None);
                 continue;
             }
             // "in" = towards the workload (leaves by its interface), "out" = from it.
             if matches!(rule.direction, Direction::In | Direction::Both) {
-                ifmatches.push(format!("oifname \"{}\" ", iface.0));
+                ifmatches.push(Some(IfMatch::Out(&iface.0)));
             }
             if matches!(rule.direction, Direction::Out | Direction::Both) {
-                ifmatches.push(format!("iifname \"{}\" ", iface.0));
+                ifmatches.push(Some(IfMatch::In(&iface.0)));
             }
         }
         let mut seen = std::collections::HashSet::new();
-        ifmatches.retain(|m| seen.insert(m.clone()));
+        ifmatches.retain(|m| seen.insert(*m));
     } else {
-        ifmatches.push(String::new());
+        ifmatches.push(None);
     }
 
-    let proto = match rule.protocol {
-        Protocol::Any => String::new(),
-        Protocol::Icmp => "meta l4proto icmp ".into(),
-        Protocol::Icmpv6 => "meta l4proto ipv6-icmp ".into(),
-        Protocol::Tcp | Protocol::Udp => {
-            let kw = if rule.protocol == Protocol::Tcp {
-                "tcp"
-            } else {
-                "udp"
-            };
-            match rule.ports.len() {
-                0 => format!("meta l4proto {kw} "),
-                1 => format!("{kw} dport {} ", rule.ports[0].text()),
-                _ => format!(
-                    "{kw} dport {{ {} }} ",
-                    rule.ports
-                        .iter()
-                        .map(|p| p.text())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            }
-        }
+    let l4 = match rule.protocol {
+        Protocol::Any => L4Match::Any,
+        Protocol::Tcp | Protocol::Udp if !rule.ports.is_empty() => L4Match::Ports {
+            tcp: rule.protocol == Protocol::Tcp,
+            ports: &rule.ports,
+        },
+        p => L4Match::Proto(p),
     };
     let families: Vec<Option<Family>> = match rule.protocol {
         Protocol::Icmp => vec![Some(Family::V4)],
@@ -270,7 +404,8 @@ pub fn rule_lines(rule: &Rule, hook: Hook) -> Vec<String> {
         _ => vec![Some(Family::V4), Some(Family::V6)],
     };
 
-    let mut matches: Vec<String> = vec![];
+    let id = rule.id.as_str();
+    let mut out = vec![];
     for fam in families {
         let (srcs, dsts) = match fam {
             None => (None, None),
@@ -282,43 +417,49 @@ pub fn rule_lines(rule: &Rule, hook: Hook) -> Vec<String> {
         if srcs.as_ref().is_some_and(Vec::is_empty) || dsts.as_ref().is_some_and(Vec::is_empty) {
             continue; // nothing of this family can match
         }
-        let kw = fam.map(Family::match_kw).unwrap_or("");
-        let srcs: Vec<String> = srcs
-            .map(|v| v.into_iter().map(|s| format!("{kw} saddr {s} ")).collect())
-            .unwrap_or_else(|| vec![String::new()]);
-        let dsts: Vec<String> = dsts
-            .map(|v| v.into_iter().map(|d| format!("{kw} daddr {d} ")).collect())
-            .unwrap_or_else(|| vec![String::new()]);
+        // With no address match, the family is not fixed by the rule.
+        let family = fam.filter(|_| srcs.is_some() || dsts.is_some());
+        let srcs: Vec<Option<AddrMatch>> = srcs.map_or(vec![None], |v| v.into_iter().map(Some).collect());
+        let dsts: Vec<Option<AddrMatch>> = dsts.map_or(vec![None], |v| v.into_iter().map(Some).collect());
         for s in &srcs {
             for d in &dsts {
                 for i in &ifmatches {
-                    matches.push(format!("{i}{s}{d}{proto}"));
+                    let base = KRule {
+                        iface: *i,
+                        family,
+                        saddr: s.clone(),
+                        daddr: d.clone(),
+                        l4,
+                        tail: Tail::Log { id },
+                    };
+                    if rule.log {
+                        out.push(base.clone());
+                    }
+                    if rule.action == Action::Reject && rule.protocol == Protocol::Any {
+                        out.push(KRule {
+                            tail: Tail::Verdict {
+                                id,
+                                action: rule.action,
+                                tcp_only: true,
+                                tcp_reset: true,
+                            },
+                            ..base.clone()
+                        });
+                    }
+                    out.push(KRule {
+                        tail: Tail::Verdict {
+                            id,
+                            action: rule.action,
+                            tcp_only: false,
+                            tcp_reset: rule.protocol == Protocol::Tcp,
+                        },
+                        ..base
+                    });
                 }
             }
         }
     }
-
-    let id = &rule.id;
-    let mut lines = vec![];
-    for m in matches {
-        if rule.log {
-            // A separate rule: a rate limit in the verdict rule would skip the verdict.
-            lines.push(format!(
-                "{m}limit rate 10/second burst 20 packets log prefix \"rampart:{id} \" level info"
-            ));
-        }
-        if rule.action == Action::Reject && rule.protocol == Protocol::Any {
-            lines.push(format!(
-                "{m}meta l4proto tcp counter {} comment \"{id}\"",
-                verdict(rule.action, true)
-            ));
-        }
-        lines.push(format!(
-            "{m}counter {} comment \"{id}\"",
-            verdict(rule.action, rule.protocol == Protocol::Tcp)
-        ));
-    }
-    lines
+    out
 }
 
 fn policy_verdict(p: Policy) -> &'static str {

@@ -32,6 +32,10 @@ const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_FLAGS: u16 = 3;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
+const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
+const NFTA_SET_ELEM_USERDATA: u16 = 6;
+const NFTNL_UDATA_SET_ELEM_FLAGS: u8 = 1;
+const NFTNL_SET_ELEM_F_INTERVAL_OPEN: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NfnlError {
@@ -44,10 +48,13 @@ pub enum NfnlError {
 }
 
 /// One interval-set element: its key (network byte order) and whether it closes a range.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Element {
     pub key: Vec<u8>,
     pub end: bool,
+    /// Starts the last interval, which runs to the top of the key's range (no end
+    /// element follows); nft marks it so for its listing.
+    pub open: bool,
 }
 
 /// Element changes of one set, applied in the order given (deletions before additions).
@@ -58,7 +65,7 @@ pub struct SetChange {
     pub add: Vec<Element>,
 }
 
-fn put_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+pub(super) fn put_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     let len = 4 + payload.len();
     buf.extend_from_slice(&(len as u16).to_ne_bytes());
     buf.extend_from_slice(&kind.to_ne_bytes());
@@ -69,19 +76,19 @@ fn put_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
 }
 
 /// Starts a nested attribute; returns where its length must be patched.
-fn begin_nested(buf: &mut Vec<u8>, kind: u16) -> usize {
+pub(super) fn begin_nested(buf: &mut Vec<u8>, kind: u16) -> usize {
     let at = buf.len();
     buf.extend_from_slice(&[0, 0]);
     buf.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
     at
 }
 
-fn end_nested(buf: &mut [u8], at: usize) {
+pub(super) fn end_nested(buf: &mut [u8], at: usize) {
     let len = (buf.len() - at) as u16;
     buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
 }
 
-fn cstr(s: &str) -> Vec<u8> {
+pub(super) fn cstr(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
     v
@@ -109,10 +116,13 @@ fn put_msg(
     out.extend_from_slice(body);
 }
 
-fn elements_body(table: &str, set: &str, elements: &[Element]) -> Vec<u8> {
+fn elements_body(table: &str, set: &str, set_id: Option<u32>, elements: &[Element]) -> Vec<u8> {
     let mut b = vec![];
     put_attr(&mut b, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
     put_attr(&mut b, NFTA_SET_ELEM_LIST_SET, &cstr(set));
+    if let Some(id) = set_id {
+        put_attr(&mut b, NFTA_SET_ELEM_LIST_SET_ID, &id.to_be_bytes());
+    }
     let list = begin_nested(&mut b, NFTA_SET_ELEM_LIST_ELEMENTS);
     for e in elements {
         let item = begin_nested(&mut b, NFTA_LIST_ELEM);
@@ -126,67 +136,109 @@ fn elements_body(table: &str, set: &str, elements: &[Element]) -> Vec<u8> {
                 &NFT_SET_ELEM_INTERVAL_END.to_be_bytes(),
             );
         }
+        if e.open {
+            // As nft marks the last interval of a set that runs to the top of its range.
+            let mut udata = vec![NFTNL_UDATA_SET_ELEM_FLAGS, 4];
+            udata.extend_from_slice(&NFTNL_SET_ELEM_F_INTERVAL_OPEN.to_ne_bytes());
+            put_attr(&mut b, NFTA_SET_ELEM_USERDATA, &udata);
+        }
         end_nested(&mut b, item);
     }
     end_nested(&mut b, list);
     b
 }
 
-/// The whole batch: begin, one message per (set, deletions/additions), end. Returns the
-/// bytes and the sequence numbers that expect an ack.
-pub fn encode_batch(table: &str, changes: &[SetChange], first_seq: u32) -> (Vec<u8>, Vec<u32>) {
-    let mut out = vec![];
-    let mut seq = first_seq;
-    put_msg(
-        &mut out,
-        NFNL_MSG_BATCH_BEGIN,
-        NLM_F_REQUEST,
-        seq,
-        0,
-        NFNL_SUBSYS_NFTABLES,
-        &[],
-    );
-    let mut acked = vec![];
-    for c in changes {
+/// One nfnetlink batch under construction: a begin message, nftables messages that each
+/// ask for an ack, an end message. The kernel applies it as one transaction.
+pub(super) struct Batch {
+    bytes: Vec<u8>,
+    seq: u32,
+    acked: Vec<u32>,
+}
+
+const NFNLA_BATCH_GENID: u16 = 1;
+
+impl Batch {
+    /// With `genid`, the kernel refuses the whole batch (ERESTART) if the rule set changed
+    /// since that generation: handles read from it may no longer mean the same rules.
+    pub(super) fn begin(first_seq: u32, genid: Option<u32>) -> Batch {
+        let mut body = vec![];
+        if let Some(g) = genid {
+            put_attr(&mut body, NFNLA_BATCH_GENID, &g.to_be_bytes());
+        }
+        let mut bytes = vec![];
+        put_msg(
+            &mut bytes,
+            NFNL_MSG_BATCH_BEGIN,
+            NLM_F_REQUEST,
+            first_seq,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &body,
+        );
+        Batch {
+            bytes,
+            seq: first_seq,
+            acked: vec![],
+        }
+    }
+
+    /// Adds nftables message `kind` (inet family) with `flags` besides request and ack.
+    pub(super) fn push(&mut self, kind: u16, flags: u16, body: &[u8]) {
+        self.seq += 1;
+        put_msg(
+            &mut self.bytes,
+            (NFNL_SUBSYS_NFTABLES << 8) | kind,
+            NLM_F_REQUEST | NLM_F_ACK | flags,
+            self.seq,
+            NFPROTO_INET,
+            0,
+            body,
+        );
+        self.acked.push(self.seq);
+    }
+
+    /// Adds the element changes of `c` (deletions first), in messages of bounded size.
+    /// `set_id` names a set created earlier in the same batch.
+    pub(super) fn push_elements(&mut self, table: &str, c: &SetChange, set_id: Option<u32>) {
         for (kind, elems) in [
             (NFT_MSG_DELSETELEM, &c.delete),
             (NFT_MSG_NEWSETELEM, &c.add),
         ] {
-            // Bounded message size: large changes go in several messages of one batch.
             for chunk in elems.chunks(512) {
-                seq += 1;
-                let flags = NLM_F_REQUEST
-                    | NLM_F_ACK
-                    | if kind == NFT_MSG_NEWSETELEM {
-                        NLM_F_CREATE
-                    } else {
-                        0
-                    };
-                let body = elements_body(table, &c.set, chunk);
-                put_msg(
-                    &mut out,
-                    (NFNL_SUBSYS_NFTABLES << 8) | kind,
-                    flags,
-                    seq,
-                    NFPROTO_INET,
-                    0,
-                    &body,
-                );
-                acked.push(seq);
+                let flags = if kind == NFT_MSG_NEWSETELEM {
+                    NLM_F_CREATE
+                } else {
+                    0
+                };
+                self.push(kind, flags, &elements_body(table, &c.set, set_id, chunk));
             }
         }
     }
-    seq += 1;
-    put_msg(
-        &mut out,
-        NFNL_MSG_BATCH_END,
-        NLM_F_REQUEST,
-        seq,
-        0,
-        NFNL_SUBSYS_NFTABLES,
-        &[],
-    );
-    (out, acked)
+
+    /// The bytes to send and the sequence numbers that expect an ack.
+    pub(super) fn finish(mut self) -> (Vec<u8>, Vec<u32>) {
+        put_msg(
+            &mut self.bytes,
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            self.seq + 1,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        );
+        (self.bytes, self.acked)
+    }
+}
+
+/// The whole batch: begin, one message per (set, deletions/additions), end. Returns the
+/// bytes and the sequence numbers that expect an ack.
+pub fn encode_batch(table: &str, changes: &[SetChange], first_seq: u32) -> (Vec<u8>, Vec<u32>) {
+    let mut batch = Batch::begin(first_seq, None);
+    for c in changes {
+        batch.push_elements(table, c, None);
+    }
+    batch.finish()
 }
 
 /// Why bytes are not a batch [`encode_batch`] could have written.
@@ -329,17 +381,28 @@ pub fn apply(table: &str, changes: &[SetChange]) -> Result<(), NfnlError> {
     {
         return Ok(());
     }
+    let (batch, pending) = encode_batch(table, changes, first_seq());
+    send_batch(&batch, pending)
+}
+
+/// A sequence number unlikely to meet an earlier request's.
+pub(super) fn first_seq() -> u32 {
+    (std::process::id() << 8) ^ (crate::protocol::now_ms() as u32)
+}
+
+/// Sends one encoded batch on a fresh socket and waits for the ack of every message in
+/// `pending`; the first error the kernel answers with (it then aborts the whole batch).
+pub(super) fn send_batch(batch: &[u8], mut pending: Vec<u32>) -> Result<(), NfnlError> {
     let fd = open()?;
-    let seq0 = (std::process::id() << 8) ^ (crate::protocol::now_ms() as u32);
-    let (batch, mut pending) = encode_batch(table, changes, seq0);
     size_buffers(&fd, batch.len(), pending.len());
-    send(fd.as_raw_fd(), &batch, MsgFlags::empty()).map_err(NfnlError::Socket)?;
+    send(fd.as_raw_fd(), batch, MsgFlags::empty()).map_err(NfnlError::Socket)?;
     let mut buf = vec![0u8; 65536];
     let mut first_error = None;
     while !pending.is_empty() {
         let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
             Ok(n) => n,
             Err(nix::Error::EAGAIN) => return Err(NfnlError::NoAnswer),
+            Err(nix::Error::EINTR) => continue,
             Err(e) => return Err(NfnlError::Socket(e)),
         };
         let mut off = 0;
@@ -404,7 +467,7 @@ pub fn table_handle(table: &str) -> Result<Option<u64>, NfnlError> {
 /// Sends one nftables request (`msg_type` in the inet family, `body` its attributes) and
 /// hands each answer's attributes to `on_msg` with the message's type, until the dump's end
 /// or the kernel's ack; an error the kernel answers with is returned. Blocking.
-fn request(
+pub(super) fn request(
     msg_type: u16,
     flags: u16,
     body: &[u8],
@@ -412,7 +475,7 @@ fn request(
     mut on_msg: impl FnMut(u16, &[u8]),
 ) -> Result<(), NfnlError> {
     let fd = open()?;
-    let seq = (std::process::id() << 8) ^ (crate::protocol::now_ms() as u32);
+    let seq = first_seq();
     let mut msg = vec![];
     put_msg(
         &mut msg,
@@ -460,7 +523,7 @@ fn request(
 
 /// The attributes in `buf`: (kind without the nested flag, payload), stopping at the first
 /// malformed one.
-fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub(super) fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     let mut off = 0;
     std::iter::from_fn(move || {
         if off + 4 > buf.len() {
@@ -496,6 +559,7 @@ fn parse_elements(attrs_buf: &[u8], out: &mut Vec<Element>) {
         for (_, elem) in attrs(list).filter(|(k, _)| *k == NFTA_LIST_ELEM) {
             let mut key = None;
             let mut end = false;
+            let mut open = false;
             for (k, v) in attrs(elem) {
                 match k {
                     NFTA_SET_ELEM_KEY => {
@@ -507,11 +571,12 @@ fn parse_elements(attrs_buf: &[u8], out: &mut Vec<Element>) {
                         let flags = u32::from_be_bytes(v[..4].try_into().expect("4 bytes"));
                         end = flags & NFT_SET_ELEM_INTERVAL_END != 0;
                     }
+                    NFTA_SET_ELEM_USERDATA => open = v.len() >= 6 && v[0] == NFTNL_UDATA_SET_ELEM_FLAGS && v[2] & 1 == 1,
                     _ => {}
                 }
             }
             if let Some(key) = key {
-                out.push(Element { key, end });
+                out.push(Element { key, end, open });
             }
         }
     }
@@ -555,11 +620,12 @@ mod tests {
             add: vec![
                 Element {
                     key: vec![10, 0, 0, 0],
-                    end: false,
+                    ..Element::default()
                 },
                 Element {
                     key: vec![10, 0, 1, 0],
                     end: true,
+                    ..Element::default()
                 },
             ],
         }];
@@ -585,6 +651,7 @@ mod tests {
         let el = |k: u8, end| Element {
             key: vec![10, 0, 0, k],
             end,
+            open: k == 7,
         };
         let changes = vec![
             SetChange {
@@ -597,7 +664,7 @@ mod tests {
                 set: "as6_b".into(),
                 delete: vec![Element {
                     key: vec![0xfd; 16],
-                    end: false,
+                    ..Element::default()
                 }],
                 add: vec![],
             },
