@@ -625,7 +625,7 @@ async fn firewall_patch(fw: &mut Firewall, patch: &Patch, raw: String) -> (Execu
     tracing::debug!(
         plan_us = planned.as_micros() as u64,
         kernel_us = (t.elapsed() - planned).as_micros() as u64,
-        netlink = matches!(plan.kernel, crate::firewall::KernelChange::Elements(_)),
+        netlink = !matches!(plan.kernel, crate::firewall::KernelChange::Text(_)),
         "firewall patch applied to the kernel"
     );
     let executed = Executed::applied(

@@ -24,7 +24,7 @@ use rampart::sys::nft::Nft;
 type Interval = (u128, u128);
 
 /// The parts of a table this check compares.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Table {
     sets: BTreeMap<String, BTreeSet<Interval>>,
     /// Chain name: (hook declaration, rule lines).
@@ -308,6 +308,33 @@ fuzz_target!(|input: &[u8]| {
                 delete_intervals(&mut model, &c.set, element_intervals(&c.delete));
                 add_intervals(&mut model, &c.set, element_intervals(&c.add));
             }
+        }
+        KernelChange::Rules {
+            elements,
+            buckets,
+            text,
+        } => {
+            // The edits by position must leave each chain as the text (which flushes and
+            // refills it) does.
+            let before = model.clone();
+            for line in text.lines() {
+                replay_line(&mut model, line, "rampart");
+            }
+            for b in buckets {
+                let old = &before.chains[&b.chain].1;
+                assert_eq!(
+                    &rampart::firewall::edit::replay(old, b),
+                    &model.chains[&b.chain].1,
+                    "chain {} edited by position",
+                    b.chain
+                );
+            }
+            let mut by_elements = before;
+            for c in elements {
+                delete_intervals(&mut by_elements, &c.set, element_intervals(&c.delete));
+                add_intervals(&mut by_elements, &c.set, element_intervals(&c.add));
+            }
+            assert_eq!(by_elements.sets, model.sets, "element changes of a rule patch");
         }
     }
     fw.commit_patch(plan);

@@ -2,6 +2,8 @@
 //! transaction each, drift detected and repaired. `spec` says what is valid, `layout` where
 //! rules live, `render` what text the kernel gets; this module decides and applies.
 
+pub mod bytecode;
+pub mod edit;
 pub mod layout;
 pub mod render;
 pub mod spec;
@@ -45,11 +47,19 @@ pub enum FirewallError {
     Netlink(#[from] NfnlError),
 }
 
-/// How a plan reaches the kernel: nft text, or (for element-only patches) one nfnetlink
-/// batch. Either way one transaction.
+/// How a plan reaches the kernel: nft text, or one nfnetlink batch for element changes and
+/// rule changes within existing bucket chains. Either way one transaction.
 pub enum KernelChange {
     Text(String),
     Elements(Vec<SetChange>),
+    /// Rules added and deleted by handle in existing bucket chains, with element changes.
+    /// `text` is the same change as nft text (flushing the chains), applied instead when a
+    /// chain in the kernel is not as we last wrote it.
+    Rules {
+        elements: Vec<SetChange>,
+        buckets: Vec<edit::BucketEdit>,
+        text: String,
+    },
 }
 
 /// The result of checking a whole rule set against the current one.
@@ -290,6 +300,32 @@ impl Firewall {
                 .expect("netlink task panicked")
                 .map_err(FirewallError::from)
             }
+            KernelChange::Rules {
+                elements,
+                buckets,
+                text,
+            } => {
+                let table = self.ctx.table.clone();
+                let (elements, buckets) = (elements.clone(), buckets.clone());
+                let done = tokio::task::spawn_blocking(move || {
+                    let t = std::time::Instant::now();
+                    let r = edit::apply(&table, &elements, &buckets);
+                    tracing::debug!(
+                        netlink_us = t.elapsed().as_micros() as u64,
+                        "netlink rule batch done"
+                    );
+                    r
+                })
+                .await
+                .expect("netlink task panicked");
+                if let Err(error) = done {
+                    // Nothing of the batch was applied: the text does the same change from
+                    // what the kernel holds, flushing the chains it touches.
+                    tracing::warn!(%error, "rule patch not applied over netlink; applying it as nft text");
+                    self.nft.apply(text).await?;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -469,11 +505,28 @@ impl Firewall {
             && sets
                 .iter()
                 .all(|(name, new)| new.is_some() && cur.sets.contains_key(name));
+        let sets_stay = sets
+            .iter()
+            .all(|(name, new)| new.is_some() && cur.sets.contains_key(name));
         let kernel = if elements_only {
             KernelChange::Elements(self.element_changes(&sets))
         } else {
             let current_layout = if rules_change { &layout } else { &self.layout };
-            KernelChange::Text(self.render_patch(&sets, p, current_layout, &ch, &defaults))
+            let text = self.render_patch(&sets, p, current_layout, &ch, &defaults);
+            let upserts: HashMap<&str, &Rule> =
+                p.upsert_rules.iter().map(|r| (r.id.as_str(), r)).collect();
+            let rule_of = |id: &str| upserts.get(id).copied().or_else(|| cur.rules.get(id));
+            let buckets = sets_stay
+                .then(|| edit::plan(&cur.rules, rule_of, &self.layout, current_layout, &ch))
+                .flatten();
+            match buckets {
+                Some(buckets) => KernelChange::Rules {
+                    elements: self.element_changes(&sets),
+                    buckets,
+                    text,
+                },
+                None => KernelChange::Text(text),
+            }
         };
         Ok(PatchPlan {
             kernel,
@@ -830,5 +883,58 @@ mod tests {
         assert_eq!(changes.len(), 1);
         assert!(changes[0].delete.is_empty(), "a neighbour is add-only");
         assert_eq!(changes[0].add.len(), 2);
+    }
+
+    #[test]
+    fn a_rule_patch_edits_its_bucket_by_position_and_keeps_the_rest() {
+        let mut rs = firewall().current.clone();
+        rs.rules
+            .insert("s".into(), Rule::for_test("s", 1, Direction::In));
+        let fw = Firewall::new(
+            Nft::new(std::path::Path::new("/nonexistent")),
+            firewall().ctx.clone(),
+            Limits::default(),
+            rs,
+        );
+        let mut first = Rule::for_test("r0", 0, Direction::In);
+        first.protocol = spec::Protocol::Tcp;
+        let last = Rule::for_test("r2", 2, Direction::In);
+        let p = Patch {
+            base_generation: 1,
+            generation: 2,
+            upsert_rules: vec![first, last, fw.current.rules["r"].clone()],
+            ..Default::default()
+        };
+        let plan = fw.plan_patch(&p).unwrap();
+        let KernelChange::Rules { buckets, text, .. } = &plan.kernel else {
+            panic!("rule changes in an existing chain go over netlink");
+        };
+        assert!(text.contains("flush chain inet rampart in_0"), "{text}");
+        assert_eq!(buckets.len(), 1);
+        let b = &buckets[0];
+        assert!(b.delete.is_empty(), "r is sent again unchanged: kept");
+        let before: Vec<Option<usize>> = b.add.iter().map(|a| a.before).collect();
+        assert_eq!(
+            before,
+            vec![Some(0), None],
+            "r0 before r, r2 after s, at the end"
+        );
+        let old = render::render_bucket(
+            |id| fw.current.rules.get(id),
+            Hook::Input,
+            fw.layout.bucket(Hook::Input, 0).unwrap(),
+        );
+        let mut fw = fw;
+        fw.commit_patch(plan_for(&fw, &p));
+        let new = render::render_bucket(
+            |id| fw.current.rules.get(id),
+            Hook::Input,
+            fw.layout.bucket(Hook::Input, 0).unwrap(),
+        );
+        assert_eq!(edit::replay(&old, b), new);
+    }
+
+    fn plan_for(fw: &Firewall, p: &Patch) -> PatchPlan {
+        fw.plan_patch(p).unwrap()
     }
 }

@@ -241,7 +241,10 @@ pub enum L4Match<'a> {
     /// `meta l4proto P` (tcp or udp without ports, icmp, ipv6-icmp).
     Proto(Protocol),
     /// `tcp dport ...` / `udp dport ...`: one port or range, or an anonymous set.
-    Ports { tcp: bool, ports: &'a [PortRange] },
+    Ports {
+        tcp: bool,
+        ports: &'a [PortRange],
+    },
 }
 
 /// What a kernel rule does once it matched.
@@ -419,8 +422,10 @@ pub fn kernel_rules(rule: &Rule, hook: Hook) -> Vec<KRule<'_>> {
         }
         // With no address match, the family is not fixed by the rule.
         let family = fam.filter(|_| srcs.is_some() || dsts.is_some());
-        let srcs: Vec<Option<AddrMatch>> = srcs.map_or(vec![None], |v| v.into_iter().map(Some).collect());
-        let dsts: Vec<Option<AddrMatch>> = dsts.map_or(vec![None], |v| v.into_iter().map(Some).collect());
+        let srcs: Vec<Option<AddrMatch>> =
+            srcs.map_or(vec![None], |v| v.into_iter().map(Some).collect());
+        let dsts: Vec<Option<AddrMatch>> =
+            dsts.map_or(vec![None], |v| v.into_iter().map(Some).collect());
         for s in &srcs {
             for d in &dsts {
                 for i in &ifmatches {

@@ -2,6 +2,7 @@
 
 pub mod netns;
 pub mod nfnl;
+pub mod nfrule;
 pub mod nft;
 pub mod rtnl;
 

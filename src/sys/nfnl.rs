@@ -1,7 +1,7 @@
 //! nftables set-element changes over nfnetlink, in one batch (one kernel transaction).
 //! The nft CLI fetches every element of every set before it adds or deletes one (seconds at
-//! 100 000 elements); this path costs the same at any set size. Only set elements go this
-//! way; everything else is rendered as nft text.
+//! 100 000 elements); this path costs the same at any set size. The framing here (batches,
+//! attributes, requests) is shared with rule changes ([`super::nfrule`]).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
@@ -571,7 +571,9 @@ fn parse_elements(attrs_buf: &[u8], out: &mut Vec<Element>) {
                         let flags = u32::from_be_bytes(v[..4].try_into().expect("4 bytes"));
                         end = flags & NFT_SET_ELEM_INTERVAL_END != 0;
                     }
-                    NFTA_SET_ELEM_USERDATA => open = v.len() >= 6 && v[0] == NFTNL_UDATA_SET_ELEM_FLAGS && v[2] & 1 == 1,
+                    NFTA_SET_ELEM_USERDATA => {
+                        open = v.len() >= 6 && v[0] == NFTNL_UDATA_SET_ELEM_FLAGS && v[2] & 1 == 1
+                    }
                     _ => {}
                 }
             }

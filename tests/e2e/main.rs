@@ -6,6 +6,7 @@ mod backbone;
 mod certs;
 mod faults;
 mod firewall;
+mod nlrules;
 mod ops;
 mod routers;
 mod storms;
@@ -28,6 +29,7 @@ fn main() {
     tests.extend(certs::tests());
     tests.extend(faults::tests());
     tests.extend(firewall::tests());
+    tests.extend(nlrules::tests());
     tests.extend(ops::tests());
     tests.extend(routers::tests());
     tests.extend(storms::tests());

@@ -1,0 +1,472 @@
+//! nftables rules over nfnetlink: the few expressions a firewall needs, rule additions at a
+//! position and deletions by handle, anonymous sets, one chain's rules read back, all in
+//! one batch (one kernel transaction). What each expression means is nftables' business;
+//! what rule to build from them is the caller's.
+
+use super::nfnl::{
+    self, Batch, Element, NfnlError, SetChange, attrs, begin_nested, cstr, end_nested, put_attr,
+};
+
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_NEWGEN: u16 = 15;
+const NFT_MSG_GETGEN: u16 = 16;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_APPEND: u16 = 0x800;
+const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_DUMP: u16 = 0x300;
+
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_HANDLE: u16 = 3;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_RULE_POSITION: u16 = 6;
+const NFTA_RULE_USERDATA: u16 = 7;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_GEN_ID: u16 = 1;
+const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
+
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_DESC: u16 = 9;
+const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_USERDATA: u16 = 13;
+const NFTA_SET_DESC_SIZE: u16 = 1;
+const NFT_SET_ANONYMOUS: u32 = 0x1;
+const NFT_SET_CONSTANT: u32 = 0x2;
+const NFT_SET_INTERVAL: u32 = 0x4;
+const NFTNL_UDATA_SET_KEYBYTEORDER: u8 = 0;
+const NFTNL_UDATA_SET_MERGE_ELEMENTS: u8 = 2;
+/// nft's `enum byteorder`: keys of the sets made here are in network order.
+const BYTEORDER_BIG_ENDIAN: u32 = 2;
+/// The one data register the expressions here use (16 bytes wide).
+const REG_1: u32 = 1;
+const REG_VERDICT: u32 = 0;
+
+/// Meta keys (`meta load KEY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaKey {
+    IifName = 6,
+    OifName = 7,
+    NfProto = 15,
+    L4Proto = 16,
+}
+
+/// Comparison operators of `cmp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq = 0,
+    Lte = 3,
+    Gte = 5,
+}
+
+/// Payload bases of `payload load`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadBase {
+    Network = 1,
+    Transport = 2,
+}
+
+/// A set a `lookup` reads: a named one, or an anonymous one made in the same batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetRef {
+    Named(String),
+    Anonymous(u32),
+}
+
+/// One nftables expression, all reading and writing register 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expr {
+    Meta(MetaKey),
+    Cmp(CmpOp, Vec<u8>),
+    Payload {
+        base: PayloadBase,
+        offset: u32,
+        len: u32,
+    },
+    /// `reg = (reg & mask) ^ 0`, over the mask's length.
+    Mask(Vec<u8>),
+    Lookup(SetRef),
+    Counter,
+    /// Packets per `unit_s` seconds, with `burst` packets.
+    Limit {
+        rate: u64,
+        unit_s: u64,
+        burst: u32,
+    },
+    Log {
+        prefix: String,
+        level: u32,
+    },
+    /// `reject` of kind `NFT_REJECT_*` with an ICMP(x) code.
+    Reject {
+        kind: u32,
+        code: u8,
+    },
+    /// An immediate verdict: `NF_DROP` 0, `NF_ACCEPT` 1.
+    Verdict(u32),
+}
+
+fn be32(v: u32) -> [u8; 4] {
+    v.to_be_bytes()
+}
+
+fn data(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
+    let at = begin_nested(buf, kind);
+    put_attr(buf, NFTA_DATA_VALUE, value);
+    end_nested(buf, at);
+}
+
+impl Expr {
+    fn name(&self) -> &'static str {
+        match self {
+            Expr::Meta(_) => "meta",
+            Expr::Cmp(..) => "cmp",
+            Expr::Payload { .. } => "payload",
+            Expr::Mask(_) => "bitwise",
+            Expr::Lookup(_) => "lookup",
+            Expr::Counter => "counter",
+            Expr::Limit { .. } => "limit",
+            Expr::Log { .. } => "log",
+            Expr::Reject { .. } => "reject",
+            Expr::Verdict(_) => "immediate",
+        }
+    }
+
+    /// The expression's attributes (NFTA_EXPR_DATA's content).
+    fn encode(&self, b: &mut Vec<u8>) {
+        match self {
+            Expr::Meta(key) => {
+                put_attr(b, 1, &be32(REG_1)); // NFTA_META_DREG
+                put_attr(b, 2, &be32(*key as u32)); // NFTA_META_KEY
+            }
+            Expr::Cmp(op, value) => {
+                put_attr(b, 1, &be32(REG_1)); // NFTA_CMP_SREG
+                put_attr(b, 2, &be32(*op as u32)); // NFTA_CMP_OP
+                data(b, 3, value); // NFTA_CMP_DATA
+            }
+            Expr::Payload { base, offset, len } => {
+                put_attr(b, 1, &be32(REG_1)); // NFTA_PAYLOAD_DREG
+                put_attr(b, 2, &be32(*base as u32)); // NFTA_PAYLOAD_BASE
+                put_attr(b, 3, &be32(*offset)); // NFTA_PAYLOAD_OFFSET
+                put_attr(b, 4, &be32(*len)); // NFTA_PAYLOAD_LEN
+            }
+            Expr::Mask(mask) => {
+                put_attr(b, 1, &be32(REG_1)); // NFTA_BITWISE_SREG
+                put_attr(b, 2, &be32(REG_1)); // NFTA_BITWISE_DREG
+                put_attr(b, 3, &be32(mask.len() as u32)); // NFTA_BITWISE_LEN
+                data(b, 4, mask); // NFTA_BITWISE_MASK
+                data(b, 5, &vec![0; mask.len()]); // NFTA_BITWISE_XOR
+            }
+            Expr::Lookup(set) => {
+                put_attr(b, 2, &be32(REG_1)); // NFTA_LOOKUP_SREG
+                match set {
+                    SetRef::Named(name) => put_attr(b, 1, &cstr(name)), // NFTA_LOOKUP_SET
+                    SetRef::Anonymous(id) => {
+                        put_attr(b, 1, &cstr(ANON_SET_NAME));
+                        put_attr(b, 4, &be32(*id)); // NFTA_LOOKUP_SET_ID
+                    }
+                }
+            }
+            Expr::Counter => {
+                put_attr(b, 1, &0u64.to_be_bytes()); // NFTA_COUNTER_BYTES
+                put_attr(b, 2, &0u64.to_be_bytes()); // NFTA_COUNTER_PACKETS
+            }
+            Expr::Limit {
+                rate,
+                unit_s,
+                burst,
+            } => {
+                put_attr(b, 1, &rate.to_be_bytes()); // NFTA_LIMIT_RATE
+                put_attr(b, 2, &unit_s.to_be_bytes()); // NFTA_LIMIT_UNIT
+                put_attr(b, 3, &be32(*burst)); // NFTA_LIMIT_BURST
+                put_attr(b, 4, &be32(0)); // NFTA_LIMIT_TYPE: packets
+                put_attr(b, 5, &be32(0)); // NFTA_LIMIT_FLAGS
+            }
+            Expr::Log { prefix, level } => {
+                put_attr(b, 2, &cstr(prefix)); // NFTA_LOG_PREFIX
+                put_attr(b, 5, &be32(*level)); // NFTA_LOG_LEVEL
+            }
+            Expr::Reject { kind, code } => {
+                put_attr(b, 1, &be32(*kind)); // NFTA_REJECT_TYPE
+                put_attr(b, 2, &[*code]); // NFTA_REJECT_ICMP_CODE
+            }
+            Expr::Verdict(code) => {
+                put_attr(b, 1, &be32(REG_VERDICT)); // NFTA_IMMEDIATE_DREG
+                let d = begin_nested(b, 2); // NFTA_IMMEDIATE_DATA
+                let v = begin_nested(b, NFTA_DATA_VERDICT);
+                put_attr(b, NFTA_VERDICT_CODE, &be32(*code));
+                end_nested(b, v);
+                end_nested(b, d);
+            }
+        }
+    }
+}
+
+/// The name the kernel turns into `__set<N>` for an anonymous set.
+const ANON_SET_NAME: &str = "__set%d";
+
+/// An anonymous, constant set made for one rule (`tcp dport { 22, 80 }`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnonSet {
+    /// Unique within the batch; the rule's lookup names it.
+    pub id: u32,
+    /// nft's datatype number of the key (7 ipv4_addr, 8 ipv6_addr, 13 inet_service).
+    pub key_type: u32,
+    pub key_len: u32,
+    pub interval: bool,
+    pub elements: Vec<Element>,
+}
+
+/// A rule to add to `chain`: before the rule with handle `before`, or at the end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRule {
+    pub exprs: Vec<Expr>,
+    pub sets: Vec<AnonSet>,
+    pub comment: Option<String>,
+    pub before: Option<u64>,
+}
+
+/// The changes to one chain: deletions by handle, then additions in order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ChainEdit {
+    pub chain: String,
+    pub delete: Vec<u64>,
+    pub add: Vec<NewRule>,
+}
+
+/// A rule as the kernel lists it: its handle and its comment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedRule {
+    pub handle: u64,
+    pub comment: Option<String>,
+}
+
+fn rule_head(b: &mut Vec<u8>, table: &str, chain: &str) {
+    put_attr(b, NFTA_RULE_TABLE, &cstr(table));
+    put_attr(b, NFTA_RULE_CHAIN, &cstr(chain));
+}
+
+fn set_body(table: &str, s: &AnonSet) -> Vec<u8> {
+    let mut b = vec![];
+    put_attr(&mut b, NFTA_SET_TABLE, &cstr(table));
+    put_attr(&mut b, NFTA_SET_NAME, &cstr(ANON_SET_NAME));
+    let mut flags = NFT_SET_ANONYMOUS | NFT_SET_CONSTANT;
+    if s.interval {
+        flags |= NFT_SET_INTERVAL;
+    }
+    put_attr(&mut b, NFTA_SET_FLAGS, &be32(flags));
+    put_attr(&mut b, NFTA_SET_KEY_TYPE, &be32(s.key_type));
+    put_attr(&mut b, NFTA_SET_KEY_LEN, &be32(s.key_len));
+    put_attr(&mut b, NFTA_SET_ID, &be32(s.id));
+    let desc = begin_nested(&mut b, NFTA_SET_DESC);
+    put_attr(&mut b, NFTA_SET_DESC_SIZE, &be32(s.elements.len() as u32));
+    end_nested(&mut b, desc);
+    let mut udata = vec![NFTNL_UDATA_SET_KEYBYTEORDER, 4];
+    udata.extend_from_slice(&BYTEORDER_BIG_ENDIAN.to_ne_bytes());
+    if s.interval {
+        udata.extend_from_slice(&[NFTNL_UDATA_SET_MERGE_ELEMENTS, 4]);
+        udata.extend_from_slice(&1u32.to_ne_bytes());
+    }
+    put_attr(&mut b, NFTA_SET_USERDATA, &udata);
+    b
+}
+
+fn new_rule_body(table: &str, chain: &str, r: &NewRule) -> Vec<u8> {
+    let mut b = vec![];
+    rule_head(&mut b, table, chain);
+    if let Some(h) = r.before {
+        put_attr(&mut b, NFTA_RULE_POSITION, &h.to_be_bytes());
+    }
+    let list = begin_nested(&mut b, NFTA_RULE_EXPRESSIONS);
+    for e in &r.exprs {
+        let item = begin_nested(&mut b, NFTA_LIST_ELEM);
+        put_attr(&mut b, NFTA_EXPR_NAME, &cstr(e.name()));
+        let d = begin_nested(&mut b, NFTA_EXPR_DATA);
+        e.encode(&mut b);
+        end_nested(&mut b, d);
+        end_nested(&mut b, item);
+    }
+    end_nested(&mut b, list);
+    if let Some(c) = &r.comment {
+        let text = cstr(c);
+        let mut udata = vec![NFTNL_UDATA_RULE_COMMENT, text.len() as u8];
+        udata.extend_from_slice(&text);
+        put_attr(&mut b, NFTA_RULE_USERDATA, &udata);
+    }
+    b
+}
+
+/// The batch of `edits` (with the element changes of named sets first, so that rules see
+/// them), refused by the kernel if the rule set is no longer at generation `genid`.
+pub fn encode_edits(
+    table: &str,
+    elements: &[SetChange],
+    edits: &[ChainEdit],
+    genid: Option<u32>,
+    first_seq: u32,
+) -> (Vec<u8>, Vec<u32>) {
+    let mut batch = Batch::begin(first_seq, genid);
+    for c in elements {
+        batch.push_elements(table, c, None);
+    }
+    for edit in edits {
+        for h in &edit.delete {
+            let mut b = vec![];
+            rule_head(&mut b, table, &edit.chain);
+            put_attr(&mut b, NFTA_RULE_HANDLE, &h.to_be_bytes());
+            batch.push(NFT_MSG_DELRULE, 0, &b);
+        }
+        for r in &edit.add {
+            for s in &r.sets {
+                batch.push(NFT_MSG_NEWSET, NLM_F_CREATE, &set_body(table, s));
+                let change = SetChange {
+                    set: ANON_SET_NAME.to_string(),
+                    delete: vec![],
+                    add: s.elements.clone(),
+                };
+                batch.push_elements(table, &change, Some(s.id));
+            }
+            // Without a position, NLM_F_APPEND adds at the end; with one and without the
+            // flag, the kernel inserts before that rule.
+            let flags = NLM_F_CREATE | if r.before.is_none() { NLM_F_APPEND } else { 0 };
+            batch.push(
+                NFT_MSG_NEWRULE,
+                flags,
+                &new_rule_body(table, &edit.chain, r),
+            );
+        }
+    }
+    batch.finish()
+}
+
+/// Applies `edits` and `elements` in one transaction. Blocking: call it from a blocking
+/// thread.
+pub fn apply(
+    table: &str,
+    elements: &[SetChange],
+    edits: &[ChainEdit],
+    genid: Option<u32>,
+) -> Result<(), NfnlError> {
+    let (batch, pending) = encode_edits(table, elements, edits, genid, nfnl::first_seq());
+    nfnl::send_batch(&batch, pending)
+}
+
+/// The rule set's generation: it changes with every committed transaction.
+pub fn generation() -> Result<u32, NfnlError> {
+    let mut genid = None;
+    nfnl::request(
+        NFT_MSG_GETGEN,
+        NLM_F_REQUEST | NLM_F_ACK,
+        &[],
+        8192,
+        |kind, body| {
+            if kind & 0xff == NFT_MSG_NEWGEN {
+                genid = attrs(body)
+                    .find(|(k, v)| *k == NFTA_GEN_ID && v.len() == 4)
+                    .map(|(_, v)| u32::from_be_bytes(v.try_into().expect("4 bytes")));
+            }
+        },
+    )?;
+    genid.ok_or(NfnlError::NoAnswer)
+}
+
+/// The comment of a rule's user data, if it has one.
+fn comment_of(udata: &[u8]) -> Option<String> {
+    let mut off = 0;
+    while off + 2 <= udata.len() {
+        let (kind, len) = (udata[off], udata[off + 1] as usize);
+        let value = udata.get(off + 2..off + 2 + len)?;
+        if kind == NFTNL_UDATA_RULE_COMMENT {
+            let text = value.split(|b| *b == 0).next()?;
+            return std::str::from_utf8(text).ok().map(str::to_string);
+        }
+        off += 2 + len;
+    }
+    None
+}
+
+/// The rules of chain `inet <table> <chain>` in order, with their handles and comments (one
+/// dump of that chain alone). Blocking.
+pub fn list_chain(table: &str, chain: &str) -> Result<Vec<ListedRule>, NfnlError> {
+    let mut body = vec![];
+    rule_head(&mut body, table, chain);
+    let mut out = vec![];
+    nfnl::request(
+        NFT_MSG_GETRULE,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        &body,
+        1 << 20,
+        |kind, attrs_buf| {
+            if kind & 0xff != NFT_MSG_NEWRULE {
+                return;
+            }
+            let mut handle = None;
+            let mut comment = None;
+            for (k, v) in attrs(attrs_buf) {
+                match k {
+                    NFTA_RULE_HANDLE if v.len() == 8 => {
+                        handle = Some(u64::from_be_bytes(v.try_into().expect("8 bytes")));
+                    }
+                    NFTA_RULE_USERDATA => comment = comment_of(v),
+                    _ => {}
+                }
+            }
+            if let Some(handle) = handle {
+                out.push(ListedRule { handle, comment });
+            }
+        },
+    )?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comments_are_read_back_from_user_data() {
+        let mut udata = vec![1, 2, 9, 9, NFTNL_UDATA_RULE_COMMENT, 4];
+        udata.extend_from_slice(b"r-1\0");
+        assert_eq!(comment_of(&udata).as_deref(), Some("r-1"));
+        assert_eq!(comment_of(&[NFTNL_UDATA_RULE_COMMENT, 9, b'x']), None);
+        assert_eq!(comment_of(&[]), None);
+    }
+
+    #[test]
+    fn a_positioned_rule_is_inserted_and_an_unpositioned_one_appended() {
+        let rule = |before| NewRule {
+            exprs: vec![Expr::Counter, Expr::Verdict(1)],
+            sets: vec![],
+            comment: Some("r".into()),
+            before,
+        };
+        let edit = ChainEdit {
+            chain: "in_0".into(),
+            delete: vec![7],
+            add: vec![rule(Some(9)), rule(None)],
+        };
+        let (bytes, acked) = encode_edits("rampart", &[], &[edit], Some(3), 10);
+        assert_eq!(acked, vec![11, 12, 13]);
+        let flags_of = |at: usize| u16::from_ne_bytes(bytes[at + 6..at + 8].try_into().unwrap());
+        let len_of = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        let begin = len_of(0);
+        assert_eq!(begin, 28, "the begin message carries the generation");
+        let del = begin;
+        let first = del + len_of(del);
+        let second = first + len_of(first);
+        assert_eq!(flags_of(first) & NLM_F_APPEND, 0);
+        assert_eq!(flags_of(second) & NLM_F_APPEND, NLM_F_APPEND);
+    }
+}
