@@ -595,12 +595,13 @@ async fn firewall_apply(fw: &mut Firewall, rs: Box<RuleSet>, raw: String) -> (Ex
         ),
         Ok(ApplyPlan::Replace { batch, layout }) => {
             let t = Instant::now();
-            if let Err(e) = fw.apply_batch(&batch).await {
+            let bytes = batch.len();
+            if let Err(e) = fw.apply_replace(batch, &rs, &layout).await {
                 return failed_with(fw, &e);
             }
             tracing::debug!(
                 kernel_us = t.elapsed().as_micros() as u64,
-                bytes = batch.len(),
+                bytes,
                 "firewall rule set applied to the kernel"
             );
             let executed = Executed::applied(

@@ -4,10 +4,18 @@
 
 use ipnet::IpNet;
 
-use super::render::{AddrMatch, Family, IfMatch, KRule, L4Match, Tail};
-use super::spec::{Action, PortRange, Protocol};
+use std::net::IpAddr;
+
+use super::layout::{Hook, Layout};
+use super::render::{
+    self, AddrMatch, BaseRule, FailsafeProto, Family, IfMatch, KRule, L4Match, Range, RenderCtx,
+    Tail,
+};
+use super::spec::{Action, Policy, PortRange, Protocol, RuleSet};
 use crate::sys::nfnl::Element;
-use crate::sys::nfrule::{AnonSet, CmpOp, Expr, MetaKey, NewRule, PayloadBase, SetRef};
+use crate::sys::nfrule::{
+    AnonSet, CmpOp, Expr, FilterHook, MetaKey, NamedSet, NewRule, PayloadBase, SetRef, TableBatch,
+};
 
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
@@ -21,7 +29,16 @@ const ICMP_PORT_UNREACH: u8 = 3;
 const ICMPV6_PORT_UNREACH: u8 = 4;
 const TYPE_IPV4_ADDR: u32 = 7;
 const TYPE_IPV6_ADDR: u32 = 8;
+const TYPE_INET_PROTOCOL: u32 = 12;
 const TYPE_INET_SERVICE: u32 = 13;
+const TYPE_ICMPV6_TYPE: u32 = 29;
+/// The loopback interface's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+/// `ct state` bits.
+const CT_INVALID: u32 = 1;
+const CT_ESTABLISHED_RELATED: u32 = 2 | 4;
+/// Neighbour and router solicitations and advertisements.
+const ND_TYPES: [u8; 4] = [133, 134, 135, 136];
 const IFNAMSIZ: usize = 16;
 /// `log level info`.
 const LOG_LEVEL_INFO: u32 = 6;
@@ -60,6 +77,11 @@ fn interval_set(mut ranges: Vec<(u128, u128)>, width: usize) -> Vec<Element> {
             _ => merged.push((lo, hi)),
         }
     }
+    interval_elements(&merged, width)
+}
+
+/// Sorted, disjoint intervals as interval-set elements (see [`interval_set`]).
+fn interval_elements(merged: &[(u128, u128)], width: usize) -> Vec<Element> {
     let key = |v: u128| v.to_be_bytes()[16 - width..].to_vec();
     let max = if width == 16 {
         u128::MAX
@@ -74,7 +96,7 @@ fn interval_set(mut ranges: Vec<(u128, u128)>, width: usize) -> Vec<Element> {
             open: false,
         });
     }
-    for (lo, hi) in merged {
+    for &(lo, hi) in merged {
         out.push(Element {
             key: key(lo),
             end: false,
@@ -315,6 +337,200 @@ fn port_match(e: &mut Vec<Expr>, sets: &mut Vec<AnonSet>, ids: &mut SetIds, port
             e.push(Expr::Lookup(SetRef::Anonymous(id)));
         }
     }
+}
+
+fn anon_plain(sets: &mut Vec<AnonSet>, ids: &mut SetIds, key_type: u32, keys: &[u8]) -> Expr {
+    let id = ids.next();
+    sets.push(AnonSet {
+        id,
+        key_type,
+        key_len: 1,
+        interval: false,
+        elements: plain_set(keys.iter().map(|k| vec![*k]).collect()),
+    });
+    Expr::Lookup(SetRef::Anonymous(id))
+}
+
+fn daddr_is(e: &mut Vec<Expr>, ip: &IpAddr) {
+    let (proto, offset, bytes) = match ip {
+        IpAddr::V4(a) => (NFPROTO_IPV4, 16, a.octets().to_vec()),
+        IpAddr::V6(a) => (NFPROTO_IPV6, 24, a.octets().to_vec()),
+    };
+    e.push(Expr::Meta(MetaKey::NfProto));
+    e.push(Expr::Cmp(CmpOp::Eq, vec![proto]));
+    e.push(Expr::Payload {
+        base: PayloadBase::Network,
+        offset,
+        len: bytes.len() as u32,
+    });
+    e.push(Expr::Cmp(CmpOp::Eq, bytes));
+}
+
+fn dport_is(e: &mut Vec<Expr>, port: u16) {
+    e.push(Expr::Payload {
+        base: PayloadBase::Transport,
+        offset: 2,
+        len: 2,
+    });
+    e.push(Expr::Cmp(CmpOp::Eq, port.to_be_bytes().to_vec()));
+}
+
+/// Compiles one base-chain rule, as nft compiles its text.
+pub fn compile_base(b: &BaseRule, ids: &mut SetIds) -> NewRule {
+    let mut e = vec![];
+    let mut sets = vec![];
+    let mut comment = None;
+    let accept = Expr::Verdict(NF_ACCEPT);
+    match b {
+        BaseRule::Established | BaseRule::Invalid => {
+            let (bits, verdict) = match b {
+                BaseRule::Established => (CT_ESTABLISHED_RELATED, NF_ACCEPT),
+                _ => (CT_INVALID, NF_DROP),
+            };
+            e.push(Expr::CtState);
+            e.push(Expr::Mask(bits.to_ne_bytes().to_vec()));
+            e.push(Expr::Cmp(CmpOp::Neq, vec![0; 4]));
+            e.push(Expr::Verdict(verdict));
+        }
+        BaseRule::Loopback { input } => {
+            e.push(Expr::Meta(if *input { MetaKey::Iif } else { MetaKey::Oif }));
+            e.push(Expr::Cmp(
+                CmpOp::Eq,
+                LOOPBACK_IFINDEX.to_ne_bytes().to_vec(),
+            ));
+            e.push(accept);
+        }
+        BaseRule::NeighbourDiscovery => {
+            e.push(Expr::Meta(MetaKey::NfProto));
+            e.push(Expr::Cmp(CmpOp::Eq, vec![NFPROTO_IPV6]));
+            l4proto(&mut e, Protocol::Icmpv6);
+            e.push(Expr::Payload {
+                base: PayloadBase::Transport,
+                offset: 0,
+                len: 1,
+            });
+            e.push(anon_plain(&mut sets, ids, TYPE_ICMPV6_TYPE, &ND_TYPES));
+            e.push(accept);
+        }
+        BaseRule::Failsafe { proto, port } => {
+            l4proto(
+                &mut e,
+                match proto {
+                    FailsafeProto::Tcp => Protocol::Tcp,
+                    FailsafeProto::Udp => Protocol::Udp,
+                },
+            );
+            dport_is(&mut e, *port);
+            e.push(accept);
+            comment = Some("failsafe");
+        }
+        BaseRule::Broker { ip, port } => {
+            daddr_is(&mut e, ip);
+            l4proto(&mut e, Protocol::Tcp);
+            dport_is(&mut e, *port);
+            e.push(accept);
+            comment = Some("failsafe: broker");
+        }
+        BaseRule::Resolver { ip } => {
+            daddr_is(&mut e, ip);
+            e.push(Expr::Meta(MetaKey::L4Proto));
+            let tcp_udp = [l4_number(Protocol::Tcp), l4_number(Protocol::Udp)];
+            e.push(anon_plain(&mut sets, ids, TYPE_INET_PROTOCOL, &tcp_udp));
+            dport_is(&mut e, 53);
+            e.push(accept);
+            comment = Some("failsafe: resolver");
+        }
+        BaseRule::Jump(chain) => e.push(Expr::Jump(chain.clone())),
+        BaseRule::Default(p) => {
+            e.push(Expr::Counter);
+            e.push(Expr::Verdict(match p {
+                Policy::Allow => NF_ACCEPT,
+                Policy::Drop => NF_DROP,
+            }));
+            comment = Some("default");
+        }
+    }
+    NewRule {
+        exprs: e,
+        sets,
+        comment: comment.map(str::to_string),
+        before: None,
+    }
+}
+
+fn filter_hook(hook: Hook) -> FilterHook {
+    match hook {
+        Hook::Input => FilterHook::Input,
+        Hook::Output => FilterHook::Output,
+        Hook::Forward => FilterHook::Forward,
+    }
+}
+
+fn named_set_elements(ranges: &[Range], family: Family) -> Vec<Element> {
+    let width = match family {
+        Family::V4 => 4,
+        Family::V6 => 16,
+    };
+    let pairs: Vec<(u128, u128)> = ranges.iter().map(|r| (r.start, r.end)).collect();
+    interval_elements(&pairs, width)
+}
+
+/// The whole table as one batch, the same transaction as [`render::render_full`]'s text:
+/// the table made if missing, deleted, and made anew with its sets, bucket chains and base
+/// chains. Encoded straight into the batch, one rule at a time.
+pub fn full_table(
+    rs: &RuleSet,
+    layout: &Layout,
+    ctx: &RenderCtx,
+    first_seq: u32,
+) -> (Vec<u8>, Vec<u32>) {
+    let mut batch = TableBatch::new(&ctx.table, None, first_seq);
+    batch.add_table();
+    batch.delete_table();
+    batch.add_table();
+    let mut ids = SetIds::default();
+    for (name, elements) in &rs.sets {
+        for (family, key_type, key_len) in [
+            (Family::V4, TYPE_IPV4_ADDR, 4),
+            (Family::V6, TYPE_IPV6_ADDR, 16),
+        ] {
+            let set_name = family.set_name(name);
+            let els = named_set_elements(&render::merged(elements, family), family);
+            let id = ids.next();
+            batch.add_named_set(
+                NamedSet {
+                    name: &set_name,
+                    id,
+                    key_type,
+                    key_len,
+                },
+                &els,
+            );
+        }
+    }
+    for hook in Hook::ALL {
+        for b in layout.buckets(hook) {
+            let chain = b.chain_name(hook);
+            batch.add_chain(&chain, None);
+            for (_, id) in &b.keys {
+                let Some(rule) = rs.rules.get(id) else {
+                    continue;
+                };
+                for k in render::kernel_rules(rule, hook) {
+                    batch.add_rule(&chain, &compile(&k, &mut ids, None));
+                }
+            }
+        }
+    }
+    for hook in Hook::ALL {
+        let chain = hook.base_chain();
+        batch.add_chain(chain, Some(filter_hook(hook)));
+        let default = render::default_of(&rs.defaults, hook);
+        for b in render::base_rules(hook, layout, default, ctx) {
+            batch.add_rule(chain, &compile_base(&b, &mut ids));
+        }
+    }
+    batch.finish()
 }
 
 #[cfg(test)]

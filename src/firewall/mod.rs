@@ -67,9 +67,25 @@ pub enum ApplyPlan {
     /// Same generation, same content: nothing to do.
     NoOp,
     Replace {
-        batch: String,
+        batch: TableBatch,
         layout: Layout,
     },
+}
+
+/// A whole table encoded as one nfnetlink batch ([`bytecode::full_table`]).
+pub struct TableBatch {
+    bytes: Vec<u8>,
+    acked: Vec<u32>,
+}
+
+impl TableBatch {
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
 }
 
 /// A checked patch, rendered, ready to be applied and then committed.
@@ -252,10 +268,16 @@ impl Firewall {
             return Ok(());
         }
         self.layout = Layout::build(self.current.rules.values());
-        let batch = render::render_full(&self.current, &self.layout, &self.ctx);
-        self.remake(&batch).await?;
+        let batch = self.encode_full(&self.current, &self.layout);
+        self.apply_replace(batch, &self.current, &self.layout)
+            .await?;
         self.baseline = None;
         Ok(())
+    }
+
+    fn encode_full(&self, rs: &RuleSet, layout: &Layout) -> TableBatch {
+        let (bytes, acked) = bytecode::full_table(rs, layout, &self.ctx, nfnl::first_seq());
+        TableBatch { bytes, acked }
     }
 
     /// Generation rule of section 4 for a whole rule set.
@@ -271,13 +293,40 @@ impl Firewall {
             });
         }
         let layout = Layout::build(rs.rules.values());
-        let batch = render::render_full(rs, &layout, &self.ctx);
+        let batch = self.encode_full(rs, &layout);
         Ok(ApplyPlan::Replace { batch, layout })
     }
 
-    /// Applies a whole rule set's text (see [`render::render_full`]).
-    pub async fn apply_batch(&self, batch: &str) -> Result<(), FirewallError> {
-        self.remake(batch).await.map_err(FirewallError::from)
+    /// Makes the table anew with `rs` (laid out as `layout`) from its encoded `batch`, one
+    /// netlink transaction. Should the kernel refuse it, the same transaction goes as nft
+    /// text ([`render::render_full`]), whose refusal is the one reported.
+    pub async fn apply_replace(
+        &self,
+        batch: TableBatch,
+        rs: &RuleSet,
+        layout: &Layout,
+    ) -> Result<(), FirewallError> {
+        let before = self.made.swap(0, Ordering::Relaxed);
+        let table = self.ctx.table.clone();
+        let sent = tokio::task::spawn_blocking(move || {
+            let TableBatch { bytes, acked } = batch;
+            nfnl::send_batch(&bytes, acked)?;
+            nfnl::table_handle(&table)
+        })
+        .await
+        .expect("netlink task panicked");
+        match sent {
+            Ok(handle) => {
+                self.made.store(handle.unwrap_or(0), Ordering::Relaxed);
+                Ok(())
+            }
+            Err(error) => {
+                self.made.store(before, Ordering::Relaxed);
+                tracing::warn!(%error, "rule set not applied over netlink; applying it as nft text");
+                let text = render::render_full(rs, layout, &self.ctx);
+                self.remake(&text).await.map_err(FirewallError::from)
+            }
+        }
     }
 
     pub async fn apply_kernel(&self, change: &KernelChange) -> Result<(), FirewallError> {

@@ -474,44 +474,89 @@ fn policy_verdict(p: Policy) -> &'static str {
     }
 }
 
+/// One rule of a base chain, in structured form (text and bytecode are made from it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BaseRule {
+    /// `ct state established,related accept`
+    Established,
+    /// `ct state invalid drop`
+    Invalid,
+    /// `iif "lo" accept` (input) or `oif "lo" accept` (output).
+    Loopback { input: bool },
+    /// IPv6 neighbour and router discovery, always let through.
+    NeighbourDiscovery,
+    /// `tcp dport N accept comment "failsafe"`
+    Failsafe { proto: FailsafeProto, port: u16 },
+    /// The way to a broker: `ip daddr A tcp dport P accept comment "failsafe: broker"`.
+    Broker { ip: IpAddr, port: u16 },
+    /// DNS to a resolver, TCP and UDP port 53.
+    Resolver { ip: IpAddr },
+    /// `jump <bucket chain>`
+    Jump(String),
+    /// The hook's default: `counter accept|drop comment "default"`.
+    Default(Policy),
+}
+
+fn ip_kw(ip: &IpAddr) -> &'static str {
+    if ip.is_ipv4() { "ip" } else { "ip6" }
+}
+
+impl BaseRule {
+    pub fn text(&self) -> String {
+        match self {
+            BaseRule::Established => "ct state established,related accept".into(),
+            BaseRule::Invalid => "ct state invalid drop".into(),
+            BaseRule::Loopback { input: true } => "iif \"lo\" accept".into(),
+            BaseRule::Loopback { input: false } => "oif \"lo\" accept".into(),
+            BaseRule::NeighbourDiscovery => "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert } accept".into(),
+            BaseRule::Failsafe { proto, port } => {
+                format!("{} dport {port} accept comment \"failsafe\"", proto.as_str())
+            }
+            BaseRule::Broker { ip, port } => format!(
+                "{} daddr {ip} tcp dport {port} accept comment \"failsafe: broker\"",
+                ip_kw(ip)
+            ),
+            BaseRule::Resolver { ip } => format!(
+                "{} daddr {ip} meta l4proto {{ tcp, udp }} th dport 53 accept comment \"failsafe: resolver\"",
+                ip_kw(ip)
+            ),
+            BaseRule::Jump(chain) => format!("jump {chain}"),
+            BaseRule::Default(p) => format!("counter {} comment \"default\"", policy_verdict(*p)),
+        }
+    }
+}
+
 /// The fixed head of a base chain: stateful handling and the failsafe.
-fn base_head(hook: Hook, ctx: &RenderCtx) -> Vec<String> {
-    let mut l = vec![
-        "ct state established,related accept".to_string(),
-        "ct state invalid drop".to_string(),
-    ];
-    let nd = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert } accept";
+fn base_head(hook: Hook, ctx: &RenderCtx) -> Vec<BaseRule> {
+    let mut l = vec![BaseRule::Established, BaseRule::Invalid];
     match hook {
         Hook::Input => {
-            l.push("iif \"lo\" accept".into());
-            l.push(nd.into());
-            for (p, port) in &ctx.failsafe_in {
-                l.push(format!(
-                    "{} dport {port} accept comment \"failsafe\"",
-                    p.as_str()
-                ));
+            l.push(BaseRule::Loopback { input: true });
+            l.push(BaseRule::NeighbourDiscovery);
+            for (proto, port) in &ctx.failsafe_in {
+                l.push(BaseRule::Failsafe {
+                    proto: *proto,
+                    port: *port,
+                });
             }
         }
         Hook::Output => {
-            l.push("oif \"lo\" accept".into());
-            l.push(nd.into());
+            l.push(BaseRule::Loopback { input: false });
+            l.push(BaseRule::NeighbourDiscovery);
             for (ip, port) in &ctx.brokers {
-                let kw = if ip.is_ipv4() { "ip" } else { "ip6" };
-                l.push(format!(
-                    "{kw} daddr {ip} tcp dport {port} accept comment \"failsafe: broker\""
-                ));
+                l.push(BaseRule::Broker {
+                    ip: *ip,
+                    port: *port,
+                });
             }
             for ip in &ctx.resolvers {
-                let kw = if ip.is_ipv4() { "ip" } else { "ip6" };
-                l.push(format!(
-                    "{kw} daddr {ip} meta l4proto {{ tcp, udp }} th dport 53 accept comment \"failsafe: resolver\""
-                ));
+                l.push(BaseRule::Resolver { ip: *ip });
             }
-            for (p, port) in &ctx.failsafe_out {
-                l.push(format!(
-                    "{} dport {port} accept comment \"failsafe\"",
-                    p.as_str()
-                ));
+            for (proto, port) in &ctx.failsafe_out {
+                l.push(BaseRule::Failsafe {
+                    proto: *proto,
+                    port: *port,
+                });
             }
         }
         Hook::Forward => {}
@@ -519,16 +564,21 @@ fn base_head(hook: Hook, ctx: &RenderCtx) -> Vec<String> {
     l
 }
 
-fn base_lines(hook: Hook, layout: &Layout, default: Policy, ctx: &RenderCtx) -> Vec<String> {
+/// A base chain's rules: the head, a jump to each bucket chain in order, the default.
+pub fn base_rules(hook: Hook, layout: &Layout, default: Policy, ctx: &RenderCtx) -> Vec<BaseRule> {
     let mut l = base_head(hook, ctx);
     for b in layout.buckets(hook) {
-        l.push(format!("jump {}", b.chain_name(hook)));
+        l.push(BaseRule::Jump(b.chain_name(hook)));
     }
-    l.push(format!(
-        "counter {} comment \"default\"",
-        policy_verdict(default)
-    ));
+    l.push(BaseRule::Default(default));
     l
+}
+
+fn base_lines(hook: Hook, layout: &Layout, default: Policy, ctx: &RenderCtx) -> Vec<String> {
+    base_rules(hook, layout, default, ctx)
+        .iter()
+        .map(BaseRule::text)
+        .collect()
 }
 
 pub fn default_of(defaults: &super::spec::Defaults, hook: Hook) -> Policy {

@@ -386,13 +386,13 @@ pub fn apply(table: &str, changes: &[SetChange]) -> Result<(), NfnlError> {
 }
 
 /// A sequence number unlikely to meet an earlier request's.
-pub(super) fn first_seq() -> u32 {
+pub fn first_seq() -> u32 {
     (std::process::id() << 8) ^ (crate::protocol::now_ms() as u32)
 }
 
 /// Sends one encoded batch on a fresh socket and waits for the ack of every message in
 /// `pending`; the first error the kernel answers with (it then aborts the whole batch).
-pub(super) fn send_batch(batch: &[u8], mut pending: Vec<u32>) -> Result<(), NfnlError> {
+pub fn send_batch(batch: &[u8], mut pending: Vec<u32>) -> Result<(), NfnlError> {
     let fd = open()?;
     size_buffers(&fd, batch.len(), pending.len());
     send(fd.as_raw_fd(), batch, MsgFlags::empty()).map_err(NfnlError::Socket)?;

@@ -31,6 +31,8 @@ const NFTA_EXPR_DATA: u16 = 2;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_VERDICT_CHAIN: u16 = 2;
+const NFT_JUMP: i32 = -3;
 const NFTA_GEN_ID: u16 = 1;
 const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
 
@@ -57,6 +59,8 @@ const REG_VERDICT: u32 = 0;
 /// Meta keys (`meta load KEY`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetaKey {
+    Iif = 4,
+    Oif = 5,
     IifName = 6,
     OifName = 7,
     NfProto = 15,
@@ -67,6 +71,7 @@ pub enum MetaKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CmpOp {
     Eq = 0,
+    Neq = 1,
     Lte = 3,
     Gte = 5,
 }
@@ -89,6 +94,8 @@ pub enum SetRef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expr {
     Meta(MetaKey),
+    /// `ct load state`: the connection's state bits, host byte order.
+    CtState,
     Cmp(CmpOp, Vec<u8>),
     Payload {
         base: PayloadBase,
@@ -116,6 +123,8 @@ pub enum Expr {
     },
     /// An immediate verdict: `NF_DROP` 0, `NF_ACCEPT` 1.
     Verdict(u32),
+    /// `jump <chain>`.
+    Jump(String),
 }
 
 fn be32(v: u32) -> [u8; 4] {
@@ -132,6 +141,7 @@ impl Expr {
     fn name(&self) -> &'static str {
         match self {
             Expr::Meta(_) => "meta",
+            Expr::CtState => "ct",
             Expr::Cmp(..) => "cmp",
             Expr::Payload { .. } => "payload",
             Expr::Mask(_) => "bitwise",
@@ -140,7 +150,7 @@ impl Expr {
             Expr::Limit { .. } => "limit",
             Expr::Log { .. } => "log",
             Expr::Reject { .. } => "reject",
-            Expr::Verdict(_) => "immediate",
+            Expr::Verdict(_) | Expr::Jump(_) => "immediate",
         }
     }
 
@@ -150,6 +160,10 @@ impl Expr {
             Expr::Meta(key) => {
                 put_attr(b, 1, &be32(REG_1)); // NFTA_META_DREG
                 put_attr(b, 2, &be32(*key as u32)); // NFTA_META_KEY
+            }
+            Expr::CtState => {
+                put_attr(b, 1, &be32(REG_1)); // NFTA_CT_DREG
+                put_attr(b, 2, &be32(0)); // NFTA_CT_KEY: NFT_CT_STATE
             }
             Expr::Cmp(op, value) => {
                 put_attr(b, 1, &be32(REG_1)); // NFTA_CMP_SREG
@@ -207,6 +221,15 @@ impl Expr {
                 let d = begin_nested(b, 2); // NFTA_IMMEDIATE_DATA
                 let v = begin_nested(b, NFTA_DATA_VERDICT);
                 put_attr(b, NFTA_VERDICT_CODE, &be32(*code));
+                end_nested(b, v);
+                end_nested(b, d);
+            }
+            Expr::Jump(chain) => {
+                put_attr(b, 1, &be32(REG_VERDICT));
+                let d = begin_nested(b, 2);
+                let v = begin_nested(b, NFTA_DATA_VERDICT);
+                put_attr(b, NFTA_VERDICT_CODE, &NFT_JUMP.to_be_bytes());
+                put_attr(b, NFTA_VERDICT_CHAIN, &cstr(chain));
                 end_nested(b, v);
                 end_nested(b, d);
             }
@@ -308,6 +331,157 @@ fn new_rule_body(table: &str, chain: &str, r: &NewRule) -> Vec<u8> {
     b
 }
 
+/// A batch of nftables object changes in table `inet <table>`, built message by message
+/// (a whole rule set is encoded straight into it, never held as objects).
+pub struct TableBatch<'a> {
+    table: &'a str,
+    batch: Batch,
+}
+
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+
+/// A base chain's hook: `type filter hook <hook> priority filter; policy accept;`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterHook {
+    Input = 1,
+    Forward = 2,
+    Output = 3,
+}
+
+/// A named interval set of addresses (`type ipv4_addr; flags interval;`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NamedSet<'n> {
+    pub name: &'n str,
+    pub id: u32,
+    pub key_type: u32,
+    pub key_len: u32,
+}
+
+impl<'a> TableBatch<'a> {
+    /// With `genid`, the kernel refuses the batch if the rule set is no longer at that
+    /// generation.
+    pub fn new(table: &'a str, genid: Option<u32>, first_seq: u32) -> TableBatch<'a> {
+        TableBatch {
+            table,
+            batch: Batch::begin(first_seq, genid),
+        }
+    }
+
+    fn table_msg(&mut self, kind: u16, flags: u16) {
+        let mut b = vec![];
+        put_attr(&mut b, NFTA_TABLE_NAME, &cstr(self.table));
+        self.batch.push(kind, flags, &b);
+    }
+
+    /// `add table`: made if missing, left as it is if not.
+    pub fn add_table(&mut self) {
+        self.table_msg(NFT_MSG_NEWTABLE, NLM_F_CREATE);
+    }
+
+    /// `delete table`, with everything in it.
+    pub fn delete_table(&mut self) {
+        self.table_msg(NFT_MSG_DELTABLE, 0);
+    }
+
+    /// A chain; a base chain with `hook` (filter type, priority 0, policy accept).
+    pub fn add_chain(&mut self, name: &str, hook: Option<FilterHook>) {
+        let mut b = vec![];
+        put_attr(&mut b, NFTA_CHAIN_TABLE, &cstr(self.table));
+        put_attr(&mut b, NFTA_CHAIN_NAME, &cstr(name));
+        if let Some(h) = hook {
+            let at = begin_nested(&mut b, NFTA_CHAIN_HOOK);
+            put_attr(&mut b, NFTA_HOOK_HOOKNUM, &be32(h as u32));
+            put_attr(&mut b, NFTA_HOOK_PRIORITY, &be32(0));
+            end_nested(&mut b, at);
+            put_attr(&mut b, NFTA_CHAIN_POLICY, &be32(1)); // NF_ACCEPT
+            put_attr(&mut b, NFTA_CHAIN_TYPE, &cstr("filter"));
+        }
+        self.batch.push(NFT_MSG_NEWCHAIN, NLM_F_CREATE, &b);
+    }
+
+    /// A named interval set with its elements.
+    pub fn add_named_set(&mut self, set: NamedSet, elements: &[Element]) {
+        let mut b = vec![];
+        put_attr(&mut b, NFTA_SET_TABLE, &cstr(self.table));
+        put_attr(&mut b, NFTA_SET_NAME, &cstr(set.name));
+        put_attr(&mut b, NFTA_SET_FLAGS, &be32(NFT_SET_INTERVAL));
+        put_attr(&mut b, NFTA_SET_KEY_TYPE, &be32(set.key_type));
+        put_attr(&mut b, NFTA_SET_KEY_LEN, &be32(set.key_len));
+        put_attr(&mut b, NFTA_SET_ID, &be32(set.id));
+        let mut udata = vec![NFTNL_UDATA_SET_KEYBYTEORDER, 4];
+        udata.extend_from_slice(&BYTEORDER_BIG_ENDIAN.to_ne_bytes());
+        put_attr(&mut b, NFTA_SET_USERDATA, &udata);
+        self.batch.push(NFT_MSG_NEWSET, NLM_F_CREATE, &b);
+        self.elements(set.name, Some(set.id), elements, &[]);
+    }
+
+    /// Element changes of a set (`set_id`: one made earlier in this batch).
+    pub fn elements(
+        &mut self,
+        set: &str,
+        set_id: Option<u32>,
+        add: &[Element],
+        delete: &[Element],
+    ) {
+        if add.is_empty() && delete.is_empty() {
+            return;
+        }
+        let change = SetChange {
+            set: set.to_string(),
+            delete: delete.to_vec(),
+            add: add.to_vec(),
+        };
+        self.batch.push_elements(self.table, &change, set_id);
+    }
+
+    /// A rule with its anonymous sets, before `r.before` or at the end of `chain`.
+    pub fn add_rule(&mut self, chain: &str, r: &NewRule) {
+        for s in &r.sets {
+            self.batch
+                .push(NFT_MSG_NEWSET, NLM_F_CREATE, &set_body(self.table, s));
+            let change = SetChange {
+                set: ANON_SET_NAME.to_string(),
+                delete: vec![],
+                add: s.elements.clone(),
+            };
+            self.batch.push_elements(self.table, &change, Some(s.id));
+        }
+        // Without a position, NLM_F_APPEND adds at the end; with one and without the flag,
+        // the kernel inserts before that rule.
+        let flags = NLM_F_CREATE | if r.before.is_none() { NLM_F_APPEND } else { 0 };
+        self.batch
+            .push(NFT_MSG_NEWRULE, flags, &new_rule_body(self.table, chain, r));
+    }
+
+    pub fn delete_rule(&mut self, chain: &str, handle: u64) {
+        let mut b = vec![];
+        rule_head(&mut b, self.table, chain);
+        put_attr(&mut b, NFTA_RULE_HANDLE, &handle.to_be_bytes());
+        self.batch.push(NFT_MSG_DELRULE, 0, &b);
+    }
+
+    /// The bytes to send and the sequence numbers that expect an ack.
+    pub fn finish(self) -> (Vec<u8>, Vec<u32>) {
+        self.batch.finish()
+    }
+
+    /// Sends the batch and waits for the kernel's answer. Blocking.
+    pub fn send(self) -> Result<(), NfnlError> {
+        let (bytes, pending) = self.finish();
+        nfnl::send_batch(&bytes, pending)
+    }
+}
+
 /// The batch of `edits` (with the element changes of named sets first, so that rules see
 /// them), refused by the kernel if the rule set is no longer at generation `genid`.
 pub fn encode_edits(
@@ -317,35 +491,16 @@ pub fn encode_edits(
     genid: Option<u32>,
     first_seq: u32,
 ) -> (Vec<u8>, Vec<u32>) {
-    let mut batch = Batch::begin(first_seq, genid);
+    let mut batch = TableBatch::new(table, genid, first_seq);
     for c in elements {
-        batch.push_elements(table, c, None);
+        batch.batch.push_elements(table, c, None);
     }
     for edit in edits {
         for h in &edit.delete {
-            let mut b = vec![];
-            rule_head(&mut b, table, &edit.chain);
-            put_attr(&mut b, NFTA_RULE_HANDLE, &h.to_be_bytes());
-            batch.push(NFT_MSG_DELRULE, 0, &b);
+            batch.delete_rule(&edit.chain, *h);
         }
         for r in &edit.add {
-            for s in &r.sets {
-                batch.push(NFT_MSG_NEWSET, NLM_F_CREATE, &set_body(table, s));
-                let change = SetChange {
-                    set: ANON_SET_NAME.to_string(),
-                    delete: vec![],
-                    add: s.elements.clone(),
-                };
-                batch.push_elements(table, &change, Some(s.id));
-            }
-            // Without a position, NLM_F_APPEND adds at the end; with one and without the
-            // flag, the kernel inserts before that rule.
-            let flags = NLM_F_CREATE | if r.before.is_none() { NLM_F_APPEND } else { 0 };
-            batch.push(
-                NFT_MSG_NEWRULE,
-                flags,
-                &new_rule_body(table, &edit.chain, r),
-            );
+            batch.add_rule(&edit.chain, r);
         }
     }
     batch.finish()

@@ -24,6 +24,10 @@ pub fn tests() -> Vec<Trial> {
             "nlrules::a_chain_changed_behind_our_back_falls_back_to_text",
             changed_behind_our_back,
         ),
+        trial(
+            "nlrules::a_whole_table_over_netlink_lists_the_same_as_through_nft",
+            whole_table,
+        ),
     ]
 }
 
@@ -208,6 +212,24 @@ fn ctx(table: &str) -> RenderCtx {
     }
 }
 
+/// A context with every kind of failsafe rule, of both families.
+fn failsafe_ctx(table: &str) -> RenderCtx {
+    use rampart::firewall::render::FailsafeProto::{Tcp, Udp};
+    RenderCtx {
+        table: table.into(),
+        brokers: vec![
+            ("192.0.2.10".parse().unwrap(), 5671),
+            ("2001:db8::10".parse().unwrap(), 5671),
+        ],
+        resolvers: vec![
+            "192.0.2.53".parse().unwrap(),
+            "2001:db8::53".parse().unwrap(),
+        ],
+        failsafe_in: vec![(Tcp, 22), (Udp, 4789)],
+        failsafe_out: vec![(Udp, 123)],
+    }
+}
+
 fn nft() -> Nft {
     Nft::new(std::path::Path::new("nft"))
 }
@@ -218,7 +240,7 @@ async fn applied_firewall(table: &str, rs: &RuleSet) -> Result<Firewall> {
     let ApplyPlan::Replace { batch, layout } = fw.plan_apply(rs)? else {
         bail!("a first rule set replaces the empty one");
     };
-    fw.apply_batch(&batch).await?;
+    fw.apply_replace(batch, rs, &layout).await?;
     fw.commit_replace(rs.clone(), layout);
     Ok(fw)
 }
@@ -423,4 +445,74 @@ fn changed_behind_our_back() -> Result<()> {
         "the text rewrote the chain"
     );
     Ok(())
+}
+
+/// The whole-table batch against `nft -f` of the same rule set's text, for the shapes'
+/// rule set before and after the patch, an empty one, and one with empty sets and all
+/// defaults dropping, each with every kind of failsafe rule.
+fn whole_table() -> Result<()> {
+    use rampart::firewall::bytecode::full_table;
+    use rampart::firewall::layout::Layout;
+    use rampart::firewall::render::render_full;
+    let ns = Netns::new("nlw");
+    let base = rule_set(&base_rule_set());
+    let mut patched = base.clone();
+    let p = patch(&patch_data());
+    let empty = rule_set(&json!({"generation": 1}));
+    let stark = rule_set(
+        &json!({"generation": 1, "defaults": {"in": "drop", "out": "drop", "forward": "drop"},
+        "address_sets": {"none": [], "v6only": ["2001:db8::/32"], "top": ["255.255.255.0/24", "::/0"]},
+        "rules": [rule("x", 1, json!({"sources": ["$none", "$v6only", "$top"]}))]}),
+    );
+    in_ns(&ns.name, move || -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let mut fw = applied_firewall("p", &base).await?;
+            let plan = fw.plan_patch(&p)?;
+            fw.apply_kernel(&plan.kernel).await?;
+            fw.commit_patch(plan);
+            patched = fw.current().clone();
+            Ok::<_, anyhow::Error>(())
+        })?;
+        for (i, rs) in [&base, &patched, &empty, &stark].into_iter().enumerate() {
+            let layout = Layout::build(rs.rules.values());
+            let (bytes, acked) = full_table(rs, &layout, &failsafe_ctx("nl"), 1);
+            rampart::sys::nfnl::send_batch(&bytes, acked)
+                .with_context(|| format!("rule set {i} over netlink"))?;
+            let text = render_full(rs, &layout, &failsafe_ctx("tx"));
+            let path = std::env::temp_dir().join(format!("rampart-nlw-{}.nft", std::process::id()));
+            std::fs::write(&path, text)?;
+            nft_here(&["-f", &path.display().to_string()])?;
+            let _ = std::fs::remove_file(&path);
+            let nl = nft_here(&["list", "table", "inet", "nl"])?.replacen(
+                "table inet nl ",
+                "table inet T ",
+                1,
+            );
+            let tx = nft_here(&["list", "table", "inet", "tx"])?.replacen(
+                "table inet tx ",
+                "table inet T ",
+                1,
+            );
+            ensure!(nl.lines().count() > 20, "rule set {i} listed: {nl}");
+            if nl != tx {
+                let diff: Vec<String> = nl
+                    .lines()
+                    .zip(tx.lines())
+                    .filter(|(a, b)| a != b)
+                    .take(8)
+                    .map(|(a, b)| format!("netlink: {a}\n    nft: {b}"))
+                    .collect();
+                bail!(
+                    "rule set {i}: listings differ ({} vs {} lines):\n{}",
+                    nl.lines().count(),
+                    tx.lines().count(),
+                    diff.join("\n")
+                );
+            }
+        }
+        Ok(())
+    })
 }
