@@ -235,9 +235,17 @@ impl Dispatcher {
         }
         let ctx = self.decode.read().expect("decode lock").clone();
         let (t, bytes) = (Instant::now(), incoming.body.len());
-        let decoded = tokio::task::spawn_blocking(move || decode(&ctx, &incoming))
-            .await
-            .expect("decoding panicked");
+        let decoded = tokio::task::spawn_blocking(move || {
+            let decoded = decode(&ctx, &incoming);
+            drop(incoming);
+            // The parse tree was freed in this thread's malloc arena, where nothing else
+            // would reuse it: give it back before the command's own work (a whole table's
+            // netlink batch, megabytes) comes on top.
+            crate::sys::trim_heap();
+            decoded
+        })
+        .await
+        .expect("decoding panicked");
         tracing::debug!(
             bytes,
             decode_us = t.elapsed().as_micros() as u64,
