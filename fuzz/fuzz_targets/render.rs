@@ -1,5 +1,7 @@
 //! Firewall validation and rendering: a rule set that passes the checks renders without a
-//! panic, and the rendered text stays within a fixed function of the input's size.
+//! panic, the rendered text stays within a fixed function of the input's size, and the
+//! netlink batch of the same table is well framed and holds one rule message per rule line
+//! of the text.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -45,4 +47,30 @@ fuzz_target!(|input: &[u8]| {
         input.len()
     );
     assert!(!out.contains('\0'));
+
+    let (bytes, acked) = rampart::firewall::bytecode::full_table(&rs, &layout, &ctx, 1);
+    let mut off = 0;
+    let mut kinds = vec![];
+    while off < bytes.len() {
+        let len = u32::from_ne_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+        assert!(len >= 20 && len % 4 == 0 && off + len <= bytes.len(), "message at {off}");
+        kinds.push(u16::from_ne_bytes(bytes[off + 4..off + 6].try_into().unwrap()));
+        off += len;
+    }
+    assert_eq!(kinds.first(), Some(&0x10), "batch begin");
+    assert_eq!(kinds.last(), Some(&0x11), "batch end");
+    assert_eq!(acked.len(), kinds.len() - 2, "every message is acked");
+    let mut in_chain = false;
+    let mut text_rules = 0;
+    for line in out.lines() {
+        if line.starts_with("\tchain ") {
+            in_chain = true;
+        } else if line == "\t}" {
+            in_chain = false;
+        } else if in_chain && line.starts_with("\t\t") && !line.starts_with("\t\ttype ") {
+            text_rules += 1;
+        }
+    }
+    let new_rules = kinds.iter().filter(|k| **k == (10 << 8) | 6).count();
+    assert_eq!(new_rules, text_rules, "one rule message per rule line");
 });

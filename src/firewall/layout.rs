@@ -3,6 +3,7 @@
 //! rewrites its bucket (and the short base chain only when buckets split or vanish).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use super::spec::{Direction, Rule, RuleKey};
 
@@ -63,9 +64,12 @@ impl Bucket {
     }
 }
 
+/// Buckets are shared between a layout and its copies until one of them changes a bucket
+/// (`Arc::make_mut`): a patch's copy of the layout costs the buckets it touches, not the
+/// table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Layout {
-    pub hooks: BTreeMap<Hook, Vec<Bucket>>,
+    pub hooks: BTreeMap<Hook, Vec<Arc<Bucket>>>,
     next_chain: u32,
 }
 
@@ -97,10 +101,10 @@ impl Layout {
             keys.sort();
             let mut buckets = vec![];
             for chunk in keys.chunks(BUCKET) {
-                buckets.push(Bucket {
+                buckets.push(Arc::new(Bucket {
                     chain: layout.next_chain,
                     keys: chunk.iter().cloned().collect(),
-                });
+                }));
                 layout.next_chain += 1;
             }
             layout.hooks.insert(h, buckets);
@@ -108,12 +112,15 @@ impl Layout {
         layout
     }
 
-    pub fn buckets(&self, hook: Hook) -> &[Bucket] {
+    pub fn buckets(&self, hook: Hook) -> &[Arc<Bucket>] {
         self.hooks.get(&hook).map(Vec::as_slice).unwrap_or(&[])
     }
 
     pub fn bucket(&self, hook: Hook, chain: u32) -> Option<&Bucket> {
-        self.buckets(hook).iter().find(|b| b.chain == chain)
+        self.buckets(hook)
+            .iter()
+            .find(|b| b.chain == chain)
+            .map(Arc::as_ref)
     }
 
     pub fn remove(&mut self, hook: Hook, key: &RuleKey, ch: &mut Changes) {
@@ -121,7 +128,7 @@ impl Layout {
         let Some(i) = buckets.iter().position(|b| b.keys.contains(key)) else {
             return;
         };
-        buckets[i].keys.remove(key);
+        Arc::make_mut(&mut buckets[i]).keys.remove(key);
         let chain = buckets[i].chain;
         if buckets[i].keys.is_empty() {
             buckets.remove(i);
@@ -142,10 +149,10 @@ impl Layout {
         let next = &mut self.next_chain;
         let buckets = self.hooks.entry(hook).or_default();
         if buckets.is_empty() {
-            buckets.push(Bucket {
+            buckets.push(Arc::new(Bucket {
                 chain: *next,
                 keys: BTreeSet::new(),
-            });
+            }));
             ch.dirty.insert((hook, *next));
             ch.bases.insert(hook);
             *next += 1;
@@ -155,18 +162,19 @@ impl Layout {
             .iter()
             .position(|b| b.keys.last().is_some_and(|last| &key <= last))
             .unwrap_or(buckets.len() - 1);
-        buckets[i].keys.insert(key);
-        let chain = buckets[i].chain;
+        let bucket = Arc::make_mut(&mut buckets[i]);
+        bucket.keys.insert(key);
+        let chain = bucket.chain;
         mark(ch, hook, chain);
-        if buckets[i].keys.len() > 2 * BUCKET {
-            let upper: BTreeSet<RuleKey> = buckets[i].keys.iter().skip(BUCKET).cloned().collect();
-            buckets[i].keys.retain(|k| !upper.contains(k));
+        if bucket.keys.len() > 2 * BUCKET {
+            let upper: BTreeSet<RuleKey> = bucket.keys.iter().skip(BUCKET).cloned().collect();
+            bucket.keys.retain(|k| !upper.contains(k));
             buckets.insert(
                 i + 1,
-                Bucket {
+                Arc::new(Bucket {
                     chain: *next,
                     keys: upper,
-                },
+                }),
             );
             ch.dirty.insert((hook, *next));
             ch.bases.insert(hook);

@@ -98,7 +98,7 @@ pub struct PatchPlan {
     upsert_rules: Vec<Rule>,
     /// `None`: the patch changes no rule, so layout and references stay as they are.
     layout: Option<Layout>,
-    refs: Option<HashMap<String, BTreeSet<String>>>,
+    refs: RefChanges,
 }
 
 /// What a drift check found.
@@ -123,6 +123,48 @@ pub struct Firewall {
     /// The kernel's handle of our table as we last made it, 0 while unknown (see
     /// [`Firewall::made_handle`]).
     made: Arc<AtomicU64>,
+}
+
+/// How a patch changes the index of rules using each set: (set, rule) -> uses it after.
+#[derive(Debug, Default)]
+struct RefChanges(HashMap<String, HashMap<String, bool>>);
+
+impl RefChanges {
+    fn set(&mut self, set: &str, rule: &str, uses: bool) {
+        self.0
+            .entry(set.to_string())
+            .or_default()
+            .insert(rule.to_string(), uses);
+    }
+
+    /// A rule that uses `set` once the changes are made to `index`.
+    fn a_user(&self, index: &HashMap<String, BTreeSet<String>>, set: &str) -> Option<String> {
+        let changed = self.0.get(set);
+        if let Some((rule, _)) = changed.and_then(|c| c.iter().find(|(_, uses)| **uses)) {
+            return Some(rule.clone());
+        }
+        index
+            .get(set)?
+            .iter()
+            .find(|r| changed.and_then(|c| c.get(*r)) != Some(&false))
+            .cloned()
+    }
+
+    fn apply(self, index: &mut HashMap<String, BTreeSet<String>>) {
+        for (set, rules) in self.0 {
+            let users = index.entry(set.clone()).or_default();
+            for (rule, uses) in rules {
+                if uses {
+                    users.insert(rule);
+                } else {
+                    users.remove(&rule);
+                }
+            }
+            if users.is_empty() {
+                index.remove(&set);
+            }
+        }
+    }
 }
 
 fn refs_of(rs: &RuleSet) -> HashMap<String, BTreeSet<String>> {
@@ -444,17 +486,13 @@ impl Firewall {
             None => cur.sets.contains_key(name),
         };
 
-        // Rules: which go, which come; set references kept exact. Element-only patches copy
-        // neither the layout nor the reference index, so their cost is independent of the
-        // number of rules.
+        // Rules: which go, which come; set references kept exact. The plan records how the
+        // reference index changes rather than copying it, and its copy of the layout shares
+        // every bucket it does not touch: a patch costs what it changes, not the table.
         let rules_change = !p.upsert_rules.is_empty()
             || !p.delete_rules.is_empty()
             || !p.delete_address_sets.is_empty();
-        let mut refs = if rules_change {
-            self.refs.clone()
-        } else {
-            HashMap::new()
-        };
+        let mut refs = RefChanges::default();
         let mut layout = if rules_change {
             self.layout.clone()
         } else {
@@ -475,9 +513,7 @@ impl Firewall {
         }
         for old in &gone {
             for s in old.set_refs() {
-                if let Some(users) = refs.get_mut(s) {
-                    users.remove(&old.id);
-                }
+                refs.set(s, &old.id, false);
             }
             for h in hooks_of(old) {
                 layout.remove(h, &old.key(), &mut ch);
@@ -492,17 +528,17 @@ impl Firewall {
                 });
             }
             for s in r.set_refs() {
-                refs.entry(s.to_string()).or_default().insert(r.id.clone());
+                refs.set(s, &r.id, true);
             }
             for h in hooks_of(r) {
                 layout.insert(h, r.key(), &mut ch);
             }
         }
         for (i, name) in p.delete_address_sets.iter().enumerate() {
-            if let Some(rule) = refs.get(name).and_then(|u| u.iter().next()) {
+            if let Some(rule) = refs.a_user(&self.refs, name) {
                 return Err(FirewallError::SetInUse {
                     name: name.clone(),
-                    rule: rule.clone(),
+                    rule,
                     field: format!("$.data.delete_address_sets[{i}]"),
                 });
             }
@@ -592,7 +628,7 @@ impl Firewall {
             delete_rules: deleted.into_iter().map(str::to_string).collect(),
             upsert_rules: p.upsert_rules.clone(),
             layout: rules_change.then_some(layout),
-            refs: rules_change.then_some(refs),
+            refs,
         })
     }
 
@@ -713,9 +749,7 @@ impl Firewall {
         }
         cur.defaults = plan.defaults;
         cur.generation = plan.generation;
-        if let Some(refs) = plan.refs {
-            self.refs = refs;
-        }
+        plan.refs.apply(&mut self.refs);
         if let Some(layout) = plan.layout {
             self.layout = layout;
         }
@@ -988,6 +1022,51 @@ mod tests {
             fw.layout.bucket(Hook::Input, 0).unwrap(),
         );
         assert_eq!(edit::replay(&old, b), new);
+    }
+
+    #[test]
+    fn set_users_are_tracked_across_patches() {
+        let mut fw = firewall();
+        let patch = |fw: &mut Firewall, p: Patch| -> Result<(), FirewallError> {
+            let plan = fw.plan_patch(&Patch {
+                base_generation: fw.current.generation,
+                generation: fw.current.generation + 1,
+                ..p
+            })?;
+            fw.commit_patch(plan);
+            Ok(())
+        };
+        let mut user = Rule::for_test("u", 5, Direction::Out);
+        user.destinations = vec![Addr::Set("web".into())];
+        let delete_web = || Patch {
+            delete_address_sets: vec!["web".into()],
+            ..Default::default()
+        };
+        // r (the set's user) goes as u comes: the set is still in use, by u.
+        patch(
+            &mut fw,
+            Patch {
+                upsert_rules: vec![user],
+                delete_rules: vec!["r".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        match patch(&mut fw, delete_web()) {
+            Err(FirewallError::SetInUse { rule, .. }) => assert_eq!(rule, "u"),
+            other => panic!("{other:?}"),
+        }
+        // Deleting u and the set in one patch is fine.
+        patch(
+            &mut fw,
+            Patch {
+                delete_rules: vec!["u".into()],
+                ..delete_web()
+            },
+        )
+        .unwrap();
+        assert!(fw.refs.is_empty(), "{:?}", fw.refs);
+        assert!(!fw.current.sets.contains_key("web"));
     }
 
     fn plan_for(fw: &Firewall, p: &Patch) -> PatchPlan {
