@@ -18,6 +18,8 @@ use support::{AgentProc, HostOptions, env};
 
 const SEQUENTIAL: usize = 500;
 const PIPELINED: usize = 2000;
+/// One-address `firewall.patch` commands in the stream (issue 12's yardstick).
+const PATCHES: usize = 1000;
 const ECHO_HOST: &str = "bench-echo";
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -125,6 +127,37 @@ async fn pipelined(m: &mut Manager, host: &str, tag: &str) -> anyhow::Result<f64
     Ok(PIPELINED as f64 / t.elapsed().as_secs_f64())
 }
 
+/// A base rule set, then PATCHES one-address patches, each on the generation before, all
+/// published at once; commands per second from the first publish to the last ack.
+async fn patch_stream(m: &mut Manager, host: &str) -> anyhow::Result<f64> {
+    let base = json!({"generation": 1, "address_sets": {"s": ["192.0.2.1"]}, "rules": [
+        {"id": "r", "priority": 1, "action": "allow", "direction": "in", "sources": ["$s"]}]});
+    m.send(host, "firewall.apply", "stream-base", &base).await?;
+    let ack = m.wait_ack("stream-base", Duration::from_secs(30)).await?;
+    anyhow::ensure!(ack.status == rampart::protocol::Status::Applied, "{ack:?}");
+    let t = Instant::now();
+    let patches: Vec<(String, serde_json::Value)> = (0..PATCHES)
+        .map(|i| {
+            let g = 1 + i as u64;
+            let addr = std::net::Ipv4Addr::from((10u32 << 24) | ((i as u32) << 2));
+            let data = json!({"base_generation": g, "generation": g + 1,
+                "add_addresses": {"s": [addr.to_string()]}});
+            (format!("stream-{i}"), data)
+        })
+        .collect();
+    futures_util::future::try_join_all(
+        patches
+            .iter()
+            .map(|(id, data)| m.send(host, "firewall.patch", id, data)),
+    )
+    .await?;
+    for (id, _) in &patches {
+        let ack = m.wait_ack(id, Duration::from_secs(120)).await?;
+        anyhow::ensure!(ack.status == rampart::protocol::Status::Applied, "{ack:?}");
+    }
+    Ok(PATCHES as f64 / t.elapsed().as_secs_f64())
+}
+
 fn main() -> anyhow::Result<()> {
     // `cargo test --all-targets` runs bench binaries without --bench: build-check only.
     if !std::env::args().any(|a| a == "--bench") {
@@ -147,6 +180,7 @@ fn main() -> anyhow::Result<()> {
         let echo_seq = sequential(&mut m, ECHO_HOST, "echo").await?;
         let agent_rate = pipelined(&mut m, &host.id, "agent").await?;
         let echo_rate = pipelined(&mut m, ECHO_HOST, "echo").await?;
+        let patch_rate = patch_stream(&mut m, &host.id).await?;
         println!("ping round trip, {SEQUENTIAL} sequential commands (ms):");
         println!("  {:<28} {:>8} {:>8}", "", "p50", "p99");
         for (name, t) in [
@@ -171,6 +205,9 @@ fn main() -> anyhow::Result<()> {
         println!(
             "  ratio agent/echo             {:>8.2}",
             agent_rate / echo_rate
+        );
+        println!(
+            "{PATCHES} one-address firewall.patch commands, pipelined: {patch_rate:.0} commands/s"
         );
         m.close().await;
         anyhow::Ok(())
