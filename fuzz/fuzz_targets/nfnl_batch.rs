@@ -1,6 +1,6 @@
 //! The nfnetlink set-element encoder: any batch of changes (keys of 4 or 16 bytes, several
 //! sets, more elements than one message holds) decodes back to exactly what was encoded,
-//! and every message is acked once.
+//! and the last message, only, asks for an ack.
 #![no_main]
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
@@ -63,11 +63,9 @@ fuzz_target!(|input: &[u8]| {
         .iter()
         .map(|c| c.delete.len().div_ceil(512) + c.add.len().div_ceil(512))
         .sum();
-    assert_eq!(acked.len(), messages);
-    assert!(
-        acked.windows(2).all(|w| w[0] < w[1]),
-        "sequence numbers rise"
-    );
+    // Only the last message asks for an ack: the kernel reports every failure anyway.
+    let last = (messages > 0).then(|| first_seq + messages as u32);
+    assert_eq!(acked, last.into_iter().collect::<Vec<_>>());
     let (back_table, back) = decode_batch(&bytes).expect("an encoded batch decodes");
     if !changes.is_empty() {
         assert_eq!(back_table, table);

@@ -148,12 +148,16 @@ fn elements_body(table: &str, set: &str, set_id: Option<u32>, elements: &[Elemen
     b
 }
 
-/// One nfnetlink batch under construction: a begin message, nftables messages that each
-/// ask for an ack, an end message. The kernel applies it as one transaction.
+/// One nfnetlink batch under construction: a begin message, nftables messages, an end
+/// message. The kernel applies it as one transaction, while it is sent (nfnetlink runs a
+/// batch in the sender's `sendmsg`), and reports every message that fails; so, as nft
+/// does, only the last message asks for an ack. A whole table is tens of thousands of
+/// messages: an ack for each cost the kernel as many replies and this side as many reads.
 pub(super) struct Batch {
     bytes: Vec<u8>,
     seq: u32,
-    acked: Vec<u32>,
+    /// Where the last message starts, to mark it for the ack.
+    last: Option<usize>,
 }
 
 const NFNLA_BATCH_GENID: u16 = 1;
@@ -179,23 +183,23 @@ impl Batch {
         Batch {
             bytes,
             seq: first_seq,
-            acked: vec![],
+            last: None,
         }
     }
 
-    /// Adds nftables message `kind` (inet family) with `flags` besides request and ack.
+    /// Adds nftables message `kind` (inet family) with `flags` besides request.
     pub(super) fn push(&mut self, kind: u16, flags: u16, body: &[u8]) {
         self.seq += 1;
+        self.last = Some(self.bytes.len());
         put_msg(
             &mut self.bytes,
             (NFNL_SUBSYS_NFTABLES << 8) | kind,
-            NLM_F_REQUEST | NLM_F_ACK | flags,
+            NLM_F_REQUEST | flags,
             self.seq,
             NFPROTO_INET,
             0,
             body,
         );
-        self.acked.push(self.seq);
     }
 
     /// Adds the element changes of `c` (deletions first), in messages of bounded size.
@@ -216,8 +220,14 @@ impl Batch {
         }
     }
 
-    /// The bytes to send and the sequence numbers that expect an ack.
+    /// The bytes to send and the sequence numbers that expect an ack (the last message's).
     pub(super) fn finish(mut self) -> (Vec<u8>, Vec<u32>) {
+        let mut acked = vec![];
+        if let Some(at) = self.last {
+            let flags = u16::from_ne_bytes([self.bytes[at + 6], self.bytes[at + 7]]) | NLM_F_ACK;
+            self.bytes[at + 6..at + 8].copy_from_slice(&flags.to_ne_bytes());
+            acked.push(self.seq);
+        }
         put_msg(
             &mut self.bytes,
             NFNL_MSG_BATCH_END,
@@ -227,7 +237,7 @@ impl Batch {
             NFNL_SUBSYS_NFTABLES,
             &[],
         );
-        (self.bytes, self.acked)
+        (self.bytes, acked)
     }
 }
 
@@ -391,16 +401,23 @@ pub fn first_seq() -> u32 {
 }
 
 /// Sends one encoded batch on a fresh socket and waits for the ack of every message in
-/// `pending`; the first error the kernel answers with (it then aborts the whole batch).
+/// `pending`, then reads whatever else the kernel answered (it has answered everything by
+/// the time the batch is sent); the first error it reports (the whole batch is aborted).
 pub fn send_batch(batch: &[u8], mut pending: Vec<u32>) -> Result<(), NfnlError> {
     let fd = open()?;
     size_buffers(&fd, batch.len(), pending.len());
     send(fd.as_raw_fd(), batch, MsgFlags::empty()).map_err(NfnlError::Socket)?;
     let mut buf = vec![0u8; 65536];
     let mut first_error = None;
-    while !pending.is_empty() {
-        let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+    loop {
+        let flags = if pending.is_empty() {
+            MsgFlags::MSG_DONTWAIT
+        } else {
+            MsgFlags::empty()
+        };
+        let n = match recv(fd.as_raw_fd(), &mut buf, flags) {
             Ok(n) => n,
+            Err(nix::Error::EAGAIN) if pending.is_empty() => break,
             Err(nix::Error::EAGAIN) => return Err(NfnlError::NoAnswer),
             Err(nix::Error::EINTR) => continue,
             Err(e) => return Err(NfnlError::Socket(e)),
@@ -415,10 +432,12 @@ pub fn send_batch(batch: &[u8], mut pending: Vec<u32>) -> Result<(), NfnlError> 
             }
             if kind == NLMSG_ERROR && len >= 20 {
                 let code = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
-                pending.retain(|s| *s != seq);
+                if let Some(i) = pending.iter().position(|s| *s == seq) {
+                    pending.swap_remove(i);
+                }
                 if code != 0 && first_error.is_none() {
                     first_error = Some(std::io::Error::from_raw_os_error(-code));
-                    // The kernel aborts the whole batch; it acks nothing else.
+                    // The kernel aborts the whole batch; what else it says is read above.
                     pending.clear();
                 }
             }
@@ -672,7 +691,11 @@ mod tests {
             },
         ];
         let (bytes, acked) = encode_batch("rampart-x", &changes, 7);
-        assert_eq!(acked.len(), 1 + 3 + 1);
+        assert_eq!(
+            acked,
+            vec![7 + 1 + 3 + 1],
+            "only the last message asks for an ack"
+        );
         let (table, back) = decode_batch(&bytes).unwrap();
         assert_eq!(table, "rampart-x");
         assert_eq!(back.len(), 2);

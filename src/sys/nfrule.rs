@@ -613,7 +613,7 @@ mod tests {
             add: vec![rule(Some(9)), rule(None)],
         };
         let (bytes, acked) = encode_edits("rampart", &[], &[edit], Some(3), 10);
-        assert_eq!(acked, vec![11, 12, 13]);
+        assert_eq!(acked, vec![13], "the last message asks for the ack");
         let flags_of = |at: usize| u16::from_ne_bytes(bytes[at + 6..at + 8].try_into().unwrap());
         let len_of = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
         let begin = len_of(0);
@@ -623,5 +623,7 @@ mod tests {
         let second = first + len_of(first);
         assert_eq!(flags_of(first) & NLM_F_APPEND, 0);
         assert_eq!(flags_of(second) & NLM_F_APPEND, NLM_F_APPEND);
+        assert_eq!(flags_of(del) & NLM_F_ACK, 0);
+        assert_eq!(flags_of(second) & NLM_F_ACK, NLM_F_ACK);
     }
 }

@@ -429,6 +429,20 @@ fn changed_behind_our_back() -> Result<()> {
                 matches!(refused, Err(edit::EditError::Differs { .. })),
                 "{refused:?}"
             );
+            // A batch the kernel refuses halfway (a handle that is not there, then a valid
+            // addition) is reported, and nothing of it is applied.
+            let bogus = rampart::sys::nfrule::ChainEdit {
+                chain: chain.clone(),
+                delete: vec![u64::from(u32::MAX)],
+                add: vec![buckets[0].add[0].rule.clone()],
+            };
+            let before = nft_here(&["list", "chain", "inet", "nl", &chain])?;
+            let refused = rampart::sys::nfrule::apply("nl", &[], &[bogus], None);
+            ensure!(
+                matches!(&refused, Err(rampart::sys::nfnl::NfnlError::Refused(e)) if e.raw_os_error() == Some(2)),
+                "{refused:?}"
+            );
+            ensure!(nft_here(&["list", "chain", "inet", "nl", &chain])? == before, "nothing applied");
             // The firewall's own apply falls back to text and still gets the patch in.
             fw.apply_kernel(&plan.kernel).await?;
             fw.commit_patch(plan);
