@@ -315,6 +315,11 @@ impl Dispatcher {
             }
             _ => None,
         };
+        let dry_run = matches!(
+            request.kind,
+            RequestKind::FirewallApply { dry_run: true, .. }
+                | RequestKind::FirewallPatch { dry_run: true, .. }
+        );
         let Request { id, kind, .. } = request;
         let mut rotation = None;
         let (executed, commit) = match kind {
@@ -332,13 +337,29 @@ impl Dispatcher {
                     Err(e) => return self.store_failure(&id, type_name, e),
                 }
             }
-            RequestKind::FirewallApply { rules, raw } => {
+            RequestKind::FirewallApply {
+                rules,
+                raw,
+                dry_run,
+            } => {
                 let fw = fw_guard.as_mut().expect("locked above");
-                firewall_apply(fw, rules, raw).await
+                if dry_run {
+                    (firewall_apply_dry(fw, &rules), Commit::None)
+                } else {
+                    firewall_apply(fw, rules, raw).await
+                }
             }
-            RequestKind::FirewallPatch { patch, raw } => {
+            RequestKind::FirewallPatch {
+                patch,
+                raw,
+                dry_run,
+            } => {
                 let fw = fw_guard.as_mut().expect("locked above");
-                firewall_patch(fw, &patch, raw).await
+                if dry_run {
+                    (firewall_patch_dry(fw, &patch), Commit::None)
+                } else {
+                    firewall_patch(fw, &patch, raw).await
+                }
             }
             RequestKind::CertRequest(req) => (self.cert_request(*req).await, Commit::None),
             RequestKind::CertInstall(bundle) => {
@@ -383,6 +404,16 @@ impl Dispatcher {
             return Outcome {
                 ack,
                 disposition: Disposition::Reject,
+                rotation: None,
+            };
+        }
+        if dry_run {
+            // Nothing changed and nothing recorded, not even the id: the same command may
+            // come again for real.
+            tracing::info!(command_id = %id, command_type = type_name, status = ack.status.as_str(), "dry run answered");
+            return Outcome {
+                ack,
+                disposition: Disposition::Ack,
                 rotation: None,
             };
         }
@@ -586,6 +617,28 @@ fn failed_with(fw: &Firewall, e: &FirewallError) -> (Executed, Commit) {
         change: OwnedChange::None,
     };
     (executed, Commit::None)
+}
+
+/// A dry `firewall.apply`: checked and planned, answered with what it would change.
+fn firewall_apply_dry(fw: &Firewall, rs: &RuleSet) -> Executed {
+    match fw.plan_apply(rs) {
+        Err(e) => failed_with(fw, &e).0,
+        Ok(plan) => Executed::applied(
+            json!({ "generation": rs.generation, "dry_run": true, "diff": fw.apply_diff(rs, &plan) }),
+            OwnedChange::None,
+        ),
+    }
+}
+
+/// A dry `firewall.patch`.
+fn firewall_patch_dry(fw: &Firewall, patch: &Patch) -> Executed {
+    match fw.plan_patch(patch) {
+        Err(e) => failed_with(fw, &e).0,
+        Ok(plan) => Executed::applied(
+            json!({ "generation": patch.generation, "dry_run": true, "diff": fw.patch_diff(&plan) }),
+            OwnedChange::None,
+        ),
+    }
 }
 
 async fn firewall_apply(fw: &mut Firewall, rs: Box<RuleSet>, raw: String) -> (Executed, Commit) {

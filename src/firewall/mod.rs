@@ -96,6 +96,8 @@ pub struct PatchPlan {
     sets: BTreeMap<String, Option<BTreeSet<IpNet>>>,
     delete_rules: Vec<String>,
     upsert_rules: Vec<Rule>,
+    /// Chains whose rules the patch changes, made or removes (for a dry run's diff).
+    chains: usize,
     /// `None`: the patch changes no rule, so layout and references stay as they are.
     layout: Option<Layout>,
     refs: RefChanges,
@@ -123,6 +125,43 @@ pub struct Firewall {
     /// The kernel's handle of our table as we last made it, 0 while unknown (see
     /// [`Firewall::made_handle`]).
     made: Arc<AtomicU64>,
+}
+
+/// A dry run's account of a firewall command.
+#[derive(Debug, Default)]
+struct Diff {
+    added: Vec<String>,
+    removed: Vec<String>,
+    changed: Vec<String>,
+    elements_added: usize,
+    elements_removed: usize,
+    chains: usize,
+}
+
+impl Diff {
+    /// Addresses of one set that the change adds and removes.
+    fn count_elements(&mut self, old: Option<&BTreeSet<IpNet>>, new: Option<&BTreeSet<IpNet>>) {
+        let empty = BTreeSet::new();
+        let (old, new) = (old.unwrap_or(&empty), new.unwrap_or(&empty));
+        self.elements_added += new.difference(old).count();
+        self.elements_removed += old.difference(new).count();
+    }
+
+    fn into_json(mut self) -> serde_json::Value {
+        for ids in [&mut self.added, &mut self.removed, &mut self.changed] {
+            ids.sort();
+        }
+        serde_json::json!({
+            "rules_added": self.added,
+            "rules_removed": self.removed,
+            "rules_changed": self.changed,
+            "elements_added": self.elements_added,
+            "elements_removed": self.elements_removed,
+            "chains_rewritten": self.chains,
+            // The agent does not cut open connections yet (issue 13): none would be.
+            "connections_cut": 0,
+        })
+    }
 }
 
 /// How a patch changes the index of rules using each set: (set, rule) -> uses it after.
@@ -627,6 +666,7 @@ impl Firewall {
             sets,
             delete_rules: deleted.into_iter().map(str::to_string).collect(),
             upsert_rules: p.upsert_rules.clone(),
+            chains: ch.dirty.len() + ch.bases.len() + ch.removed.len(),
             layout: rules_change.then_some(layout),
             refs,
         })
@@ -727,6 +767,54 @@ impl Firewall {
             }
         }
         out
+    }
+
+    /// What applying `rs` with `plan` would change: a dry run's `diff` (PROTOCOL.md section
+    /// 4). A whole rule set rewrites every chain of the table.
+    pub fn apply_diff(&self, rs: &RuleSet, plan: &ApplyPlan) -> serde_json::Value {
+        let cur = &self.current;
+        let ApplyPlan::Replace { layout, .. } = plan else {
+            return Diff::default().into_json();
+        };
+        let mut d = Diff::default();
+        for (id, r) in &rs.rules {
+            match cur.rules.get(id) {
+                None => d.added.push(id.clone()),
+                Some(old) if old != r => d.changed.push(id.clone()),
+                Some(_) => {}
+            }
+        }
+        d.removed = cur
+            .rules
+            .keys()
+            .filter(|id| !rs.rules.contains_key(*id))
+            .cloned()
+            .collect();
+        let names: BTreeSet<&String> = rs.sets.keys().chain(cur.sets.keys()).collect();
+        for name in names {
+            d.count_elements(cur.sets.get(name), rs.sets.get(name));
+        }
+        d.chains = Hook::ALL.iter().map(|h| layout.buckets(*h).len() + 1).sum();
+        d.into_json()
+    }
+
+    /// What `plan` would change: a dry run's `diff`.
+    pub fn patch_diff(&self, plan: &PatchPlan) -> serde_json::Value {
+        let cur = &self.current;
+        let mut d = Diff::default();
+        for r in &plan.upsert_rules {
+            match cur.rules.get(&r.id) {
+                None => d.added.push(r.id.clone()),
+                Some(old) if old != r => d.changed.push(r.id.clone()),
+                Some(_) => {}
+            }
+        }
+        d.removed = plan.delete_rules.clone();
+        for (name, new) in &plan.sets {
+            d.count_elements(cur.sets.get(name), new.as_ref());
+        }
+        d.chains = plan.chains;
+        d.into_json()
     }
 
     pub fn commit_patch(&mut self, plan: PatchPlan) {

@@ -52,11 +52,14 @@ pub enum RequestKind {
         rules: Box<crate::firewall::spec::RuleSet>,
         /// The `data` JSON as received, compact: what the snapshot stores.
         raw: String,
+        /// Checked and planned only: nothing changed, nothing recorded.
+        dry_run: bool,
     },
     FirewallPatch {
         patch: Box<crate::firewall::spec::Patch>,
         /// The `data` JSON as received, compact: what the journal stores.
         raw: String,
+        dry_run: bool,
     },
     RouterCreate(Box<crate::router::spec::RouterSpec>),
     CertRequest(Box<crate::certs::request::CertRequest>),
@@ -301,10 +304,12 @@ fn decode_inner(
         "firewall.apply" => RequestKind::FirewallApply {
             rules: Box::new(super::firewall::decode_rule_set(data, &ctx.limits)?),
             raw: data.to_string(),
+            dry_run: super::firewall::is_dry_run(data),
         },
         "firewall.patch" => RequestKind::FirewallPatch {
             patch: Box::new(super::firewall::decode_patch(data, &ctx.limits)?),
             raw: data.to_string(),
+            dry_run: super::firewall::is_dry_run(data),
         },
         "cert.request" => RequestKind::CertRequest(Box::new(super::cert::decode_cert_request(
             data,

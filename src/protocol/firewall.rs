@@ -332,14 +332,21 @@ fn check_expansion(r: &Rule, path: &str, limits: &Limits) -> Result<(), Reject> 
 }
 
 /// `firewall.apply` data -> a whole, valid rule set.
+/// `"dry_run": true` in `firewall.apply` or `firewall.patch` data (checked by the decoders
+/// above: absent or a boolean).
+pub(crate) fn is_dry_run(data: &Value) -> bool {
+    data.get("dry_run") == Some(&Value::Bool(true))
+}
+
 pub(crate) fn decode_rule_set(v: &Value, limits: &Limits) -> Result<RuleSet, Reject> {
     let path = "$.data";
     let obj = as_object(v, path)?;
     deny_unknown(
         obj,
-        &["generation", "defaults", "address_sets", "rules"],
+        &["generation", "defaults", "address_sets", "rules", "dry_run"],
         path,
     )?;
+    bool_field(obj, "dry_run", path)?;
     let generation = u64_field(obj, "generation", path)?;
     let d = match obj.get("defaults") {
         None => PartialDefaults::default(),
@@ -397,7 +404,8 @@ pub(crate) fn decode_rule_set(v: &Value, limits: &Limits) -> Result<RuleSet, Rej
     })
 }
 
-const PATCH_KEYS: [&str; 9] = [
+const PATCH_KEYS: [&str; 10] = [
+    "dry_run",
     "base_generation",
     "generation",
     "upsert_rules",
@@ -415,6 +423,7 @@ pub(crate) fn decode_patch(v: &Value, limits: &Limits) -> Result<Patch, Reject> 
     let path = "$.data";
     let obj = as_object(v, path)?;
     deny_unknown(obj, &PATCH_KEYS, path)?;
+    bool_field(obj, "dry_run", path)?;
     let base_generation = u64_field(obj, "base_generation", path)?;
     let generation = u64_field(obj, "generation", path)?;
     if generation <= base_generation {

@@ -60,6 +60,10 @@ pub fn tests() -> Vec<Trial> {
             "firewall::flushed_or_replaced_table_is_restored_at_once_without_an_event_listener",
             drift_events_at_once,
         ),
+        trial(
+            "firewall::dry_run_answers_the_diff_and_changes_and_records_nothing",
+            dry_run,
+        ),
     ]
 }
 
@@ -477,6 +481,59 @@ fn stale_and_invalid() -> Result<()> {
         ensure!(now == table, "the kernel changed:\n{table}\n---\n{now}");
         let sync = applied(&mut m, h, "state.sync", "st-sync", json!({})).await?;
         ensure!(sync.data["firewall"]["generation"] == 5);
+        m.close().await;
+        Ok(())
+    })
+}
+
+fn dry_run() -> Result<()> {
+    let t = Topo::new(10, "fw-dry");
+    let _agent = t.start();
+    runtime().block_on(async {
+        let h = &t.site.host.id;
+        let mut m = manager(h).await?;
+        let base = json!({"generation": 1, "address_sets": {"s": ["10.9.0.1", "10.9.0.2"]},
+            "rules": [rule("a", 1, "drop", "in", "tcp", &["1000"]), rule("b", 2, "drop", "in", "tcp", &["2000"])]});
+        applied(&mut m, h, "firewall.apply", "dry-base", base).await?;
+        let table = without_counters(&t.site.ag.nft_table("rampart").context("table")?);
+        let patch = |dry: bool| {
+            json!({"base_generation": 1, "generation": 2, "dry_run": dry,
+                "upsert_rules": [rule("a", 1, "reject", "in", "tcp", &["1000"]), rule("c", 3, "drop", "in", "udp", &[])],
+                "delete_rules": ["b"], "add_addresses": {"s": ["10.9.0.3", "10.9.0.4"]},
+                "remove_addresses": {"s": ["10.9.0.1"]}})
+        };
+        let ack = applied(&mut m, h, "firewall.patch", "dry-p", patch(true)).await?;
+        let d = &ack.data;
+        ensure!(d["dry_run"] == true && d["generation"] == 2, "{d}");
+        ensure!(d["diff"]["rules_added"] == json!(["c"]), "{d}");
+        ensure!(d["diff"]["rules_changed"] == json!(["a"]), "{d}");
+        ensure!(d["diff"]["rules_removed"] == json!(["b"]), "{d}");
+        ensure!(d["diff"]["elements_added"] == 2 && d["diff"]["elements_removed"] == 1, "{d}");
+        ensure!(d["diff"]["chains_rewritten"].as_u64() >= Some(1), "{d}");
+        ensure!(d["diff"]["connections_cut"] == 0, "{d}");
+        let now = without_counters(&t.site.ag.nft_table("rampart").context("table")?);
+        ensure!(now == table, "a dry run changed the kernel:\n{table}\n---\n{now}");
+        // Not recorded: the same id, for real, is applied (not a duplicate).
+        let ack = applied(&mut m, h, "firewall.patch", "dry-p", patch(false)).await?;
+        ensure!(!ack.duplicate && ack.data.get("dry_run").is_none(), "{ack:?}");
+        let now = t.site.ag.nft_table("rampart").context("table")?;
+        ensure!(now.contains("comment \"c\"") && !now.contains("comment \"b\""), "{now}");
+        // A whole rule set, dry: every chain of the table would be rewritten.
+        let ack = applied(&mut m, h, "firewall.apply", "dry-a", json!({"generation": 3, "dry_run": true, "rules": []})).await?;
+        ensure!(ack.data["diff"]["rules_removed"] == json!(["a", "c"]), "{ack:?}");
+        ensure!(ack.data["diff"]["elements_removed"] == 3, "{ack:?}");
+        ensure!(ack.data["diff"]["chains_rewritten"] == 3, "three base chains: {ack:?}");
+        // Stale and rejected dry runs get the real answers, and are not recorded either.
+        let stale = json!({"base_generation": 1, "generation": 3, "dry_run": true});
+        let ack = send(&mut m, h, "firewall.patch", "dry-stale", stale).await?;
+        ensure!(ack.status == Status::Stale, "{ack:?}");
+        let ack = applied(&mut m, h, "firewall.patch", "dry-stale", json!({"base_generation": 2, "generation": 3})).await?;
+        ensure!(!ack.duplicate, "{ack:?}");
+        let ack = send(&mut m, h, "firewall.patch", "dry-bad", json!({"base_generation": 3, "generation": 4, "dry_run": "yes"})).await?;
+        ensure!(ack.status == Status::Rejected, "{ack:?}");
+        ensure!(ack.error.as_ref().and_then(|e| e.field.as_deref()) == Some("$.data.dry_run"), "{ack:?}");
+        let sync = applied(&mut m, h, "state.sync", "dry-sync", json!({})).await?;
+        ensure!(sync.data["firewall"]["generation"] == 3, "{sync:?}");
         m.close().await;
         Ok(())
     })
