@@ -466,6 +466,22 @@ fn filter_hook(hook: Hook) -> FilterHook {
     }
 }
 
+/// The key type and length of a named address set of `family`.
+pub fn set_key(family: Family) -> (u32, u32) {
+    match family {
+        Family::V4 => (TYPE_IPV4_ADDR, 4),
+        Family::V6 => (TYPE_IPV6_ADDR, 16),
+    }
+}
+
+/// The kernel elements of one family of a named set holding `elements`, as nft writes them.
+pub fn set_elements(
+    elements: &std::collections::BTreeSet<ipnet::IpNet>,
+    family: Family,
+) -> Vec<Element> {
+    named_set_elements(&render::merged(elements, family), family)
+}
+
 fn named_set_elements(ranges: &[Range], family: Family) -> Vec<Element> {
     let width = match family {
         Family::V4 => 4,

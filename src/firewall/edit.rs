@@ -9,10 +9,10 @@ use std::ops::Range;
 
 use super::bytecode::{self, SetIds};
 use super::layout::{Changes, Layout};
-use super::render::kernel_rules;
+use super::render::{Family, kernel_rules};
 use super::spec::Rule;
-use crate::sys::nfnl::{NfnlError, SetChange};
-use crate::sys::nfrule::{self, ChainEdit, NewRule};
+use crate::sys::nfnl::{self, Element, NfnlError, SetChange};
+use crate::sys::nfrule::{self, ChainEdit, NamedSet, NewRule, TableBatch};
 
 /// A kernel rule a patch adds to a bucket chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +37,26 @@ pub struct BucketEdit {
     /// The kernel rules that come, in order.
     pub add: Vec<AddedRule>,
 }
+
+/// A named set a patch makes (one family's half), with its elements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSet {
+    pub name: String,
+    pub family: Family,
+    pub elements: Vec<Element>,
+}
+
+/// What a patch does to the named sets: made first, elements changed, rules edited, then
+/// sets deleted (once no rule uses them).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SetEdits {
+    pub create: Vec<NewSet>,
+    pub elements: Vec<SetChange>,
+    pub delete: Vec<String>,
+}
+
+/// Ids of the named sets a batch makes; anonymous sets count up from 1.
+const NAMED_SET_IDS: u32 = 1 << 30;
 
 /// Why a netlink rule patch was not applied (nothing of it was).
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +157,7 @@ pub fn plan<'a>(
 /// Reads each edited chain, checks it is as recorded, and applies the edits with `elements`
 /// in one batch that the kernel refuses if anything changed the rule set meanwhile.
 /// Blocking: call it from a blocking thread.
-pub fn apply(table: &str, elements: &[SetChange], edits: &[BucketEdit]) -> Result<(), EditError> {
+pub fn apply(table: &str, sets: &SetEdits, edits: &[BucketEdit]) -> Result<(), EditError> {
     let genid = nfrule::generation()?;
     let mut chains = Vec::with_capacity(edits.len());
     for e in edits {
@@ -164,7 +184,32 @@ pub fn apply(table: &str, elements: &[SetChange], edits: &[BucketEdit]) -> Resul
                 .collect(),
         });
     }
-    nfrule::apply(table, elements, &chains, Some(genid))?;
+    let mut batch = TableBatch::new(table, Some(genid), nfnl::first_seq());
+    for (i, s) in sets.create.iter().enumerate() {
+        let (key_type, key_len) = bytecode::set_key(s.family);
+        let set = NamedSet {
+            name: &s.name,
+            id: NAMED_SET_IDS + i as u32,
+            key_type,
+            key_len,
+        };
+        batch.add_named_set(set, &s.elements);
+    }
+    for c in &sets.elements {
+        batch.elements(&c.set, None, &c.add, &c.delete);
+    }
+    for c in &chains {
+        for h in &c.delete {
+            batch.delete_rule(&c.chain, *h);
+        }
+        for r in &c.add {
+            batch.add_rule(&c.chain, r);
+        }
+    }
+    for name in &sets.delete {
+        batch.delete_set(name);
+    }
+    batch.send()?;
     Ok(())
 }
 

@@ -52,11 +52,12 @@ pub enum FirewallError {
 pub enum KernelChange {
     Text(String),
     Elements(Vec<SetChange>),
-    /// Rules added and deleted by handle in existing bucket chains, with element changes.
+    /// Rules added and deleted by handle in existing bucket chains, with the named sets
+    /// made, changed and deleted.
     /// `text` is the same change as nft text (flushing the chains), applied instead when a
     /// chain in the kernel is not as we last wrote it.
     Rules {
-        elements: Vec<SetChange>,
+        sets: edit::SetEdits,
         buckets: Vec<edit::BucketEdit>,
         text: String,
     },
@@ -438,15 +439,15 @@ impl Firewall {
                 .map_err(FirewallError::from)
             }
             KernelChange::Rules {
-                elements,
+                sets,
                 buckets,
                 text,
             } => {
                 let table = self.ctx.table.clone();
-                let (elements, buckets) = (elements.clone(), buckets.clone());
+                let (sets, buckets) = (sets.clone(), buckets.clone());
                 let done = tokio::task::spawn_blocking(move || {
                     let t = std::time::Instant::now();
-                    let r = edit::apply(&table, &elements, &buckets);
+                    let r = edit::apply(&table, &sets, &buckets);
                     tracing::debug!(
                         netlink_us = t.elapsed().as_micros() as u64,
                         "netlink rule batch done"
@@ -636,9 +637,6 @@ impl Firewall {
             && sets
                 .iter()
                 .all(|(name, new)| new.is_some() && cur.sets.contains_key(name));
-        let sets_stay = sets
-            .iter()
-            .all(|(name, new)| new.is_some() && cur.sets.contains_key(name));
         let kernel = if elements_only {
             KernelChange::Elements(self.element_changes(&sets))
         } else {
@@ -647,12 +645,9 @@ impl Firewall {
             let upserts: HashMap<&str, &Rule> =
                 p.upsert_rules.iter().map(|r| (r.id.as_str(), r)).collect();
             let rule_of = |id: &str| upserts.get(id).copied().or_else(|| cur.rules.get(id));
-            let buckets = sets_stay
-                .then(|| edit::plan(&cur.rules, rule_of, &self.layout, current_layout, &ch))
-                .flatten();
-            match buckets {
+            match edit::plan(&cur.rules, rule_of, &self.layout, current_layout, &ch) {
                 Some(buckets) => KernelChange::Rules {
-                    elements: self.element_changes(&sets),
+                    sets: self.set_edits(&sets),
                     buckets,
                     text,
                 },
@@ -670,6 +665,29 @@ impl Firewall {
             layout: rules_change.then_some(layout),
             refs,
         })
+    }
+
+    /// The named sets a patch makes, changes and deletes, each family's half.
+    fn set_edits(&self, sets: &BTreeMap<String, Option<BTreeSet<IpNet>>>) -> edit::SetEdits {
+        let mut out = edit::SetEdits {
+            elements: self.element_changes(sets),
+            ..Default::default()
+        };
+        for (name, new) in sets {
+            let exists = self.current.sets.contains_key(name);
+            for family in [Family::V4, Family::V6] {
+                match new {
+                    Some(els) if !exists => out.create.push(edit::NewSet {
+                        name: family.set_name(name),
+                        family,
+                        elements: bytecode::set_elements(els, family),
+                    }),
+                    None if exists => out.delete.push(family.set_name(name)),
+                    _ => {}
+                }
+            }
+        }
+        out
     }
 
     /// Element additions and deletions for sets that exist before and after.

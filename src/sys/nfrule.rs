@@ -11,6 +11,7 @@ const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_DELRULE: u16 = 8;
 const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWGEN: u16 = 15;
 const NFT_MSG_GETGEN: u16 = 16;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -423,6 +424,14 @@ impl<'a> TableBatch<'a> {
         put_attr(&mut b, NFTA_SET_USERDATA, &udata);
         self.batch.push(NFT_MSG_NEWSET, NLM_F_CREATE, &b);
         self.elements(set.name, Some(set.id), elements, &[]);
+    }
+
+    /// `delete set`: the set and its elements (no rule may still use it).
+    pub fn delete_set(&mut self, name: &str) {
+        let mut b = vec![];
+        put_attr(&mut b, NFTA_SET_TABLE, &cstr(self.table));
+        put_attr(&mut b, NFTA_SET_NAME, &cstr(name));
+        self.batch.push(NFT_MSG_DELSET, 0, &b);
     }
 
     /// Element changes of a set (`set_id`: one made earlier in this batch).

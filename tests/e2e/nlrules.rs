@@ -156,14 +156,15 @@ fn base_rule_set() -> Value {
         "address_sets": {
             "web": ["10.1.0.0/24", "10.1.2.3", "2001:db8:1::/64"],
             "db": ["10.2.0.5", "2001:db8:2::5"],
+            "old": ["10.7.0.0/16"],
         },
         "rules": rules,
     })
 }
 
 /// Adds every shape again (between kept rules and at the end of a bucket), replaces some
-/// rules and deletes others, and changes set elements: rule and element changes in existing
-/// chains, the netlink path's case.
+/// rules and deletes others, makes a set (used by a new rule) and deletes one, and changes
+/// set elements: rule changes in existing chains with set changes, the netlink path's case.
 fn patch_data() -> Value {
     let mut upserts = shapes("b-", 150);
     upserts.extend(shapes("z-", 250));
@@ -184,13 +185,21 @@ fn patch_data() -> Value {
         207,
         json!({"protocol": "tcp", "ports": ["3007"]}),
     ));
+    // A rule on a set the same patch makes.
+    upserts.push(rule(
+        "fresh-user",
+        208,
+        json!({"sources": ["$fresh"], "action": "drop"}),
+    ));
     json!({
         "base_generation": 1,
         "generation": 2,
         "upsert_rules": upserts,
         "delete_rules": ["a-udpset", "a-ifaces", "filler10", "no-such-rule"],
+        "set_address_sets": {"fresh": ["172.16.0.0/12", "10.0.0.1", "255.255.255.254/31", "2001:db8:f::1"]},
         "add_addresses": {"web": ["10.1.9.0/24"]},
         "remove_addresses": {"db": ["10.2.0.5"]},
+        "delete_address_sets": ["old"],
     })
 }
 
@@ -330,10 +339,7 @@ fn every_shape() -> Result<()> {
             let kept_before = (handle_of("nl", "a-tcp1")?, handle_of("nl", "filler07")?);
             let changed_before = handle_of("nl", "filler03")?;
             let plan = over_netlink.plan_patch(&p)?;
-            let KernelChange::Rules {
-                elements, buckets, ..
-            } = &plan.kernel
-            else {
+            let KernelChange::Rules { sets, buckets, .. } = &plan.kernel else {
                 bail!("rule and element changes in existing chains go over netlink");
             };
             ensure!(
@@ -342,8 +348,12 @@ fn every_shape() -> Result<()> {
                     .any(|b| !b.delete.is_empty() && b.add.iter().any(|a| a.before.is_some())),
                 "the patch deletes and inserts between kept rules"
             );
-            let (elements, buckets) = (elements.clone(), buckets.clone());
-            tokio::task::spawn_blocking(move || edit::apply("nl", &elements, &buckets)).await??;
+            ensure!(
+                !sets.create.is_empty() && !sets.delete.is_empty(),
+                "the patch makes and deletes sets over netlink: {sets:?}"
+            );
+            let (sets, buckets) = (sets.clone(), buckets.clone());
+            tokio::task::spawn_blocking(move || edit::apply("nl", &sets, &buckets)).await??;
             over_netlink.commit_patch(plan);
             ensure!(
                 (handle_of("nl", "a-tcp1")?, handle_of("nl", "filler07")?) == kept_before,
@@ -413,7 +423,7 @@ fn changed_behind_our_back() -> Result<()> {
             let mut fw = applied_firewall("nl", &rs).await?;
             let plan = fw.plan_patch(&p)?;
             let KernelChange::Rules {
-                elements, buckets, ..
+                sets, buckets, ..
             } = &plan.kernel
             else {
                 bail!("a netlink plan");
@@ -423,7 +433,7 @@ fn changed_behind_our_back() -> Result<()> {
             nft_here(&[
                 "insert", "rule", "inet", "nl", &chain, "tcp", "dport", "1", "drop",
             ])?;
-            let (e, b) = (elements.clone(), buckets.clone());
+            let (e, b) = (sets.clone(), buckets.clone());
             let refused = tokio::task::spawn_blocking(move || edit::apply("nl", &e, &b)).await?;
             ensure!(
                 matches!(refused, Err(edit::EditError::Differs { .. })),
