@@ -287,6 +287,26 @@ fn handle_of(table: &str, id: &str) -> Result<u64> {
         .parse()?)
 }
 
+/// Fails with the first differing lines unless the two listings are the same.
+fn same_listing(what: &str, netlink: &str, nft: &str) -> Result<()> {
+    if netlink == nft {
+        return Ok(());
+    }
+    let diff: Vec<String> = netlink
+        .lines()
+        .zip(nft.lines())
+        .filter(|(a, b)| a != b)
+        .take(8)
+        .map(|(a, b)| format!("netlink: {a}\n    nft: {b}"))
+        .collect();
+    bail!(
+        "{what}: netlink and nft listings differ ({} vs {} lines):\n{}",
+        netlink.lines().count(),
+        nft.lines().count(),
+        diff.join("\n")
+    )
+}
+
 /// Each base chain's rules in the order packets meet them, jumps followed.
 fn flattened(listing: &str) -> Vec<String> {
     let mut chains: std::collections::HashMap<&str, Vec<&str>> = Default::default();
@@ -380,21 +400,7 @@ fn every_shape() -> Result<()> {
         listing(&ns, "tx")?,
         listing(&ns, "fr")?,
     );
-    if nl != tx {
-        let diff: Vec<String> = nl
-            .lines()
-            .zip(tx.lines())
-            .filter(|(a, b)| a != b)
-            .take(8)
-            .map(|(a, b)| format!("netlink: {a}\n    nft: {b}"))
-            .collect();
-        bail!(
-            "netlink and nft listings differ ({} vs {} lines):\n{}",
-            nl.lines().count(),
-            tx.lines().count(),
-            diff.join("\n")
-        );
-    }
+    same_listing("the patched tables", &nl, &tx)?;
     ensure!(flattened(&nl).len() > 150, "the listing was read: {nl}");
     // Bucket boundaries differ from a fresh layout's; the rules each hook runs through, in
     // order, must not.
@@ -521,21 +527,7 @@ fn whole_table() -> Result<()> {
                 1,
             );
             ensure!(nl.lines().count() > 20, "rule set {i} listed: {nl}");
-            if nl != tx {
-                let diff: Vec<String> = nl
-                    .lines()
-                    .zip(tx.lines())
-                    .filter(|(a, b)| a != b)
-                    .take(8)
-                    .map(|(a, b)| format!("netlink: {a}\n    nft: {b}"))
-                    .collect();
-                bail!(
-                    "rule set {i}: listings differ ({} vs {} lines):\n{}",
-                    nl.lines().count(),
-                    tx.lines().count(),
-                    diff.join("\n")
-                );
-            }
+            same_listing(&format!("rule set {i}"), &nl, &tx)?;
         }
         Ok(())
     })
