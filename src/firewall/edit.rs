@@ -12,7 +12,7 @@ use super::layout::{Changes, Layout};
 use super::render::{Family, kernel_rules};
 use super::spec::Rule;
 use crate::sys::nfnl::{self, Element, NfnlError, SetChange};
-use crate::sys::nfrule::{self, ChainEdit, NamedSet, NewRule, TableBatch};
+use crate::sys::nfrule::{self, NamedSet, NewRule, TableBatch};
 
 /// A kernel rule a patch adds to a bucket chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,31 +159,6 @@ pub fn plan<'a>(
 /// Blocking: call it from a blocking thread.
 pub fn apply(table: &str, sets: &SetEdits, edits: &[BucketEdit]) -> Result<(), EditError> {
     let genid = nfrule::generation()?;
-    let mut chains = Vec::with_capacity(edits.len());
-    for e in edits {
-        let listed = nfrule::list_chain(table, &e.chain)?;
-        if listed.len() != e.expect.len()
-            || listed.iter().zip(&e.expect).any(|(l, c)| l.comment != *c)
-        {
-            return Err(EditError::Differs {
-                chain: e.chain.clone(),
-                found: listed.len(),
-                expected: e.expect.len(),
-            });
-        }
-        chains.push(ChainEdit {
-            chain: e.chain.clone(),
-            delete: e.delete.iter().map(|i| listed[*i].handle).collect(),
-            add: e
-                .add
-                .iter()
-                .map(|a| NewRule {
-                    before: a.before.map(|i| listed[i].handle),
-                    ..a.rule.clone()
-                })
-                .collect(),
-        });
-    }
     let mut batch = TableBatch::new(table, Some(genid), nfnl::first_seq());
     for (i, s) in sets.create.iter().enumerate() {
         let (key_type, key_len) = bytecode::set_key(s.family);
@@ -198,12 +173,26 @@ pub fn apply(table: &str, sets: &SetEdits, edits: &[BucketEdit]) -> Result<(), E
     for c in &sets.elements {
         batch.elements(&c.set, None, &c.add, &c.delete);
     }
-    for c in &chains {
-        for h in &c.delete {
-            batch.delete_rule(&c.chain, *h);
+    for e in edits {
+        let listed = nfrule::list_chain(table, &e.chain)?;
+        if listed.len() != e.expect.len()
+            || listed.iter().zip(&e.expect).any(|(l, c)| l.comment != *c)
+        {
+            return Err(EditError::Differs {
+                chain: e.chain.clone(),
+                found: listed.len(),
+                expected: e.expect.len(),
+            });
         }
-        for r in &c.add {
-            batch.add_rule(&c.chain, r);
+        for i in &e.delete {
+            batch.delete_rule(&e.chain, listed[*i].handle);
+        }
+        for a in &e.add {
+            let rule = NewRule {
+                before: a.before.map(|i| listed[i].handle),
+                ..a.rule.clone()
+            };
+            batch.add_rule(&e.chain, &rule);
         }
     }
     for name in &sets.delete {

@@ -262,14 +262,6 @@ pub struct NewRule {
     pub before: Option<u64>,
 }
 
-/// The changes to one chain: deletions by handle, then additions in order.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ChainEdit {
-    pub chain: String,
-    pub delete: Vec<u64>,
-    pub add: Vec<NewRule>,
-}
-
 /// A rule as the kernel lists it: its handle and its comment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListedRule {
@@ -491,42 +483,6 @@ impl<'a> TableBatch<'a> {
     }
 }
 
-/// The batch of `edits` (with the element changes of named sets first, so that rules see
-/// them), refused by the kernel if the rule set is no longer at generation `genid`.
-pub fn encode_edits(
-    table: &str,
-    elements: &[SetChange],
-    edits: &[ChainEdit],
-    genid: Option<u32>,
-    first_seq: u32,
-) -> (Vec<u8>, Vec<u32>) {
-    let mut batch = TableBatch::new(table, genid, first_seq);
-    for c in elements {
-        batch.batch.push_elements(table, c, None);
-    }
-    for edit in edits {
-        for h in &edit.delete {
-            batch.delete_rule(&edit.chain, *h);
-        }
-        for r in &edit.add {
-            batch.add_rule(&edit.chain, r);
-        }
-    }
-    batch.finish()
-}
-
-/// Applies `edits` and `elements` in one transaction. Blocking: call it from a blocking
-/// thread.
-pub fn apply(
-    table: &str,
-    elements: &[SetChange],
-    edits: &[ChainEdit],
-    genid: Option<u32>,
-) -> Result<(), NfnlError> {
-    let (batch, pending) = encode_edits(table, elements, edits, genid, nfnl::first_seq());
-    nfnl::send_batch(&batch, pending)
-}
-
 /// The rule set's generation: it changes with every committed transaction.
 pub fn generation() -> Result<u32, NfnlError> {
     let mut genid = None;
@@ -616,12 +572,11 @@ mod tests {
             comment: Some("r".into()),
             before,
         };
-        let edit = ChainEdit {
-            chain: "in_0".into(),
-            delete: vec![7],
-            add: vec![rule(Some(9)), rule(None)],
-        };
-        let (bytes, acked) = encode_edits("rampart", &[], &[edit], Some(3), 10);
+        let mut batch = TableBatch::new("rampart", Some(3), 10);
+        batch.delete_rule("in_0", 7);
+        batch.add_rule("in_0", &rule(Some(9)));
+        batch.add_rule("in_0", &rule(None));
+        let (bytes, acked) = batch.finish();
         assert_eq!(acked, vec![13], "the last message asks for the ack");
         let flags_of = |at: usize| u16::from_ne_bytes(bytes[at + 6..at + 8].try_into().unwrap());
         let len_of = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;

@@ -447,13 +447,11 @@ fn changed_behind_our_back() -> Result<()> {
             );
             // A batch the kernel refuses halfway (a handle that is not there, then a valid
             // addition) is reported, and nothing of it is applied.
-            let bogus = rampart::sys::nfrule::ChainEdit {
-                chain: chain.clone(),
-                delete: vec![u64::from(u32::MAX)],
-                add: vec![buckets[0].add[0].rule.clone()],
-            };
             let before = nft_here(&["list", "chain", "inet", "nl", &chain])?;
-            let refused = rampart::sys::nfrule::apply("nl", &[], &[bogus], None);
+            let mut bogus = rampart::sys::nfrule::TableBatch::new("nl", None, 1);
+            bogus.delete_rule(&chain, u64::from(u32::MAX));
+            bogus.add_rule(&chain, &buckets[0].add[0].rule);
+            let refused = bogus.send();
             ensure!(
                 matches!(&refused, Err(rampart::sys::nfnl::NfnlError::Refused(e)) if e.raw_os_error() == Some(2)),
                 "{refused:?}"
