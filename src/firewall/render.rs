@@ -526,6 +526,12 @@ impl BaseRule {
     }
 }
 
+fn failsafe(ports: &[(FailsafeProto, u16)]) -> impl Iterator<Item = BaseRule> + '_ {
+    ports
+        .iter()
+        .map(|&(proto, port)| BaseRule::Failsafe { proto, port })
+}
+
 /// The fixed head of a base chain: stateful handling and the failsafe.
 fn base_head(hook: Hook, ctx: &RenderCtx) -> Vec<BaseRule> {
     let mut l = vec![BaseRule::Established, BaseRule::Invalid];
@@ -533,12 +539,7 @@ fn base_head(hook: Hook, ctx: &RenderCtx) -> Vec<BaseRule> {
         Hook::Input => {
             l.push(BaseRule::Loopback { input: true });
             l.push(BaseRule::NeighbourDiscovery);
-            for (proto, port) in &ctx.failsafe_in {
-                l.push(BaseRule::Failsafe {
-                    proto: *proto,
-                    port: *port,
-                });
-            }
+            l.extend(failsafe(&ctx.failsafe_in));
         }
         Hook::Output => {
             l.push(BaseRule::Loopback { input: false });
@@ -552,12 +553,7 @@ fn base_head(hook: Hook, ctx: &RenderCtx) -> Vec<BaseRule> {
             for ip in &ctx.resolvers {
                 l.push(BaseRule::Resolver { ip: *ip });
             }
-            for (proto, port) in &ctx.failsafe_out {
-                l.push(BaseRule::Failsafe {
-                    proto: *proto,
-                    port: *port,
-                });
-            }
+            l.extend(failsafe(&ctx.failsafe_out));
         }
         Hook::Forward => {}
     }

@@ -260,6 +260,22 @@ fn listing(ns: &Netns, table: &str) -> Result<String> {
     Ok(text.replacen(&format!("table inet {table} "), "table inet T ", 1))
 }
 
+/// A single-threaded runtime for a namespace thread (its blocking threads, and the nft
+/// processes it starts, inherit the namespace).
+fn current_thread() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Runs the future `f` makes to its end on a thread inside namespace `ns`.
+fn block_on_in_ns<F>(ns: &str, f: impl FnOnce() -> F + Send + 'static) -> Result<()>
+where
+    F: std::future::Future<Output = Result<()>>,
+{
+    in_ns(ns, move || current_thread()?.block_on(f()))
+}
+
 /// Runs nft in the calling thread's namespace.
 fn nft_here(args: &[&str]) -> Result<String> {
     let out = std::process::Command::new("nft").args(args).output()?;
@@ -347,53 +363,48 @@ fn flattened(listing: &str) -> Vec<String> {
 fn every_shape() -> Result<()> {
     let ns = Netns::new("nlr");
     let (rs, p) = (rule_set(&base_rule_set()), patch(&patch_data()));
-    in_ns(&ns.name, move || -> Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async {
-            let mut over_netlink = applied_firewall("nl", &rs).await?;
-            let mut through_nft = applied_firewall("tx", &rs).await?;
-            // Rules the patch keeps (untouched, or sent again unchanged) stay the same
-            // kernel objects; rules it changes are new ones.
-            let kept_before = (handle_of("nl", "a-tcp1")?, handle_of("nl", "filler07")?);
-            let changed_before = handle_of("nl", "filler03")?;
-            let plan = over_netlink.plan_patch(&p)?;
-            let KernelChange::Rules { sets, buckets, .. } = &plan.kernel else {
-                bail!("rule and element changes in existing chains go over netlink");
-            };
-            ensure!(
-                buckets
-                    .iter()
-                    .any(|b| !b.delete.is_empty() && b.add.iter().any(|a| a.before.is_some())),
-                "the patch deletes and inserts between kept rules"
-            );
-            ensure!(
-                !sets.create.is_empty() && !sets.delete.is_empty(),
-                "the patch makes and deletes sets over netlink: {sets:?}"
-            );
-            let (sets, buckets) = (sets.clone(), buckets.clone());
-            tokio::task::spawn_blocking(move || edit::apply("nl", &sets, &buckets)).await??;
-            over_netlink.commit_patch(plan);
-            ensure!(
-                (handle_of("nl", "a-tcp1")?, handle_of("nl", "filler07")?) == kept_before,
-                "kept rules keep their handles"
-            );
-            ensure!(
-                handle_of("nl", "filler03")? != changed_before,
-                "a changed rule is new"
-            );
-            let plan = through_nft.plan_patch(&p)?;
-            let KernelChange::Rules { text, .. } = &plan.kernel else {
-                bail!("same plan on the other table");
-            };
-            nft().apply(text).await?;
-            through_nft.commit_patch(plan);
-            // And a third table made whole from the patched rule set: same order, same rules.
-            let whole = applied_firewall("fr", over_netlink.current()).await?;
-            drop(whole);
-            Ok(())
-        })
+    block_on_in_ns(&ns.name, move || async move {
+        let mut over_netlink = applied_firewall("nl", &rs).await?;
+        let mut through_nft = applied_firewall("tx", &rs).await?;
+        // Rules the patch keeps (untouched, or sent again unchanged) stay the same
+        // kernel objects; rules it changes are new ones.
+        let kept_before = (handle_of("nl", "a-tcp1")?, handle_of("nl", "filler07")?);
+        let changed_before = handle_of("nl", "filler03")?;
+        let plan = over_netlink.plan_patch(&p)?;
+        let KernelChange::Rules { sets, buckets, .. } = &plan.kernel else {
+            bail!("rule and element changes in existing chains go over netlink");
+        };
+        ensure!(
+            buckets
+                .iter()
+                .any(|b| !b.delete.is_empty() && b.add.iter().any(|a| a.before.is_some())),
+            "the patch deletes and inserts between kept rules"
+        );
+        ensure!(
+            !sets.create.is_empty() && !sets.delete.is_empty(),
+            "the patch makes and deletes sets over netlink: {sets:?}"
+        );
+        let (sets, buckets) = (sets.clone(), buckets.clone());
+        tokio::task::spawn_blocking(move || edit::apply("nl", &sets, &buckets)).await??;
+        over_netlink.commit_patch(plan);
+        ensure!(
+            (handle_of("nl", "a-tcp1")?, handle_of("nl", "filler07")?) == kept_before,
+            "kept rules keep their handles"
+        );
+        ensure!(
+            handle_of("nl", "filler03")? != changed_before,
+            "a changed rule is new"
+        );
+        let plan = through_nft.plan_patch(&p)?;
+        let KernelChange::Rules { text, .. } = &plan.kernel else {
+            bail!("same plan on the other table");
+        };
+        nft().apply(text).await?;
+        through_nft.commit_patch(plan);
+        // And a third table made whole from the patched rule set: same order, same rules.
+        let whole = applied_firewall("fr", over_netlink.current()).await?;
+        drop(whole);
+        Ok(())
     })?;
     let (nl, tx, fr) = (
         listing(&ns, "nl")?,
@@ -421,47 +432,42 @@ fn every_shape() -> Result<()> {
 fn changed_behind_our_back() -> Result<()> {
     let ns = Netns::new("nlb");
     let (rs, p) = (rule_set(&base_rule_set()), patch(&patch_data()));
-    in_ns(&ns.name, move || -> Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async {
-            let mut fw = applied_firewall("nl", &rs).await?;
-            let plan = fw.plan_patch(&p)?;
-            let KernelChange::Rules {
-                sets, buckets, ..
-            } = &plan.kernel
-            else {
-                bail!("a netlink plan");
-            };
-            // Someone adds a rule to a chain the patch edits: handles no longer line up.
-            let chain = buckets[0].chain.clone();
-            nft_here(&[
-                "insert", "rule", "inet", "nl", &chain, "tcp", "dport", "1", "drop",
-            ])?;
-            let (e, b) = (sets.clone(), buckets.clone());
-            let refused = tokio::task::spawn_blocking(move || edit::apply("nl", &e, &b)).await?;
-            ensure!(
-                matches!(refused, Err(edit::EditError::Differs { .. })),
-                "{refused:?}"
-            );
-            // A batch the kernel refuses halfway (a handle that is not there, then a valid
-            // addition) is reported, and nothing of it is applied.
-            let before = nft_here(&["list", "chain", "inet", "nl", &chain])?;
-            let mut bogus = rampart::sys::nfrule::TableBatch::new("nl", None, 1);
-            bogus.delete_rule(&chain, u64::from(u32::MAX));
-            bogus.add_rule(&chain, &buckets[0].add[0].rule);
-            let refused = bogus.send();
-            ensure!(
-                matches!(&refused, Err(rampart::sys::nfnl::NfnlError::Refused(e)) if e.raw_os_error() == Some(2)),
-                "{refused:?}"
-            );
-            ensure!(nft_here(&["list", "chain", "inet", "nl", &chain])? == before, "nothing applied");
-            // The firewall's own apply falls back to text and still gets the patch in.
-            fw.apply_kernel(&plan.kernel).await?;
-            fw.commit_patch(plan);
-            Ok(())
-        })
+    block_on_in_ns(&ns.name, move || async move {
+        let mut fw = applied_firewall("nl", &rs).await?;
+        let plan = fw.plan_patch(&p)?;
+        let KernelChange::Rules { sets, buckets, .. } = &plan.kernel else {
+            bail!("a netlink plan");
+        };
+        // Someone adds a rule to a chain the patch edits: handles no longer line up.
+        let chain = buckets[0].chain.clone();
+        nft_here(&[
+            "insert", "rule", "inet", "nl", &chain, "tcp", "dport", "1", "drop",
+        ])?;
+        let (e, b) = (sets.clone(), buckets.clone());
+        let refused = tokio::task::spawn_blocking(move || edit::apply("nl", &e, &b)).await?;
+        ensure!(
+            matches!(refused, Err(edit::EditError::Differs { .. })),
+            "{refused:?}"
+        );
+        // A batch the kernel refuses halfway (a handle that is not there, then a valid
+        // addition) is reported, and nothing of it is applied.
+        let before = nft_here(&["list", "chain", "inet", "nl", &chain])?;
+        let mut bogus = rampart::sys::nfrule::TableBatch::new("nl", None, 1);
+        bogus.delete_rule(&chain, u64::from(u32::MAX));
+        bogus.add_rule(&chain, &buckets[0].add[0].rule);
+        let refused = bogus.send();
+        ensure!(
+            matches!(&refused, Err(rampart::sys::nfnl::NfnlError::Refused(e)) if e.raw_os_error() == Some(2)),
+            "{refused:?}"
+        );
+        ensure!(
+            nft_here(&["list", "chain", "inet", "nl", &chain])? == before,
+            "nothing applied"
+        );
+        // The firewall's own apply falls back to text and still gets the patch in.
+        fw.apply_kernel(&plan.kernel).await?;
+        fw.commit_patch(plan);
+        Ok(())
     })?;
     let after = listing(&ns, "nl")?;
     ensure!(
@@ -493,10 +499,7 @@ fn whole_table() -> Result<()> {
         "rules": [rule("x", 1, json!({"sources": ["$none", "$v6only", "$top"]}))]}),
     );
     in_ns(&ns.name, move || -> Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async {
+        current_thread()?.block_on(async {
             let mut fw = applied_firewall("p", &base).await?;
             let plan = fw.plan_patch(&p)?;
             fw.apply_kernel(&plan.kernel).await?;
