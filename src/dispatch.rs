@@ -621,10 +621,10 @@ fn failed_with(fw: &Firewall, e: &FirewallError) -> (Executed, Commit) {
 
 /// A dry `firewall.apply`: checked and planned, answered with what it would change.
 fn firewall_apply_dry(fw: &Firewall, rs: &RuleSet) -> Executed {
-    match fw.plan_apply(rs) {
+    match fw.layout_for(rs) {
         Err(e) => failed_with(fw, &e).0,
-        Ok(plan) => Executed::applied(
-            json!({ "generation": rs.generation, "dry_run": true, "diff": fw.apply_diff(rs, &plan) }),
+        Ok(layout) => Executed::applied(
+            json!({ "generation": rs.generation, "dry_run": true, "diff": fw.apply_diff(rs, layout.as_ref()) }),
             OwnedChange::None,
         ),
     }

@@ -371,9 +371,21 @@ impl Firewall {
 
     /// Generation rule of section 4 for a whole rule set.
     pub fn plan_apply(&self, rs: &RuleSet) -> Result<ApplyPlan, FirewallError> {
+        Ok(match self.layout_for(rs)? {
+            None => ApplyPlan::NoOp,
+            Some(layout) => {
+                let batch = self.encode_full(rs, &layout);
+                ApplyPlan::Replace { batch, layout }
+            }
+        })
+    }
+
+    /// The generation rule for `rs`, and its layout unless it is a no-op: a plan without the
+    /// encoding (a dry run needs no batch).
+    pub fn layout_for(&self, rs: &RuleSet) -> Result<Option<Layout>, FirewallError> {
         let current = self.current.generation;
         if rs.generation == current && self.is_managed() && *rs == self.current {
-            return Ok(ApplyPlan::NoOp);
+            return Ok(None);
         }
         if rs.generation <= current {
             return Err(FirewallError::Stale {
@@ -381,9 +393,7 @@ impl Firewall {
                 expected: format!("a generation above {current}"),
             });
         }
-        let layout = Layout::build(rs.rules.values());
-        let batch = self.encode_full(rs, &layout);
-        Ok(ApplyPlan::Replace { batch, layout })
+        Ok(Some(Layout::build(rs.rules.values())))
     }
 
     /// Makes the table anew with `rs` (laid out as `layout`) from its encoded `batch`, one
@@ -787,11 +797,11 @@ impl Firewall {
         out
     }
 
-    /// What applying `rs` with `plan` would change: a dry run's `diff` (PROTOCOL.md section
-    /// 4). A whole rule set rewrites every chain of the table.
-    pub fn apply_diff(&self, rs: &RuleSet, plan: &ApplyPlan) -> serde_json::Value {
+    /// What applying `rs` laid out as `layout` would change (`None`: a no-op): a dry run's
+    /// `diff` (PROTOCOL.md section 4). A whole rule set rewrites every chain of the table.
+    pub fn apply_diff(&self, rs: &RuleSet, layout: Option<&Layout>) -> serde_json::Value {
         let cur = &self.current;
-        let ApplyPlan::Replace { layout, .. } = plan else {
+        let Some(layout) = layout else {
             return Diff::default().into_json();
         };
         let mut d = Diff::default();
