@@ -146,6 +146,9 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
                 tracing::error!(error = %e, "could not restore the firewall; the drift check will retry")
             }
         }
+        // Connections opened while the rules were not in force (the agent down, a reboot),
+        // or whose cut a crash interrupted.
+        firewall.cut_denied().await;
     }
     let firewall = Arc::new(tokio::sync::Mutex::new(firewall));
     let (drift_tx, drift_rx) = tokio::sync::mpsc::channel(16);
@@ -527,6 +530,8 @@ async fn drift_loop(
             Ok(Drift::Repaired(what)) => {
                 let generation = fw.current().generation;
                 tracing::warn!(%what, generation, table = fw.table(), "firewall drift found and repaired");
+                // What was opened while the rules were not in force.
+                fw.cut_denied().await;
                 let event = json!({"kind": "firewall", "what": what, "generation": generation, "repaired": true});
                 if events.try_send(event).is_err() {
                     tracing::warn!("drift event dropped: too many pending");

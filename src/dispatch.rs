@@ -344,7 +344,7 @@ impl Dispatcher {
             } => {
                 let fw = fw_guard.as_mut().expect("locked above");
                 if dry_run {
-                    (firewall_apply_dry(fw, &rules), Commit::None)
+                    (firewall_apply_dry(fw, &rules).await, Commit::None)
                 } else {
                     firewall_apply(fw, rules, raw).await
                 }
@@ -356,7 +356,7 @@ impl Dispatcher {
             } => {
                 let fw = fw_guard.as_mut().expect("locked above");
                 if dry_run {
-                    (firewall_patch_dry(fw, &patch), Commit::None)
+                    (firewall_patch_dry(fw, &patch).await, Commit::None)
                 } else {
                     firewall_patch(fw, &patch, raw).await
                 }
@@ -450,9 +450,11 @@ impl Dispatcher {
                     fw.commit_replace(*rs, layout);
                     // A full rule set is what a lost state was waiting for.
                     self.set_state_lost(None);
+                    fw.cut_denied().await;
                 }
                 Commit::Patch(plan) => {
                     fw.commit_patch(*plan);
+                    fw.cut_denied().await;
                     self.maybe_compact(fw).await;
                 }
                 Commit::RouterPut { .. } | Commit::RouterDelete { .. } => {}
@@ -620,22 +622,22 @@ fn failed_with(fw: &Firewall, e: &FirewallError) -> (Executed, Commit) {
 }
 
 /// A dry `firewall.apply`: checked and planned, answered with what it would change.
-fn firewall_apply_dry(fw: &Firewall, rs: &RuleSet) -> Executed {
+async fn firewall_apply_dry(fw: &Firewall, rs: &RuleSet) -> Executed {
     match fw.layout_for(rs) {
         Err(e) => failed_with(fw, &e).0,
         Ok(layout) => Executed::applied(
-            json!({ "generation": rs.generation, "dry_run": true, "diff": fw.apply_diff(rs, layout.as_ref()) }),
+            json!({ "generation": rs.generation, "dry_run": true, "diff": fw.apply_diff(rs, layout.as_ref()).await }),
             OwnedChange::None,
         ),
     }
 }
 
 /// A dry `firewall.patch`.
-fn firewall_patch_dry(fw: &Firewall, patch: &Patch) -> Executed {
+async fn firewall_patch_dry(fw: &Firewall, patch: &Patch) -> Executed {
     match fw.plan_patch(patch) {
         Err(e) => failed_with(fw, &e).0,
         Ok(plan) => Executed::applied(
-            json!({ "generation": patch.generation, "dry_run": true, "diff": fw.patch_diff(&plan) }),
+            json!({ "generation": patch.generation, "dry_run": true, "diff": fw.patch_diff(&plan).await }),
             OwnedChange::None,
         ),
     }

@@ -10,7 +10,7 @@ use super::spec::{Direction, Rule, RuleKey};
 /// Rules per bucket after a full apply; a bucket is split when it grows past twice that.
 pub const BUCKET: usize = 64;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Hook {
     Input,
     Output,

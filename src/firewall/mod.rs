@@ -4,6 +4,7 @@
 
 pub mod bytecode;
 pub mod edit;
+pub mod flows;
 pub mod layout;
 pub mod render;
 pub mod spec;
@@ -94,6 +95,7 @@ pub struct PatchPlan {
     pub kernel: KernelChange,
     generation: u64,
     defaults: Defaults,
+    established: spec::Established,
     sets: BTreeMap<String, Option<BTreeSet<IpNet>>>,
     delete_rules: Vec<String>,
     upsert_rules: Vec<Rule>,
@@ -126,6 +128,8 @@ pub struct Firewall {
     /// The kernel's handle of our table as we last made it, 0 while unknown (see
     /// [`Firewall::made_handle`]).
     made: Arc<AtomicU64>,
+    /// Open connections cut since start.
+    connections_cut: u64,
 }
 
 /// A dry run's account of a firewall command.
@@ -137,6 +141,8 @@ struct Diff {
     elements_added: usize,
     elements_removed: usize,
     chains: usize,
+    /// Open connections the result would cut (`None`: the sweep could not be made).
+    connections_cut: Option<usize>,
 }
 
 impl Diff {
@@ -159,8 +165,7 @@ impl Diff {
             "elements_added": self.elements_added,
             "elements_removed": self.elements_removed,
             "chains_rewritten": self.chains,
-            // The agent does not cut open connections yet (issue 13): none would be.
-            "connections_cut": 0,
+            "connections_cut": self.connections_cut,
         })
     }
 }
@@ -271,6 +276,64 @@ impl Firewall {
             baseline: None,
             applied_at_ms: None,
             made: Arc::new(AtomicU64::new(0)),
+            connections_cut: 0,
+        }
+    }
+
+    /// Removes the open connections that the current rule set denies, when it says
+    /// `"established": "cut"` (contract section 4). A failure is logged, not returned: the
+    /// rule set is in force whatever happens to the sweep.
+    pub async fn cut_denied(&mut self) -> Option<flows::SweepReport> {
+        if self.current.established == spec::Established::Keep || !self.is_managed() {
+            return None;
+        }
+        match flows::sweep(&self.current, &self.layout, &self.ctx, false).await {
+            Ok(r) => {
+                self.connections_cut += r.cut as u64;
+                let level_info = r.cut > 0;
+                if level_info {
+                    tracing::info!(
+                        generation = self.current.generation,
+                        entries = r.entries,
+                        keys = r.keys,
+                        cut = r.cut,
+                        sweep_us = r.elapsed_us,
+                        "open connections that the rule set denies were cut"
+                    );
+                } else {
+                    tracing::debug!(
+                        generation = self.current.generation,
+                        entries = r.entries,
+                        keys = r.keys,
+                        sweep_us = r.elapsed_us,
+                        "no open connection is denied by the rule set"
+                    );
+                }
+                Some(r)
+            }
+            Err(error) => {
+                tracing::warn!(%error, generation = self.current.generation, "open connections were not checked against the rule set");
+                None
+            }
+        }
+    }
+
+    /// Connections cut since the agent started.
+    pub fn connections_cut(&self) -> u64 {
+        self.connections_cut
+    }
+
+    /// How many open connections `rs` (laid out as `layout`) would cut: a dry run's count.
+    async fn would_cut(&self, rs: &RuleSet, layout: &Layout) -> Option<usize> {
+        if rs.established == spec::Established::Keep {
+            return Some(0);
+        }
+        match flows::sweep(rs, layout, &self.ctx, true).await {
+            Ok(r) => Some(r.denied),
+            Err(error) => {
+                tracing::warn!(%error, "a dry run could not count the connections it would cut");
+                None
+            }
         }
     }
 
@@ -668,6 +731,7 @@ impl Firewall {
             kernel,
             generation: p.generation,
             defaults,
+            established: p.established.unwrap_or(cur.established),
             sets,
             delete_rules: deleted.into_iter().map(str::to_string).collect(),
             upsert_rules: p.upsert_rules.clone(),
@@ -799,10 +863,14 @@ impl Firewall {
 
     /// What applying `rs` laid out as `layout` would change (`None`: a no-op): a dry run's
     /// `diff` (PROTOCOL.md section 4). A whole rule set rewrites every chain of the table.
-    pub fn apply_diff(&self, rs: &RuleSet, layout: Option<&Layout>) -> serde_json::Value {
+    pub async fn apply_diff(&self, rs: &RuleSet, layout: Option<&Layout>) -> serde_json::Value {
         let cur = &self.current;
         let Some(layout) = layout else {
-            return Diff::default().into_json();
+            return Diff {
+                connections_cut: Some(0),
+                ..Diff::default()
+            }
+            .into_json();
         };
         let mut d = Diff::default();
         for (id, r) in &rs.rules {
@@ -823,11 +891,12 @@ impl Firewall {
             d.count_elements(cur.sets.get(name), rs.sets.get(name));
         }
         d.chains = Hook::ALL.iter().map(|h| layout.buckets(*h).len() + 1).sum();
+        d.connections_cut = self.would_cut(rs, layout).await;
         d.into_json()
     }
 
     /// What `plan` would change: a dry run's `diff`.
-    pub fn patch_diff(&self, plan: &PatchPlan) -> serde_json::Value {
+    pub async fn patch_diff(&self, plan: &PatchPlan) -> serde_json::Value {
         let cur = &self.current;
         let mut d = Diff::default();
         for r in &plan.upsert_rules {
@@ -842,7 +911,35 @@ impl Firewall {
             d.count_elements(cur.sets.get(name), new.as_ref());
         }
         d.chains = plan.chains;
+        let (rs, layout) = self.patched(plan);
+        d.connections_cut = self.would_cut(&rs, &layout).await;
         d.into_json()
+    }
+
+    /// The rule set and layout that `plan` would leave (a copy: for dry runs only).
+    fn patched(&self, plan: &PatchPlan) -> (RuleSet, Layout) {
+        let mut rs = self.current.clone();
+        for (name, new) in &plan.sets {
+            match new {
+                Some(els) => {
+                    rs.sets.insert(name.clone(), els.clone());
+                }
+                None => {
+                    rs.sets.remove(name);
+                }
+            }
+        }
+        for id in &plan.delete_rules {
+            rs.rules.remove(id);
+        }
+        for r in &plan.upsert_rules {
+            rs.rules.insert(r.id.clone(), r.clone());
+        }
+        rs.defaults = plan.defaults;
+        rs.established = plan.established;
+        rs.generation = plan.generation;
+        let layout = plan.layout.clone().unwrap_or_else(|| self.layout.clone());
+        (rs, layout)
     }
 
     pub fn commit_patch(&mut self, plan: PatchPlan) {
@@ -864,6 +961,7 @@ impl Firewall {
             cur.rules.insert(r.id.clone(), r);
         }
         cur.defaults = plan.defaults;
+        cur.established = plan.established;
         cur.generation = plan.generation;
         plan.refs.apply(&mut self.refs);
         if let Some(layout) = plan.layout {

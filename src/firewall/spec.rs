@@ -41,6 +41,17 @@ pub enum Policy {
     Drop,
 }
 
+/// What a firewall change does to open connections that the new rule set denies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Established {
+    /// Their conntrack entries are removed before the ack: a deny takes effect on them too.
+    #[default]
+    Cut,
+    /// They carry on (established traffic is accepted ahead of every rule).
+    Keep,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Defaults {
     pub input: Policy,
@@ -162,6 +173,7 @@ impl Rule {
 pub struct RuleSet {
     pub generation: u64,
     pub defaults: Defaults,
+    pub established: Established,
     pub sets: BTreeMap<String, BTreeSet<IpNet>>,
     pub rules: BTreeMap<String, Rule>,
 }
@@ -208,6 +220,7 @@ pub struct Patch {
     pub remove_addresses: BTreeMap<String, BTreeSet<IpNet>>,
     pub delete_address_sets: Vec<String>,
     pub defaults: PartialDefaults,
+    pub established: Option<Established>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -362,6 +375,7 @@ impl RuleSet {
                 "out": self.defaults.output,
                 "forward": self.defaults.forward,
             },
+            "established": self.established,
             "address_sets": sets,
             "rules": self.rules.values().map(Rule::to_json).collect::<Vec<_>>(),
         });
@@ -454,7 +468,7 @@ mod tests {
 
     #[test]
     fn empty_rule_set_digest_is_the_documented_one() {
-        let canonical = r#"{"address_sets":{},"defaults":{"forward":"allow","in":"allow","out":"allow"},"generation":0,"rules":[]}"#;
+        let canonical = r#"{"address_sets":{},"defaults":{"forward":"allow","in":"allow","out":"allow"},"established":"cut","generation":0,"rules":[]}"#;
         assert_eq!(RuleSet::default().canonical_json(), canonical);
     }
 }

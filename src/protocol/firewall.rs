@@ -12,8 +12,9 @@ use super::command::{
     u64_field,
 };
 use crate::firewall::spec::{
-    Action, Addr, Defaults, Direction, Iface, Limits, PartialDefaults, Patch, Policy, PortRange,
-    Protocol, Rule, RuleSet, is_valid_iface, is_valid_rule_id, is_valid_set_name, parse_net,
+    Action, Addr, Defaults, Direction, Established, Iface, Limits, PartialDefaults, Patch, Policy,
+    PortRange, Protocol, Rule, RuleSet, is_valid_iface, is_valid_rule_id, is_valid_set_name,
+    parse_net,
 };
 
 const COMMENT_MAX: usize = 256;
@@ -58,6 +59,17 @@ fn enum_field<T: Copy>(
 }
 
 const POLICIES: [(&str, Policy); 2] = [("allow", Policy::Allow), ("drop", Policy::Drop)];
+
+const ESTABLISHED: [(&str, Established); 2] =
+    [("cut", Established::Cut), ("keep", Established::Keep)];
+
+/// `"established"` of a rule set or patch: `None` when absent.
+fn established(obj: &Map<String, Value>, parent: &str) -> Result<Option<Established>, Reject> {
+    match obj.get("established") {
+        None => Ok(None),
+        Some(_) => enum_field(obj, "established", parent, None, &ESTABLISHED).map(Some),
+    }
+}
 
 fn defaults(v: &Value, path: &str) -> Result<PartialDefaults, Reject> {
     let obj = as_object(v, path)?;
@@ -343,10 +355,18 @@ pub(crate) fn decode_rule_set(v: &Value, limits: &Limits) -> Result<RuleSet, Rej
     let obj = as_object(v, path)?;
     deny_unknown(
         obj,
-        &["generation", "defaults", "address_sets", "rules", "dry_run"],
+        &[
+            "generation",
+            "defaults",
+            "established",
+            "address_sets",
+            "rules",
+            "dry_run",
+        ],
         path,
     )?;
     bool_field(obj, "dry_run", path)?;
+    let established = established(obj, path)?.unwrap_or_default();
     let generation = u64_field(obj, "generation", path)?;
     let d = match obj.get("defaults") {
         None => PartialDefaults::default(),
@@ -399,12 +419,13 @@ pub(crate) fn decode_rule_set(v: &Value, limits: &Limits) -> Result<RuleSet, Rej
             output: d.output.unwrap_or(base.output),
             forward: d.forward.unwrap_or(base.forward),
         },
+        established,
         sets,
         rules,
     })
 }
 
-const PATCH_KEYS: [&str; 10] = [
+const PATCH_KEYS: [&str; 11] = [
     "dry_run",
     "base_generation",
     "generation",
@@ -415,6 +436,7 @@ const PATCH_KEYS: [&str; 10] = [
     "remove_addresses",
     "delete_address_sets",
     "defaults",
+    "established",
 ];
 
 /// `firewall.patch` data -> a checked delta (its fit with the current rule set is checked
@@ -486,6 +508,7 @@ pub(crate) fn decode_patch(v: &Value, limits: &Limits) -> Result<Patch, Reject> 
             None => PartialDefaults::default(),
             Some(v) => defaults(v, "$.data.defaults")?,
         },
+        established: established(obj, path)?,
     })
 }
 
@@ -528,6 +551,16 @@ mod tests {
     fn each_violation_names_its_path() {
         type Case = (fn(&mut Value), ErrorCode, &'static str);
         let cases: Vec<Case> = vec![
+            (
+                |v| v["established"] = json!("drop"),
+                ErrorCode::InvalidField,
+                "$.data.established",
+            ),
+            (
+                |v| v["established"] = json!(true),
+                ErrorCode::InvalidField,
+                "$.data.established",
+            ),
             (
                 |v| v["rules"][0]["id"] = json!("bad id"),
                 ErrorCode::InvalidField,
@@ -703,6 +736,25 @@ mod tests {
         let rendered =
             crate::firewall::render::rule_lines(r, crate::firewall::layout::Hook::Forward);
         assert_eq!(crate::firewall::render::expansion(r), rendered.len());
+    }
+
+    #[test]
+    fn established_is_cut_unless_the_rule_set_says_keep() {
+        let limits = Limits::default();
+        let cut = decode_rule_set(&json!({"generation": 1}), &limits).unwrap();
+        assert_eq!(cut.established, Established::Cut);
+        let keep =
+            decode_rule_set(&json!({"generation": 1, "established": "keep"}), &limits).unwrap();
+        assert_eq!(keep.established, Established::Keep);
+        assert_ne!(cut.digest(), keep.digest(), "part of the digest");
+        let p = decode_patch(&json!({"base_generation": 1, "generation": 2}), &limits).unwrap();
+        assert_eq!(p.established, None, "a patch without it leaves it as it is");
+        let p = decode_patch(
+            &json!({"base_generation": 1, "generation": 2, "established": "keep"}),
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(p.established, Some(Established::Keep));
     }
 
     #[test]

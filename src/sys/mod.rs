@@ -1,5 +1,7 @@
 //! The only code that touches the host: nftables, rtnetlink and network namespaces.
 
+pub mod conntrack;
+pub mod hostview;
 pub mod netns;
 pub mod nfnl;
 pub mod nfrule;

@@ -350,7 +350,7 @@ fn netlink_socket() -> Result<OwnedFd, NfnlError> {
     Ok(fd)
 }
 
-fn open() -> Result<OwnedFd, NfnlError> {
+pub(super) fn open() -> Result<OwnedFd, NfnlError> {
     let fd = netlink_socket()?;
     setsockopt(
         &fd,
@@ -364,7 +364,7 @@ fn open() -> Result<OwnedFd, NfnlError> {
 /// A batch is one datagram: the send buffer must hold it whole (else EMSGSIZE, from about
 /// 208 KB with the default buffer), and the receive buffer every ack it asks for (else
 /// ENOBUFS). As nft does: the forced size (root), else the plain one up to the sysctl cap.
-fn size_buffers(fd: &OwnedFd, batch_bytes: usize, acks: usize) {
+pub(super) fn size_buffers(fd: &OwnedFd, batch_bytes: usize, acks: usize) {
     // The kernel doubles what it is given; each ack costs a small skb.
     let send = batch_bytes.saturating_add(4096);
     let recv = acks.saturating_mul(1024).max(256 * 1024);

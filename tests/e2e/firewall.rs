@@ -11,7 +11,9 @@ use rampart::broker::EVENTS_EXCHANGE;
 use rampart::protocol::{ErrorCode, Status};
 use serde_json::{Value, json};
 
-use crate::support::netns::{Netns, Servers, Tcp, tcp_probe, udp_probe, veth};
+use crate::support::netns::{
+    Netns, Servers, Session, Tcp, echo_servers, in_ns, tcp_probe, udp_probe, veth,
+};
 use crate::support::rampart;
 use crate::support::site::Site;
 use crate::support::{AgentProc, HostOptions, env, runtime};
@@ -63,6 +65,10 @@ pub fn tests() -> Vec<Trial> {
         trial(
             "firewall::dry_run_answers_the_diff_and_changes_and_records_nothing",
             dry_run,
+        ),
+        trial(
+            "firewall::a_deny_cuts_open_tcp_udp_and_forwarded_connections_and_keep_keeps_them",
+            cut_open_connections,
         ),
     ]
 }
@@ -534,6 +540,127 @@ fn dry_run() -> Result<()> {
         ensure!(ack.error.as_ref().and_then(|e| e.field.as_deref()) == Some("$.data.dry_run"), "{ack:?}");
         let sync = applied(&mut m, h, "state.sync", "dry-sync", json!({})).await?;
         ensure!(sync.data["firewall"]["generation"] == 3, "{sync:?}");
+        m.close().await;
+        Ok(())
+    })
+}
+
+/// Conntrack ids of the agent namespace's entries, by the client's source port.
+fn conntrack_ids(t: &Topo) -> std::collections::HashMap<u16, Option<u32>> {
+    in_ns(&t.site.ag.name, || {
+        let mut ids = std::collections::HashMap::new();
+        rampart::sys::conntrack::dump(|f| {
+            ids.insert(f.sport, f.id());
+        })
+        .expect("conntrack dump");
+        ids
+    })
+}
+
+/// Issue 13, contract section 4: a deny cuts the open connections it now denies, host and
+/// forwarded, TCP and UDP, before the ack; allowed ones are not touched; `keep` keeps all.
+fn cut_open_connections() -> Result<()> {
+    let t = Topo::new(11, "fw-cut");
+    let _host = echo_servers(&t.site.ag.name, "0.0.0.0", &[7001, 7002], &[7003, 7004]);
+    let _wl = echo_servers(&t.wl.name, "0.0.0.0", &[7005, 7006], &[]);
+    let _agent = t.start();
+    let cl = t.cl.name.clone();
+    let (agent, workload) = (t.agent_ip(), t.workload_ip());
+    let open = || {
+        vec![
+            ("tcp denied", Session::tcp(&cl, &agent, 7001), false),
+            ("tcp allowed", Session::tcp(&cl, &agent, 7002), true),
+            ("udp denied", Session::udp(&cl, &agent, 7003), false),
+            ("udp allowed", Session::udp(&cl, &agent, 7004), true),
+            (
+                "forwarded denied",
+                Session::tcp(&cl, &workload, 7005),
+                false,
+            ),
+            (
+                "forwarded allowed",
+                Session::tcp(&cl, &workload, 7006),
+                true,
+            ),
+        ]
+    };
+    let denying = |base: u64| {
+        let mut fwd = rule("to-wl", 10, "drop", "in", "tcp", &["7005"]);
+        fwd["applied_to"] = json!(["tapw*"]);
+        json!({"base_generation": base, "generation": base + 1, "upsert_rules": [
+            rule("no-7001", 10, "drop", "in", "tcp", &["7001"]),
+            rule("no-7003", 10, "reject", "in", "udp", &["7003"]), fwd]})
+    };
+    runtime().block_on(async {
+        let h = &t.site.host.id;
+        let mut m = manager(h).await?;
+        applied(
+            &mut m,
+            h,
+            "firewall.apply",
+            "cut-1",
+            json!({"generation": 1, "rules": []}),
+        )
+        .await?;
+        let mut sessions = open();
+        for (what, s, _) in &mut sessions {
+            ensure!(s.carries(), "{what}: carries data before the patch");
+        }
+        let before = conntrack_ids(&t);
+        // A dry run counts what the patch would cut, and cuts nothing.
+        let mut dry = denying(1);
+        dry["dry_run"] = json!(true);
+        let ack = applied(&mut m, h, "firewall.patch", "cut-dry", dry).await?;
+        ensure!(ack.data["diff"]["connections_cut"] == 3, "{}", ack.data);
+        ensure!(conntrack_ids(&t) == before, "a dry run cut something");
+        applied(&mut m, h, "firewall.patch", "cut-2", denying(1)).await?;
+        let after = conntrack_ids(&t);
+        for (what, s, allowed) in &mut sessions {
+            let port = s.port();
+            ensure!(
+                after.contains_key(&port) == *allowed,
+                "{what}: in conntrack after the ack: {}",
+                after.contains_key(&port)
+            );
+            if *allowed {
+                ensure!(
+                    after[&port] == before[&port],
+                    "{what}: the entry was replaced"
+                );
+            }
+            ensure!(
+                s.carries() == *allowed,
+                "{what}: carries data after the ack"
+            );
+        }
+
+        // "keep": the same deny leaves open connections alone.
+        let keep = json!({"generation": 3, "established": "keep", "rules": []});
+        applied(&mut m, h, "firewall.apply", "cut-3", keep).await?;
+        let mut sessions = open();
+        for (what, s, _) in &mut sessions {
+            ensure!(s.carries(), "{what}: carries data before the patch");
+        }
+        let ack = applied(&mut m, h, "firewall.patch", "cut-4", denying(3)).await?;
+        ensure!(ack.data["generation"] == 4, "{}", ack.data);
+        for (what, s, _) in &mut sessions {
+            ensure!(s.carries(), "{what}: kept open with \"keep\"");
+        }
+        ensure!(
+            tcp_probe(&cl, &agent, 7001) == Tcp::Silent,
+            "new connections are denied all the same"
+        );
+        // A patch back to "cut" cuts them.
+        let back = json!({"base_generation": 4, "generation": 5, "established": "cut"});
+        applied(&mut m, h, "firewall.patch", "cut-5", back).await?;
+        for (what, s, allowed) in &mut sessions {
+            ensure!(
+                s.carries() == *allowed,
+                "{what}: after the patch to \"cut\""
+            );
+        }
+        let sync = applied(&mut m, h, "state.sync", "cut-sync", json!({})).await?;
+        ensure!(sync.data["firewall"]["generation"] == 5, "{}", sync.data);
         m.close().await;
         Ok(())
     })

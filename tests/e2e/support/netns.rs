@@ -172,22 +172,27 @@ impl Servers {
                 }
             });
         }
-        for &port in udp {
-            let sa: SocketAddr = format!("{addr}:{port}").parse().unwrap();
-            let sock = in_ns(ns, move || UdpSocket::bind(sa).expect("bind udp"));
-            sock.set_read_timeout(Some(Duration::from_millis(100)))
-                .unwrap();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 64];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                        let _ = sock.send_to(&buf[..n], from);
-                    }
-                }
-            });
-        }
+        udp_echo(ns, addr, udp, &stop);
         Servers { stop }
+    }
+}
+
+/// UDP servers that send each datagram back, until `stop`.
+fn udp_echo(ns: &str, addr: &str, ports: &[u16], stop: &Arc<AtomicBool>) {
+    for &port in ports {
+        let sa: SocketAddr = format!("{addr}:{port}").parse().unwrap();
+        let sock = in_ns(ns, move || UdpSocket::bind(sa).expect("bind udp"));
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], from);
+                }
+            }
+        });
     }
 }
 
@@ -263,5 +268,101 @@ impl KillableRelay {
 impl Drop for KillableRelay {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Echo servers in `ns` at `addr`: each TCP connection and each UDP datagram gets back what
+/// it sent. Stopped on drop.
+pub fn echo_servers(ns: &str, addr: &str, tcp: &[u16], udp: &[u16]) -> Servers {
+    let stop = Arc::new(AtomicBool::new(false));
+    for &port in tcp {
+        let sa: SocketAddr = format!("{addr}:{port}").parse().unwrap();
+        let listener = in_ns(ns, move || TcpListener::bind(sa).expect("bind tcp"));
+        listener.set_nonblocking(true).unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let stop = stop.clone();
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                        std::thread::spawn(move || {
+                            let mut buf = [0u8; 256];
+                            while !stop.load(Ordering::Relaxed) {
+                                match s.read(&mut buf) {
+                                    Ok(0) => return,
+                                    Ok(n) => {
+                                        if s.write_all(&buf[..n]).is_err() {
+                                            return;
+                                        }
+                                    }
+                                    Err(e)
+                                        if e.kind() == std::io::ErrorKind::WouldBlock
+                                            || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                    Err(_) => return,
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+    }
+    udp_echo(ns, addr, udp, &stop);
+    Servers { stop }
+}
+
+/// A long-lived connection from a namespace, to see whether it still carries data.
+pub enum Session {
+    Tcp(TcpStream),
+    Udp(UdpSocket),
+}
+
+impl Session {
+    pub fn tcp(ns: &str, addr: &str, port: u16) -> Session {
+        let sa: SocketAddr = format!("{addr}:{port}").parse().unwrap();
+        let s = in_ns(ns, move || {
+            TcpStream::connect_timeout(&sa, Duration::from_secs(2))
+        })
+        .unwrap_or_else(|e| panic!("connecting to {sa}: {e}"));
+        Session::Tcp(s)
+    }
+
+    pub fn udp(ns: &str, addr: &str, port: u16) -> Session {
+        let sa: SocketAddr = format!("{addr}:{port}").parse().unwrap();
+        let s = in_ns(ns, move || {
+            let s = UdpSocket::bind("0.0.0.0:0").expect("bind udp");
+            s.connect(sa).expect("connect udp");
+            s
+        });
+        Session::Udp(s)
+    }
+
+    /// Sends a few bytes and waits up to a second for their echo.
+    pub fn carries(&mut self) -> bool {
+        let timeout = Some(Duration::from_secs(1));
+        let mut buf = [0u8; 16];
+        match self {
+            Session::Tcp(s) => {
+                let _ = s.set_read_timeout(timeout);
+                s.write_all(b"ping").is_ok()
+                    && s.read_exact(&mut buf[..4]).is_ok()
+                    && &buf[..4] == b"ping"
+            }
+            Session::Udp(s) => {
+                let _ = s.set_read_timeout(timeout);
+                s.send(b"ping").is_ok() && matches!(s.recv(&mut buf), Ok(4)) && &buf[..4] == b"ping"
+            }
+        }
+    }
+
+    /// The local port (to find the connection in conntrack).
+    pub fn port(&self) -> u16 {
+        match self {
+            Session::Tcp(s) => s.local_addr().unwrap().port(),
+            Session::Udp(s) => s.local_addr().unwrap().port(),
+        }
     }
 }
