@@ -48,7 +48,7 @@ fuzz_target!(|input: &[u8]| {
     );
     assert!(!out.contains('\0'));
 
-    let (bytes, acked) = rampart::firewall::bytecode::full_table(&rs, &layout, &ctx, 1);
+    let (bytes, acked) = rampart::firewall::bytecode::full_table(&rs, &layout, &ctx, 1, &mut Default::default());
     let mut off = 0;
     let mut kinds = vec![];
     while off < bytes.len() {

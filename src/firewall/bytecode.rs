@@ -6,6 +6,7 @@ use ipnet::IpNet;
 
 use std::net::IpAddr;
 
+use super::counters::Seeds;
 use super::layout::{Hook, Layout};
 use super::render::{
     self, AddrMatch, BaseRule, FailsafeProto, Family, IfMatch, KRule, L4Match, Range, RenderCtx,
@@ -14,7 +15,8 @@ use super::render::{
 use super::spec::{Action, Policy, PortRange, Protocol, RuleSet};
 use crate::sys::nfnl::Element;
 use crate::sys::nfrule::{
-    AnonSet, CmpOp, Expr, FilterHook, MetaKey, NamedSet, NewRule, PayloadBase, SetRef, TableBatch,
+    AnonSet, CmpOp, Counts, Expr, FilterHook, MetaKey, NamedSet, NewRule, PayloadBase, SetRef,
+    TableBatch,
 };
 
 const NFPROTO_IPV4: u8 = 2;
@@ -199,7 +201,7 @@ pub fn compile(k: &KRule, ids: &mut SetIds, before: Option<u64>) -> NewRule {
             if tcp_only {
                 l4proto(&mut e, Protocol::Tcp);
             }
-            e.push(Expr::Counter);
+            e.push(Expr::Counter(Counts::default()));
             e.push(match action {
                 Action::Allow => Expr::Verdict(NF_ACCEPT),
                 Action::Drop => Expr::Verdict(NF_DROP),
@@ -442,7 +444,7 @@ pub fn compile_base(b: &BaseRule, ids: &mut SetIds) -> NewRule {
         }
         BaseRule::Jump(chain) => e.push(Expr::Jump(chain.clone())),
         BaseRule::Default(p) => {
-            e.push(Expr::Counter);
+            e.push(Expr::Counter(Counts::default()));
             e.push(Expr::Verdict(match p {
                 Policy::Allow => NF_ACCEPT,
                 Policy::Drop => NF_DROP,
@@ -494,11 +496,14 @@ fn named_set_elements(ranges: &[Range], family: Family) -> Vec<Element> {
 /// The whole table as one batch, the same transaction as [`render::render_full`]'s text:
 /// the table made if missing, deleted, and made anew with its sets, bucket chains and base
 /// chains. Encoded straight into the batch, one rule at a time.
+/// The whole table as one batch; each rule id's first kernel rule starts its counter from
+/// `seeds` (the counts of the table it replaces).
 pub fn full_table(
     rs: &RuleSet,
     layout: &Layout,
     ctx: &RenderCtx,
     first_seq: u32,
+    seeds: &mut Seeds,
 ) -> (Vec<u8>, Vec<u32>) {
     let mut batch = TableBatch::new(&ctx.table, None, first_seq);
     batch.add_table();
@@ -533,7 +538,11 @@ pub fn full_table(
                     continue;
                 };
                 for k in render::kernel_rules(rule, hook) {
-                    batch.add_rule(&chain, &compile(&k, &mut ids, None));
+                    let mut r = compile(&k, &mut ids, None);
+                    if let Some(c) = k.comment().and_then(|id| seeds.take(id)) {
+                        r.seed_counter(c);
+                    }
+                    batch.add_rule(&chain, &r);
                 }
             }
         }

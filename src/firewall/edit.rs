@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 
 use super::bytecode::{self, SetIds};
+use super::counters::Seeds;
 use super::layout::{Changes, Layout};
 use super::render::{Family, kernel_rules};
 use super::spec::Rule;
@@ -173,6 +174,7 @@ pub fn apply(table: &str, sets: &SetEdits, edits: &[BucketEdit]) -> Result<(), E
     for c in &sets.elements {
         batch.elements(&c.set, None, &c.add, &c.delete);
     }
+    let mut listings = Vec::with_capacity(edits.len());
     for e in edits {
         let listed = nfrule::list_chain(table, &e.chain)?;
         if listed.len() != e.expect.len()
@@ -184,14 +186,28 @@ pub fn apply(table: &str, sets: &SetEdits, edits: &[BucketEdit]) -> Result<(), E
                 expected: e.expect.len(),
             });
         }
+        listings.push(listed);
+    }
+    // A changed rule's new kernel rules carry on the counts of the ones they replace, even
+    // when its priority moved it to another chain.
+    let mut seeds = Seeds::from_listed(
+        edits
+            .iter()
+            .zip(&listings)
+            .flat_map(|(e, listed)| e.delete.iter().map(move |i| &listed[*i])),
+    );
+    for (e, listed) in edits.iter().zip(&listings) {
         for i in &e.delete {
             batch.delete_rule(&e.chain, listed[*i].handle);
         }
         for a in &e.add {
-            let rule = NewRule {
+            let mut rule = NewRule {
                 before: a.before.map(|i| listed[i].handle),
                 ..a.rule.clone()
             };
+            if let Some(c) = rule.comment.as_deref().and_then(|id| seeds.take(id)) {
+                rule.seed_counter(c);
+            }
             batch.add_rule(&e.chain, &rule);
         }
     }

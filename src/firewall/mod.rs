@@ -3,6 +3,7 @@
 //! rules live, `render` what text the kernel gets; this module decides and applies.
 
 pub mod bytecode;
+pub mod counters;
 pub mod edit;
 pub mod flows;
 pub mod layout;
@@ -420,10 +421,14 @@ impl Firewall {
         Ok(())
     }
 
-    /// Encodes a whole table. That is tens of milliseconds of CPU at 10 000 rules: on a
+    /// Encodes a whole table, its rules' counters carried on from the table it replaces
+    /// (read first: one dump). That is tens of milliseconds of CPU at 10 000 rules: on a
     /// multi-threaded runtime the worker says so, and its other tasks move elsewhere.
     fn encode_full(&self, rs: &RuleSet, layout: &Layout) -> TableBatch {
-        let encode = || bytecode::full_table(rs, layout, &self.ctx, nfnl::first_seq());
+        let encode = || {
+            let mut seeds = counters::Seeds::read(&self.ctx.table);
+            bytecode::full_table(rs, layout, &self.ctx, nfnl::first_seq(), &mut seeds)
+        };
         let (bytes, acked) = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor())
         {
             Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(encode),
@@ -485,16 +490,31 @@ impl Firewall {
             Err(error) => {
                 self.made.store(before, Ordering::Relaxed);
                 tracing::warn!(%error, "rule set not applied over netlink; applying it as nft text");
-                let text = render::render_full(rs, layout, &self.ctx);
+                let text = self
+                    .seeded(&render::render_full(rs, layout, &self.ctx))
+                    .await;
                 self.remake(&text).await.map_err(FirewallError::from)
             }
         }
     }
 
+    /// nft text whose rules carry on the counts of the rules they replace: a chain that
+    /// the text flushes and fills again keeps its rules' counts (see [`counters`]).
+    async fn seeded(&self, text: &str) -> String {
+        let table = self.ctx.table.clone();
+        let mut seeds = tokio::task::spawn_blocking(move || counters::Seeds::read(&table))
+            .await
+            .expect("netlink task panicked");
+        seeds.seed_text(text)
+    }
+
     pub async fn apply_kernel(&self, change: &KernelChange) -> Result<(), FirewallError> {
         match change {
             // A patch changes chains and sets of the table, never the table itself.
-            KernelChange::Text(batch) => self.nft.apply(batch).await.map_err(FirewallError::from),
+            KernelChange::Text(batch) => {
+                let batch = self.seeded(batch).await;
+                self.nft.apply(&batch).await.map_err(FirewallError::from)
+            }
             KernelChange::Elements(changes) => {
                 let table = self.ctx.table.clone();
                 let changes = changes.clone();
@@ -533,7 +553,8 @@ impl Firewall {
                     // Nothing of the batch was applied: the text does the same change from
                     // what the kernel holds, flushing the chains it touches.
                     tracing::warn!(%error, "rule patch not applied over netlink; applying it as nft text");
-                    self.nft.apply(text).await?;
+                    let text = self.seeded(text).await;
+                    self.nft.apply(&text).await?;
                 }
                 Ok(())
             }

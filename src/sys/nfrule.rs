@@ -29,6 +29,8 @@ const NFTA_RULE_USERDATA: u16 = 7;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_COUNTER_BYTES: u16 = 1;
+const NFTA_COUNTER_PACKETS: u16 = 2;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
@@ -106,7 +108,9 @@ pub enum Expr {
     /// `reg = (reg & mask) ^ 0`, over the mask's length.
     Mask(Vec<u8>),
     Lookup(SetRef),
-    Counter,
+    /// A counter, starting from the given values (a rule made anew that carries on the
+    /// count of the rule it replaces).
+    Counter(Counts),
     /// Packets per `unit_s` seconds, with `burst` packets.
     Limit {
         rate: u64,
@@ -147,7 +151,7 @@ impl Expr {
             Expr::Payload { .. } => "payload",
             Expr::Mask(_) => "bitwise",
             Expr::Lookup(_) => "lookup",
-            Expr::Counter => "counter",
+            Expr::Counter(_) => "counter",
             Expr::Limit { .. } => "limit",
             Expr::Log { .. } => "log",
             Expr::Reject { .. } => "reject",
@@ -194,9 +198,9 @@ impl Expr {
                     }
                 }
             }
-            Expr::Counter => {
-                put_attr(b, 1, &0u64.to_be_bytes()); // NFTA_COUNTER_BYTES
-                put_attr(b, 2, &0u64.to_be_bytes()); // NFTA_COUNTER_PACKETS
+            Expr::Counter(c) => {
+                put_attr(b, NFTA_COUNTER_BYTES, &c.bytes.to_be_bytes());
+                put_attr(b, NFTA_COUNTER_PACKETS, &c.packets.to_be_bytes());
             }
             Expr::Limit {
                 rate,
@@ -262,11 +266,72 @@ pub struct NewRule {
     pub before: Option<u64>,
 }
 
-/// A rule as the kernel lists it: its handle and its comment.
+impl NewRule {
+    /// Starts the rule's counter from `c`.
+    pub fn seed_counter(&mut self, c: Counts) {
+        for e in &mut self.exprs {
+            if let Expr::Counter(slot) = e {
+                *slot = c;
+                return;
+            }
+        }
+    }
+}
+
+/// A counter's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, o: Counts) {
+        self.packets = self.packets.saturating_add(o.packets);
+        self.bytes = self.bytes.saturating_add(o.bytes);
+    }
+}
+
+/// A rule as the kernel lists it: its handle, its comment and its counters' sum.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListedRule {
+    pub chain: String,
     pub handle: u64,
     pub comment: Option<String>,
+    pub counts: Counts,
+}
+
+/// The sum of the counter expressions in a rule's `NFTA_RULE_EXPRESSIONS`.
+fn counts_of(exprs: &[u8]) -> Counts {
+    let mut total = Counts::default();
+    for (k, elem) in attrs(exprs) {
+        if k != NFTA_LIST_ELEM {
+            continue;
+        }
+        let mut name = None;
+        let mut data = None;
+        for (k, v) in attrs(elem) {
+            match k {
+                NFTA_EXPR_NAME => name = Some(v),
+                NFTA_EXPR_DATA => data = Some(v),
+                _ => {}
+            }
+        }
+        if name.map(|n| n.split(|b| *b == 0).next() == Some(b"counter")) != Some(true) {
+            continue;
+        }
+        for (k, v) in attrs(data.unwrap_or(&[])) {
+            let Ok(bytes) = <[u8; 8]>::try_from(v) else {
+                continue;
+            };
+            match k {
+                NFTA_COUNTER_BYTES => total.bytes += u64::from_be_bytes(bytes),
+                NFTA_COUNTER_PACKETS => total.packets += u64::from_be_bytes(bytes),
+                _ => {}
+            }
+        }
+    }
+    total
 }
 
 fn rule_head(b: &mut Vec<u8>, table: &str, chain: &str) {
@@ -517,11 +582,15 @@ fn comment_of(udata: &[u8]) -> Option<String> {
     None
 }
 
-/// The rules of chain `inet <table> <chain>` in order, with their handles and comments (one
-/// dump of that chain alone). Blocking.
-pub fn list_chain(table: &str, chain: &str) -> Result<Vec<ListedRule>, NfnlError> {
+/// The rules of chain `inet <table> <chain>` in order (one dump of that chain alone), or
+/// of the whole table when `chain` is `None`, with their handles, comments and counters.
+/// Blocking.
+pub fn list_rules(table: &str, chain: Option<&str>) -> Result<Vec<ListedRule>, NfnlError> {
     let mut body = vec![];
-    rule_head(&mut body, table, chain);
+    put_attr(&mut body, NFTA_RULE_TABLE, &cstr(table));
+    if let Some(chain) = chain {
+        put_attr(&mut body, NFTA_RULE_CHAIN, &cstr(chain));
+    }
     let mut out = vec![];
     nfnl::request(
         NFT_MSG_GETRULE,
@@ -534,21 +603,38 @@ pub fn list_chain(table: &str, chain: &str) -> Result<Vec<ListedRule>, NfnlError
             }
             let mut handle = None;
             let mut comment = None;
+            let mut chain = String::new();
+            let mut counts = Counts::default();
             for (k, v) in attrs(attrs_buf) {
                 match k {
                     NFTA_RULE_HANDLE if v.len() == 8 => {
                         handle = Some(u64::from_be_bytes(v.try_into().expect("8 bytes")));
                     }
+                    NFTA_RULE_CHAIN => {
+                        let name = v.split(|b| *b == 0).next().unwrap_or_default();
+                        chain = String::from_utf8_lossy(name).into_owned();
+                    }
+                    NFTA_RULE_EXPRESSIONS => counts = counts_of(v),
                     NFTA_RULE_USERDATA => comment = comment_of(v),
                     _ => {}
                 }
             }
             if let Some(handle) = handle {
-                out.push(ListedRule { handle, comment });
+                out.push(ListedRule {
+                    chain,
+                    handle,
+                    comment,
+                    counts,
+                });
             }
         },
     )?;
     Ok(out)
+}
+
+/// The rules of one chain (see [`list_rules`]).
+pub fn list_chain(table: &str, chain: &str) -> Result<Vec<ListedRule>, NfnlError> {
+    list_rules(table, Some(chain))
 }
 
 #[cfg(test)]
@@ -567,7 +653,7 @@ mod tests {
     #[test]
     fn a_positioned_rule_is_inserted_and_an_unpositioned_one_appended() {
         let rule = |before| NewRule {
-            exprs: vec![Expr::Counter, Expr::Verdict(1)],
+            exprs: vec![Expr::Counter(Counts::default()), Expr::Verdict(1)],
             sets: vec![],
             comment: Some("r".into()),
             before,

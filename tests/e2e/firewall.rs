@@ -70,6 +70,10 @@ pub fn tests() -> Vec<Trial> {
             "firewall::a_deny_cuts_open_tcp_udp_and_forwarded_connections_and_keep_keeps_them",
             cut_open_connections,
         ),
+        trial(
+            "firewall::rule_counters_survive_patches_reapplies_splits_and_restarts",
+            counters_last,
+        ),
     ]
 }
 
@@ -664,6 +668,128 @@ fn cut_open_connections() -> Result<()> {
         m.close().await;
         Ok(())
     })
+}
+
+/// A rule's packet and byte counts, as `rampart rules --json` shows them.
+fn rule_counts(t: &Topo, id: &str) -> Result<(u64, u64)> {
+    let sock = t.site.host.dir.join("rampart.sock");
+    let out = rampart(&["rules", "--json", "--socket", sock.to_str().unwrap()]);
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let r = v["rules"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["id"] == id))
+        .with_context(|| format!("{id} listed: {v}"))?;
+    Ok((
+        r["packets"].as_u64().context("packets")?,
+        r["bytes"].as_u64().context("bytes")?,
+    ))
+}
+
+/// Issue 13, contract section 4: counters belong to the rule id. They survive patches of
+/// other rules, changes of the rule itself, whole rule sets that keep it, a bucket split
+/// (nft text that flushes the chain) and an agent restart; they restart for a new rule.
+fn counters_last() -> Result<()> {
+    let t = Topo::new(12, "fw-counters");
+    let _srv = Servers::start(&t.site.ag.name, "0.0.0.0", &[80, 81], &[]);
+    let mut agent = t.start();
+    let h = t.site.host.id.clone();
+    let rules = |generation: u64| {
+        json!({"generation": generation, "defaults": {"in": "drop"}, "rules": [
+            rule("r1", 10, "allow", "in", "tcp", &["80"]),
+            rule("r2", 20, "allow", "in", "tcp", &["81"])]})
+    };
+    let traffic = |t: &Topo| -> Result<()> {
+        for _ in 0..3 {
+            ensure!(t.probe(80) == Tcp::Open, "r1 lets port 80 in");
+        }
+        Ok(())
+    };
+    let rt = runtime();
+    let mut m = rt.block_on(manager(&h))?;
+    rt.block_on(applied(&mut m, &h, "firewall.apply", "cnt-1", rules(1)))?;
+    traffic(&t)?;
+    let mut last = rule_counts(&t, "r1")?;
+    ensure!(last.0 >= 3 && last.1 > 0, "r1 counted the probes: {last:?}");
+    let mut steps: Vec<(&str, Value, &str)> = vec![
+        (
+            "cnt-2",
+            json!({"base_generation": 1, "generation": 2, "upsert_rules": [
+            rule("r2", 20, "allow", "in", "tcp", &["81", "82"])]}),
+            "firewall.patch",
+        ),
+        (
+            "cnt-3",
+            json!({"base_generation": 2, "generation": 3, "upsert_rules": [
+            rule("r1", 10, "allow", "in", "tcp", &["80", "83"])]}),
+            "firewall.patch",
+        ),
+        (
+            "cnt-4",
+            json!({"base_generation": 3, "generation": 4, "upsert_rules": [
+            rule("r1", 30, "allow", "in", "tcp", &["80"])]}),
+            "firewall.patch",
+        ),
+        ("cnt-5", rules(5), "firewall.apply"),
+    ];
+    // 140 more rules in the same hook: r1's bucket is split (the chain made anew as text).
+    let many: Vec<Value> = (0..140)
+        .map(|i| {
+            rule(
+                &format!("x{i}"),
+                5,
+                "drop",
+                "in",
+                "tcp",
+                &[&format!("{}", 2000 + i)],
+            )
+        })
+        .collect();
+    steps.push((
+        "cnt-6",
+        json!({"base_generation": 5, "generation": 6, "upsert_rules": many}),
+        "firewall.patch",
+    ));
+    for (id, data, kind) in steps {
+        rt.block_on(applied(&mut m, &h, kind, id, data))?;
+        let now = rule_counts(&t, "r1")?;
+        ensure!(
+            now.0 >= last.0 && now.1 >= last.1,
+            "{id}: r1's counters went down: {last:?} -> {now:?}"
+        );
+        traffic(&t)?;
+        let moved = rule_counts(&t, "r1")?;
+        ensure!(
+            moved.0 >= now.0 + 3,
+            "{id}: r1 still counts: {now:?} -> {moved:?}"
+        );
+        last = moved;
+    }
+    rt.block_on(m.close());
+    agent.kill9();
+    let _agent = t.start();
+    let now = rule_counts(&t, "r1")?;
+    ensure!(
+        now.0 >= last.0 && now.1 >= last.1,
+        "restart: {last:?} -> {now:?}"
+    );
+    let mut m = rt.block_on(manager(&h))?;
+    // Removed, then new again: from zero.
+    let del = json!({"base_generation": 6, "generation": 7, "delete_rules": ["r1"]});
+    rt.block_on(applied(&mut m, &h, "firewall.patch", "cnt-7", del))?;
+    let add = json!({"base_generation": 7, "generation": 8, "upsert_rules": [
+        rule("r1", 10, "allow", "in", "tcp", &["80"])]});
+    rt.block_on(applied(&mut m, &h, "firewall.patch", "cnt-8", add))?;
+    ensure!(
+        rule_counts(&t, "r1")? == (0, 0),
+        "a new rule counts from zero"
+    );
+    rt.block_on(m.close());
+    Ok(())
 }
 
 /// A listing with the counter values taken out (traffic moves them).

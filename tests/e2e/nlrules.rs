@@ -509,7 +509,8 @@ fn whole_table() -> Result<()> {
         })?;
         for (i, rs) in [&base, &patched, &empty, &stark].into_iter().enumerate() {
             let layout = Layout::build(rs.rules.values());
-            let (bytes, acked) = full_table(rs, &layout, &failsafe_ctx("nl"), 1);
+            let (bytes, acked) =
+                full_table(rs, &layout, &failsafe_ctx("nl"), 1, &mut Default::default());
             rampart::sys::nfnl::send_batch(&bytes, acked)
                 .with_context(|| format!("rule set {i} over netlink"))?;
             let text = render_full(rs, &layout, &failsafe_ctx("tx"));
