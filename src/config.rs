@@ -46,9 +46,39 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub firewall: FirewallConfig,
+    #[serde(default)]
+    pub events: EventsConfig,
     /// Only read by `rampart send` (the manager side).
     #[serde(default)]
     pub manager: ManagerConfig,
+}
+
+/// The outbox of events made while no session could take them (contract section 6).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Bytes of kept events (their JSON) beyond which the oldest are dropped.
+    #[serde(default = "default_outbox_max_bytes")]
+    pub outbox_max_bytes: u64,
+    /// Kept events beyond which the oldest are dropped.
+    #[serde(default = "default_outbox_max_events")]
+    pub outbox_max_events: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            outbox_max_bytes: default_outbox_max_bytes(),
+            outbox_max_events: default_outbox_max_events(),
+        }
+    }
+}
+
+fn default_outbox_max_bytes() -> u64 {
+    16 << 20
+}
+fn default_outbox_max_events() -> u64 {
+    10_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -79,6 +109,9 @@ pub struct FirewallConfig {
     /// The nft binary.
     #[serde(default = "default_nft")]
     pub nft: PathBuf,
+    /// Seconds between `stats` events (rules whose counters moved); 0: none.
+    #[serde(default = "default_stats_interval_s")]
+    pub stats_interval_s: u64,
 }
 
 impl Default for FirewallConfig {
@@ -93,6 +126,7 @@ impl Default for FirewallConfig {
             max_rule_expansion: default_max_rule_expansion(),
             when_state_lost: WhenStateLost::default(),
             nft: default_nft(),
+            stats_interval_s: default_stats_interval_s(),
         }
     }
 }
@@ -111,6 +145,9 @@ fn default_max_elements() -> usize {
 }
 fn default_max_rule_expansion() -> usize {
     1_000
+}
+fn default_stats_interval_s() -> u64 {
+    60
 }
 fn default_nft() -> PathBuf {
     PathBuf::from("/usr/sbin/nft")

@@ -16,6 +16,7 @@ use crate::broker::{self, BrokerError, Connector, Dialer, Session, amqp};
 use crate::certs::Current;
 use crate::config::{AuthMechanism, Config, UrlOrder, parse_failsafe};
 use crate::dispatch::{CertContext, Dispatcher, Disposition, Rotation};
+use crate::events::Outbox;
 use crate::firewall::render::RenderCtx;
 use crate::firewall::spec::{Limits, RuleSet};
 use crate::firewall::{Drift, Firewall};
@@ -46,7 +47,8 @@ struct Agent {
     broker_user: String,
     dispatcher: Dispatcher,
     firewall: Arc<tokio::sync::Mutex<Firewall>>,
-    drift_events: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Value>>,
+    /// `drift`, `stats` and `cert` events until a session publishes them.
+    outbox: Arc<Outbox>,
     shared: Arc<crate::control::Shared>,
     started: Instant,
     /// When the main loop last went round (ms since the epoch): the watchdog feeds systemd
@@ -191,6 +193,15 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         wake_rx,
         drift_tx.clone(),
     ));
+    let outbox = Arc::new(Outbox::new(store.clone(), host_id.clone(), &config.events));
+    tokio::spawn(keep_drift_events(drift_rx, outbox.clone()));
+    if config.firewall.stats_interval_s > 0 {
+        tokio::spawn(stats_loop(
+            firewall.clone(),
+            outbox.clone(),
+            Duration::from_secs(config.firewall.stats_interval_s),
+        ));
+    }
 
     let agent = Arc::new(Agent {
         dispatcher: Dispatcher::new(
@@ -207,7 +218,7 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         )
         .with_state_lost(shared.state_lost.clone()),
         firewall,
-        drift_events: tokio::sync::Mutex::new(drift_rx),
+        outbox,
         shared,
         host_id,
         broker_user,
@@ -538,6 +549,56 @@ async fn drift_loop(
                 }
             }
             Err(e) => tracing::error!(error = %e, "firewall drift check failed"),
+        }
+    }
+}
+
+/// Moves drift events (from the drift check and the router reconcile) into the outbox.
+async fn keep_drift_events(mut rx: tokio::sync::mpsc::Receiver<Value>, outbox: Arc<Outbox>) {
+    while let Some(event) = rx.recv().await {
+        outbox.push("drift", event).await;
+    }
+}
+
+/// Every `period`: the rules whose counters moved, as `stats` events (contract section 6).
+async fn stats_loop(
+    firewall: Arc<tokio::sync::Mutex<Firewall>>,
+    outbox: Arc<Outbox>,
+    period: Duration,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut tracker = crate::events::StatsTracker::default();
+    loop {
+        tick.tick().await;
+        let (generation, table) = {
+            let fw = firewall.lock().await;
+            if !fw.is_managed() {
+                continue;
+            }
+            (fw.current().generation, fw.table().to_string())
+        };
+        let started = Instant::now();
+        let counts = tokio::task::spawn_blocking(move || crate::firewall::counters::by_id(&table))
+            .await
+            .expect("netlink task panicked");
+        let counts = match counts {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::warn!(%error, "rule counters not read: no stats this time");
+                continue;
+            }
+        };
+        let moved = tracker.moved(counts);
+        tracing::debug!(
+            rules = moved.len(),
+            collect_us = started.elapsed().as_micros() as u64,
+            "rule counters collected"
+        );
+        if moved.is_empty() {
+            continue;
+        }
+        for part in crate::events::stats_parts(generation, &moved) {
+            outbox.push("stats", part).await;
         }
     }
 }
@@ -1014,13 +1075,19 @@ impl Agent {
         if !missing.is_empty() {
             summary["broker_missing"] = json!(missing);
         }
+        // Kept events go first, in order; then the state, with what could not be kept.
+        self.drain_outbox(&publish_ch).await?;
+        let (_, dropped) = self.outbox.counts().await;
+        summary["events_dropped"] = json!(dropped);
         self.publish_event(&publish_ch, "state", summary).await?;
+        if dropped > 0 {
+            self.outbox.reported(dropped).await;
+        }
         self.warn_expiry(&publish_ch).await?;
 
         tracing::info!(queue = %broker::host_queue(&self.host_id), "serving commands");
         let period = Duration::from_secs(u64::from(b.heartbeat_secs));
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        let mut drift = self.drift_events.lock().await;
         let mut pulse = tokio::time::interval(self.pulse);
         loop {
             tokio::select! {
@@ -1058,9 +1125,8 @@ impl Agent {
                     self.with_pulse(conn, self.warn_expiry(&publish_ch)).await?;
                     self.shared.session.lock().expect("session lock").last_heartbeat_ms = Some(now_ms());
                 }
-                Some(event) = drift.recv() => {
-                    self.with_pulse(conn, self.publish_event(&publish_ch, "drift", event))
-                        .await?;
+                _ = self.outbox.pushed() => {
+                    self.with_pulse(conn, self.drain_outbox(&publish_ch)).await?;
                 }
             }
         }
@@ -1163,12 +1229,13 @@ impl Agent {
             return Ok(());
         }
         tracing::warn!(days_left = days, not_after = %summary["not_after"], "the agent's certificate expires soon");
-        self.publish_event(
-            ch,
-            "cert",
-            json!({"certificate": summary, "days_left": days, "warn_days": warn_days}),
-        )
-        .await?;
+        self.outbox
+            .push(
+                "cert",
+                json!({"certificate": summary, "days_left": days, "warn_days": warn_days}),
+            )
+            .await;
+        self.drain_outbox(ch).await?;
         self.cert_warned_ms.store(now_ms(), Ordering::Relaxed);
         Ok(())
     }
@@ -1198,6 +1265,7 @@ impl Agent {
         }
     }
 
+    /// Publishes an event that happened now and is not kept (heartbeats, `state`).
     async fn publish_event(
         &self,
         ch: &broker::Publisher,
@@ -1211,25 +1279,62 @@ impl Agent {
             );
             return Ok(());
         }
-        let body = json!({
-            "specversion": "1.0",
-            "id": uuid::Uuid::new_v4().to_string(),
-            "type": event,
-            "source": self.host_id,
-            "host": self.host_id,
-            "timestamp": now_ms(),
-            "data": data,
-        });
+        let body = crate::events::envelope(&self.host_id, event, data, now_ms());
+        self.publish_body(
+            ch,
+            event,
+            &serde_json::to_vec(&body).expect("event serialises"),
+        )
+        .await
+    }
+
+    async fn publish_body(
+        &self,
+        ch: &broker::Publisher,
+        event: &str,
+        body: &[u8],
+    ) -> Result<(), BrokerError> {
         let props = broker::json_properties()
             .with_type(event.into())
             .with_user_id(self.broker_user.as_str().into());
         ch.publish(
             broker::EVENTS_EXCHANGE,
             &format!("{event}.{}", self.host_id),
-            &serde_json::to_vec(&body).expect("event serialises"),
+            body,
             props,
         )
         .await
+    }
+
+    /// Publishes the kept events, oldest first, each removed once the broker confirmed it;
+    /// those older than [`crate::events::MAX_AGE_MS`] are dropped and counted instead.
+    async fn drain_outbox(&self, ch: &broker::Publisher) -> Result<(), BrokerError> {
+        if !self.events_ok.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(()); // kept (bounded) until a broker has the exchange
+        }
+        loop {
+            let batch = self.outbox.pending(64).await;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let now = now_ms();
+            let (mut done, mut expired) = (vec![], 0);
+            let mut failed = None;
+            for e in batch {
+                if now.saturating_sub(e.at_ms) > crate::events::MAX_AGE_MS {
+                    tracing::warn!(event = %e.kind, age_ms = now - e.at_ms, "kept event too old: dropped");
+                    expired += 1;
+                } else if let Err(error) = self.publish_body(ch, &e.kind, &e.body).await {
+                    failed = Some(error);
+                    break;
+                }
+                done.push(e.seq);
+            }
+            self.outbox.done(done, expired).await;
+            if let Some(error) = failed {
+                return Err(error);
+            }
+        }
     }
 }
 

@@ -327,13 +327,18 @@ impl Dispatcher {
                 Executed::applied(json!({}), OwnedChange::None),
                 Commit::None,
             ),
-            RequestKind::StateSync => {
+            RequestKind::StateSync { counters } => {
                 let reconciled = {
                     let mut routers = self.routers.lock().await;
                     reconcile_routers(&mut routers, &self.store, &self.drift).await
                 };
                 match reconciled.and(self.summary().await) {
-                    Ok(summary) => (Executed::applied(summary, OwnedChange::None), Commit::None),
+                    Ok(mut summary) => {
+                        if counters {
+                            summary["firewall"]["counters"] = self.rule_counters().await;
+                        }
+                        (Executed::applied(summary, OwnedChange::None), Commit::None)
+                    }
                     Err(e) => return self.store_failure(&id, type_name, e),
                 }
             }
@@ -498,6 +503,32 @@ impl Dispatcher {
             summary["state_lost"] = lost;
         }
         Ok(summary)
+    }
+
+    /// Every rule's counts, sorted by id (`state.sync` with `counters`); `null` when the
+    /// kernel's counters cannot be read.
+    async fn rule_counters(&self) -> Value {
+        let fw = self.firewall.lock().await;
+        let table = fw.table().to_string();
+        let counts = tokio::task::spawn_blocking(move || crate::firewall::counters::by_id(&table))
+            .await
+            .expect("netlink task panicked");
+        match counts {
+            Ok(counts) => Value::Array(
+                fw.current()
+                    .rules
+                    .keys()
+                    .map(|id| {
+                        let c = counts.get(id).copied().unwrap_or_default();
+                        json!({"id": id, "packets": c.packets, "bytes": c.bytes})
+                    })
+                    .collect(),
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "rule counters not read for state.sync");
+                Value::Null
+            }
+        }
     }
 
     /// The stored outcome of an already processed command id, answered again as a duplicate

@@ -14,6 +14,8 @@ pub mod control;
 pub mod daemon;
 /// Request -> effect -> persisted outcome -> ack, at most once.
 pub mod dispatch;
+/// Events kept through lost sessions (the outbox) and firewall statistics.
+pub mod events;
 /// Host firewall: checked rule sets, layout, rendering, apply, drift.
 pub mod firewall;
 /// The manager's side of the bus (`rampart send`, tests).

@@ -10,6 +10,11 @@ use std::collections::HashMap;
 
 use crate::sys::nfrule::{self, Counts, ListedRule};
 
+/// The non-zero counts of the table's rules, by rule id: one dump of the table. Blocking.
+pub fn by_id(table: &str) -> Result<HashMap<String, Counts>, crate::sys::nfnl::NfnlError> {
+    Ok(Seeds::from_listed(&nfrule::list_rules(table, None)?).0)
+}
+
 /// Counts to carry on, by rule id; each is handed out once.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Seeds(HashMap<String, Counts>);
@@ -37,8 +42,8 @@ impl Seeds {
     /// The counts of the table's rules as the kernel holds them now; none when the table
     /// is missing or cannot be read (the new rules then start from zero). Blocking.
     pub fn read(table: &str) -> Seeds {
-        match nfrule::list_rules(table, None) {
-            Ok(rules) => Seeds::from_listed(&rules),
+        match by_id(table) {
+            Ok(counts) => Seeds(counts),
             Err(error) => {
                 tracing::debug!(%error, "rule counters not read; they restart from zero");
                 Seeds::default()

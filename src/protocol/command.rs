@@ -47,7 +47,10 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RequestKind {
     Ping,
-    StateSync,
+    /// `counters`: the answer also carries every rule's packet and byte counts.
+    StateSync {
+        counters: bool,
+    },
     FirewallApply {
         rules: Box<crate::firewall::spec::RuleSet>,
         /// The `data` JSON as received, compact: what the snapshot stores.
@@ -73,7 +76,7 @@ impl RequestKind {
     pub fn type_name(&self) -> &'static str {
         match self {
             RequestKind::Ping => "ping",
-            RequestKind::StateSync => "state.sync",
+            RequestKind::StateSync { .. } => "state.sync",
             RequestKind::FirewallApply { .. } => "firewall.apply",
             RequestKind::FirewallPatch { .. } => "firewall.patch",
             RequestKind::RouterCreate(_) => "router.create",
@@ -297,10 +300,9 @@ fn decode_inner(
             empty_object(data, "$.data")?;
             RequestKind::Ping
         }
-        "state.sync" => {
-            empty_object(data, "$.data")?;
-            RequestKind::StateSync
-        }
+        "state.sync" => RequestKind::StateSync {
+            counters: state_sync_counters(data)?,
+        },
         "firewall.apply" => RequestKind::FirewallApply {
             rules: Box::new(super::firewall::decode_rule_set(data, &ctx.limits)?),
             raw: data.to_string(),
@@ -508,9 +510,27 @@ pub(super) fn required_str<'a>(
     }
 }
 
+/// `state.sync` data: `{}`, or `{"counters": true}` for the rules' counters too.
+fn state_sync_counters(v: &Value) -> Result<bool, Reject> {
+    empty_object_but(v, "$.data", &["counters"])?;
+    match v.get("counters") {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(reject(
+            ErrorCode::InvalidField,
+            "counters must be true or false",
+            Some("$.data.counters".into()),
+        )),
+    }
+}
+
 fn empty_object(v: &Value, path: &str) -> Result<(), Reject> {
+    empty_object_but(v, path, &[])
+}
+
+fn empty_object_but(v: &Value, path: &str, allowed: &[&str]) -> Result<(), Reject> {
     match v {
-        Value::Object(m) => deny_unknown(m, &[], path),
+        Value::Object(m) => deny_unknown(m, allowed, path),
         _ => Err(reject(
             ErrorCode::InvalidField,
             "data must be an object",

@@ -26,6 +26,12 @@ const ROUTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("routers");
 /// router id -> when the agent first made kernel objects for it (ms). Written before the
 /// first kernel change, so a crash half way leaves a namespace the agent knows it owns.
 const ROUTERS_OWNED: TableDefinition<&str, u64> = TableDefinition::new("routers_owned");
+/// sequence -> (when the event happened, ms; its type; its JSON): events made while no
+/// session could take them (contract section 6), oldest first. Added 2026-12-02 (a store
+/// without it gets it; an older agent ignores it).
+const OUTBOX: TableDefinition<u64, (u64, &str, &[u8])> = TableDefinition::new("outbox");
+/// META key: events the outbox dropped (too old, or over its bound) not yet reported.
+const OUTBOX_DROPPED: &str = "outbox_dropped";
 
 /// The state change a command made, committed together with its dedup record.
 #[derive(Debug)]
@@ -42,6 +48,17 @@ pub enum Change<'a> {
     },
     /// Router `id` is gone: neither wanted nor owned any more.
     RouterDelete(&'a str),
+}
+
+/// An event kept in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptEvent {
+    pub seq: u64,
+    /// When it happened (ms since the epoch).
+    pub at_ms: u64,
+    pub kind: String,
+    /// The whole event (envelope and data), as it will be published.
+    pub body: Vec<u8>,
 }
 
 /// The firewall as stored: a snapshot and the patches since, to be replayed in order.
@@ -204,6 +221,7 @@ impl Store {
             tx.open_table(FIREWALL_JOURNAL)?;
             tx.open_table(ROUTERS)?;
             tx.open_table(ROUTERS_OWNED)?;
+            tx.open_table(OUTBOX)?;
         }
         tx.commit()?;
         Ok(())
@@ -406,6 +424,110 @@ impl Store {
         Ok(())
     }
 
+    /// Keeps an event until it is published: appended last, then the oldest are dropped
+    /// (and counted) while the outbox holds more than `max_bytes` or more than
+    /// `max_events`. Returns how many this push dropped.
+    pub fn outbox_push(
+        &self,
+        at_ms: u64,
+        kind: &str,
+        event: &[u8],
+        max_bytes: u64,
+        max_events: u64,
+    ) -> Result<u64, StateError> {
+        let tx = self.write_tx()?;
+        let dropped;
+        {
+            let mut t = tx.open_table(OUTBOX)?;
+            let next = t.last()?.map_or(0, |(k, _)| k.value() + 1);
+            t.insert(next, (at_ms, kind, event))?;
+            let mut sizes = vec![];
+            for e in t.iter()? {
+                let (k, v) = e?;
+                sizes.push((k.value(), v.value().2.len() as u64));
+            }
+            let mut total: u64 = sizes.iter().map(|(_, n)| n).sum();
+            let mut count = sizes.len() as u64;
+            let mut gone = 0;
+            for (k, n) in sizes {
+                if total <= max_bytes && count <= max_events {
+                    break;
+                }
+                t.remove(k)?;
+                total -= n;
+                count -= 1;
+                gone += 1;
+            }
+            dropped = gone;
+            if gone > 0 {
+                let mut meta = tx.open_table(META)?;
+                let before = meta.get(OUTBOX_DROPPED)?.map_or(0, |g| g.value());
+                meta.insert(OUTBOX_DROPPED, before + gone)?;
+            }
+        }
+        tx.commit()?;
+        Ok(dropped)
+    }
+
+    /// The oldest `limit` kept events.
+    pub fn outbox_peek(&self, limit: usize) -> Result<Vec<KeptEvent>, StateError> {
+        let tx = self.read_tx()?;
+        let t = tx.open_table(OUTBOX)?;
+        let mut out = vec![];
+        for e in t.iter()?.take(limit) {
+            let (k, v) = e?;
+            let (at_ms, kind, body) = v.value();
+            out.push(KeptEvent {
+                seq: k.value(),
+                at_ms,
+                kind: kind.to_string(),
+                body: body.to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Removes published events (and, with `dropped` > 0, counts events dropped unsent).
+    pub fn outbox_remove(&self, seqs: &[u64], dropped: u64) -> Result<(), StateError> {
+        let tx = self.write_tx()?;
+        {
+            let mut t = tx.open_table(OUTBOX)?;
+            for s in seqs {
+                t.remove(*s)?;
+            }
+            if dropped > 0 {
+                let mut meta = tx.open_table(META)?;
+                let before = meta.get(OUTBOX_DROPPED)?.map_or(0, |g| g.value());
+                meta.insert(OUTBOX_DROPPED, before + dropped)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Events kept, and dropped but not yet reported.
+    pub fn outbox_counts(&self) -> Result<(u64, u64), StateError> {
+        let tx = self.read_tx()?;
+        let kept = tx.open_table(OUTBOX)?.len()?;
+        let dropped = tx
+            .open_table(META)?
+            .get(OUTBOX_DROPPED)?
+            .map_or(0, |g| g.value());
+        Ok((kept, dropped))
+    }
+
+    /// Takes back `n` from the dropped count once a `state` event reported them.
+    pub fn outbox_reported(&self, n: u64) -> Result<(), StateError> {
+        let tx = self.write_tx()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            let before = meta.get(OUTBOX_DROPPED)?.map_or(0, |g| g.value());
+            meta.insert(OUTBOX_DROPPED, before.saturating_sub(n))?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// How many processed command ids are held.
     pub fn processed_count(&self) -> Result<u64, StateError> {
         let tx = self.read_tx()?;
@@ -449,6 +571,39 @@ mod tests {
         let s = Store::open(dir.path(), 10_000).unwrap();
         assert_eq!(s.lookup("c1").unwrap(), Some(a));
         assert_eq!(s.processed_count().unwrap(), 1);
+    }
+
+    #[test]
+    fn the_outbox_keeps_events_in_order_and_drops_the_oldest_over_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), 10).unwrap();
+            for i in 0..5u64 {
+                let dropped = s.outbox_push(i, "drift", &[b'x'; 100], 350, 100).unwrap();
+                assert_eq!(dropped, u64::from(i >= 3), "push {i}");
+            }
+        }
+        let s = Store::open(dir.path(), 10).unwrap();
+        let kept = s.outbox_peek(10).unwrap();
+        let at: Vec<u64> = kept.iter().map(|e| e.at_ms).collect();
+        assert_eq!(at, vec![2, 3, 4], "the oldest went first, across a reopen");
+        assert_eq!(s.outbox_counts().unwrap(), (3, 2));
+        s.outbox_remove(&[kept[0].seq], 1).unwrap();
+        assert_eq!(s.outbox_counts().unwrap(), (2, 3));
+        s.outbox_reported(3).unwrap();
+        assert_eq!(s.outbox_counts().unwrap(), (2, 0));
+        assert_eq!(
+            s.outbox_push(9, "stats", b"y", 350, 2).unwrap(),
+            1,
+            "bound by count too"
+        );
+        let kinds: Vec<String> = s
+            .outbox_peek(10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(kinds, vec!["drift", "stats"]);
     }
 
     #[test]

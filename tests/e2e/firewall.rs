@@ -74,6 +74,10 @@ pub fn tests() -> Vec<Trial> {
             "firewall::rule_counters_survive_patches_reapplies_splits_and_restarts",
             counters_last,
         ),
+        trial(
+            "firewall::stats_and_drift_events_outlive_a_broker_outage_in_order_and_drops_are_counted",
+            events_outbox,
+        ),
     ]
 }
 
@@ -93,15 +97,18 @@ impl Topo {
     }
 
     pub fn with_firewall(n: u8, id: &str, firewall: &str) -> Topo {
-        let site = Site::new(
-            &format!("rpf{n}"),
-            &format!("10.201.{n}"),
+        Topo::with_options(
+            n,
             id,
             HostOptions {
                 firewall: firewall.into(),
                 ..Default::default()
             },
-        );
+        )
+    }
+
+    pub fn with_options(n: u8, id: &str, opts: HostOptions) -> Topo {
+        let site = Site::new(&format!("rpf{n}"), &format!("10.201.{n}"), id, opts);
         let ag = &site.ag;
         let cl = Netns::new(&format!("rpf{n}-cl"));
         let wl = Netns::new(&format!("rpf{n}-wl"));
@@ -788,6 +795,147 @@ fn counters_last() -> Result<()> {
         rule_counts(&t, "r1")? == (0, 0),
         "a new rule counts from zero"
     );
+    rt.block_on(m.close());
+    Ok(())
+}
+
+/// The next event of one of `kinds` (others, like heartbeats, are skipped).
+async fn next_event(events: &mut lapin::Consumer, kinds: &[&str]) -> Result<Value> {
+    loop {
+        let d = tokio::time::timeout(WAIT, events.next())
+            .await
+            .with_context(|| format!("no {kinds:?} event"))?
+            .context("event stream ended")??;
+        let v: Value = serde_json::from_slice(&d.data)?;
+        if kinds.iter().any(|k| v["type"] == *k) {
+            return Ok(v);
+        }
+    }
+}
+
+/// Issue 13, contract section 6: `stats` events for the rules whose counters moved;
+/// `state.sync` with counters; `drift` and `stats` events made while the broker is away are
+/// kept and published in order after the reconnect, before its `state` event, with the time
+/// they happened; those pushed out of the bounded outbox are counted in `events_dropped`.
+fn events_outbox() -> Result<()> {
+    let mut t = Topo::with_options(
+        13,
+        "fw-events",
+        HostOptions {
+            firewall: "drift_check_secs = 1\nstats_interval_s = 1".into(),
+            extra: "[events]\noutbox_max_events = 3".into(),
+            ..Default::default()
+        },
+    );
+    let _srv = Servers::start(&t.site.ag.name, "0.0.0.0", &[80], &[]);
+    let _agent = t.start();
+    let h = t.site.host.id.clone();
+    let rt = runtime();
+    let mut m = rt.block_on(manager(&h))?;
+    let mut events = rt.block_on(m.subscribe(EVENTS_EXCHANGE, &format!("*.{h}")))?;
+    let rs = json!({"generation": 1, "rules": [
+        rule("r1", 1, "allow", "in", "tcp", &["80"]), rule("r2", 2, "allow", "in", "tcp", &["81"])]});
+    rt.block_on(applied(&mut m, &h, "firewall.apply", "ev-1", rs))?;
+    ensure!(t.probe(80) == Tcp::Open);
+    let stats = loop {
+        let v = rt.block_on(next_event(&mut events, &["stats"]))?;
+        if v["data"]["rules"].as_array().is_some_and(|r| !r.is_empty()) {
+            break v;
+        }
+    };
+    let d = &stats["data"];
+    ensure!(
+        d["generation"] == 1 && d["part"] == 1 && d["parts"] == 1,
+        "{stats}"
+    );
+    let r = &d["rules"][0];
+    ensure!(
+        r["id"] == "r1" && r["packets"].as_u64() > Some(0) && r["bytes"].as_u64() > Some(0),
+        "only r1 moved: {stats}"
+    );
+    ensure!(
+        d["rules"].as_array().unwrap().len() == 1,
+        "r2 did not move: {stats}"
+    );
+    let sync = rt.block_on(applied(
+        &mut m,
+        &h,
+        "state.sync",
+        "ev-sync",
+        json!({"counters": true}),
+    ))?;
+    let counters = &sync.data["firewall"]["counters"];
+    ensure!(
+        counters[0]["id"] == "r1" && counters[0]["packets"].as_u64() > Some(0),
+        "{counters}"
+    );
+    ensure!(
+        counters[1] == json!({"id": "r2", "packets": 0, "bytes": 0}),
+        "{counters}"
+    );
+    let plain = rt.block_on(applied(&mut m, &h, "state.sync", "ev-sync2", json!({})))?;
+    ensure!(
+        plain.data["firewall"].get("counters").is_none(),
+        "only on request"
+    );
+
+    // The broker goes away; stats (traffic every half second) and a drift repair happen.
+    t.site.cut_broker();
+    let cut_at = rampart::protocol::now_ms();
+    for _ in 0..10 {
+        ensure!(t.probe(80) == Tcp::Open);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    t.site.ag.nft("delete table inet rampart");
+    std::thread::sleep(Duration::from_millis(1500));
+    ensure!(
+        t.site.ag.nft_table("rampart").is_some(),
+        "the table was restored without a broker"
+    );
+    t.site.restore_broker();
+    let mut kept = vec![];
+    let state = loop {
+        let v = rt.block_on(next_event(&mut events, &["stats", "drift", "state"]))?;
+        if v["type"] == "state" {
+            break v;
+        }
+        kept.push(v);
+    };
+    let kinds: Vec<&str> = kept.iter().filter_map(|v| v["type"].as_str()).collect();
+    ensure!(kinds.len() == 3, "the outbox holds at most 3: {kinds:?}");
+    ensure!(
+        kinds.last() == Some(&"drift"),
+        "the drift repair came last: {kinds:?}"
+    );
+    let times: Vec<u64> = kept
+        .iter()
+        .filter_map(|v| v["timestamp"].as_u64())
+        .collect();
+    ensure!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "in order: {times:?}"
+    );
+    ensure!(
+        times[0] >= cut_at,
+        "made during the outage: {times:?} vs {cut_at}"
+    );
+    ensure!(
+        times[2] < state["timestamp"].as_u64().unwrap_or(0),
+        "each keeps the time it happened"
+    );
+    let dropped = state["data"]["events_dropped"]
+        .as_u64()
+        .context("events_dropped")?;
+    ensure!(
+        dropped >= 2,
+        "at least ten stats and one drift went through a 3-event outbox: {state}"
+    );
+    // The count was reported: the next state event starts from zero.
+    t.site.cut_broker();
+    std::thread::sleep(Duration::from_millis(300));
+    t.site.restore_broker();
+    let again = rt.block_on(next_event(&mut events, &["state"]))?;
+    ensure!(again["data"]["events_dropped"] == 0, "{again}");
     rt.block_on(m.close());
     Ok(())
 }

@@ -122,6 +122,8 @@ pub struct HostOptions {
     pub commands: String,
     /// Lines for the `[firewall]` section.
     pub firewall: String,
+    /// Whole sections, appended last (`"[events]\noutbox_max_events = 3"`).
+    pub extra: String,
 }
 
 pub struct Host {
@@ -173,7 +175,7 @@ impl Env {
             .collect();
         text += &format!("signing_keys = {}\n{}\n", toml_list(&keys), opts.commands);
         text += &format!("\n[control]\nsocket = \"{d}/rampart.sock\"\n");
-        text += &format!("\n[firewall]\n{}\n", opts.firewall);
+        text += &format!("\n[firewall]\n{}\n{}\n", opts.firewall, opts.extra);
         let config = dir.join("rampart.toml");
         std::fs::write(&config, text).unwrap();
         Host {

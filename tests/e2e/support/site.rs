@@ -10,7 +10,8 @@ pub struct Site {
     pub ag: Netns,
     pub host: Host,
     pub brk: Netns,
-    _relay: KillableRelay,
+    relay: Option<KillableRelay>,
+    relay_at: (String, std::net::SocketAddr),
 }
 
 impl Site {
@@ -32,7 +33,8 @@ impl Site {
             &format!("{net}.2/30"),
         );
         let target = format!("127.0.0.1:{}", broker.port).parse().unwrap();
-        let relay = relay(&brk.name, &format!("{net}.1:5671"), target);
+        let listen = format!("{net}.1:5671");
+        let relay = relay(&brk.name, &listen, target);
         broker.add_host_user(id);
         let host = env().host_on(
             broker,
@@ -51,7 +53,23 @@ impl Site {
             ag,
             host,
             brk,
-            _relay: relay,
+            relay: Some(relay),
+            relay_at: (listen, target),
+        }
+    }
+
+    /// The broker goes away as a dead node does: connections reset, new ones refused.
+    pub fn cut_broker(&mut self) {
+        if let Some(r) = self.relay.take() {
+            r.kill();
+        }
+    }
+
+    /// The broker is reachable again.
+    pub fn restore_broker(&mut self) {
+        if self.relay.is_none() {
+            let (listen, target) = &self.relay_at;
+            self.relay = Some(relay(&self.brk.name, listen, *target));
         }
     }
 
