@@ -570,17 +570,22 @@ async fn stats_loop(
     let mut tracker = crate::events::StatsTracker::default();
     loop {
         tick.tick().await;
-        let (generation, table) = {
+        let (generation, table, chains) = {
             let fw = firewall.lock().await;
             if !fw.is_managed() {
                 continue;
             }
-            (fw.current().generation, fw.table().to_string())
+            (
+                fw.current().generation,
+                fw.table().to_string(),
+                fw.bucket_chains(),
+            )
         };
         let started = Instant::now();
-        let counts = tokio::task::spawn_blocking(move || crate::firewall::counters::by_id(&table))
-            .await
-            .expect("netlink task panicked");
+        let counts =
+            tokio::task::spawn_blocking(move || crate::firewall::counters::by_id(&table, &chains))
+                .await
+                .expect("netlink task panicked");
         let counts = match counts {
             Ok(c) => c,
             Err(error) => {

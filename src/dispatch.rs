@@ -509,10 +509,11 @@ impl Dispatcher {
     /// kernel's counters cannot be read.
     async fn rule_counters(&self) -> Value {
         let fw = self.firewall.lock().await;
-        let table = fw.table().to_string();
-        let counts = tokio::task::spawn_blocking(move || crate::firewall::counters::by_id(&table))
-            .await
-            .expect("netlink task panicked");
+        let (table, chains) = (fw.table().to_string(), fw.bucket_chains());
+        let counts =
+            tokio::task::spawn_blocking(move || crate::firewall::counters::by_id(&table, &chains))
+                .await
+                .expect("netlink task panicked");
         match counts {
             Ok(counts) => Value::Array(
                 fw.current()

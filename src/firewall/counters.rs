@@ -1,8 +1,8 @@
 //! Counters that last (contract section 4): a rule's packet and byte counts belong to its
 //! id, so when a change makes its kernel rules anew (a whole rule set, a changed rule, a
 //! bucket chain rewritten), the new ones start from what the old ones had counted. The
-//! counts are read from the kernel just before the change (one dump of the table, or of the
-//! chains a patch edits) and put on the first kernel rule of each id; what a rule's kernel
+//! counts are read from the kernel just before the change (a dump of each bucket chain, or
+//! of the chains a patch edits) and put on the first kernel rule of each id; what a rule's kernel
 //! rules count is summed per id when shown, so the total carries on. Packets counted between
 //! the read and the commit (a few milliseconds) are lost.
 
@@ -10,9 +10,29 @@ use std::collections::HashMap;
 
 use crate::sys::nfrule::{self, Counts, ListedRule};
 
-/// The non-zero counts of the table's rules, by rule id: one dump of the table. Blocking.
-pub fn by_id(table: &str) -> Result<HashMap<String, Counts>, crate::sys::nfnl::NfnlError> {
-    Ok(Seeds::from_listed(&nfrule::list_rules(table, None)?).0)
+/// The non-zero counts of the rules in `chains` of the table, by rule id: one dump per
+/// chain. (One dump of the whole table costs the kernel a walk from the table's first rule
+/// for every 32 KiB it answers: 214 ms at 20 000 kernel rules, against 10 ms at 2 000;
+/// chain by chain, each walk is one bucket's.) A chain that is missing counts nothing.
+/// Blocking.
+pub fn by_id(
+    table: &str,
+    chains: &[String],
+) -> Result<HashMap<String, Counts>, crate::sys::nfnl::NfnlError> {
+    let mut out = Seeds::default();
+    for chain in chains {
+        match nfrule::list_chain(table, chain) {
+            Ok(rules) => {
+                for (id, c) in Seeds::from_listed(&rules).0 {
+                    *out.0.entry(id).or_default() += c;
+                }
+            }
+            Err(crate::sys::nfnl::NfnlError::Refused(e))
+                if e.raw_os_error() == Some(nix::libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out.0)
 }
 
 /// Counts to carry on, by rule id; each is handed out once.
@@ -39,10 +59,10 @@ impl Seeds {
         Seeds(out)
     }
 
-    /// The counts of the table's rules as the kernel holds them now; none when the table
+    /// The counts of the rules of `chains` as the kernel holds them now; none when the table
     /// is missing or cannot be read (the new rules then start from zero). Blocking.
-    pub fn read(table: &str) -> Seeds {
-        match by_id(table) {
+    pub fn read(table: &str, chains: &[String]) -> Seeds {
+        match by_id(table, chains) {
             Ok(counts) => Seeds(counts),
             Err(error) => {
                 tracing::debug!(%error, "rule counters not read; they restart from zero");

@@ -319,6 +319,14 @@ impl Firewall {
         }
     }
 
+    /// The bucket chains of the applied rule set, as the kernel should hold them.
+    pub fn bucket_chains(&self) -> Vec<String> {
+        Hook::ALL
+            .iter()
+            .flat_map(|h| self.layout.buckets(*h).iter().map(|b| b.chain_name(*h)))
+            .collect()
+    }
+
     /// Connections cut since the agent started.
     pub fn connections_cut(&self) -> u64 {
         self.connections_cut
@@ -426,7 +434,7 @@ impl Firewall {
     /// multi-threaded runtime the worker says so, and its other tasks move elsewhere.
     fn encode_full(&self, rs: &RuleSet, layout: &Layout) -> TableBatch {
         let encode = || {
-            let mut seeds = counters::Seeds::read(&self.ctx.table);
+            let mut seeds = counters::Seeds::read(&self.ctx.table, &self.bucket_chains());
             bytecode::full_table(rs, layout, &self.ctx, nfnl::first_seq(), &mut seeds)
         };
         let (bytes, acked) = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor())
@@ -501,8 +509,8 @@ impl Firewall {
     /// nft text whose rules carry on the counts of the rules they replace: a chain that
     /// the text flushes and fills again keeps its rules' counts (see [`counters`]).
     async fn seeded(&self, text: &str) -> String {
-        let table = self.ctx.table.clone();
-        let mut seeds = tokio::task::spawn_blocking(move || counters::Seeds::read(&table))
+        let (table, chains) = (self.ctx.table.clone(), self.bucket_chains());
+        let mut seeds = tokio::task::spawn_blocking(move || counters::Seeds::read(&table, &chains))
             .await
             .expect("netlink task panicked");
         seeds.seed_text(text)
