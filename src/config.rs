@@ -48,9 +48,19 @@ pub struct Config {
     pub firewall: FirewallConfig,
     #[serde(default)]
     pub events: EventsConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Only read by `rampart send` (the manager side).
     #[serde(default)]
     pub manager: ManagerConfig,
+}
+
+/// The opt-in metrics and health endpoint.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `"127.0.0.1:9477"`: serve `/metrics`, `/healthz` and `/readyz` there. Unset: off.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// The outbox of events made while no session could take them (contract section 6).

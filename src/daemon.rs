@@ -20,6 +20,7 @@ use crate::events::Outbox;
 use crate::firewall::render::RenderCtx;
 use crate::firewall::spec::{Limits, RuleSet};
 use crate::firewall::{Drift, Firewall};
+use crate::metrics::Metrics;
 use crate::protocol::{DecodeContext, Incoming, is_valid_host_id, now_ms};
 use crate::router::Routers;
 use crate::router::spec::RouterSpec;
@@ -51,9 +52,9 @@ struct Agent {
     outbox: Arc<Outbox>,
     shared: Arc<crate::control::Shared>,
     started: Instant,
-    /// When the main loop last went round (ms since the epoch): the watchdog feeds systemd
-    /// only while this moves.
-    alive_ms: std::sync::atomic::AtomicU64,
+    /// The metrics endpoint's values, and when the main loop last went round
+    /// (`metrics.alive_ms`): the watchdog feeds systemd only while that moves.
+    metrics: Arc<Metrics>,
     /// How often the main loop reports that it is alive.
     pulse: Duration,
     /// When the last `cert.<host>` expiry warning went out (ms since the epoch; 0: never).
@@ -152,6 +153,9 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         // or whose cut a crash interrupted.
         firewall.cut_denied().await;
     }
+    let metrics = Arc::new(Metrics::new());
+    metrics.firewall(&firewall.current().counts());
+    firewall.set_metrics(metrics.clone());
     let firewall = Arc::new(tokio::sync::Mutex::new(firewall));
     let (drift_tx, drift_rx) = tokio::sync::mpsc::channel(16);
     let routers = load_routers(&store, &host_id, &drift_tx).await?;
@@ -193,8 +197,21 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         wake_rx,
         drift_tx.clone(),
     ));
-    let outbox = Arc::new(Outbox::new(store.clone(), host_id.clone(), &config.events));
-    tokio::spawn(keep_drift_events(drift_rx, outbox.clone()));
+    let outbox = Arc::new(Outbox::new(
+        store.clone(),
+        host_id.clone(),
+        &config.events,
+        metrics.clone(),
+    ));
+    tokio::spawn(keep_drift_events(drift_rx, outbox.clone(), metrics.clone()));
+    if let Some(listen) = config.metrics.listen {
+        crate::metrics::serve(listen, metrics.clone())
+            .await
+            .with_context(|| format!("opening the metrics endpoint on {listen}"))?;
+    }
+    metrics
+        .restored
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     if config.firewall.stats_interval_s > 0 {
         tokio::spawn(stats_loop(
             firewall.clone(),
@@ -224,7 +241,7 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         broker_user,
         config: std::sync::Mutex::new(Arc::new(config)),
         started: Instant::now(),
-        alive_ms: std::sync::atomic::AtomicU64::new(now_ms()),
+        metrics: metrics.clone(),
         pulse: sd_notify::watchdog_enabled()
             .map(|p| (p / 4).min(Duration::from_secs(5)))
             .unwrap_or(Duration::from_secs(5)),
@@ -241,7 +258,10 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
             let mut tick = tokio::time::interval(period / 2);
             loop {
                 tick.tick().await;
-                let alive = agent.alive_ms.load(std::sync::atomic::Ordering::Relaxed);
+                let alive = agent
+                    .metrics
+                    .alive_ms
+                    .load(std::sync::atomic::Ordering::Relaxed);
                 if now_ms().saturating_sub(alive) < period.as_millis() as u64 {
                     notify(&[sd_notify::NotifyState::Watchdog]);
                 } else {
@@ -554,9 +574,23 @@ async fn drift_loop(
 }
 
 /// Moves drift events (from the drift check and the router reconcile) into the outbox.
-async fn keep_drift_events(mut rx: tokio::sync::mpsc::Receiver<Value>, outbox: Arc<Outbox>) {
+async fn keep_drift_events(
+    mut rx: tokio::sync::mpsc::Receiver<Value>,
+    outbox: Arc<Outbox>,
+    metrics: Arc<Metrics>,
+) {
     while let Some(event) = rx.recv().await {
+        metrics.drift_repairs.inc();
         outbox.push("drift", event).await;
+    }
+}
+
+/// Sets `session_up` to 0 when a session's serving ends, however it ends.
+struct SessionDown<'a>(&'a Metrics);
+
+impl Drop for SessionDown<'_> {
+    fn drop(&mut self) {
+        self.0.session_up.set(0);
     }
 }
 
@@ -691,7 +725,8 @@ fn load_signing_keys(config: &Config) -> anyhow::Result<Vec<ed25519_dalek::Verif
 
 impl Agent {
     fn beat(&self) {
-        self.alive_ms
+        self.metrics
+            .alive_ms
             .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -846,6 +881,15 @@ impl Agent {
                         // used are pinned now, so this finds them even if DNS fails again.
                         self.follow_broker_addresses(&connector).await;
                     }
+                    self.metrics.sessions.inc();
+                    self.metrics.certificate_not_after.set(
+                        self.shared
+                            .identity
+                            .read()
+                            .expect("identity lock")
+                            .info
+                            .not_after_unix,
+                    );
                     {
                         let mut st = self.shared.session.lock().expect("session lock");
                         st.state = "connected".into();
@@ -1003,6 +1047,7 @@ impl Agent {
     }
 
     fn note_error(&self, e: String) {
+        self.metrics.session_up.set(0);
         let mut st = self.shared.session.lock().expect("session lock");
         if st.state == "connected" {
             st.state = "disconnected".into();
@@ -1091,6 +1136,9 @@ impl Agent {
         self.warn_expiry(&publish_ch).await?;
 
         tracing::info!(queue = %broker::host_queue(&self.host_id), "serving commands");
+        self.metrics.session_up.set(1);
+        // Whatever way this session ends, it no longer serves.
+        let _down = SessionDown(&self.metrics);
         let period = Duration::from_secs(u64::from(b.heartbeat_secs));
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut pulse = tokio::time::interval(self.pulse);
@@ -1162,6 +1210,7 @@ impl Agent {
             signature,
             body: delivery.data,
         };
+        let started = Instant::now();
         let outcome = self.dispatcher.handle(incoming).await;
         let ack = &outcome.ack;
         {
@@ -1170,6 +1219,13 @@ impl Agent {
             } else {
                 ack.status.as_str()
             };
+            let kind = ack.command_type.as_deref().unwrap_or("unknown");
+            self.metrics
+                .command(kind, key, started.elapsed().as_secs_f64());
+            if kind.starts_with("firewall.") {
+                self.metrics
+                    .firewall(&self.firewall.lock().await.current().counts());
+            }
             *self
                 .shared
                 .commands

@@ -38,17 +38,29 @@ pub struct Outbox {
     max_bytes: u64,
     max_events: u64,
     wake: tokio::sync::Notify,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Outbox {
-    pub fn new(store: Arc<Store>, host: String, config: &crate::config::EventsConfig) -> Outbox {
+    pub fn new(
+        store: Arc<Store>,
+        host: String,
+        config: &crate::config::EventsConfig,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Outbox {
         Outbox {
             store,
             host,
             max_bytes: config.outbox_max_bytes,
             max_events: config.outbox_max_events,
             wake: tokio::sync::Notify::new(),
+            metrics,
         }
+    }
+
+    async fn update_depth(&self) {
+        let (kept, _) = self.counts().await;
+        self.metrics.outbox_events.set(kept as i64);
     }
 
     /// Keeps an event that happened now until a session publishes it.
@@ -101,6 +113,8 @@ impl Outbox {
         if let Err(error) = r {
             tracing::error!(%error, "published events not removed from the outbox (they will go again)");
         }
+        self.metrics.events_dropped.inc_by(expired);
+        self.update_depth().await;
     }
 
     /// (events kept, events dropped and not yet reported).

@@ -20,6 +20,8 @@ pub mod events;
 pub mod firewall;
 /// The manager's side of the bus (`rampart send`, tests).
 pub mod manager;
+/// The opt-in Prometheus metrics and health endpoint.
+pub mod metrics;
 /// TCP connections of the host, mapped to processes (`rampart connection list`).
 pub mod netstat;
 /// Wire contract: deliveries -> checked requests; acks.

@@ -131,6 +131,7 @@ pub struct Firewall {
     made: Arc<AtomicU64>,
     /// Open connections cut since start.
     connections_cut: u64,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// A dry run's account of a firewall command.
@@ -278,7 +279,13 @@ impl Firewall {
             applied_at_ms: None,
             made: Arc::new(AtomicU64::new(0)),
             connections_cut: 0,
+            metrics: None,
         }
+    }
+
+    /// Where cut connections are counted for the metrics endpoint.
+    pub fn set_metrics(&mut self, m: Arc<crate::metrics::Metrics>) {
+        self.metrics = Some(m);
     }
 
     /// Removes the open connections that the current rule set denies, when it says
@@ -291,6 +298,9 @@ impl Firewall {
         match flows::sweep(&self.current, &self.layout, &self.ctx, false).await {
             Ok(r) => {
                 self.connections_cut += r.cut as u64;
+                if let Some(m) = &self.metrics {
+                    m.connections_cut.inc_by(r.cut as u64);
+                }
                 let level_info = r.cut > 0;
                 if level_info {
                     tracing::info!(

@@ -78,6 +78,10 @@ pub fn tests() -> Vec<Trial> {
             "firewall::stats_and_drift_events_outlive_a_broker_outage_in_order_and_drops_are_counted",
             events_outbox,
         ),
+        trial(
+            "firewall::metrics_and_health_endpoints_answer_a_scrape",
+            metrics_scrape,
+        ),
     ]
 }
 
@@ -936,6 +940,132 @@ fn events_outbox() -> Result<()> {
     t.site.restore_broker();
     let again = rt.block_on(next_event(&mut events, &["state"]))?;
     ensure!(again["data"]["events_dropped"] == 0, "{again}");
+    rt.block_on(m.close());
+    Ok(())
+}
+
+/// `GET path` on the agent's metrics endpoint (inside its namespace): (status, body).
+fn http_get(t: &Topo, path: &str) -> Result<(u16, String)> {
+    let path = path.to_string();
+    in_ns(&t.site.ag.name, move || -> Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9477")?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("status line")?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    })
+}
+
+/// Issue 13: the opt-in Prometheus endpoint counts commands by type and status, shows the
+/// firewall's generation and the session; /readyz follows the session, /healthz the loop.
+fn metrics_scrape() -> Result<()> {
+    let mut t = Topo::with_options(
+        14,
+        "fw-metrics",
+        HostOptions {
+            extra: "[metrics]\nlisten = \"127.0.0.1:9477\"".into(),
+            ..Default::default()
+        },
+    );
+    let _agent = t.start();
+    let h = t.site.host.id.clone();
+    let rt = runtime();
+    let mut m = rt.block_on(manager(&h))?;
+    rt.block_on(applied(
+        &mut m,
+        &h,
+        "firewall.apply",
+        "me-1",
+        json!({"generation": 1, "rules": [
+        rule("a", 1, "allow", "in", "tcp", &["22"])]}),
+    ))?;
+    let bad = json!({"base_generation": 1, "generation": 2, "upsert_rules": [rule("b", 1, "allow", "in", "tcp", &["x"])]});
+    let ack = rt.block_on(send(&mut m, &h, "firewall.patch", "me-2", bad))?;
+    ensure!(ack.status == Status::Rejected, "{ack:?}");
+    rt.block_on(applied(
+        &mut m,
+        &h,
+        "firewall.patch",
+        "me-3",
+        json!({"base_generation": 1, "generation": 2}),
+    ))?;
+    rt.block_on(applied(
+        &mut m,
+        &h,
+        "firewall.patch",
+        "me-3",
+        json!({"base_generation": 1, "generation": 2}),
+    ))?;
+    let (status, body) = http_get(&t, "/metrics")?;
+    ensure!(status == 200, "{status} {body}");
+    if std::env::var_os("RAMPART_TEST_SHOW").is_some() {
+        println!("{body}");
+    }
+    for line in [
+        "rampart_commands_total{type=\"firewall.apply\",status=\"applied\"} 1",
+        "rampart_commands_total{type=\"firewall.patch\",status=\"rejected\"} 1",
+        "rampart_commands_total{type=\"firewall.patch\",status=\"applied\"} 1",
+        "rampart_commands_total{type=\"firewall.patch\",status=\"duplicate\"} 1",
+        "rampart_command_duration_seconds_count{type=\"firewall.apply\"} 1",
+        "rampart_firewall_generation 2",
+        "rampart_firewall_rules 1",
+        "rampart_session_up 1",
+        "rampart_sessions_total 1",
+        "rampart_outbox_events 0",
+        "rampart_conntrack_entries_cut_total 0",
+    ] {
+        ensure!(
+            body.lines().any(|l| l == line),
+            "missing {line:?} in:\n{body}"
+        );
+    }
+    ensure!(
+        body.contains("rampart_certificate_not_after_seconds "),
+        "{body}"
+    );
+    ensure!(http_get(&t, "/healthz")?.0 == 200);
+    ensure!(http_get(&t, "/readyz")?.0 == 200);
+    ensure!(http_get(&t, "/nope")?.0 == 404);
+    t.site.cut_broker();
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut last = http_get(&t, "/readyz")?;
+    while last.0 != 503 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        last = http_get(&t, "/readyz")?;
+    }
+    ensure!(
+        last.0 == 503 && last.1.contains("no broker session"),
+        "{last:?}"
+    );
+    ensure!(http_get(&t, "/healthz")?.0 == 200, "alive without a broker");
+    t.site.restore_broker();
+    let deadline = std::time::Instant::now() + WAIT;
+    while http_get(&t, "/readyz")?.0 != 200 {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "not ready again after the broker came back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, body) = http_get(&t, "/metrics")?;
+    ensure!(
+        body.lines().any(|l| l == "rampart_sessions_total 2"),
+        "{body}"
+    );
     rt.block_on(m.close());
     Ok(())
 }

@@ -218,7 +218,22 @@ pub struct KillableRelay {
 impl KillableRelay {
     pub fn start(ns: &str, listen: &str, target: SocketAddr) -> KillableRelay {
         let sa: SocketAddr = listen.parse().unwrap();
-        let listener = in_ns(ns, move || TcpListener::bind(sa).expect("bind relay"));
+        // A relay killed a moment ago may still hold the port (its thread closes the
+        // listener within a few milliseconds).
+        let listener = in_ns(ns, move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            loop {
+                match TcpListener::bind(sa) {
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::AddrInUse
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    other => return other.expect("bind relay"),
+                }
+            }
+        });
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let streams: Arc<std::sync::Mutex<Vec<TcpStream>>> = Arc::default();
