@@ -98,6 +98,28 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Live: which rule of the agent's table decided each packet from ADDR (verdict, rule
+    /// id, generation), from nftables tracing. Root, in the agent's network namespace.
+    Trace {
+        /// Source address of the packets to trace.
+        #[arg(long)]
+        from: std::net::IpAddr,
+        /// Destination address.
+        #[arg(long)]
+        to: Option<std::net::IpAddr>,
+        /// Destination port (TCP or UDP).
+        #[arg(long)]
+        port: Option<u16>,
+        /// How long: 30s, 2m, 500ms.
+        #[arg(long = "for", default_value = "30s", value_parser = crate::trace::parse_duration)]
+        duration: std::time::Duration,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's control socket (for the table name and the generation).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Run the agent in the foreground (as systemd does).
     Run,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -267,6 +289,31 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             use clap::CommandFactory;
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(0)
+        }
+        Command::Trace {
+            from,
+            to,
+            port,
+            duration,
+            json,
+            socket,
+        } => {
+            let rules = match ask_daemon(&cli.config, socket, &crate::control::Request::Rules).await
+            {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    eprintln!(
+                        "rampart trace: the daemon does not answer ({e}); tracing table inet rampart without generations"
+                    );
+                    None
+                }
+            };
+            let nft = match Config::load(&cli.config) {
+                Ok(c) => crate::sys::nft::Nft::new(&c.firewall.nft),
+                Err(_) => crate::sys::nft::Nft::new(std::path::Path::new("/usr/sbin/nft")),
+            };
+            let filter = crate::trace::Filter { from, to, port };
+            crate::trace::run(&nft, &filter, duration, json, rules).await
         }
         Command::Run => {
             let config = Config::load(&cli.config)?;

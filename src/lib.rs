@@ -32,3 +32,5 @@ pub mod router;
 pub mod state;
 /// The only code that touches the host: nft (later netlink, namespaces).
 pub mod sys;
+/// `rampart trace`: which rule decided each packet, live.
+pub mod trace;

@@ -6,6 +6,7 @@ pub mod netns;
 pub mod nfnl;
 pub mod nfrule;
 pub mod nft;
+pub mod nftrace;
 pub mod rtnl;
 
 /// Gives the pages of freed heap memory back to the kernel. After a large rule set the

@@ -542,7 +542,7 @@ pub(super) fn request(
 
 /// The attributes in `buf`: (kind without the nested flag, payload), stopping at the first
 /// malformed one.
-pub(super) fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub(crate) fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     let mut off = 0;
     std::iter::from_fn(move || {
         if off + 4 > buf.len() {

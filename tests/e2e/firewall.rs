@@ -82,6 +82,10 @@ pub fn tests() -> Vec<Trial> {
             "firewall::metrics_and_health_endpoints_answer_a_scrape",
             metrics_scrape,
         ),
+        trial(
+            "firewall::trace_names_the_rule_and_generation_that_decided_each_packet",
+            trace_packets,
+        ),
     ]
 }
 
@@ -1065,6 +1069,98 @@ fn metrics_scrape() -> Result<()> {
     ensure!(
         body.lines().any(|l| l == "rampart_sessions_total 2"),
         "{body}"
+    );
+    rt.block_on(m.close());
+    Ok(())
+}
+
+/// Issue 13: `rampart trace` shows, live, each traced packet's verdict with the id of the
+/// rule that decided it and the generation, for real packets; it leaves nothing behind.
+fn trace_packets() -> Result<()> {
+    use std::io::BufRead;
+    let t = Topo::new(15, "fw-trace");
+    let _srv = Servers::start(&t.site.ag.name, "0.0.0.0", &[80, 9, 7], &[]);
+    let _agent = t.start();
+    let h = t.site.host.id.clone();
+    let rt = runtime();
+    let mut m = rt.block_on(manager(&h))?;
+    let rs = json!({"generation": 3, "defaults": {"in": "drop"}, "rules": [
+        rule("web", 10, "allow", "in", "tcp", &["80"]),
+        rule("no-9", 10, "drop", "in", "tcp", &["9"])]});
+    rt.block_on(applied(&mut m, &h, "firewall.apply", "tr-1", rs))?;
+    let sock = t.site.host.dir.join("rampart.sock");
+    let mut child = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.site.ag.name,
+            env!("CARGO_BIN_EXE_rampart"),
+        ])
+        .args([
+            "--config",
+            "/nonexistent",
+            "trace",
+            "--from",
+            &t.client_ip(),
+            "--for",
+            "4s",
+            "--json",
+        ])
+        .args(["--socket", sock.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stderr = std::io::BufReader::new(child.stderr.take().context("stderr")?);
+    let mut first = String::new();
+    stderr.read_line(&mut first)?;
+    ensure!(first.starts_with("tracing packets from"), "{first}");
+    ensure!(t.probe(9) == Tcp::Silent, "no-9 drops");
+    ensure!(t.probe(80) == Tcp::Open, "web allows");
+    ensure!(t.probe(7) == Tcp::Silent, "the default drops");
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "trace failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    if std::env::var_os("RAMPART_TEST_SHOW").is_some() {
+        for l in &lines {
+            println!("{}", rampart::trace::line(l));
+        }
+    }
+    let find = |port: u16| {
+        lines
+            .iter()
+            .find(|l| l["dport"] == port && l["src"] == t.client_ip().as_str())
+    };
+    let dropped = find(9).with_context(|| format!("no trace of port 9 in {lines:?}"))?;
+    ensure!(
+        dropped["verdict"] == "drop" && dropped["rule"] == "no-9" && dropped["generation"] == 3,
+        "{dropped}"
+    );
+    ensure!(
+        dropped["chain"] == "in_0" && dropped["iif"] == "e1",
+        "{dropped}"
+    );
+    let allowed = find(80).context("no trace of port 80")?;
+    ensure!(
+        allowed["verdict"] == "accept" && allowed["rule"] == "web",
+        "{allowed}"
+    );
+    let default = find(7).context("no trace of port 7")?;
+    ensure!(
+        default["verdict"] == "drop" && default["rule"] == "default" && default["chain"] == "input",
+        "{default}"
+    );
+    let tables = t.site.ag.exec(&["nft", "list", "tables"]);
+    let tables = String::from_utf8_lossy(&tables.stdout);
+    ensure!(
+        !tables.contains("rampart_trace"),
+        "the marking table is gone: {tables}"
     );
     rt.block_on(m.close());
     Ok(())
