@@ -48,13 +48,19 @@ fuzz_target!(|input: &[u8]| {
     );
     assert!(!out.contains('\0'));
 
-    let (bytes, acked) = rampart::firewall::bytecode::full_table(&rs, &layout, &ctx, 1, &mut Default::default());
+    let (bytes, acked) =
+        rampart::firewall::bytecode::full_table(&rs, &layout, &ctx, 1, &mut Default::default());
     let mut off = 0;
     let mut kinds = vec![];
     while off < bytes.len() {
         let len = u32::from_ne_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
-        assert!(len >= 20 && len % 4 == 0 && off + len <= bytes.len(), "message at {off}");
-        kinds.push(u16::from_ne_bytes(bytes[off + 4..off + 6].try_into().unwrap()));
+        assert!(
+            len >= 20 && len % 4 == 0 && off + len <= bytes.len(),
+            "message at {off}"
+        );
+        kinds.push(u16::from_ne_bytes(
+            bytes[off + 4..off + 6].try_into().unwrap(),
+        ));
         off += len;
     }
     assert_eq!(kinds.first(), Some(&0x10), "batch begin");
