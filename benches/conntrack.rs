@@ -155,6 +155,9 @@ fn rs_allow_nothing() -> RuleSet {
 }
 
 fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "off".into()))
+        .init();
     if !nix::unistd::Uid::effective().is_root() {
         eprintln!("the conntrack benchmark needs root (a namespace and its conntrack table)");
         std::process::exit(1);

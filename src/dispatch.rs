@@ -458,8 +458,11 @@ impl Dispatcher {
                     fw.cut_denied().await;
                 }
                 Commit::Patch(plan) => {
+                    let may_deny_more = plan.may_deny_more;
                     fw.commit_patch(*plan);
-                    fw.cut_denied().await;
+                    if may_deny_more {
+                        fw.cut_denied().await;
+                    }
                     self.maybe_compact(fw).await;
                 }
                 Commit::RouterPut { .. } | Commit::RouterDelete { .. } => {}

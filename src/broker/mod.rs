@@ -50,6 +50,8 @@ pub enum BrokerError {
         "no publisher confirm for a message to {exchange} within {secs} s (is the broker blocking publishers?)"
     )]
     ConfirmTimeout { exchange: String, secs: u64 },
+    #[error("the connection ended while a publish to {exchange} waited for its confirm")]
+    ConnectionLost { exchange: String },
     #[error("{0}")]
     Missing(String),
     #[error("the broker refused (nacked) a message published to {exchange}")]
@@ -789,6 +791,13 @@ impl Publisher {
         loop {
             if let Ok(out) = tokio::time::timeout(SLICE, &mut confirm).await {
                 return out;
+            }
+            // A dead connection does not always fail the confirms it owes (found when events
+            // were published just after a broker went away: the session waited 30 s).
+            if self.conn.errored() || self.conn.closed() {
+                return Err(BrokerError::ConnectionLost {
+                    exchange: exchange.to_string(),
+                });
             }
             if !self.conn.blocked() {
                 unblocked += SLICE;

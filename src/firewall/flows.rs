@@ -496,6 +496,17 @@ impl<'a> Sweep<'a> {
     }
 }
 
+/// Connections the kernel tracks in this namespace (`None`: unknown). Zero, or no conntrack
+/// at all, means nothing to sweep.
+pub fn tracked_connections() -> Option<u64> {
+    match std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count") {
+        Ok(s) => s.trim().parse().ok(),
+        // Conntrack is not loaded: nothing is tracked.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(0),
+        Err(_) => None,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
     #[error(transparent)]
@@ -528,8 +539,10 @@ pub async fn sweep(
 ) -> Result<SweepReport, SweepError> {
     let started = std::time::Instant::now();
     let view = crate::sys::hostview::read().await?;
+    let viewed = started.elapsed();
     tokio::task::block_in_place(|| {
         let judge = Judge::new(rs, layout, ctx);
+        let compiled = started.elapsed();
         let mut sweep = Sweep::new(&judge, &view);
         let mut denied = vec![];
         let entries = crate::sys::conntrack::dump(|flow| {
@@ -537,6 +550,12 @@ pub async fn sweep(
                 denied.push(flow);
             }
         })?;
+        tracing::debug!(
+            view_us = viewed.as_micros() as u64,
+            compile_us = (compiled - viewed).as_micros() as u64,
+            dump_us = (started.elapsed() - compiled).as_micros() as u64,
+            "conntrack sweep: host read, rules compiled, table judged"
+        );
         let cut = if count_only || denied.is_empty() {
             0
         } else {

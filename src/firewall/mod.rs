@@ -105,6 +105,9 @@ pub struct PatchPlan {
     /// `None`: the patch changes no rule, so layout and references stay as they are.
     layout: Option<Layout>,
     refs: RefChanges,
+    /// Whether the patched rule set may deny a connection that the current one allows (if
+    /// not, no open connection needs checking).
+    pub may_deny_more: bool,
 }
 
 /// What a drift check found.
@@ -295,6 +298,9 @@ impl Firewall {
         if self.current.established == spec::Established::Keep || !self.is_managed() {
             return None;
         }
+        if flows::tracked_connections() == Some(0) {
+            return None;
+        }
         match flows::sweep(&self.current, &self.layout, &self.ctx, false).await {
             Ok(r) => {
                 self.connections_cut += r.cut as u64;
@@ -344,7 +350,7 @@ impl Firewall {
 
     /// How many open connections `rs` (laid out as `layout`) would cut: a dry run's count.
     async fn would_cut(&self, rs: &RuleSet, layout: &Layout) -> Option<usize> {
-        if rs.established == spec::Established::Keep {
+        if rs.established == spec::Established::Keep || flows::tracked_connections() == Some(0) {
             return Some(0);
         }
         match flows::sweep(rs, layout, &self.ctx, true).await {
@@ -766,7 +772,9 @@ impl Firewall {
                 None => KernelChange::Text(text),
             }
         };
+        let may_deny_more = self.may_deny_more(p, &sets, &defaults);
         Ok(PatchPlan {
+            may_deny_more,
             kernel,
             generation: p.generation,
             defaults,
@@ -778,6 +786,84 @@ impl Firewall {
             layout: rules_change.then_some(layout),
             refs,
         })
+    }
+
+    /// Whether a patch can make the rule set deny anything it allows now. Rules are first
+    /// match, so a patch that only widens allow rules (a new allow rule, addresses added to
+    /// sets that only allow rules use) or narrows deny rules cannot: the common address
+    /// patches then cost no conntrack sweep (a dump walks the kernel's whole conntrack hash,
+    /// about 10 ms here however few connections there are). Anything else counts as may.
+    fn may_deny_more(
+        &self,
+        p: &Patch,
+        sets: &BTreeMap<String, Option<BTreeSet<IpNet>>>,
+        defaults: &Defaults,
+    ) -> bool {
+        let cur = &self.current;
+        if p.established == Some(spec::Established::Cut)
+            && cur.established != spec::Established::Cut
+        {
+            return true;
+        }
+        let stricter = |old: spec::Policy, new: spec::Policy| {
+            old == spec::Policy::Allow && new == spec::Policy::Drop
+        };
+        if stricter(cur.defaults.input, defaults.input)
+            || stricter(cur.defaults.output, defaults.output)
+            || stricter(cur.defaults.forward, defaults.forward)
+        {
+            return true;
+        }
+        let allows = |r: &Rule| r.action == spec::Action::Allow && !r.disabled;
+        let upserts: HashMap<&str, &Rule> =
+            p.upsert_rules.iter().map(|r| (r.id.as_str(), r)).collect();
+        for id in &p.delete_rules {
+            if !upserts.contains_key(id.as_str()) && cur.rules.get(id).is_some_and(allows) {
+                return true;
+            }
+        }
+        for r in &p.upsert_rules {
+            match cur.rules.get(&r.id) {
+                None if !allows(r) && !r.disabled => return true,
+                Some(old) if old != r => return true,
+                _ => {}
+            }
+        }
+        for (name, new) in sets {
+            let Some(new) = new else { continue }; // deleted: no rule uses it any more
+            let empty = BTreeSet::new();
+            let old = cur.sets.get(name).unwrap_or(&empty);
+            let added = new.difference(old).next().is_some();
+            let removed = old.difference(new).next().is_some();
+            if !added && !removed {
+                continue;
+            }
+            let users = self
+                .refs
+                .get(name)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| {
+                    upserts
+                        .get(id.as_str())
+                        .copied()
+                        .or_else(|| cur.rules.get(id))
+                })
+                .chain(
+                    p.upsert_rules
+                        .iter()
+                        .filter(|r| r.set_refs().any(|s| s == name)),
+                );
+            for r in users {
+                if r.disabled {
+                    continue;
+                }
+                if (removed && allows(r)) || (added && !allows(r)) {
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// The named sets a patch makes, changes and deletes, each family's half.
@@ -950,8 +1036,12 @@ impl Firewall {
             d.count_elements(cur.sets.get(name), new.as_ref());
         }
         d.chains = plan.chains;
-        let (rs, layout) = self.patched(plan);
-        d.connections_cut = self.would_cut(&rs, &layout).await;
+        d.connections_cut = if plan.may_deny_more {
+            let (rs, layout) = self.patched(plan);
+            self.would_cut(&rs, &layout).await
+        } else {
+            Some(0)
+        };
         d.into_json()
     }
 
@@ -1182,6 +1272,84 @@ mod tests {
         assert_eq!(chain_rule_counts(&listing), fw.expected_counts());
         let tampered = listing.replacen("jump in_0", "jump in_0\n\t\ttcp dport 83 accept", 1);
         assert_ne!(chain_rule_counts(&tampered), fw.expected_counts());
+    }
+
+    #[test]
+    fn only_patches_that_may_deny_more_need_a_conntrack_sweep() {
+        // Rule "r" allows sources in set "web".
+        let fw = firewall();
+        let net = |s: &str| -> BTreeSet<IpNet> { [spec::parse_net(s).unwrap()].into() };
+        let may = |p: Patch| {
+            fw.plan_patch(&Patch {
+                base_generation: 1,
+                generation: 2,
+                ..p
+            })
+            .unwrap()
+            .may_deny_more
+        };
+        let add = Patch {
+            add_addresses: [("web".into(), net("10.0.0.2"))].into(),
+            ..Default::default()
+        };
+        assert!(!may(add), "more addresses for an allow rule");
+        let remove = Patch {
+            remove_addresses: [("web".into(), net("10.0.0.1"))].into(),
+            ..Default::default()
+        };
+        assert!(may(remove), "fewer addresses for an allow rule");
+        let mut deny = Rule::for_test("d", 0, Direction::In);
+        deny.action = spec::Action::Drop;
+        assert!(may(Patch {
+            upsert_rules: vec![deny.clone()],
+            ..Default::default()
+        }));
+        let allow = Rule::for_test("a", 0, Direction::In);
+        assert!(
+            !may(Patch {
+                upsert_rules: vec![allow],
+                ..Default::default()
+            }),
+            "a new allow rule"
+        );
+        assert!(
+            may(Patch {
+                delete_rules: vec!["r".into()],
+                ..Default::default()
+            }),
+            "an allow rule removed"
+        );
+        assert!(may(Patch {
+            defaults: PartialDefaults {
+                forward: Some(Policy::Drop),
+                ..Default::default()
+            },
+            ..Default::default()
+        }));
+        let mut changed = fw.current.rules["r"].clone();
+        changed.priority = 9;
+        assert!(
+            may(Patch {
+                upsert_rules: vec![changed],
+                ..Default::default()
+            }),
+            "a changed rule"
+        );
+        assert!(
+            !may(Patch {
+                upsert_rules: vec![fw.current.rules["r"].clone()],
+                ..Default::default()
+            }),
+            "the same rule again"
+        );
+        // A deny rule on a new set, made in the same patch: addresses for it deny more.
+        let mut on_set = deny;
+        on_set.sources = vec![Addr::Set("bad".into())];
+        assert!(may(Patch {
+            set_address_sets: [("bad".into(), net("10.9.0.0/16"))].into(),
+            upsert_rules: vec![on_set],
+            ..Default::default()
+        }));
     }
 
     #[test]
