@@ -102,13 +102,7 @@ fn case(ns: &str, entries: usize, rules: usize) {
             .unwrap();
         let rs = rule_set(rules);
         let layout = Layout::build(rs.rules.values());
-        let ctx = RenderCtx {
-            table: "rampart".into(),
-            brokers: vec![],
-            resolvers: vec![],
-            failsafe_in: vec![],
-            failsafe_out: vec![],
-        };
+        let ctx = RenderCtx::bare("rampart");
         let t = Instant::now();
         conntrack::create(&flows(entries)).expect("making conntrack entries");
         let made = t.elapsed();

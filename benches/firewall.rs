@@ -49,13 +49,7 @@ fn raw_nft(ns: &Netns, data: &Value) -> Duration {
         // Round-trip through the agent's own decoder so the text is exactly what it applies.
         rampart::protocol::decode_stored_rule_set(v["data"].to_string().as_bytes()).unwrap()
     };
-    let ctx = RenderCtx {
-        table: "rampart".into(),
-        brokers: vec![],
-        resolvers: vec![],
-        failsafe_in: vec![],
-        failsafe_out: vec![],
-    };
+    let ctx = RenderCtx::bare("rampart");
     let text = render_full(&rs, &Layout::build(rs.rules.values()), &ctx);
     let path = std::env::temp_dir().join("rampart-bench.nft");
     std::fs::write(&path, text).unwrap();

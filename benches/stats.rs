@@ -64,13 +64,7 @@ fn case(ns: &str, n: usize) {
     in_ns(ns, move || {
         let rs = rule_set(n);
         let layout = Layout::build(rs.rules.values());
-        let ctx = RenderCtx {
-            table: "rampart".into(),
-            brokers: vec![],
-            resolvers: vec![],
-            failsafe_in: vec![],
-            failsafe_out: vec![],
-        };
+        let ctx = RenderCtx::bare("rampart");
         let (bytes, acked) = full_table(
             &rs,
             &layout,

@@ -1248,13 +1248,7 @@ mod tests {
         let mut rule = Rule::for_test("r", 1, Direction::In);
         rule.sources = vec![Addr::Set("web".into())];
         rs.rules.insert("r".into(), rule);
-        let ctx = RenderCtx {
-            table: "rampart".into(),
-            brokers: vec![],
-            resolvers: vec![],
-            failsafe_in: vec![],
-            failsafe_out: vec![],
-        };
+        let ctx = RenderCtx::bare("rampart");
         Firewall::new(
             Nft::new(std::path::Path::new("/nonexistent")),
             ctx,

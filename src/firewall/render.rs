@@ -25,6 +25,19 @@ pub struct RenderCtx {
     pub failsafe_out: Vec<(FailsafeProto, u16)>,
 }
 
+impl RenderCtx {
+    /// A table with no failsafe: tests and benchmarks that render without an agent.
+    pub fn bare(table: &str) -> RenderCtx {
+        RenderCtx {
+            table: table.to_string(),
+            brokers: vec![],
+            resolvers: vec![],
+            failsafe_in: vec![],
+            failsafe_out: vec![],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailsafeProto {
     Tcp,

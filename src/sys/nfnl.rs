@@ -338,7 +338,7 @@ pub fn decode_batch(bytes: &[u8]) -> Result<(String, Vec<SetChange>), BatchDecod
 }
 
 /// A netfilter netlink socket, subscribed to the multicast `groups` bitmask.
-fn netlink_socket() -> Result<OwnedFd, NfnlError> {
+pub(super) fn netlink_socket(groups: u32) -> Result<OwnedFd, NfnlError> {
     let fd = socket(
         AddressFamily::Netlink,
         SockType::Raw,
@@ -346,12 +346,12 @@ fn netlink_socket() -> Result<OwnedFd, NfnlError> {
         SockProtocol::NetlinkNetFilter,
     )
     .map_err(NfnlError::Socket)?;
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(NfnlError::Socket)?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups)).map_err(NfnlError::Socket)?;
     Ok(fd)
 }
 
 pub(super) fn open() -> Result<OwnedFd, NfnlError> {
-    let fd = netlink_socket()?;
+    let fd = netlink_socket(0)?;
     setsockopt(
         &fd,
         sockopt::ReceiveTimeout,

@@ -6,10 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
-use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, setsockopt,
-    socket, sockopt,
-};
+use nix::sys::socket::{MsgFlags, recv, setsockopt, sockopt};
 use nix::sys::time::TimeVal;
 
 use super::nfnl::{NfnlError, attrs};
@@ -156,18 +153,7 @@ pub struct TraceSocket(OwnedFd);
 
 impl TraceSocket {
     pub fn open() -> Result<TraceSocket, NfnlError> {
-        let fd = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkNetFilter,
-        )
-        .map_err(NfnlError::Socket)?;
-        bind(
-            fd.as_raw_fd(),
-            &NetlinkAddr::new(0, 1 << (NFNLGRP_NFTRACE - 1)),
-        )
-        .map_err(NfnlError::Socket)?;
+        let fd = super::nfnl::netlink_socket(1 << (NFNLGRP_NFTRACE - 1))?;
         let _ = setsockopt(&fd, sockopt::RcvBuf, &(4 << 20));
         Ok(TraceSocket(fd))
     }

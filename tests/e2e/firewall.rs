@@ -231,13 +231,7 @@ fn allow_drop_reject() -> Result<()> {
 
         // `rampart rules` shows the applied set with live counters, from the daemon.
         let sock = t.site.host.dir.join("rampart.sock");
-        let out = rampart(&["rules", "--json", "--socket", sock.to_str().unwrap()]);
-        ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout)?;
+        let v = rules_json(&t)?;
         ensure!(v["generation"] == 2 && v["in_kernel"] == true, "{v}");
         let web = v["rules"]
             .as_array()
@@ -685,8 +679,8 @@ fn cut_open_connections() -> Result<()> {
     })
 }
 
-/// A rule's packet and byte counts, as `rampart rules --json` shows them.
-fn rule_counts(t: &Topo, id: &str) -> Result<(u64, u64)> {
+/// `rampart rules --json` of the site's daemon.
+fn rules_json(t: &Topo) -> Result<Value> {
     let sock = t.site.host.dir.join("rampart.sock");
     let out = rampart(&["rules", "--json", "--socket", sock.to_str().unwrap()]);
     ensure!(
@@ -694,7 +688,12 @@ fn rule_counts(t: &Topo, id: &str) -> Result<(u64, u64)> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// A rule's packet and byte counts, as `rampart rules --json` shows them.
+fn rule_counts(t: &Topo, id: &str) -> Result<(u64, u64)> {
+    let v = rules_json(t)?;
     let r = v["rules"]
         .as_array()
         .and_then(|r| r.iter().find(|r| r["id"] == id))

@@ -156,24 +156,36 @@ pub struct Servers {
 impl Servers {
     pub fn start(ns: &str, addr: &str, tcp: &[u16], udp: &[u16]) -> Servers {
         let stop = Arc::new(AtomicBool::new(false));
-        for &port in tcp {
-            let sa: SocketAddr = format!("{addr}:{port}").parse().unwrap();
-            let listener = in_ns(ns, move || TcpListener::bind(sa).expect("bind tcp"));
-            listener.set_nonblocking(true).unwrap();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((mut s, _)) => {
-                            let _ = s.write_all(b"hi");
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                    }
-                }
-            });
-        }
+        tcp_servers(ns, addr, tcp, &stop, |mut s, _| {
+            let _ = s.write_all(b"hi");
+        });
         udp_echo(ns, addr, udp, &stop);
         Servers { stop }
+    }
+}
+
+/// TCP listeners in `ns` at `addr`, each accepted connection handed to `serve` (on the
+/// accepting thread: `serve` spawns if it keeps the connection), until `stop`.
+fn tcp_servers(
+    ns: &str,
+    addr: &str,
+    ports: &[u16],
+    stop: &Arc<AtomicBool>,
+    serve: impl Fn(TcpStream, Arc<AtomicBool>) + Clone + Send + 'static,
+) {
+    for &port in ports {
+        let sa: SocketAddr = format!("{addr}:{port}").parse().unwrap();
+        let listener = in_ns(ns, move || TcpListener::bind(sa).expect("bind tcp"));
+        listener.set_nonblocking(true).unwrap();
+        let (stop, serve) = (stop.clone(), serve.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => serve(s, stop.clone()),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
     }
 }
 
@@ -290,41 +302,27 @@ impl Drop for KillableRelay {
 /// it sent. Stopped on drop.
 pub fn echo_servers(ns: &str, addr: &str, tcp: &[u16], udp: &[u16]) -> Servers {
     let stop = Arc::new(AtomicBool::new(false));
-    for &port in tcp {
-        let sa: SocketAddr = format!("{addr}:{port}").parse().unwrap();
-        let listener = in_ns(ns, move || TcpListener::bind(sa).expect("bind tcp"));
-        listener.set_nonblocking(true).unwrap();
-        let stop = stop.clone();
+    tcp_servers(ns, addr, tcp, &stop, |mut s, stop| {
+        let _ = s.set_nonblocking(false);
+        let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
         std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
             while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let stop = stop.clone();
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-                        std::thread::spawn(move || {
-                            let mut buf = [0u8; 256];
-                            while !stop.load(Ordering::Relaxed) {
-                                match s.read(&mut buf) {
-                                    Ok(0) => return,
-                                    Ok(n) => {
-                                        if s.write_all(&buf[..n]).is_err() {
-                                            return;
-                                        }
-                                    }
-                                    Err(e)
-                                        if e.kind() == std::io::ErrorKind::WouldBlock
-                                            || e.kind() == std::io::ErrorKind::TimedOut => {}
-                                    Err(_) => return,
-                                }
-                            }
-                        });
+                match s.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => return,
                 }
             }
         });
-    }
+    });
     udp_echo(ns, addr, udp, &stop);
     Servers { stop }
 }
