@@ -320,11 +320,6 @@ impl Dispatcher {
             RequestKind::FirewallApply { dry_run: true, .. }
                 | RequestKind::FirewallPatch { dry_run: true, .. }
         );
-        // Answered again the same way if a crash loses their record: no fsync for them.
-        let durable = !matches!(
-            request.kind,
-            RequestKind::Ping | RequestKind::StateSync { .. }
-        );
         let Request { id, kind, .. } = request;
         let mut rotation = None;
         let (executed, commit) = match kind {
@@ -428,7 +423,7 @@ impl Dispatcher {
             };
         }
         let persist_started = Instant::now();
-        let persisted = self.persist(&id, &ack, change, durable).await;
+        let persisted = self.persist(&id, &ack, change).await;
         tracing::debug!(command_id = %id, persist_us = persist_started.elapsed().as_micros() as u64, "outcome stored");
         if let Err(e) = persisted {
             if let Some(fw) = fw_guard.as_mut()
@@ -566,22 +561,11 @@ impl Dispatcher {
             .expect("state store task panicked")
     }
 
-    /// Stores the outcome; `durable: false` for commands that change nothing (see
-    /// [`Store::record_unsynced`]).
-    async fn persist(
-        &self,
-        id: &str,
-        ack: &Ack,
-        change: OwnedChange,
-        durable: bool,
-    ) -> Result<(), StateError> {
+    async fn persist(&self, id: &str, ack: &Ack, change: OwnedChange) -> Result<(), StateError> {
         let store = self.store.clone();
         let id = id.to_string();
         let ack = ack.clone();
         tokio::task::spawn_blocking(move || {
-            if !durable {
-                return store.record_unsynced(&id, &ack);
-            }
             let change = match &change {
                 OwnedChange::None => Change::None,
                 OwnedChange::FirewallReplace(s) => Change::FirewallReplace(s),

@@ -162,12 +162,7 @@ pub struct Store {
     db: std::sync::RwLock<Option<Database>>,
     keep: usize,
     path: PathBuf,
-    /// Unsynced records since the last durable commit: every [`SYNC_EVERY`]th is made
-    /// durable anyway (redb reuses the pages of non-durable commits only after a durable one).
-    unsynced: std::sync::atomic::AtomicU32,
 }
-
-const SYNC_EVERY: u32 = 256;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -203,7 +198,6 @@ impl Store {
             db: std::sync::RwLock::new(Some(db)),
             keep,
             path,
-            unsynced: std::sync::atomic::AtomicU32::new(0),
         };
         store.init_schema()?;
         Ok(store)
@@ -301,36 +295,10 @@ impl Store {
         self.commit(id, ack, Change::None)
     }
 
-    /// Records `ack` as the outcome of a command that changed nothing (`ping`, `state.sync`)
-    /// without waiting for the disk: the record is durable with the next durable commit, and
-    /// a crash before that loses only the knowledge that the command was answered, which a
-    /// redelivery answers again the same way. Saves an fsync per such command.
-    pub fn record_unsynced(&self, id: &str, ack: &Ack) -> Result<(), StateError> {
-        self.commit_with(id, ack, Change::None, false)
-    }
-
     /// Records `ack` for command `id` and the state change it made, atomically and durably.
     pub fn commit(&self, id: &str, ack: &Ack, change: Change<'_>) -> Result<(), StateError> {
-        self.commit_with(id, ack, change, true)
-    }
-
-    fn commit_with(
-        &self,
-        id: &str,
-        ack: &Ack,
-        change: Change<'_>,
-        durable: bool,
-    ) -> Result<(), StateError> {
-        use std::sync::atomic::Ordering;
         let bytes = ack.to_json();
-        let mut tx = self.write_tx()?;
-        let durable = durable || self.unsynced.fetch_add(1, Ordering::Relaxed) + 1 >= SYNC_EVERY;
-        if durable {
-            self.unsynced.store(0, Ordering::Relaxed);
-        } else {
-            tx.set_durability(redb::Durability::None)
-                .map_err(|e| StateError::Db(e.into()))?;
-        }
+        let tx = self.write_tx()?;
         {
             match change {
                 Change::None => {}
@@ -636,26 +604,6 @@ mod tests {
             .map(|e| e.kind)
             .collect();
         assert_eq!(kinds, vec!["drift", "stats"]);
-    }
-
-    #[test]
-    fn unsynced_records_are_answered_like_the_others_and_synced_by_the_next_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = Store::open(dir.path(), 1000).unwrap();
-            for i in 0..300 {
-                s.record_unsynced(&format!("p{i}"), &ack(&format!("p{i}")))
-                    .unwrap();
-            }
-            let found = s.lookup("p7").unwrap().unwrap();
-            assert_eq!(found.correlation_id.as_deref(), Some("p7"));
-            s.record("c1", &ack("c1")).unwrap();
-        }
-        // Reopened (a clean close): everything up to the durable commit is there.
-        let s = Store::open(dir.path(), 1000).unwrap();
-        let found = s.lookup("p299").unwrap().unwrap();
-        assert_eq!(found.correlation_id.as_deref(), Some("p299"));
-        assert_eq!(s.processed_count().unwrap(), 301);
     }
 
     #[test]
