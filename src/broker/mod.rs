@@ -674,9 +674,27 @@ pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// broker may never answer connection.close).
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Closes `conn` politely, or drops it after [`CLOSE_TIMEOUT`].
+/// Closes `conn` politely, or drops it after [`CLOSE_TIMEOUT`]. A close refused because
+/// one of its channels is still closing (the consumer's, at an identity hand-over) is tried
+/// again once that is done: dropping the connection instead left it open at the broker,
+/// with the old identity, for longer than a test's 20 s (a CI run of 2026-12-02).
 pub async fn close_bounded(conn: &Connection, reason: &str) {
-    match tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, reason.into())).await {
+    let attempts = async {
+        let mut tries = 0;
+        loop {
+            match conn.close(200, reason.into()).await {
+                Err(e)
+                    if matches!(e.kind(), lapin::ErrorKind::InvalidChannelState(..))
+                        && tries < 20 =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    };
+    match tokio::time::timeout(CLOSE_TIMEOUT, attempts).await {
         Ok(Ok(())) => {}
         // Dropping the connection after this still closes its socket; the log says why
         // the broker may list it a while longer.
