@@ -999,20 +999,11 @@ fn metrics_scrape() -> Result<()> {
     let bad = json!({"base_generation": 1, "generation": 2, "upsert_rules": [rule("b", 1, "allow", "in", "tcp", &["x"])]});
     let ack = rt.block_on(send(&mut m, &h, "firewall.patch", "me-2", bad))?;
     ensure!(ack.status == Status::Rejected, "{ack:?}");
-    rt.block_on(applied(
-        &mut m,
-        &h,
-        "firewall.patch",
-        "me-3",
-        json!({"base_generation": 1, "generation": 2}),
-    ))?;
-    rt.block_on(applied(
-        &mut m,
-        &h,
-        "firewall.patch",
-        "me-3",
-        json!({"base_generation": 1, "generation": 2}),
-    ))?;
+    // The same patch twice: applied, then answered as a duplicate.
+    for _ in 0..2 {
+        let p = json!({"base_generation": 1, "generation": 2});
+        rt.block_on(applied(&mut m, &h, "firewall.patch", "me-3", p))?;
+    }
     let (status, body) = http_get(&t, "/metrics")?;
     ensure!(status == 200, "{status} {body}");
     if std::env::var_os("RAMPART_TEST_SHOW").is_some() {
