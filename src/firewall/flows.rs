@@ -467,7 +467,6 @@ pub struct Sweep<'a> {
     judge: &'a Judge,
     view: &'a HostView,
     memo: HashMap<Packet, bool>,
-    pub judged: usize,
 }
 
 impl<'a> Sweep<'a> {
@@ -476,13 +475,11 @@ impl<'a> Sweep<'a> {
             judge,
             view,
             memo: HashMap::new(),
-            judged: 0,
         }
     }
 
     /// Whether the rule set denies `flow`.
     pub fn denies(&mut self, flow: &Flow) -> bool {
-        self.judged += 1;
         let Some(p) = first_packet(flow, self.view) else {
             return false;
         };

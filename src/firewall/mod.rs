@@ -132,8 +132,6 @@ pub struct Firewall {
     /// The kernel's handle of our table as we last made it, 0 while unknown (see
     /// [`Firewall::made_handle`]).
     made: Arc<AtomicU64>,
-    /// Open connections cut since start.
-    connections_cut: u64,
     metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
@@ -281,7 +279,6 @@ impl Firewall {
             baseline: None,
             applied_at_ms: None,
             made: Arc::new(AtomicU64::new(0)),
-            connections_cut: 0,
             metrics: None,
         }
     }
@@ -303,7 +300,6 @@ impl Firewall {
         }
         match flows::sweep(&self.current, &self.layout, &self.ctx, false).await {
             Ok(r) => {
-                self.connections_cut += r.cut as u64;
                 if let Some(m) = &self.metrics {
                     m.connections_cut.inc_by(r.cut as u64);
                 }
@@ -341,11 +337,6 @@ impl Firewall {
             .iter()
             .flat_map(|h| self.layout.buckets(*h).iter().map(|b| b.chain_name(*h)))
             .collect()
-    }
-
-    /// Connections cut since the agent started.
-    pub fn connections_cut(&self) -> u64 {
-        self.connections_cut
     }
 
     /// How many open connections `rs` (laid out as `layout`) would cut: a dry run's count.
