@@ -1142,11 +1142,11 @@ impl Agent {
         let period = Duration::from_secs(u64::from(b.heartbeat_secs));
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut pulse = tokio::time::interval(self.pulse);
-        loop {
+        let (end, reason) = loop {
             tokio::select! {
                 biased;
-                _ = stop.changed() => return Ok(SessionEnd::Shutdown),
-                _ = reload.changed() => return Ok(SessionEnd::Reload),
+                _ = stop.changed() => break (SessionEnd::Shutdown, "agent stopping"),
+                _ = reload.changed() => break (SessionEnd::Reload, "configuration reloaded"),
                 _ = pulse.tick() => self.beat_with(conn),
                 event = events.next() => match event {
                     Some(Event::Error(e)) if !conn.status().connected() => {
@@ -1165,7 +1165,7 @@ impl Agent {
                         if let Some(rotation) =
                             self.with_pulse(conn, self.process(&publish_ch, delivery)).await?
                         {
-                            return Ok(SessionEnd::Rotate(rotation));
+                            break (SessionEnd::Rotate(rotation), "identity rotated");
                         }
                     }
                     Some(Err(e)) => return Ok(SessionEnd::Lost(e.to_string())),
@@ -1182,7 +1182,10 @@ impl Agent {
                     self.with_pulse(conn, self.drain_outbox(&publish_ch)).await?;
                 }
             }
-        }
+        };
+        // An orderly end: the channels go first, so that the connection closes in order.
+        broker::close_channels(&[&consume_ch, publish_ch.channel()], reason).await;
+        Ok(end)
     }
 
     async fn process(

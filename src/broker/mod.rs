@@ -710,6 +710,24 @@ pub async fn close_bounded(conn: &Connection, reason: &str) {
     }
 }
 
+/// Closes `channels` (and with them their consumers) before their session is closed in
+/// order. Merely dropping them has lapin close them from tasks of its own, which race
+/// `connection.close`: the connection ended errored instead of closed, its socket sometimes
+/// open, and the broker listed the old identity's session for more than 20 s after a
+/// rotation (a CI run of 2026-12-02).
+pub async fn close_channels(channels: &[&Channel], reason: &str) {
+    for ch in channels {
+        if !ch.status().connected() {
+            continue;
+        }
+        match tokio::time::timeout(CLOSE_TIMEOUT, ch.close(200, reason.into())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::debug!(%error, "channel.close failed"),
+            Err(_) => tracing::debug!("the broker did not answer channel.close in time"),
+        }
+    }
+}
+
 /// Publishes and waits for the broker's confirm, at most [`CONFIRM_TIMEOUT`]. With
 /// `mandatory`, an unroutable message is an error rather than silently dropped.
 pub async fn publish_confirmed(
@@ -750,6 +768,11 @@ impl Publisher {
             ch: confirm_channel(conn).await?,
             conn: conn.status().clone(),
         })
+    }
+
+    /// The confirm-mode channel itself (to close it in order).
+    pub fn channel(&self) -> &Channel {
+        &self.ch
     }
 
     /// Publishes until the broker confirms it: a nack (a quorum queue electing its leader, a

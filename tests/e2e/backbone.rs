@@ -571,6 +571,13 @@ fn sigterm() -> Result<()> {
         agent.current_log()
     );
     ensure!(agent.current_log().contains("agent stopped"));
+    // An orderly stop closes the session in order: its channels first, then the connection
+    // (lapin closing dropped channels behind our back left it errored instead).
+    ensure!(
+        !agent.current_log().contains("connection.close failed"),
+        "the session was not closed in order:\n{}",
+        agent.current_log()
+    );
     Ok(())
 }
 

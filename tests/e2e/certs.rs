@@ -220,6 +220,12 @@ fn rotation_new_ca() -> Result<()> {
             "{ack:?}"
         );
         broker_holds_only(&id, &sha(&moved.cert_pem))?;
+        // The old session was closed in order (CI 2026-12-02: it was left errored and open).
+        let log = std::fs::read_to_string(host.dir.join("agent.log"))?;
+        ensure!(
+            !log.contains("connection.close failed"),
+            "the old session was not closed in order:\n{log}"
+        );
         ensure!(std::fs::read_to_string(installed_dir(&host).join("ca.pem"))? == bundle);
         applied(&mut m, &id, "ping", "n2", json!({})).await?;
         Ok(())
