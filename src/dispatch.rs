@@ -567,7 +567,8 @@ impl Dispatcher {
         let ack = ack.clone();
         tokio::task::spawn_blocking(move || {
             let change = match &change {
-                OwnedChange::None => Change::None,
+                // A command that changed nothing needs no fsync of its own (see ledger).
+                OwnedChange::None => return store.record_light(&id, &ack),
                 OwnedChange::FirewallReplace(s) => Change::FirewallReplace(s),
                 OwnedChange::FirewallPatch(s) => Change::FirewallPatch(s),
                 OwnedChange::RouterPut { id, spec } => Change::RouterPut { id, spec },

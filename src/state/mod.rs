@@ -8,6 +8,11 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 
 use crate::protocol::Ack;
 
+pub mod ledger;
+
+/// Records kept in the log before they are folded into the database.
+const FOLD_AFTER: usize = 1024;
+
 /// Bumped whenever the tables below change meaning; an agent refuses a newer store.
 const SCHEMA_VERSION: u64 = 1;
 
@@ -86,6 +91,11 @@ pub enum StateError {
     Db(redb::Error),
     #[error("state store holds an ack that does not parse: {0}")]
     Corrupt(serde_json::Error),
+    #[error("state store record log {path}: {cause}")]
+    Ledger {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
 }
 
 macro_rules! db_err {
@@ -162,6 +172,8 @@ pub struct Store {
     db: std::sync::RwLock<Option<Database>>,
     keep: usize,
     path: PathBuf,
+    /// Records of commands that changed nothing, not yet folded into the database.
+    ledger: std::sync::Mutex<ledger::Ledger>,
 }
 
 impl std::fmt::Debug for Store {
@@ -194,12 +206,19 @@ impl Store {
         restrict_dir(state_dir);
         let path = state_dir.join("state.redb");
         let db = open_db(&path)?;
+        let ledger = ledger::Ledger::open(state_dir).map_err(|cause| StateError::Ledger {
+            path: state_dir.join("records.log"),
+            cause,
+        })?;
         let store = Store {
             db: std::sync::RwLock::new(Some(db)),
             keep,
             path,
+            ledger: std::sync::Mutex::new(ledger),
         };
         store.init_schema()?;
+        // What the log kept across a stop or crash goes into the database now.
+        store.fold()?;
         Ok(store)
     }
 
@@ -278,6 +297,9 @@ impl Store {
 
     /// The ack stored for a command id, if that id was processed.
     pub fn lookup(&self, id: &str) -> Result<Option<Ack>, StateError> {
+        if let Some(ack) = self.ledger.lock().expect("ledger lock").get(id) {
+            return Ok(Some(ack.clone()));
+        }
         let tx = self.read_tx()?;
         let table = tx.open_table(PROCESSED)?;
         let Some(guard) = table.get(id)? else {
@@ -295,9 +317,41 @@ impl Store {
         self.commit(id, ack, Change::None)
     }
 
+    /// Records `ack` for a command that changed nothing, without an fsync (see
+    /// [`ledger`]): seen by every later lookup at once, kept across a crash of the agent.
+    pub fn record_light(&self, id: &str, ack: &Ack) -> Result<(), StateError> {
+        let mut ledger = self.ledger.lock().expect("ledger lock");
+        ledger.append(id, ack).map_err(|cause| StateError::Ledger {
+            path: ledger.path().to_path_buf(),
+            cause,
+        })?;
+        if ledger.len() >= FOLD_AFTER {
+            drop(ledger);
+            self.fold()?;
+        }
+        Ok(())
+    }
+
+    /// Moves the log's records into the database, in one durable transaction, then empties
+    /// the log.
+    fn fold(&self) -> Result<(), StateError> {
+        let mut ledger = self.ledger.lock().expect("ledger lock");
+        if ledger.len() == 0 {
+            return Ok(());
+        }
+        let tx = self.write_tx()?;
+        for (id, ack) in ledger.records() {
+            self.insert_record(&tx, id, &ack.to_json())?;
+        }
+        tx.commit()?;
+        ledger.clear().map_err(|cause| StateError::Ledger {
+            path: ledger.path().to_path_buf(),
+            cause,
+        })
+    }
+
     /// Records `ack` for command `id` and the state change it made, atomically and durably.
     pub fn commit(&self, id: &str, ack: &Ack, change: Change<'_>) -> Result<(), StateError> {
-        let bytes = ack.to_json();
         let tx = self.write_tx()?;
         {
             match change {
@@ -325,28 +379,39 @@ impl Store {
                     tx.open_table(ROUTERS_OWNED)?.remove(id)?;
                 }
             }
-            let mut meta = tx.open_table(META)?;
-            let seq = meta.get("next_seq")?.map(|g| g.value()).unwrap_or(0);
-            meta.insert("next_seq", seq + 1)?;
-            let mut processed = tx.open_table(PROCESSED)?;
-            let mut order = tx.open_table(PROCESSED_ORDER)?;
-            if let Some(old) = processed.insert(id, (seq, bytes.as_slice()))? {
-                let (old_seq, _) = old.value();
-                order.remove(old_seq)?;
-            }
-            order.insert(seq, id)?;
-            // Prune in batches so that the common commit touches only its own record.
-            let len = processed.len()? as usize;
-            if len > self.keep + self.keep / 10 {
-                for _ in 0..(len - self.keep) {
-                    let Some((_, old_id)) = order.pop_first()? else {
-                        break;
-                    };
-                    processed.remove(old_id.value())?;
-                }
+        }
+        self.insert_record(&tx, id, &ack.to_json())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Adds one command record in `tx`, pruning the oldest beyond the retention.
+    fn insert_record(
+        &self,
+        tx: &redb::WriteTransaction,
+        id: &str,
+        bytes: &[u8],
+    ) -> Result<(), StateError> {
+        let mut meta = tx.open_table(META)?;
+        let seq = meta.get("next_seq")?.map(|g| g.value()).unwrap_or(0);
+        meta.insert("next_seq", seq + 1)?;
+        let mut processed = tx.open_table(PROCESSED)?;
+        let mut order = tx.open_table(PROCESSED_ORDER)?;
+        if let Some(old) = processed.insert(id, (seq, bytes))? {
+            let (old_seq, _) = old.value();
+            order.remove(old_seq)?;
+        }
+        order.insert(seq, id)?;
+        // Prune in batches so that the common commit touches only its own record.
+        let len = processed.len()? as usize;
+        if len > self.keep + self.keep / 10 {
+            for _ in 0..(len - self.keep) {
+                let Some((_, old_id)) = order.pop_first()? else {
+                    break;
+                };
+                processed.remove(old_id.value())?;
             }
         }
-        tx.commit()?;
         Ok(())
     }
 
@@ -530,8 +595,9 @@ impl Store {
 
     /// How many processed command ids are held.
     pub fn processed_count(&self) -> Result<u64, StateError> {
+        let light = self.ledger.lock().expect("ledger lock").len() as u64;
         let tx = self.read_tx()?;
-        Ok(tx.open_table(PROCESSED)?.len()?)
+        Ok(tx.open_table(PROCESSED)?.len()? + light)
     }
 }
 
@@ -557,6 +623,62 @@ mod tests {
             None,
             serde_json::json!({}),
         )
+    }
+
+    #[test]
+    fn light_records_are_seen_at_once_kept_across_a_restart_and_folded() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), 100).unwrap();
+            s.record_light("p1", &ack("p1")).unwrap();
+            s.record_light("p2", &ack("p2")).unwrap();
+            assert_eq!(
+                s.lookup("p1").unwrap().unwrap().correlation_id.as_deref(),
+                Some("p1")
+            );
+            assert_eq!(s.processed_count().unwrap(), 2);
+            // Dropped without any fold or durable commit, as a crash would leave it.
+        }
+        assert!(
+            std::fs::metadata(dir.path().join("records.log"))
+                .unwrap()
+                .len()
+                > 0
+        );
+        let s = Store::open(dir.path(), 100).unwrap();
+        assert!(s.lookup("p1").unwrap().is_some() && s.lookup("p2").unwrap().is_some());
+        assert_eq!(s.processed_count().unwrap(), 2);
+        // Folded into the database at open: the log is empty again.
+        assert_eq!(
+            std::fs::metadata(dir.path().join("records.log"))
+                .unwrap()
+                .len(),
+            0
+        );
+        for i in 0..FOLD_AFTER + 5 {
+            s.record_light(&format!("q{i}"), &ack("q")).unwrap();
+        }
+        assert_eq!(s.ledger.lock().unwrap().len(), 5, "folded once full");
+        // Retention holds across the fold: at most keep + keep / 10 records.
+        assert!(s.processed_count().unwrap() <= 110 + 5);
+    }
+
+    #[test]
+    fn a_record_cut_short_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), 100).unwrap();
+            s.record_light("p1", &ack("p1")).unwrap();
+        }
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("records.log"))
+            .unwrap();
+        f.write_all(b"{\"id\":\"p2\",\"ack\":{\"spec").unwrap();
+        let s = Store::open(dir.path(), 100).unwrap();
+        assert!(s.lookup("p1").unwrap().is_some());
+        assert!(s.lookup("p2").unwrap().is_none());
     }
 
     #[test]
