@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::Event;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -509,6 +511,29 @@ async fn reconcile_routers(
 /// Every `period`, compares the kernel's table and routers with the record and repairs them.
 /// A command body above this size (a large rule set) is followed by [`crate::sys::trim_heap`].
 const LARGE_BODY: usize = 1 << 20;
+
+/// A batch answers what it executed so far once it has run this long.
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
+
+/// `first` and the deliveries already waiting behind it, at most `limit` in all; and why
+/// the stream ended, if it did while they were taken.
+fn waiting(
+    first: lapin::message::Delivery,
+    consumer: &mut lapin::Consumer,
+    limit: u16,
+) -> (Vec<lapin::message::Delivery>, Option<String>) {
+    use futures_util::FutureExt;
+    let mut batch = vec![first];
+    while batch.len() < usize::from(limit.max(1)) {
+        match consumer.next().now_or_never() {
+            Some(Some(Ok(d))) => batch.push(d),
+            Some(Some(Err(e))) => return (batch, Some(e.to_string())),
+            Some(None) => return (batch, Some("the broker cancelled the consumer".into())),
+            None => break,
+        }
+    }
+    (batch, None)
+}
 
 /// How often the watch looks our table up: one netlink request, answered at once.
 const TABLE_WATCH_PERIOD: Duration = Duration::from_millis(250);
@@ -1086,8 +1111,9 @@ impl Agent {
             .create_channel()
             .await
             .map_err(amqp("opening a channel"))?;
+        let prefetch = cfg.effective_prefetch();
         consume_ch
-            .basic_qos(cfg.effective_prefetch(), BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .map_err(amqp("setting the prefetch"))?;
         let missing = broker::declare_agent_topology(conn, &consume_ch, &self.host_id, b).await?;
@@ -1161,11 +1187,15 @@ impl Agent {
                     None => return Ok(SessionEnd::Lost("connection events ended".into())),
                 },
                 delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => {
+                    Some(Ok(first)) => {
+                        let (batch, ended) = waiting(first, &mut consumer, prefetch);
                         if let Some(rotation) =
-                            self.with_pulse(conn, self.process(&publish_ch, delivery)).await?
+                            self.with_pulse(conn, self.process_batch(&publish_ch, batch)).await?
                         {
                             break (SessionEnd::Rotate(rotation), "identity rotated");
+                        }
+                        if let Some(why) = ended {
+                            return Ok(SessionEnd::Lost(why));
                         }
                     }
                     Some(Err(e)) => return Ok(SessionEnd::Lost(e.to_string())),
@@ -1188,11 +1218,51 @@ impl Agent {
         Ok(end)
     }
 
-    async fn process(
+    /// Runs `deliveries` (the ones waiting, in queue order) through the pipeline: each is
+    /// executed in turn, its record kept before the next one runs; then the acks of what was
+    /// executed are published together, their confirms awaited together, and only then
+    /// are the deliveries settled. So the order record, ack, delivery ack holds for every
+    /// command. A rotation ends the batch: the deliveries after it go back to the queue for
+    /// the session on the new identity.
+    async fn process_batch(
         &self,
-        publish_ch: &broker::Publisher,
-        delivery: lapin::message::Delivery,
+        publisher: &broker::Publisher,
+        deliveries: Vec<lapin::message::Delivery>,
     ) -> Result<Option<Box<Rotation>>, BrokerError> {
+        let mut executed = Vec::with_capacity(deliveries.len());
+        let mut window = Instant::now();
+        let mut rest = deliveries.into_iter();
+        for delivery in rest.by_ref() {
+            let (acker, outcome) = self.execute(delivery).await;
+            let rotating = outcome.rotation.is_some();
+            executed.push((acker, outcome));
+            if rotating {
+                break;
+            }
+            // A batch of slow commands (whole rule sets) answers as it goes.
+            if window.elapsed() >= BATCH_WINDOW {
+                self.answer(publisher, std::mem::take(&mut executed))
+                    .await?;
+                window = Instant::now();
+            }
+        }
+        for left in rest {
+            left.acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+                .map_err(amqp("returning a delivery to the queue"))?;
+        }
+        self.answer(publisher, executed).await
+    }
+
+    /// One delivery through the dispatcher, counted; its acker for later.
+    async fn execute(
+        &self,
+        delivery: lapin::message::Delivery,
+    ) -> (lapin::Acker, crate::dispatch::Outcome) {
         let props = &delivery.properties;
         let signature =
             props
@@ -1215,67 +1285,90 @@ impl Agent {
         };
         let started = Instant::now();
         let outcome = self.dispatcher.handle(incoming).await;
-        let ack = &outcome.ack;
-        {
-            let key = if ack.duplicate {
-                "duplicate"
-            } else {
-                ack.status.as_str()
-            };
-            let kind = ack.command_type.as_deref().unwrap_or("unknown");
-            self.metrics
-                .command(kind, key, started.elapsed().as_secs_f64());
-            if kind.starts_with("firewall.") {
-                self.metrics
-                    .firewall(&self.firewall.lock().await.current().counts());
-            }
-            *self
-                .shared
-                .commands
-                .lock()
-                .expect("commands lock")
-                .entry(key.to_string())
-                .or_default() += 1;
+        self.count(&outcome.ack, started.elapsed()).await;
+        if large {
+            let _ = tokio::task::spawn_blocking(crate::sys::trim_heap).await;
         }
-        let mut ack_props = broker::json_properties()
+        (delivery.acker, outcome)
+    }
+
+    async fn count(&self, ack: &crate::protocol::Ack, took: Duration) {
+        let key = if ack.duplicate {
+            "duplicate"
+        } else {
+            ack.status.as_str()
+        };
+        let kind = ack.command_type.as_deref().unwrap_or("unknown");
+        self.metrics.command(kind, key, took.as_secs_f64());
+        if kind.starts_with("firewall.") {
+            self.metrics
+                .firewall(&self.firewall.lock().await.current().counts());
+        }
+        *self
+            .shared
+            .commands
+            .lock()
+            .expect("commands lock")
+            .entry(key.to_string())
+            .or_default() += 1;
+    }
+
+    /// Publishes the acks of `executed` (confirms awaited together), then settles the
+    /// deliveries. Returns the rotation, if one of them made one.
+    async fn answer(
+        &self,
+        publisher: &broker::Publisher,
+        executed: Vec<(lapin::Acker, crate::dispatch::Outcome)>,
+    ) -> Result<Option<Box<Rotation>>, BrokerError> {
+        if executed.is_empty() {
+            return Ok(None);
+        }
+        let (ackers, outcomes): (Vec<_>, Vec<_>) = executed.into_iter().unzip();
+        let confirm_started = Instant::now();
+        // Published in order (each future sends its frames when first polled, in turn).
+        futures_util::future::try_join_all(
+            outcomes.iter().map(|o| self.publish_ack(publisher, &o.ack)),
+        )
+        .await?;
+        tracing::debug!(
+            acks = outcomes.len(),
+            confirm_us = confirm_started.elapsed().as_micros() as u64,
+            "acks confirmed by the broker"
+        );
+        // Only now, with the acks safely at the broker, do the commands leave the queue.
+        let mut rotation = None;
+        for (acker, outcome) in ackers.into_iter().zip(outcomes) {
+            match outcome.disposition {
+                Disposition::Ack => acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(amqp("acknowledging the delivery"))?,
+                Disposition::Reject => acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await
+                    .map_err(amqp("rejecting the delivery"))?,
+            };
+            rotation = rotation.or(outcome.rotation);
+        }
+        Ok(rotation)
+    }
+
+    async fn publish_ack(
+        &self,
+        publisher: &broker::Publisher,
+        ack: &crate::protocol::Ack,
+    ) -> Result<(), BrokerError> {
+        let mut props = broker::json_properties()
             .with_message_id(ack.id.as_str().into())
             .with_type("ack".into())
             .with_user_id(self.broker_user.as_str().into())
             .with_timestamp(ack.timestamp / 1000);
         if let Some(cid) = &ack.correlation_id {
-            ack_props = ack_props.with_correlation_id(cid.as_str().into());
+            props = props.with_correlation_id(cid.as_str().into());
         }
-        let confirm_started = Instant::now();
-        publish_ch
-            .publish(
-                broker::ACKS_EXCHANGE,
-                &self.host_id,
-                &ack.to_json(),
-                ack_props,
-            )
-            .await?;
-        tracing::debug!(
-            command_id = ack.correlation_id.as_deref().unwrap_or("-"),
-            confirm_us = confirm_started.elapsed().as_micros() as u64,
-            "ack confirmed by the broker"
-        );
-        // Only now, with the ack safely at the broker, does the command leave the queue.
-        match outcome.disposition {
-            Disposition::Ack => delivery
-                .acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map_err(amqp("acknowledging the delivery"))?,
-            Disposition::Reject => delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await
-                .map_err(amqp("rejecting the delivery"))?,
-        };
-        if large {
-            let _ = tokio::task::spawn_blocking(crate::sys::trim_heap).await;
-        }
-        Ok(outcome.rotation)
+        publisher
+            .publish(broker::ACKS_EXCHANGE, &self.host_id, &ack.to_json(), props)
+            .await
     }
 
     /// Publishes `cert.<host>` when the certificate expires within `cert_warn_days`, at most

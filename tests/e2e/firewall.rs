@@ -86,6 +86,10 @@ pub fn tests() -> Vec<Trial> {
             "firewall::trace_names_the_rule_and_generation_that_decided_each_packet",
             trace_packets,
         ),
+        trial(
+            "firewall::a_burst_queued_while_down_is_answered_once_each_in_order",
+            queued_burst,
+        ),
     ]
 }
 
@@ -1364,4 +1368,85 @@ fn reboot_restore() -> Result<()> {
         "the broker was unreachable"
     );
     Ok(())
+}
+
+/// Commands queued while the agent is down arrive together and are taken in batches (issue
+/// 12's pipeline): every command is answered once, in queue order, each patch applied on the
+/// one before, a duplicate answered with the stored ack, a bad body rejected, and the
+/// kernel holds what all the patches added.
+fn queued_burst() -> Result<()> {
+    const PATCHES: u64 = 40;
+    let t = Topo::new(16, "fw-burst");
+    let h = t.site.host.id.clone();
+    let mut agent = t.start();
+    runtime().block_on(async {
+        let mut m = manager(&h).await?;
+        let base = json!({"generation": 1, "address_sets": {"s": ["192.0.2.1"]},
+            "rules": [{"id": "r", "priority": 1, "action": "allow", "direction": "in", "sources": ["$s"]}]});
+        applied(&mut m, &h, "firewall.apply", "burst-base", base).await?;
+        agent.kill9();
+        let mut acks = m.subscribe(rampart::broker::ACKS_EXCHANGE, &h).await?;
+        let mut sent = vec![];
+        for i in 0..PATCHES {
+            let patch = json!({"base_generation": 1 + i, "generation": 2 + i,
+                "add_addresses": {"s": [format!("10.9.{i}.1")]}});
+            let id = format!("burst-patch-{i}");
+            m.send(&h, "firewall.patch", &id, &patch).await?;
+            sent.push(id);
+            let id = format!("burst-ping-{i}");
+            m.send(&h, "ping", &id, &json!({})).await?;
+            sent.push(id);
+            if i == 5 {
+                let first = json!({"base_generation": 1, "generation": 2,
+                    "add_addresses": {"s": ["10.9.0.1"]}});
+                m.send(&h, "firewall.patch", "burst-patch-0", &first).await?;
+                sent.push("burst-patch-0".into());
+                let bad = rampart::manager::Outgoing {
+                    body: b"{not json".to_vec(),
+                    message_id: Some("burst-bad".into()),
+                    kind: Some("ping".into()),
+                    with_user_id: true,
+                    signature: None,
+                };
+                m.publish(&h, bad).await?;
+                sent.push("burst-bad".into());
+            }
+            if i % 10 == 9 {
+                let id = format!("burst-sync-{i}");
+                m.send(&h, "state.sync", &id, &json!({})).await?;
+                sent.push(id);
+            }
+        }
+        agent = t.start();
+        let mut got: Vec<rampart::protocol::Ack> = vec![];
+        while got.len() < sent.len() {
+            let next = tokio::time::timeout(Duration::from_secs(60), acks.next())
+                .await
+                .context("acks stopped coming")?
+                .context("the ack stream ended")??;
+            got.push(serde_json::from_slice(&next.data)?);
+        }
+        let order: Vec<&str> = got.iter().map(|a| a.correlation_id.as_deref().unwrap_or("-")).collect();
+        ensure!(order == sent.iter().map(String::as_str).collect::<Vec<_>>(), "acks out of order: {order:?}");
+        let first = &got[0];
+        for (ack, id) in got.iter().zip(&sent) {
+            match id.as_str() {
+                "burst-bad" => ensure!(ack.status == Status::Rejected, "{ack:?}"),
+                "burst-patch-0" if ack.duplicate => {
+                    ensure!(ack.id == first.id && ack.status == Status::Applied, "{ack:?} vs {first:?}");
+                }
+                _ => ensure!(ack.status == Status::Applied && !ack.duplicate, "{id}: {ack:?}"),
+            }
+        }
+        ensure!(got.iter().filter(|a| a.duplicate).count() == 1, "one duplicate");
+        let sync = applied(&mut m, &h, "state.sync", "burst-after", json!({})).await?;
+        ensure!(sync.data["firewall"]["generation"] == 1 + PATCHES, "{}", sync.data);
+        let listed = t.site.ag.exec(&["nft", "list", "set", "inet", "rampart", "as4_s"]);
+        let listed = String::from_utf8_lossy(&listed.stdout);
+        for i in 0..PATCHES {
+            ensure!(listed.contains(&format!("10.9.{i}.1")), "10.9.{i}.1 missing from {listed}");
+        }
+        m.close().await;
+        Ok(())
+    })
 }
