@@ -21,6 +21,7 @@ const PIPELINED: usize = 2000;
 /// One-address `firewall.patch` commands in the stream (issue 12's yardstick).
 const PATCHES: usize = 1000;
 const ECHO_HOST: &str = "bench-echo";
+const CLASSIC_ECHO_HOST: &str = "bench-echo-classic";
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -32,42 +33,54 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// A responder doing only the transport work the agent must do: consume with manual ack,
-/// publish a reply with a confirm to rampart.acks, then ack the delivery.
-async fn echo_responder(m: &Manager) -> anyhow::Result<()> {
+/// publish a reply with a confirm to rampart.acks, then ack the delivery. `like_agent`
+/// declares its queue exactly as an agent's (a quorum queue, whose publishes and acks the
+/// broker syncs to disk); otherwise it is a classic durable queue (what this bench compared
+/// with before 2026-12-02, which left the broker's quorum work on the agent's side).
+async fn echo_responder(host: &'static str, like_agent: bool) -> anyhow::Result<()> {
     let config = rampart::config::Config::load(&env().manager_config)?;
-    let b = &config.broker;
-    let (_, tls) = broker::tls::from_config(b)?;
-    let connector = broker::Connector::new(b, tls, "bench-echo".into())?;
+    let b = config.broker.clone();
+    let (_, tls) = broker::tls::from_config(&b)?;
+    let connector = broker::Connector::new(&b, tls, host.to_string())?;
     let session = connector.connect(&connector.urls[0]).await?;
-    let _ = m;
     tokio::spawn(async move {
         let conn = session.connection;
         let ch = conn.create_channel().await.unwrap();
-        let q = "rampart.bench.echo";
-        ch.queue_declare(
-            q.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        ch.queue_bind(
-            q.into(),
-            broker::COMMANDS_EXCHANGE.into(),
-            ECHO_HOST.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+        // The classic one answers on the other's routing key: the manager watches that one
+        // (watching declares a host's queue, which would take the commands too).
+        let (q, reply_key) = if like_agent {
+            (broker::host_queue(host), host)
+        } else {
+            (format!("rampart.bench.{host}"), ECHO_HOST)
+        };
+        if like_agent {
+            broker::declare_host_queue(&ch, host, &b).await.unwrap();
+        } else {
+            ch.queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+            ch.queue_bind(
+                q.as_str().into(),
+                broker::COMMANDS_EXCHANGE.into(),
+                host.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        }
         ch.basic_qos(32, Default::default()).await.unwrap();
         let publish = broker::confirm_channel(&conn).await.unwrap();
         let mut consumer = ch
             .basic_consume(
-                q.into(),
+                q.as_str().into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -77,14 +90,14 @@ async fn echo_responder(m: &Manager) -> anyhow::Result<()> {
         while let Some(Ok(d)) = consumer.next().await {
             let id = d.properties.message_id().clone().unwrap_or_default();
             let reply = serde_json::to_vec(&json!({
-                "specversion": "1.0", "id": "echo", "type": "ack", "source": ECHO_HOST, "host": ECHO_HOST,
+                "specversion": "1.0", "id": "echo", "type": "ack", "source": host, "host": host,
                 "timestamp": 0, "correlation_id": id.as_str(), "command_type": "ping", "status": "applied",
                 "duplicate": false, "error": null, "data": {}
             })).unwrap();
             broker::publish_confirmed(
                 &publish,
                 broker::ACKS_EXCHANGE,
-                ECHO_HOST,
+                reply_key,
                 &reply,
                 broker::json_properties().with_correlation_id(id),
                 false,
@@ -168,51 +181,109 @@ fn main() -> anyhow::Result<()> {
         .prefix("rampart-bench-")
         .tempdir_in("/tmp")?;
     support::init(root.path());
-    let host = env().host("bench-agent", HostOptions::default());
+    // The agents run in this host's namespace: tables of their own, deleted at the end.
+    let host = env().host(
+        "bench-agent",
+        HostOptions {
+            firewall: "table = \"rampart_bench\"".into(),
+            ..Default::default()
+        },
+    );
     let agent = AgentProc::start(&host);
     agent.wait_serving();
+    // The same agent with a byte budget that lets the whole prefetch (32) be in flight: the
+    // default budget (64 MiB of 16 MiB bodies) holds it to 4 deliveries, which bounds what
+    // any pipelining can do (a table of its own, beside the first agent's).
+    let wide = env().host(
+        "bench-agent-wide",
+        HostOptions {
+            commands: format!("max_buffered_bytes = {}", 32 * 16 * 1024 * 1024),
+            firewall: "table = \"rampart_bench_wide\"".into(),
+            ..Default::default()
+        },
+    );
+    let wide_agent = AgentProc::start(&wide);
+    wide_agent.wait_serving();
     let result = support::runtime().block_on(async {
         let mut m = env().manager().await;
         m.watch_host(&host.id).await?;
+        m.watch_host(&wide.id).await?;
         m.watch_host(ECHO_HOST).await?;
-        echo_responder(&m).await?;
+        echo_responder(ECHO_HOST, true).await?;
+        echo_responder(CLASSIC_ECHO_HOST, false).await?;
         let agent_seq = sequential(&mut m, &host.id, "agent").await?;
         let echo_seq = sequential(&mut m, ECHO_HOST, "echo").await?;
+        let classic_seq = sequential(&mut m, CLASSIC_ECHO_HOST, "classic").await?;
         let agent_rate = pipelined(&mut m, &host.id, "agent").await?;
         let echo_rate = pipelined(&mut m, ECHO_HOST, "echo").await?;
+        let classic_rate = pipelined(&mut m, CLASSIC_ECHO_HOST, "classic").await?;
+        let wide_rate = pipelined(&mut m, &wide.id, "wide").await?;
         let patch_rate = patch_stream(&mut m, &host.id).await?;
+        let wide_patch_rate = patch_stream(&mut m, &wide.id).await?;
         println!("ping round trip, {SEQUENTIAL} sequential commands (ms):");
-        println!("  {:<28} {:>8} {:>8}", "", "p50", "p99");
+        println!("  {:<36} {:>8} {:>8}", "", "p50", "p99");
         for (name, t) in [
             ("agent (rampart run)", &agent_seq),
-            ("bare AMQP echo consumer", &echo_seq),
+            ("bare echo, queue like the agent's", &echo_seq),
+            ("bare echo, classic queue", &classic_seq),
         ] {
             println!(
-                "  {:<28} {:>8.2} {:>8.2}",
+                "  {:<36} {:>8.2} {:>8.2}",
                 name,
                 ms(percentile(t, 0.5)),
                 ms(percentile(t, 0.99))
             );
         }
-        println!(
-            "  ratio agent/echo           {:>8.2} {:>8.2}",
-            ms(percentile(&agent_seq, 0.5)) / ms(percentile(&echo_seq, 0.5)),
-            ms(percentile(&agent_seq, 0.99)) / ms(percentile(&echo_seq, 0.99))
-        );
+        for (name, echo) in [("echo", &echo_seq), ("classic echo", &classic_seq)] {
+            println!(
+                "  {:<36} {:>8.2} {:>8.2}",
+                format!("ratio agent/{name}"),
+                ms(percentile(&agent_seq, 0.5)) / ms(percentile(echo, 0.5)),
+                ms(percentile(&agent_seq, 0.99)) / ms(percentile(echo, 0.99))
+            );
+        }
         println!("pipelined, {PIPELINED} commands in flight at once (commands/s):");
-        println!("  agent (rampart run)          {agent_rate:>8.0}");
-        println!("  bare AMQP echo consumer      {echo_rate:>8.0}");
+        println!("  {:<36} {agent_rate:>8.0}", "agent (rampart run)");
         println!(
-            "  ratio agent/echo             {:>8.2}",
+            "  {:<36} {wide_rate:>8.0}",
+            "agent, prefetch 32 (wide budget)"
+        );
+        println!(
+            "  {:<36} {echo_rate:>8.0}",
+            "bare echo, queue like the agent's"
+        );
+        println!("  {:<36} {classic_rate:>8.0}", "bare echo, classic queue");
+        println!(
+            "  {:<36} {:>8.2}",
+            "ratio agent/echo",
             agent_rate / echo_rate
         );
         println!(
-            "{PATCHES} one-address firewall.patch commands, pipelined: {patch_rate:.0} commands/s"
+            "  {:<36} {:>8.2}",
+            "ratio agent/classic echo",
+            agent_rate / classic_rate
+        );
+        println!(
+            "  {:<36} {:>8.2}",
+            "ratio wide agent/echo",
+            wide_rate / echo_rate
+        );
+        println!("{PATCHES} one-address firewall.patch commands, pipelined (commands/s):");
+        println!("  {:<36} {patch_rate:>8.0}", "agent (rampart run)");
+        println!(
+            "  {:<36} {wide_patch_rate:>8.0}",
+            "agent, prefetch 32 (wide budget)"
         );
         m.close().await;
         anyhow::Ok(())
     });
     drop(agent);
+    drop(wide_agent);
+    for table in ["rampart_bench", "rampart_bench_wide"] {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", table])
+            .status();
+    }
     support::teardown();
     result
 }
