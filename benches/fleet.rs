@@ -34,8 +34,8 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use rampart::broker::{ACKS_EXCHANGE, EVENTS_EXCHANGE};
 use rampart::config::Config;
+use rampart::ids::now_ms;
 use rampart::manager::Manager;
-use rampart::protocol::now_ms;
 use serde_json::{Value, json};
 use support::broker::{Broker, Cluster};
 use support::{AgentProc, HostOptions, env};

@@ -40,7 +40,7 @@ fn ms(d: Duration) -> f64 {
 async fn echo_responder(host: &'static str, like_agent: bool) -> anyhow::Result<()> {
     let config = rampart::config::Config::load(&env().manager_config)?;
     let b = config.broker.clone();
-    let (_, tls) = broker::tls::from_config(&b)?;
+    let (_, tls) = rampart::certs::tls::from_config(&b)?;
     let connector = broker::Connector::new(&b, tls, host.to_string())?;
     let session = connector.connect(&connector.urls[0]).await?;
     tokio::spawn(async move {

@@ -8,15 +8,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH, LogFormat};
+use crate::logs::{VERSION, init_logging};
 use crate::manager::Manager;
 use crate::protocol::Status;
-
-pub const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (",
-    env!("RAMPART_GIT_REV"),
-    ")"
-);
 
 #[derive(Debug, Parser)]
 #[command(name = "rampart", version = VERSION, about = "Host agent for firewall rules, certificates and logical routers pushed over a mutual-TLS AMQP bus")]
@@ -163,41 +157,6 @@ pub fn send_exit_code(status: Status) -> i32 {
 }
 
 pub const EXIT_TIMEOUT: i32 = 5;
-
-type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
-
-/// Swaps the log filter of the running process (SIGHUP reload).
-static LOG_RELOAD: std::sync::OnceLock<LogReload> = std::sync::OnceLock::new();
-
-fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
-    // lapin logs every channel close at ERROR; the agent reports what matters itself.
-    tracing_subscriber::EnvFilter::new(format!("{level},lapin=off"))
-}
-
-pub fn init_logging(level: &str, format: LogFormat) {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RAMPART_LOG")
-        .unwrap_or_else(|_| log_filter(level));
-    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        LogFormat::Text => registry.with(fmt).init(),
-        LogFormat::Json => registry.with(fmt.json()).init(),
-    }
-    let _ = LOG_RELOAD.set(Box::new(move |level| {
-        handle.reload(log_filter(level)).map_err(|e| e.to_string())
-    }));
-}
-
-/// Applies a new log level (the configuration's `log.level`) to the running process.
-pub fn set_log_level(level: &str) -> Result<(), String> {
-    match LOG_RELOAD.get() {
-        Some(reload) => reload(level),
-        None => Err("logging is not initialised".into()),
-    }
-}
 
 /// Runs one parsed command line; returns the process exit code.
 pub async fn main(cli: Cli) -> anyhow::Result<i32> {
@@ -459,12 +418,12 @@ fn list(v: &serde_json::Value) -> String {
 fn cert_description(config: &Config) -> anyhow::Result<serde_json::Value> {
     use std::os::unix::fs::PermissionsExt;
     let files = crate::certs::store::in_use(&config.state_dir, &config.broker);
-    let chain = crate::broker::tls::load_certs(&files.cert)?;
-    let info = crate::broker::tls::cert_info(&chain[0]).map_err(anyhow::Error::msg)?;
+    let chain = crate::certs::tls::load_certs(&files.cert)?;
+    let info = crate::certs::tls::cert_info(&chain[0]).map_err(anyhow::Error::msg)?;
     let key_mode = std::fs::metadata(&files.key)
         .map(|m| format!("{:04o}", m.permissions().mode() & 0o7777))
         .unwrap_or_else(|e| format!("unreadable: {e}"));
-    let days_left = crate::certs::days_left(&info, crate::protocol::now_ms() as i64 / 1000);
+    let days_left = crate::certs::days_left(&info, crate::ids::now_ms() as i64 / 1000);
     Ok(serde_json::json!({
         "subject": info.subject,
         "issuer": info.issuer,

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::protocol::is_valid_host_id;
+use lapin::uri::{AMQPScheme, AMQPUri, SASLMechanism};
+
+use crate::ids::is_valid_host_id;
 
 /// Where every subcommand looks for its configuration unless `--config` says otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/rampart/rampart.toml";
@@ -309,12 +311,7 @@ impl Default for ControlConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use crate::logs::LogFormat;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -465,7 +462,7 @@ impl Config {
             ));
         }
         for url in &b.urls {
-            crate::broker::parse_url(url, b).map_err(|e| invalid("broker.urls", e.to_string()))?;
+            parse_url(url, b).map_err(|e| invalid("broker.urls", e.to_string()))?;
         }
         if b.heartbeat_secs == 0 {
             return Err(invalid("broker.heartbeat_secs", "must be at least 1"));
@@ -546,6 +543,62 @@ impl Config {
     }
 }
 
+/// A broker URL that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("broker URL {url}: {message}")]
+pub struct UrlError {
+    pub url: String,
+    pub message: String,
+}
+
+/// A broker URL as configured, parsed, with the password (if any) hidden when displayed.
+#[derive(Debug, Clone)]
+pub struct BrokerUrl {
+    pub uri: AMQPUri,
+    pub display: String,
+}
+
+/// Parses one `amqps://` URL; plaintext AMQP is refused: credentials and commands never
+/// travel in the clear.
+pub fn parse_url(url: &str, cfg: &BrokerConfig) -> Result<BrokerUrl, UrlError> {
+    let err = |message: &str| UrlError {
+        url: url.to_string(),
+        message: message.to_string(),
+    };
+    let mut uri: AMQPUri = url.parse().map_err(|e: String| err(&e))?;
+    if uri.scheme != AMQPScheme::AMQPS {
+        return Err(err("only amqps:// (TLS) URLs are allowed"));
+    }
+    if uri.authority.host.is_empty() {
+        return Err(err("no host"));
+    }
+    uri.query.heartbeat = Some(cfg.heartbeat_secs);
+    // Unless the URL asks otherwise: see FRAME_MAX.
+    uri.query.frame_max = uri.query.frame_max.or(Some(FRAME_MAX));
+    uri.query.auth_mechanism = Some(match cfg.auth {
+        AuthMechanism::External => SASLMechanism::External,
+        AuthMechanism::Plain => SASLMechanism::Plain,
+    });
+    let display = format!(
+        "amqps://{}:{}/{}",
+        uri.authority.host,
+        uri.authority.port,
+        urlencode_vhost(&uri.vhost)
+    );
+    Ok(BrokerUrl { uri, display })
+}
+
+fn urlencode_vhost(vhost: &str) -> String {
+    vhost.replace('%', "%25").replace('/', "%2f")
+}
+
+/// The largest AMQP frame we propose (the broker may lower it). lapin keeps a send and a
+/// receive ring of 32 frames each, zero-filled when the session opens: at RabbitMQ's default
+/// 128 KiB that is 8 MiB resident per agent, most of an idle agent's private memory; at
+/// 16 KiB it is 1 MiB. Bodies are split into more frames instead (a 16 MiB body: 1 024), a
+/// cost the firewall benchmark does not see.
+pub const FRAME_MAX: u32 = 16 * 1024;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -625,5 +678,25 @@ mod tests {
         let text = MINIMAL.replace("[broker]", "[broker]\nauth = \"plain\"");
         let err = Config::parse(&text).unwrap_err().to_string();
         assert!(err.contains("password_file"), "{err}");
+    }
+
+    #[test]
+    fn urls_carry_heartbeat_and_external_auth() {
+        let u = parse_url(
+            "amqps://user:secret@b.example:5671/%2f",
+            &Config::parse(MINIMAL).unwrap().broker,
+        )
+        .unwrap();
+        assert_eq!(u.uri.query.heartbeat, Some(30));
+        assert_eq!(u.uri.query.frame_max, Some(FRAME_MAX));
+        assert_eq!(u.uri.query.auth_mechanism, Some(SASLMechanism::External));
+        assert!(!u.display.contains("secret"));
+        assert!(
+            parse_url(
+                "amqp://b.example/%2f",
+                &Config::parse(MINIMAL).unwrap().broker
+            )
+            .is_err()
+        );
     }
 }

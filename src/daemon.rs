@@ -22,8 +22,9 @@ use crate::events::Outbox;
 use crate::firewall::render::RenderCtx;
 use crate::firewall::spec::{Limits, RuleSet};
 use crate::firewall::{Drift, Firewall};
+use crate::ids::{is_valid_host_id, now_ms};
 use crate::metrics::Metrics;
-use crate::protocol::{DecodeContext, Incoming, is_valid_host_id, now_ms};
+use crate::protocol::{DecodeContext, Incoming};
 use crate::router::Routers;
 use crate::router::spec::RouterSpec;
 use crate::state::Store;
@@ -771,7 +772,7 @@ impl Agent {
             Err(e) => tracing::error!(error = %format!("{e:#}"), "configuration not reloaded"),
             Ok((signing_keys, new)) => {
                 let old = self.config();
-                if let Err(e) = crate::cli::set_log_level(&new.log.level) {
+                if let Err(e) = crate::logs::set_log_level(&new.log.level) {
                     tracing::warn!(error = %e, "log level not changed");
                 }
                 let limits = limits_of(&new);

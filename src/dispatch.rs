@@ -1060,7 +1060,7 @@ impl Dispatcher {
         // Make: a session with the new identity, against the configured brokers in turn.
         let broker = self.certs.broker.read().expect("broker lock").clone();
         let connector =
-            match crate::broker::tls::client_config(validated.roots.clone(), &validated.identity)
+            match crate::certs::tls::client_config(validated.roots.clone(), &validated.identity)
                 .map_err(|e| e.to_string())
                 .and_then(|tls| {
                     crate::broker::Connector::new(&broker, tls, format!("rampart/{}", self.host_id))

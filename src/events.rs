@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::protocol::now_ms;
+use crate::ids::now_ms;
 use crate::state::{KeptEvent, Store};
 use crate::sys::nfrule::Counts;
 

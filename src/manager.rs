@@ -14,14 +14,15 @@ use serde_json::{Value, json};
 
 use crate::broker::{self, BrokerError, Connector, Session, amqp};
 use crate::config::{AuthMechanism, Config};
-use crate::protocol::{Ack, now_ms};
+use crate::ids::now_ms;
+use crate::protocol::Ack;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error(transparent)]
-    Tls(#[from] broker::tls::TlsError),
+    Tls(#[from] crate::certs::tls::TlsError),
     #[error("signing key {path}: {message}")]
     SigningKey { path: String, message: String },
     #[error("no broker could be reached: {0}")]
@@ -121,7 +122,7 @@ impl Manager {
 
     async fn connect_with(config: &Config, declare: bool) -> Result<Manager, ManagerError> {
         let b = &config.broker;
-        let (identity, tls) = broker::tls::from_config(b)?;
+        let (identity, tls) = crate::certs::tls::from_config(b)?;
         let user = match b.auth {
             AuthMechanism::External => identity.info.common_name.clone().unwrap_or_default(),
             AuthMechanism::Plain => b.username.clone().unwrap_or_default(),

@@ -166,7 +166,7 @@ fn describe(e: &TraceEvent, label: &str, agent: &Agent, view: &HostView) -> Valu
         label.to_string()
     };
     json!({
-        "time_ms": crate::protocol::now_ms(),
+        "time_ms": crate::ids::now_ms(),
         "proto": proto,
         "src": e.headers.src.map(|a| a.to_string()),
         "sport": e.headers.sport,

@@ -1,8 +1,6 @@
 //! Transport only: TLS, the AMQP session, topology, confirmed publishing and reconnect
 //! backoff. Nothing here knows what a command means.
 
-pub mod tls;
-
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -15,11 +13,11 @@ use lapin::options::{
 use lapin::protocol::BasicProperties;
 use lapin::tcp::{AsyncTcpStream, RustlsConnector};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::uri::{AMQPScheme, AMQPUri, SASLMechanism};
+use lapin::uri::AMQPUri;
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use serde::Serialize;
 
-use crate::config::{AuthMechanism, BrokerConfig};
+use crate::config::{AuthMechanism, BrokerConfig, BrokerUrl, parse_url};
 
 pub const COMMANDS_EXCHANGE: &str = "rampart.commands";
 pub const ACKS_EXCHANGE: &str = "rampart.acks";
@@ -33,8 +31,8 @@ pub fn host_queue(host_id: &str) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("broker URL {url}: {message}")]
-    Url { url: String, message: String },
+    #[error(transparent)]
+    Url(#[from] crate::config::UrlError),
     #[error("cannot read the broker password file: {0}")]
     Password(std::io::Error),
     #[error("connecting to {url} timed out after {secs} s")]
@@ -63,47 +61,6 @@ pub enum BrokerError {
 /// Wraps a lapin error with what we were doing.
 pub(crate) fn amqp(context: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
     move |cause| BrokerError::Amqp { context, cause }
-}
-
-/// A broker URL as configured, parsed, with the password (if any) hidden when displayed.
-#[derive(Debug, Clone)]
-pub struct BrokerUrl {
-    pub uri: AMQPUri,
-    pub display: String,
-}
-
-/// Parses one `amqps://` URL; plaintext AMQP is refused: credentials and commands never
-/// travel in the clear.
-pub fn parse_url(url: &str, cfg: &BrokerConfig) -> Result<BrokerUrl, BrokerError> {
-    let err = |message: &str| BrokerError::Url {
-        url: url.to_string(),
-        message: message.to_string(),
-    };
-    let mut uri: AMQPUri = url.parse().map_err(|e: String| err(&e))?;
-    if uri.scheme != AMQPScheme::AMQPS {
-        return Err(err("only amqps:// (TLS) URLs are allowed"));
-    }
-    if uri.authority.host.is_empty() {
-        return Err(err("no host"));
-    }
-    uri.query.heartbeat = Some(cfg.heartbeat_secs);
-    // Unless the URL asks otherwise: see FRAME_MAX.
-    uri.query.frame_max = uri.query.frame_max.or(Some(FRAME_MAX));
-    uri.query.auth_mechanism = Some(match cfg.auth {
-        AuthMechanism::External => SASLMechanism::External,
-        AuthMechanism::Plain => SASLMechanism::Plain,
-    });
-    let display = format!(
-        "amqps://{}:{}/{}",
-        uri.authority.host,
-        uri.authority.port,
-        urlencode_vhost(&uri.vhost)
-    );
-    Ok(BrokerUrl { uri, display })
-}
-
-fn urlencode_vhost(vhost: &str) -> String {
-    vhost.replace('%', "%25").replace('/', "%2f")
 }
 
 /// What the TLS handshake established, for status and `connection list`.
@@ -277,7 +234,7 @@ impl Connector {
                     .map(|c| format!("{:?}", c.suite()))
                     .unwrap_or_default();
                 if let Some(peer) = conn.peer_certificates().and_then(|c| c.first())
-                    && let Ok(info) = tls::cert_info(peer)
+                    && let Ok(info) = crate::certs::tls::cert_info(peer)
                 {
                     d.peer_subject = info.subject;
                     d.peer_not_after = info.not_after;
@@ -347,13 +304,6 @@ impl Backoff {
         self.attempt = 0;
     }
 }
-
-/// The largest AMQP frame we propose (the broker may lower it). lapin keeps a send and a
-/// receive ring of 32 frames each, zero-filled when the session opens: at RabbitMQ's default
-/// 128 KiB that is 8 MiB resident per agent, most of an idle agent's private memory; at
-/// 16 KiB it is 1 MiB. Bodies are split into more frames instead (a 16 MiB body: 1 024), a
-/// cost the firewall benchmark does not see.
-pub const FRAME_MAX: u32 = 16 * 1024;
 
 /// A session at least this long proves its broker healthy: the backoff starts over.
 pub const STABLE_SESSION: Duration = Duration::from_secs(30);
@@ -985,27 +935,5 @@ mod tests {
             let _ = d.failed();
         }
         assert_eq!(d.backoff.ceiling(), Duration::from_millis(3200));
-    }
-
-    fn cfg() -> BrokerConfig {
-        crate::config::Config::parse(
-            r#"[broker]
-            urls = ["amqps://b.example:5671/%2f"]
-            ca_file = "c"
-            cert_file = "c"
-            key_file = "k""#,
-        )
-        .unwrap()
-        .broker
-    }
-
-    #[test]
-    fn urls_carry_heartbeat_and_external_auth() {
-        let u = parse_url("amqps://user:secret@b.example:5671/%2f", &cfg()).unwrap();
-        assert_eq!(u.uri.query.heartbeat, Some(30));
-        assert_eq!(u.uri.query.frame_max, Some(FRAME_MAX));
-        assert_eq!(u.uri.query.auth_mechanism, Some(SASLMechanism::External));
-        assert!(!u.display.contains("secret"));
-        assert!(parse_url("amqp://b.example/%2f", &cfg()).is_err());
     }
 }

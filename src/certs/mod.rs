@@ -4,6 +4,7 @@
 
 pub mod request;
 pub mod store;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 
-use crate::broker::tls::{CertInfo, Identity, cert_info};
+use crate::certs::tls::{CertInfo, Identity, cert_info};
 
 /// Largest PEM text accepted per field (a long chain fits easily).
 pub const MAX_PEM_BYTES: usize = 64 * 1024;
@@ -266,9 +267,9 @@ impl Current {
     pub fn load(
         state_dir: &std::path::Path,
         broker: &crate::config::BrokerConfig,
-    ) -> Result<(Current, Identity, Arc<rustls::ClientConfig>), crate::broker::tls::TlsError> {
+    ) -> Result<(Current, Identity, Arc<rustls::ClientConfig>), crate::certs::tls::TlsError> {
         let files = store::in_use(state_dir, broker);
-        let (identity, tls) = crate::broker::tls::from_files(&files.cert, &files.key, &files.ca)?;
+        let (identity, tls) = crate::certs::tls::from_files(&files.cert, &files.key, &files.ca)?;
         {
             use std::os::unix::fs::PermissionsExt;
             if let Ok(meta) = std::fs::metadata(&files.key)
@@ -282,7 +283,7 @@ impl Current {
             }
         }
         let ca_pem = std::fs::read_to_string(&files.ca).map_err(|cause| {
-            crate::broker::tls::TlsError::Read {
+            crate::certs::tls::TlsError::Read {
                 path: files.ca.clone(),
                 cause,
             }
@@ -302,7 +303,7 @@ impl Current {
             "serial": self.info.serial,
             "not_after": self.info.not_after,
             "sha256": self.info.sha256,
-            "days_left": days_left(&self.info, crate::protocol::now_ms() as i64 / 1000),
+            "days_left": days_left(&self.info, crate::ids::now_ms() as i64 / 1000),
         })
     }
 }

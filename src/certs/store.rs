@@ -88,7 +88,7 @@ pub fn stage(state_dir: &Path, v: &Validated, command_id: &str) -> std::io::Resu
             .mode(0o700)
             .create(&root)?;
     }
-    let now = crate::protocol::now_ms();
+    let now = crate::ids::now_ms();
     let dir = root.join(format!("{now}-{}", &v.identity.info.sha256[..12]));
     {
         use std::os::unix::fs::DirBuilderExt;

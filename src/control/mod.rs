@@ -198,10 +198,10 @@ async fn status(shared: &Shared) -> Value {
         .ok()
         .and_then(Result::ok);
     let firewall = shared.firewall.lock().await.current().counts();
-    let now = crate::protocol::now_ms();
+    let now = crate::ids::now_ms();
     json!({
         "host": shared.host_id,
-        "version": crate::cli::VERSION,
+        "version": crate::logs::VERSION,
         "pid": std::process::id(),
         "uptime_secs": now.saturating_sub(shared.started_ms) / 1000,
         "session": *shared.session.lock().expect("session lock"),

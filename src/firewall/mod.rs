@@ -581,7 +581,7 @@ impl Firewall {
         self.current = rs;
         self.layout = layout;
         self.baseline = None;
-        self.applied_at_ms = Some(crate::protocol::now_ms());
+        self.applied_at_ms = Some(crate::ids::now_ms());
     }
 
     /// Checks a patch against the current rule set and renders the one transaction that
@@ -1088,7 +1088,7 @@ impl Firewall {
             self.layout = layout;
         }
         self.baseline = None;
-        self.applied_at_ms = Some(crate::protocol::now_ms());
+        self.applied_at_ms = Some(crate::ids::now_ms());
     }
 
     /// Compares our table with what we last applied; restores it when it differs or is gone.

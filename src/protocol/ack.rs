@@ -109,7 +109,7 @@ impl Ack {
             kind: "ack".to_string(),
             source: host.to_string(),
             host: host.to_string(),
-            timestamp: super::now_ms(),
+            timestamp: crate::ids::now_ms(),
             correlation_id,
             command_type,
             status,
@@ -122,7 +122,7 @@ impl Ack {
     /// The stored original, marked as a redelivery's answer: same id, status, error and data.
     pub fn as_duplicate(mut self) -> Ack {
         self.duplicate = true;
-        self.timestamp = super::now_ms();
+        self.timestamp = crate::ids::now_ms();
         self
     }
 

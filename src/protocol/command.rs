@@ -292,7 +292,7 @@ fn decode_inner(
             )
         })?,
     };
-    check_timestamp(ctx, timestamp, super::now_ms())?;
+    check_timestamp(ctx, timestamp, crate::ids::now_ms())?;
     let data = obj.get("data").ok_or_else(|| missing("$", "data"))?;
 
     let kind = match kind {
@@ -586,7 +586,7 @@ mod tests {
     fn timestamps_outside_the_window_are_bad() {
         let mut c = ctx();
         c.max_age_ms = 7_500_000;
-        let now = crate::protocol::now_ms();
+        let now = crate::ids::now_ms();
         let at = |ts: u64| ping("").replace(r#""timestamp":1"#, &format!(r#""timestamp":{ts}"#));
         for ok in [now, now - 7_400_000, now + 60_000] {
             assert!(decode(&c, &incoming(&at(ok))).is_ok(), "{ok}");

@@ -1,6 +1,7 @@
 //! Logical routers: the wanted routers (as recorded), converging the kernel to them, and
 //! reconciling at start and on `state.sync`. Kernel work goes to the namespace thread.
 
+pub mod kernel;
 pub mod plan;
 pub mod spec;
 
@@ -10,7 +11,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::sys::netns::{self, NetnsWorker};
-use crate::sys::rtnl::{self, KernelError};
+use kernel::KernelError;
 use plan::{Observed, Step};
 use spec::{NETNS_PREFIX, RouterSpec};
 
@@ -92,7 +93,7 @@ impl Routers {
             let b = bridge.clone();
             let exists = self
                 .worker
-                .run(move |ctx| async move { rtnl::is_bridge(&ctx, &b).await })
+                .run(move |ctx| async move { kernel::is_bridge(&ctx, &b).await })
                 .await?;
             if !exists {
                 return Err(RouterError::UnknownBridge {
@@ -110,14 +111,14 @@ impl Routers {
         let crash = self.crash_mid_create;
         self.worker
             .run(move |ctx| async move {
-                let observed = rtnl::observe(&ctx, &spec).await?;
+                let observed = kernel::observe(&ctx, &spec).await?;
                 let steps = plan::plan(&spec, &observed);
                 if crash && !observed.namespace && steps.len() > 2 {
-                    rtnl::apply(&ctx, &spec, &steps[..2]).await?;
+                    kernel::apply(&ctx, &spec, &steps[..2]).await?;
                     tracing::error!(router = %spec.id, "RAMPART_FAULT=crash_mid_router_create: killing myself");
                     let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
                 }
-                rtnl::apply(&ctx, &spec, &steps).await?;
+                kernel::apply(&ctx, &spec, &steps).await?;
                 Ok(steps)
             })
             .await
@@ -134,12 +135,12 @@ impl Routers {
         self.worker
             .run(move |ctx| async move {
                 if by_alias {
-                    ends = rtnl::agent_host_links(&ctx)
+                    ends = kernel::agent_host_links(&ctx)
                         .await?
                         .remove(&id)
                         .unwrap_or_default();
                 }
-                rtnl::delete(&ctx, &id, &ends).await
+                kernel::delete(&ctx, &id, &ends).await
             })
             .await
     }
@@ -191,7 +192,7 @@ impl Routers {
         };
         let stray_links = self
             .worker
-            .run(|ctx| async move { rtnl::agent_host_links(&ctx).await })
+            .run(|ctx| async move { kernel::agent_host_links(&ctx).await })
             .await
             .unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "cannot list the agent's host interfaces");
@@ -258,7 +259,7 @@ impl Routers {
             let s = spec.clone();
             let observed = self
                 .worker
-                .run(move |ctx| async move { rtnl::observe(&ctx, &s).await })
+                .run(move |ctx| async move { kernel::observe(&ctx, &s).await })
                 .await;
             out.push(view(spec, observed));
         }

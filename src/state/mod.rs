@@ -371,7 +371,7 @@ impl Store {
                     tx.open_table(ROUTERS)?.insert(id, spec.as_bytes())?;
                     let mut owned = tx.open_table(ROUTERS_OWNED)?;
                     if owned.get(id)?.is_none() {
-                        owned.insert(id, crate::protocol::now_ms())?;
+                        owned.insert(id, crate::ids::now_ms())?;
                     }
                 }
                 Change::RouterDelete(id) => {
@@ -474,7 +474,7 @@ impl Store {
     pub fn own_router(&self, id: &str) -> Result<(), StateError> {
         let tx = self.write_tx()?;
         tx.open_table(ROUTERS_OWNED)?
-            .insert(id, crate::protocol::now_ms())?;
+            .insert(id, crate::ids::now_ms())?;
         tx.commit()?;
         Ok(())
     }

@@ -1,4 +1,6 @@
-//! The only code that touches the host: nftables, rtnetlink and network namespaces.
+//! The generic kernel plumbing: nftables, nfnetlink, conntrack, the host's view through
+//! rtnetlink, network namespaces. Domain types stay out (the routers' kernel side is
+//! `router::kernel`).
 
 pub mod conntrack;
 pub mod hostview;
@@ -7,7 +9,6 @@ pub mod nfnl;
 pub mod nfrule;
 pub mod nft;
 pub mod nftrace;
-pub mod rtnl;
 
 /// Gives the pages of freed heap memory back to the kernel. After a large rule set the
 /// heap is left with holes where the decoded JSON was (many small blocks between the ones

@@ -397,7 +397,7 @@ pub fn apply(table: &str, changes: &[SetChange]) -> Result<(), NfnlError> {
 
 /// A sequence number unlikely to meet an earlier request's.
 pub fn first_seq() -> u32 {
-    (std::process::id() << 8) ^ (crate::protocol::now_ms() as u32)
+    (std::process::id() << 8) ^ (crate::ids::now_ms() as u32)
 }
 
 /// Sends one encoded batch on a fresh socket and waits for the ack of every message in

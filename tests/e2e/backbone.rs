@@ -438,7 +438,7 @@ fn least_privilege() -> Result<()> {
         m.watch_host(&rogue.id).await?;
         let cfg = rampart::config::Config::load(&rogue.config)?;
         let b = &cfg.broker;
-        let (_, tls) = broker::tls::from_config(b)?;
+        let (_, tls) = rampart::certs::tls::from_config(b)?;
         let connector = broker::Connector::new(b, tls, "rogue".into())?;
         let session = connector.connect(&connector.urls[0]).await?;
         let conn = &session.connection;

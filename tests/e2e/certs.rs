@@ -61,7 +61,7 @@ const WAIT: Duration = Duration::from_secs(20);
 /// Upper-case hex SHA-256 of the first certificate of a PEM text (the broker's notation).
 fn sha(pem: &str) -> String {
     let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
-    rampart::broker::tls::cert_info(&der)
+    rampart::certs::tls::cert_info(&der)
         .unwrap()
         .sha256
         .to_uppercase()

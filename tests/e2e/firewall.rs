@@ -892,7 +892,7 @@ fn events_outbox() -> Result<()> {
 
     // The broker goes away; stats (traffic every half second) and a drift repair happen.
     t.site.cut_broker();
-    let cut_at = rampart::protocol::now_ms();
+    let cut_at = rampart::ids::now_ms();
     for _ in 0..10 {
         ensure!(t.probe(80) == Tcp::Open);
         std::thread::sleep(Duration::from_millis(500));

@@ -51,7 +51,7 @@ impl Rng {
         let seed = std::env::var("RAMPART_CHAOS_SEED")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| rampart::protocol::now_ms() | 1);
+            .unwrap_or_else(|| rampart::ids::now_ms() | 1);
         eprintln!("storm seed: RAMPART_CHAOS_SEED={seed}");
         Rng(seed)
     }

@@ -89,7 +89,7 @@ fn replay_and_duplicate_keys() -> Result<()> {
     runtime().block_on(async {
         let h = &host.id;
         let mut m = manager(h).await?;
-        let now = rampart::protocol::now_ms();
+        let now = rampart::ids::now_ms();
         let cases = [
             ("old", now - 7_600_000),
             ("future", now + 6 * 60_000),

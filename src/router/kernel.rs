@@ -1,5 +1,5 @@
 //! Routers in the kernel, through rtnetlink: observe one router, carry out planned steps,
-//! delete one. Every function here runs on the namespace thread ([`super::netns::Ctx`]).
+//! delete one. Every function here runs on the namespace thread ([`crate::sys::netns::Ctx`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -15,9 +15,9 @@ use netlink_packet_route::link::{
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteProtocol};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use super::netns::{self, Ctx};
-use crate::router::plan::{Observed, ObservedHost, ObservedInterface, Step};
-use crate::router::spec::{Interface, Route, RouterSpec, host_alias, router_of_alias};
+use super::plan::{Observed, ObservedHost, ObservedInterface, Step};
+use super::spec::{Interface, Route, RouterSpec, host_alias, router_of_alias};
+use crate::sys::netns::{self, Ctx};
 
 /// A kernel operation that failed: which one, and the kernel's reason.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -223,12 +223,9 @@ pub async fn observe(ctx: &Ctx, spec: &RouterSpec) -> Result<Observed, KernelErr
             continue;
         }
         by_index.insert(l.index, l.name.clone());
-        let host = match link_by_name(
-            &ctx.host,
-            &crate::router::spec::host_name(&spec.id, &l.name),
-        )
-        .await
-        .map_err(fail("look up host end"))?
+        let host = match link_by_name(&ctx.host, &super::spec::host_name(&spec.id, &l.name))
+            .await
+            .map_err(fail("look up host end"))?
         {
             None => None,
             Some(h) => Some(ObservedHost {
@@ -396,7 +393,7 @@ async fn add_interface(
     let peer = LinkMessageBuilder::<LinkUnspec>::new()
         .name(iface.name.clone())
         .mtu(iface.mtu)
-        .address(crate::router::spec::inner_mac(&ctx.host_id, router, &iface.name).to_vec())
+        .address(super::spec::inner_mac(&ctx.host_id, router, &iface.name).to_vec())
         .setns_by_fd(ns.as_raw_fd())
         .build();
     let msg = LinkVeth::new(&host, &iface.name)
@@ -478,7 +475,7 @@ async fn apply_step(
         }
         Step::AddInterface(iface) => add_interface(ctx, &spec.id, ns, inner, iface).await,
         Step::SetMtu { name, mtu } => {
-            let host = crate::router::spec::host_name(&spec.id, name);
+            let host = super::spec::host_name(&spec.id, name);
             for (h, n) in [(inner, name.as_str()), (&ctx.host, host.as_str())] {
                 let index = index_of(h, n).await?;
                 h.link()
@@ -490,11 +487,11 @@ async fn apply_step(
             Ok(())
         }
         Step::SetUp(name) => {
-            set_up(&ctx.host, &crate::router::spec::host_name(&spec.id, name)).await?;
+            set_up(&ctx.host, &super::spec::host_name(&spec.id, name)).await?;
             set_up(inner, name).await
         }
         Step::SetBridge { name, bridge } => {
-            let host = crate::router::spec::host_name(&spec.id, name);
+            let host = super::spec::host_name(&spec.id, name);
             set_bridge(ctx, &host, bridge.as_deref()).await
         }
         Step::RemoveAddress { name, address } => {
@@ -525,7 +522,7 @@ async fn apply_step(
 /// with their peers, and are waited for so that their names are free when this returns.
 /// An end still there after that (something else holds the namespace open) is deleted.
 pub async fn delete(ctx: &Ctx, id: &str, host_ends: &[String]) -> Result<(), KernelError> {
-    let name = crate::router::spec::netns_name(id);
+    let name = super::spec::netns_name(id);
     netns::remove_ns(&name).map_err(io_fail(format!("remove namespace {name}")))?;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
     for end in host_ends {

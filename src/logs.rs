@@ -1,0 +1,52 @@
+//! Leaf: the agent's version string and its logging (set up once, level changed on reload).
+//! Every layer may use it; it uses none of them.
+
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("RAMPART_GIT_REV"),
+    ")"
+);
+
+/// `log.format` in the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Swaps the log filter of the running process (SIGHUP reload).
+static LOG_RELOAD: std::sync::OnceLock<LogReload> = std::sync::OnceLock::new();
+
+fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
+    // lapin logs every channel close at ERROR; the agent reports what matters itself.
+    tracing_subscriber::EnvFilter::new(format!("{level},lapin=off"))
+}
+
+pub fn init_logging(level: &str, format: LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RAMPART_LOG")
+        .unwrap_or_else(|_| log_filter(level));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
+    }
+    let _ = LOG_RELOAD.set(Box::new(move |level| {
+        handle.reload(log_filter(level)).map_err(|e| e.to_string())
+    }));
+}
+
+/// Applies a new log level (the configuration's `log.level`) to the running process.
+pub fn set_log_level(level: &str) -> Result<(), String> {
+    match LOG_RELOAD.get() {
+        Some(reload) => reload(level),
+        None => Err("logging is not initialised".into()),
+    }
+}
