@@ -40,6 +40,23 @@ pub struct Outcome {
     pub rotation: Option<Box<Rotation>>,
 }
 
+impl Outcome {
+    /// An answer that switches no identity.
+    fn answered(ack: Ack, disposition: Disposition) -> Outcome {
+        Outcome {
+            ack,
+            disposition,
+            rotation: None,
+        }
+    }
+}
+
+/// The domain locks one command holds from plan to commit.
+struct Locks<'a> {
+    firewall: Option<tokio::sync::MutexGuard<'a, Firewall>>,
+    routers: Option<tokio::sync::MutexGuard<'a, Routers>>,
+}
+
 /// The broker session opened with a newly installed identity, and how to open more.
 pub struct Rotation {
     pub connector: crate::broker::Connector,
@@ -254,221 +271,53 @@ impl Dispatcher {
         decoded
     }
 
+    /// One command, as the contract reads: deduplicate and check it, execute it against
+    /// the current state and the kernel, then record its outcome before handing back the
+    /// ack (or roll back what it did when the record cannot be kept).
     pub async fn handle(&self, incoming: Incoming) -> Outcome {
         let started = Instant::now();
-        // Dedup comes before every check that depends on configuration (PROTOCOL.md
-        // section 3): a redelivery keeps its original answer whatever changed since.
-        let claimed = claimed_id(&incoming);
-        if let Some(id) = &claimed
-            && let Some(outcome) = self
-                .duplicate_of(id, incoming.kind.as_deref().unwrap_or("unknown"))
-                .await
-        {
-            return outcome;
-        }
-        let request = match self.decode(incoming).await {
-            Ok(r) => r,
-            Err(rejection) => {
-                tracing::warn!(
-                    command_id = rejection.correlation_id.as_deref().unwrap_or("-"),
-                    command_type = rejection.command_type.as_deref().unwrap_or("-"),
-                    code = ?rejection.error.code,
-                    field = rejection.error.field.as_deref().unwrap_or("-"),
-                    error = %rejection.error.message,
-                    "command rejected"
-                );
-                let ack = Ack::new(
-                    self.host_id(),
-                    rejection.correlation_id,
-                    rejection.command_type,
-                    Status::Rejected,
-                    Some(rejection.error),
-                    json!({}),
-                );
-                return Outcome {
-                    ack,
-                    disposition: Disposition::Reject,
-                    rotation: None,
-                };
-            }
+        let request = match self.admit(incoming).await {
+            Ok(request) => request,
+            Err(answered) => return answered,
         };
-
-        if claimed.as_deref() != Some(request.id.as_str())
-            && let Some(outcome) = self
-                .duplicate_of(&request.id, request.kind.type_name())
-                .await
-        {
-            return outcome;
-        }
-
         let type_name = request.kind.type_name();
-        // The firewall lock is held from plan to commit, so drift repair never interleaves.
-        let mut fw_guard = match &request.kind {
-            RequestKind::FirewallApply { .. } | RequestKind::FirewallPatch { .. } => {
-                Some(self.firewall.lock().await)
-            }
-            _ => None,
-        };
-        let mut rt_guard = match &request.kind {
-            RequestKind::RouterCreate(_) | RequestKind::RouterDelete { .. } => {
-                Some(self.routers.lock().await)
-            }
-            _ => None,
-        };
         let dry_run = matches!(
             request.kind,
             RequestKind::FirewallApply { dry_run: true, .. }
                 | RequestKind::FirewallPatch { dry_run: true, .. }
         );
+        // The domain's lock is held from plan to commit, so drift repair never interleaves.
+        let mut locks = self.locks_for(&request.kind).await;
         let Request { id, kind, .. } = request;
-        let mut rotation = None;
-        let (executed, commit) = match kind {
-            RequestKind::Ping => (
-                Executed::applied(json!({}), OwnedChange::None),
-                Commit::None,
-            ),
-            RequestKind::StateSync { counters } => {
-                let reconciled = {
-                    let mut routers = self.routers.lock().await;
-                    reconcile_routers(&mut routers, &self.store, &self.drift).await
-                };
-                match reconciled.and(self.summary().await) {
-                    Ok(mut summary) => {
-                        if counters {
-                            summary["firewall"]["counters"] = self.rule_counters().await;
-                        }
-                        (Executed::applied(summary, OwnedChange::None), Commit::None)
-                    }
-                    Err(e) => return self.store_failure(&id, type_name, e),
-                }
-            }
-            RequestKind::FirewallApply {
-                rules,
-                raw,
-                dry_run,
-            } => {
-                let fw = fw_guard.as_mut().expect("locked above");
-                if dry_run {
-                    (firewall_apply_dry(fw, &rules).await, Commit::None)
-                } else {
-                    firewall_apply(fw, rules, raw).await
-                }
-            }
-            RequestKind::FirewallPatch {
-                patch,
-                raw,
-                dry_run,
-            } => {
-                let fw = fw_guard.as_mut().expect("locked above");
-                if dry_run {
-                    (firewall_patch_dry(fw, &patch).await, Commit::None)
-                } else {
-                    firewall_patch(fw, &patch, raw).await
-                }
-            }
-            RequestKind::CertRequest(req) => (self.cert_request(*req).await, Commit::None),
-            RequestKind::CertInstall(bundle) => {
-                let (executed, r) = self.cert_install(&bundle, &id).await;
-                rotation = r;
-                (executed, Commit::None)
-            }
-            RequestKind::RouterCreate(spec) => {
-                let routers = rt_guard.as_mut().expect("locked above");
-                self.router_create(routers, *spec).await
-            }
-            RequestKind::RouterDelete { id: router } => {
-                let routers = rt_guard.as_mut().expect("locked above");
-                router_delete(routers, router).await
-            }
+        let (executed, commit, rotation) = match self.execute(&id, kind, &mut locks).await {
+            Ok(done) => done,
+            Err(e) => return self.store_failure(&id, type_name, e),
         };
-        let Executed {
-            status,
-            error,
-            mut data,
-            change,
-        } = executed;
-        if let Value::Object(map) = &mut data {
-            map.insert(
-                "duration_us".into(),
-                json!(started.elapsed().as_micros() as u64),
-            );
-        }
-        let ack = Ack::new(
-            self.host_id(),
-            Some(id.clone()),
-            Some(type_name.to_string()),
-            status,
-            error,
-            data,
-        );
-        if status == Status::Rejected {
+        let (ack, change) = self.ack_of(&id, type_name, executed, started);
+        if ack.status == Status::Rejected {
             // Not recorded (see above): a rejection changed nothing.
             if let Some(e) = &ack.error {
                 tracing::warn!(command_id = %id, command_type = type_name, code = ?e.code, field = e.field.as_deref().unwrap_or("-"), error = %e.message, "command rejected");
             }
-            return Outcome {
-                ack,
-                disposition: Disposition::Reject,
-                rotation: None,
-            };
+            return Outcome::answered(ack, Disposition::Reject);
         }
         if dry_run {
             // Nothing changed and nothing recorded, not even the id: the same command may
             // come again for real.
             tracing::info!(command_id = %id, command_type = type_name, status = ack.status.as_str(), "dry run answered");
-            return Outcome {
-                ack,
-                disposition: Disposition::Ack,
-                rotation: None,
-            };
+            return Outcome::answered(ack, Disposition::Ack);
         }
         let persist_started = Instant::now();
         let persisted = self.persist(&id, &ack, change).await;
         tracing::debug!(command_id = %id, persist_us = persist_started.elapsed().as_micros() as u64, "outcome stored");
         if let Err(e) = persisted {
-            if let Some(fw) = fw_guard.as_mut()
-                && !matches!(commit, Commit::None)
-                && let Err(re) = fw.restore().await
-            {
-                tracing::error!(error = %re, "could not roll the kernel back to the recorded rule set");
-            }
-            if let Some(routers) = rt_guard.as_mut() {
-                undo_router(routers, &commit).await;
-            }
+            self.roll_back(&mut locks, &commit).await;
             // An identity already switched stays switched: the new session carries on.
             let mut outcome = self.store_failure(&id, type_name, e);
             outcome.rotation = rotation;
             return outcome;
         }
-        if let Some(routers) = rt_guard.as_mut() {
-            match &commit {
-                Commit::RouterPut { spec, .. } => routers.commit_put((**spec).clone()),
-                Commit::RouterDelete { id, .. } => routers.commit_delete(id),
-                _ => {}
-            }
-        }
-        drop(rt_guard);
-        if let Some(fw) = fw_guard.as_mut() {
-            match commit {
-                Commit::None => {}
-                Commit::Replace(rs, layout) => {
-                    fw.commit_replace(*rs, layout);
-                    // A full rule set is what a lost state was waiting for.
-                    self.set_state_lost(None);
-                    fw.cut_denied().await;
-                }
-                Commit::Patch(plan) => {
-                    let may_deny_more = plan.may_deny_more;
-                    fw.commit_patch(*plan);
-                    if may_deny_more {
-                        fw.cut_denied().await;
-                    }
-                    self.maybe_compact(fw).await;
-                }
-                Commit::RouterPut { .. } | Commit::RouterDelete { .. } => {}
-            }
-        }
-        drop(fw_guard);
+        self.commit(locks, commit).await;
         if self.fault == Fault::CrashAfterPersist {
             tracing::error!(command_id = %id, "RAMPART_FAULT=crash_after_persist: killing myself");
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
@@ -484,6 +333,215 @@ impl Dispatcher {
             ack,
             disposition: Disposition::Ack,
             rotation,
+        }
+    }
+
+    /// Deduplication, then every check of the contract. Dedup comes before every check
+    /// that depends on configuration (PROTOCOL.md section 3): a redelivery keeps its
+    /// original answer whatever changed since. `Err` is the answer already.
+    async fn admit(&self, incoming: Incoming) -> Result<Request, Outcome> {
+        let claimed = claimed_id(&incoming);
+        if let Some(id) = &claimed
+            && let Some(outcome) = self
+                .duplicate_of(id, incoming.kind.as_deref().unwrap_or("unknown"))
+                .await
+        {
+            return Err(outcome);
+        }
+        let request = self.decode(incoming).await.map_err(|rejection| {
+            tracing::warn!(
+                command_id = rejection.correlation_id.as_deref().unwrap_or("-"),
+                command_type = rejection.command_type.as_deref().unwrap_or("-"),
+                code = ?rejection.error.code,
+                field = rejection.error.field.as_deref().unwrap_or("-"),
+                error = %rejection.error.message,
+                "command rejected"
+            );
+            let ack = Ack::new(
+                self.host_id(),
+                rejection.correlation_id,
+                rejection.command_type,
+                Status::Rejected,
+                Some(rejection.error),
+                json!({}),
+            );
+            Outcome::answered(ack, Disposition::Reject)
+        })?;
+        if claimed.as_deref() != Some(request.id.as_str())
+            && let Some(outcome) = self
+                .duplicate_of(&request.id, request.kind.type_name())
+                .await
+        {
+            return Err(outcome);
+        }
+        Ok(request)
+    }
+
+    /// The locks a request of `kind` holds from plan to commit.
+    async fn locks_for(&self, kind: &RequestKind) -> Locks<'_> {
+        match kind {
+            RequestKind::FirewallApply { .. } | RequestKind::FirewallPatch { .. } => Locks {
+                firewall: Some(self.firewall.lock().await),
+                routers: None,
+            },
+            RequestKind::RouterCreate(_) | RequestKind::RouterDelete { .. } => Locks {
+                firewall: None,
+                routers: Some(self.routers.lock().await),
+            },
+            _ => Locks {
+                firewall: None,
+                routers: None,
+            },
+        }
+    }
+
+    /// Runs the request in its domain: what happened, what to commit in memory once it is
+    /// recorded, and the new session if the identity changed. `Err`: the store could not be
+    /// read (a `state.sync`).
+    async fn execute(
+        &self,
+        id: &str,
+        kind: RequestKind,
+        locks: &mut Locks<'_>,
+    ) -> Result<(Executed, Commit, Option<Box<Rotation>>), StateError> {
+        let none = |executed| Ok((executed, Commit::None, None));
+        match kind {
+            RequestKind::Ping => none(Executed::applied(json!({}), OwnedChange::None)),
+            RequestKind::StateSync { counters } => none(self.state_sync(counters).await?),
+            RequestKind::FirewallApply {
+                rules,
+                raw,
+                dry_run,
+            } => {
+                let fw = locks.firewall.as_mut().expect("locked for firewall");
+                if dry_run {
+                    return none(firewall_apply_dry(fw, &rules).await);
+                }
+                let (executed, commit) = firewall_apply(fw, rules, raw).await;
+                Ok((executed, commit, None))
+            }
+            RequestKind::FirewallPatch {
+                patch,
+                raw,
+                dry_run,
+            } => {
+                let fw = locks.firewall.as_mut().expect("locked for firewall");
+                if dry_run {
+                    return none(firewall_patch_dry(fw, &patch).await);
+                }
+                let (executed, commit) = firewall_patch(fw, &patch, raw).await;
+                Ok((executed, commit, None))
+            }
+            RequestKind::CertRequest(req) => none(self.cert_request(*req).await),
+            RequestKind::CertInstall(bundle) => {
+                let (executed, rotation) = self.cert_install(&bundle, id).await;
+                Ok((executed, Commit::None, rotation))
+            }
+            RequestKind::RouterCreate(spec) => {
+                let routers = locks.routers.as_mut().expect("locked for routers");
+                let (executed, commit) = self.router_create(routers, *spec).await;
+                Ok((executed, commit, None))
+            }
+            RequestKind::RouterDelete { id: router } => {
+                let routers = locks.routers.as_mut().expect("locked for routers");
+                let (executed, commit) = router_delete(routers, router).await;
+                Ok((executed, commit, None))
+            }
+        }
+    }
+
+    /// `state.sync`: routers reconciled with the kernel, then the summary (with every
+    /// rule's counters on request).
+    async fn state_sync(&self, counters: bool) -> Result<Executed, StateError> {
+        {
+            let mut routers = self.routers.lock().await;
+            reconcile_routers(&mut routers, &self.store, &self.drift).await?;
+        }
+        let mut summary = self.summary().await?;
+        if counters {
+            summary["firewall"]["counters"] = self.rule_counters().await;
+        }
+        Ok(Executed::applied(summary, OwnedChange::None))
+    }
+
+    /// The ack for what `executed` says (with the time it took), and the change to record.
+    fn ack_of(
+        &self,
+        id: &str,
+        type_name: &str,
+        executed: Executed,
+        started: Instant,
+    ) -> (Ack, OwnedChange) {
+        let Executed {
+            status,
+            error,
+            mut data,
+            change,
+        } = executed;
+        if let Value::Object(map) = &mut data {
+            map.insert(
+                "duration_us".into(),
+                json!(started.elapsed().as_micros() as u64),
+            );
+        }
+        let ack = Ack::new(
+            self.host_id(),
+            Some(id.to_string()),
+            Some(type_name.to_string()),
+            status,
+            error,
+            data,
+        );
+        (ack, change)
+    }
+
+    /// Undoes in the kernel what a command did whose record could not be kept.
+    async fn roll_back(&self, locks: &mut Locks<'_>, commit: &Commit) {
+        if let Some(fw) = locks.firewall.as_mut()
+            && !matches!(commit, Commit::None)
+            && let Err(re) = fw.restore().await
+        {
+            tracing::error!(error = %re, "could not roll the kernel back to the recorded rule set");
+        }
+        if let Some(routers) = locks.routers.as_mut() {
+            undo_router(routers, commit).await;
+        }
+    }
+
+    /// Makes the recorded change the current state in memory, then what follows from it:
+    /// connections the new rules deny are cut, the journal compacted now and then.
+    async fn commit(&self, locks: Locks<'_>, commit: Commit) {
+        let Locks {
+            firewall,
+            mut routers,
+        } = locks;
+        if let Some(routers) = routers.as_mut() {
+            match &commit {
+                Commit::RouterPut { spec, .. } => routers.commit_put((**spec).clone()),
+                Commit::RouterDelete { id, .. } => routers.commit_delete(id),
+                _ => {}
+            }
+        }
+        drop(routers);
+        let Some(mut fw) = firewall else {
+            return;
+        };
+        match commit {
+            Commit::Replace(rs, layout) => {
+                fw.commit_replace(*rs, layout);
+                // A full rule set is what a lost state was waiting for.
+                self.set_state_lost(None);
+                fw.cut_denied().await;
+            }
+            Commit::Patch(plan) => {
+                let may_deny_more = plan.may_deny_more;
+                fw.commit_patch(*plan);
+                if may_deny_more {
+                    fw.cut_denied().await;
+                }
+                self.maybe_compact(&fw).await;
+            }
+            _ => {}
         }
     }
 
