@@ -68,77 +68,184 @@ struct Agent {
 
 /// Runs the agent in the foreground until SIGTERM or SIGINT.
 pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Result<()> {
-    let b = &config.broker;
-    // The newest identity installed by cert.install, else the configured files.
-    let (current, identity, tls) =
-        Current::load(&config.state_dir, b).context("loading the TLS identity")?;
-    tracing::info!(
-        source = current.files.source,
-        cert = %current.files.cert.display(),
-        subject = %current.info.subject,
-        not_after = %current.info.not_after,
-        "TLS identity loaded"
-    );
-    let identity_state = Arc::new(std::sync::RwLock::new(current));
-    let cn = identity.info.common_name.clone();
-    let host_id = match (&config.host_id, &cn) {
-        (Some(id), _) => id.clone(),
-        (None, Some(cn)) if is_valid_host_id(cn) => cn.clone(),
-        (None, Some(cn)) => anyhow::bail!(
-            "host_id is not set and the certificate CN {cn:?} is not a valid host id; set host_id"
-        ),
-        (None, None) => anyhow::bail!("host_id is not set and the certificate has no CN"),
+    let who = Who::load(&config)?;
+    let limits = limits_of(&config);
+    let decode = DecodeContext {
+        host_id: who.host_id.clone(),
+        trusted_senders: config.broker.trusted_senders.clone(),
+        max_body_bytes: config.commands.max_body_bytes,
+        signing_keys: load_signing_keys(&config)?,
+        limits,
+        max_age_ms: config.commands.max_age_ms,
     };
-    let broker_user = match b.auth {
-        AuthMechanism::External => cn.context("EXTERNAL login needs a certificate with a CN")?,
-        AuthMechanism::Plain => b.username.clone().unwrap_or_default(),
-    };
-    let signing_keys = load_signing_keys(&config)?;
+    let connector = Connector::new(
+        &config.broker,
+        who.tls.clone(),
+        format!("rampart/{}", who.host_id),
+    )?;
+    // The recorded rule set goes back into the kernel before any broker is contacted, so a
+    // restart or a reboot never leaves the host open.
+    let (store, firewall, state_lost) = restore_state(&config, &connector, limits).await?;
+    let metrics = Arc::new(Metrics::new());
+    metrics.firewall(&firewall.current().counts());
+    let mut firewall = firewall;
+    firewall.set_metrics(metrics.clone());
+    let firewall = Arc::new(tokio::sync::Mutex::new(firewall));
+    let (drift_tx, drift_rx) = tokio::sync::mpsc::channel(16);
+    let routers = load_routers(&store, &who.host_id, &drift_tx).await?;
+    let shared = shared_status(&firewall, &routers, &store, &who, state_lost);
+    crate::control::serve(&config.control.socket, shared.clone())
+        .context("opening the control socket")?;
+    let outbox = Arc::new(Outbox::new(
+        store.clone(),
+        who.host_id.clone(),
+        &config.events,
+        metrics.clone(),
+    ));
+    start_background(
+        &config,
+        &firewall,
+        &routers,
+        &store,
+        &outbox,
+        &metrics,
+        (drift_tx.clone(), drift_rx),
+    )
+    .await?;
+    let dispatcher = Dispatcher::new(
+        store,
+        decode,
+        CertContext {
+            identity: who.identity.clone(),
+            state_dir: config.state_dir.clone(),
+            broker: std::sync::RwLock::new(config.broker.clone()),
+        },
+        firewall.clone(),
+        routers,
+        drift_tx,
+    )
+    .with_state_lost(shared.state_lost.clone());
+    let agent = Arc::new(Agent::new(
+        dispatcher, firewall, outbox, shared, who, config, metrics,
+    ));
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("state restored; connecting to the broker"),
+    ]);
+    spawn_watchdog(&agent);
+    let reload_rx = spawn_reload(&agent, config_path);
+    let stop_rx = spawn_stop(&agent);
+    agent.session_loop(connector, stop_rx, reload_rx).await;
+    notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = std::fs::remove_file(&agent.config().control.socket);
+    tracing::info!("agent stopped");
+    Ok(())
+}
 
+/// What the control socket reads: the state, and the session's status as it changes.
+fn shared_status(
+    firewall: &Arc<tokio::sync::Mutex<Firewall>>,
+    routers: &Arc<tokio::sync::Mutex<Routers>>,
+    store: &Arc<Store>,
+    who: &Who,
+    state_lost: Option<Value>,
+) -> Arc<crate::control::Shared> {
+    Arc::new(crate::control::Shared {
+        firewall: firewall.clone(),
+        routers: routers.clone(),
+        store: store.clone(),
+        host_id: who.host_id.clone(),
+        started_ms: now_ms(),
+        identity: who.identity.clone(),
+        session: std::sync::Mutex::new(crate::control::SessionStatus {
+            state: "connecting".into(),
+            ..Default::default()
+        }),
+        commands: Default::default(),
+        pending_restart: Default::default(),
+        state_lost: Arc::new(std::sync::Mutex::new(state_lost)),
+    })
+}
+
+/// Who the agent is: its TLS identity, host id and broker user.
+struct Who {
+    identity: Arc<std::sync::RwLock<Current>>,
+    tls: Arc<rustls::ClientConfig>,
+    host_id: String,
+    broker_user: String,
+}
+
+impl Who {
+    /// The newest identity installed by cert.install, else the configured files; the host
+    /// id configured or taken from the certificate's CN.
+    fn load(config: &Config) -> anyhow::Result<Who> {
+        let b = &config.broker;
+        let (current, identity, tls) =
+            Current::load(&config.state_dir, b).context("loading the TLS identity")?;
+        tracing::info!(
+            source = current.files.source,
+            cert = %current.files.cert.display(),
+            subject = %current.info.subject,
+            not_after = %current.info.not_after,
+            "TLS identity loaded"
+        );
+        let cn = identity.info.common_name.clone();
+        let host_id = match (&config.host_id, &cn) {
+            (Some(id), _) => id.clone(),
+            (None, Some(cn)) if is_valid_host_id(cn) => cn.clone(),
+            (None, Some(cn)) => anyhow::bail!(
+                "host_id is not set and the certificate CN {cn:?} is not a valid host id; set host_id"
+            ),
+            (None, None) => anyhow::bail!("host_id is not set and the certificate has no CN"),
+        };
+        let broker_user = match b.auth {
+            AuthMechanism::External => {
+                cn.context("EXTERNAL login needs a certificate with a CN")?
+            }
+            AuthMechanism::Plain => b.username.clone().unwrap_or_default(),
+        };
+        Ok(Who {
+            identity: Arc::new(std::sync::RwLock::new(current)),
+            tls,
+            host_id,
+            broker_user,
+        })
+    }
+}
+
+/// Opens the store (an unreadable one set aside) and puts the recorded rule set back into
+/// the kernel, cutting connections it denies. The third value describes a lost state.
+async fn restore_state(
+    config: &Config,
+    connector: &Connector,
+    limits: Limits,
+) -> anyhow::Result<(Arc<Store>, Firewall, Option<Value>)> {
     let mut lost = None;
-    let store = match open_store(&config).await {
+    let store = match open_store(config).await {
         Ok(store) => store,
         Err(e) => {
-            let fresh = set_store_aside(&config, &e).await?;
+            let fresh = set_store_aside(config, &e).await?;
             lost = Some(e);
             fresh
         }
     };
     tracing::info!(path = %store.path().display(), "state store open");
-
-    let limits = limits_of(&config);
-    let decode = DecodeContext {
-        host_id: host_id.clone(),
-        trusted_senders: b.trusted_senders.clone(),
-        max_body_bytes: config.commands.max_body_bytes,
-        signing_keys,
-        limits,
-        max_age_ms: config.commands.max_age_ms,
-    };
-    let connector = Connector::new(b, tls, format!("rampart/{host_id}"))?;
     let mut store = Arc::new(store);
-
-    // The recorded rule set goes back into the kernel before any broker is contacted, so a
-    // restart or a reboot never leaves the host open.
-    let ctx = render_ctx(&config, &connector).await;
-    let mut firewall = match load_firewall(&store, &config, ctx.clone(), limits).await {
+    let ctx = render_ctx(config, connector).await;
+    let mut firewall = match load_firewall(&store, config, ctx.clone(), limits).await {
         Ok(fw) => fw,
         Err(e) if lost.is_none() => {
             drop(store);
-            store = Arc::new(set_store_aside(&config, &e).await?);
+            store = Arc::new(set_store_aside(config, &e).await?);
             lost = Some(e);
-            Firewall::new(
-                Nft::new(&config.firewall.nft),
-                ctx,
-                limits,
-                RuleSet::default(),
-            )
+            let nft = Nft::new(&config.firewall.nft);
+            Firewall::new(nft, ctx, limits, RuleSet::default())
         }
         Err(e) => return Err(e.context("the fresh state store does not load")),
     };
     let state_lost = match &lost {
         None => None,
-        Some(e) => Some(after_state_lost(&mut firewall, &store, &config, e).await),
+        Some(e) => Some(after_state_lost(&mut firewall, &store, config, e).await),
     };
     if firewall.is_managed() {
         match firewall.restore().await {
@@ -156,29 +263,23 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         // or whose cut a crash interrupted.
         firewall.cut_denied().await;
     }
-    let metrics = Arc::new(Metrics::new());
-    metrics.firewall(&firewall.current().counts());
-    firewall.set_metrics(metrics.clone());
-    let firewall = Arc::new(tokio::sync::Mutex::new(firewall));
-    let (drift_tx, drift_rx) = tokio::sync::mpsc::channel(16);
-    let routers = load_routers(&store, &host_id, &drift_tx).await?;
-    let shared = Arc::new(crate::control::Shared {
-        firewall: firewall.clone(),
-        routers: routers.clone(),
-        store: store.clone(),
-        host_id: host_id.clone(),
-        started_ms: now_ms(),
-        identity: identity_state.clone(),
-        session: std::sync::Mutex::new(crate::control::SessionStatus {
-            state: "connecting".into(),
-            ..Default::default()
-        }),
-        commands: Default::default(),
-        pending_restart: Default::default(),
-        state_lost: Arc::new(std::sync::Mutex::new(state_lost)),
-    });
-    crate::control::serve(&config.control.socket, shared.clone())
-        .context("opening the control socket")?;
+    Ok((store, firewall, state_lost))
+}
+
+/// The loops beside the session: the nftables watch, drift repair, the events kept for
+/// the manager, statistics and the metrics endpoint.
+async fn start_background(
+    config: &Config,
+    firewall: &Arc<tokio::sync::Mutex<Firewall>>,
+    routers: &Arc<tokio::sync::Mutex<Routers>>,
+    store: &Arc<Store>,
+    outbox: &Arc<Outbox>,
+    metrics: &Arc<Metrics>,
+    (drift_tx, drift_rx): (
+        tokio::sync::mpsc::Sender<Value>,
+        tokio::sync::mpsc::Receiver<Value>,
+    ),
+) -> anyhow::Result<()> {
     // A deleted or replaced table (another tool's `nft flush ruleset`, a saved ruleset
     // restored) is noticed within a watch period; other edits by the periodic check.
     let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(1);
@@ -198,13 +299,7 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         store.clone(),
         Duration::from_secs(config.firewall.drift_check_secs),
         wake_rx,
-        drift_tx.clone(),
-    ));
-    let outbox = Arc::new(Outbox::new(
-        store.clone(),
-        host_id.clone(),
-        &config.events,
-        metrics.clone(),
+        drift_tx,
     ));
     tokio::spawn(keep_drift_events(drift_rx, outbox.clone(), metrics.clone()));
     if let Some(listen) = config.metrics.listen {
@@ -222,69 +317,50 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
             Duration::from_secs(config.firewall.stats_interval_s),
         ));
     }
+    Ok(())
+}
 
-    let agent = Arc::new(Agent {
-        dispatcher: Dispatcher::new(
-            store,
-            decode,
-            CertContext {
-                identity: identity_state.clone(),
-                state_dir: config.state_dir.clone(),
-                broker: std::sync::RwLock::new(config.broker.clone()),
-            },
-            firewall.clone(),
-            routers,
-            drift_tx,
-        )
-        .with_state_lost(shared.state_lost.clone()),
-        firewall,
-        outbox,
-        shared,
-        host_id,
-        broker_user,
-        config: std::sync::Mutex::new(Arc::new(config)),
-        started: Instant::now(),
-        metrics: metrics.clone(),
-        pulse: sd_notify::watchdog_enabled()
-            .map(|p| (p / 4).min(Duration::from_secs(5)))
-            .unwrap_or(Duration::from_secs(5)),
-        cert_warned_ms: std::sync::atomic::AtomicU64::new(0),
-        events_ok: std::sync::atomic::AtomicBool::new(true),
+/// Feeds systemd's watchdog while the main loop turns.
+fn spawn_watchdog(agent: &Arc<Agent>) {
+    let Some(period) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period / 2);
+        loop {
+            tick.tick().await;
+            let alive = agent
+                .metrics
+                .alive_ms
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if now_ms().saturating_sub(alive) < period.as_millis() as u64 {
+                notify(&[sd_notify::NotifyState::Watchdog]);
+            } else {
+                tracing::error!("the main loop is stuck; not feeding the systemd watchdog");
+            }
+        }
     });
-    notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status("state restored; connecting to the broker"),
-    ]);
-    if let Some(period) = sd_notify::watchdog_enabled() {
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period / 2);
-            loop {
-                tick.tick().await;
-                let alive = agent
-                    .metrics
-                    .alive_ms
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                if now_ms().saturating_sub(alive) < period.as_millis() as u64 {
-                    notify(&[sd_notify::NotifyState::Watchdog]);
-                } else {
-                    tracing::error!("the main loop is stuck; not feeding the systemd watchdog");
-                }
-            }
-        });
-    }
-    let (reload_tx, reload_rx) = watch::channel(0u64);
-    {
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let mut hup = signal(SignalKind::hangup()).expect("installing the SIGHUP handler");
-            while hup.recv().await.is_some() {
-                agent.reload(&config_path, &reload_tx).await;
-            }
-        });
-    }
+}
 
+/// Reloads the configuration on SIGHUP; the session loop hears of it on the returned
+/// channel.
+fn spawn_reload(agent: &Arc<Agent>, config_path: std::path::PathBuf) -> watch::Receiver<u64> {
+    let (reload_tx, reload_rx) = watch::channel(0u64);
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = signal(SignalKind::hangup()).expect("installing the SIGHUP handler");
+        while hup.recv().await.is_some() {
+            agent.reload(&config_path, &reload_tx).await;
+        }
+    });
+    reload_rx
+}
+
+/// SIGTERM or SIGINT: the session loop finishes the command in hand; past
+/// [`SHUTDOWN_BOUND`] the process exits anyway.
+fn spawn_stop(agent: &Arc<Agent>) -> watch::Receiver<bool> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let socket = agent.config().control.socket.clone();
     tokio::spawn(async move {
@@ -302,11 +378,7 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         let _ = std::fs::remove_file(&socket);
         std::process::exit(0);
     });
-    agent.session_loop(connector, stop_rx, reload_rx).await;
-    notify(&[sd_notify::NotifyState::Stopping]);
-    let _ = std::fs::remove_file(&agent.config().control.socket);
-    tracing::info!("agent stopped");
-    Ok(())
+    stop_rx
 }
 
 /// The failsafe: the brokers' addresses (resolved now, else the last known ones), the
@@ -750,6 +822,33 @@ fn load_signing_keys(config: &Config) -> anyhow::Result<Vec<ed25519_dalek::Verif
 }
 
 impl Agent {
+    fn new(
+        dispatcher: Dispatcher,
+        firewall: Arc<tokio::sync::Mutex<Firewall>>,
+        outbox: Arc<Outbox>,
+        shared: Arc<crate::control::Shared>,
+        who: Who,
+        config: Config,
+        metrics: Arc<Metrics>,
+    ) -> Agent {
+        Agent {
+            dispatcher,
+            firewall,
+            outbox,
+            shared,
+            host_id: who.host_id,
+            broker_user: who.broker_user,
+            config: std::sync::Mutex::new(Arc::new(config)),
+            started: Instant::now(),
+            metrics,
+            pulse: sd_notify::watchdog_enabled()
+                .map(|p| (p / 4).min(Duration::from_secs(5)))
+                .unwrap_or(Duration::from_secs(5)),
+            cert_warned_ms: std::sync::atomic::AtomicU64::new(0),
+            events_ok: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
     fn beat(&self) {
         self.metrics
             .alive_ms
@@ -882,20 +981,8 @@ impl Agent {
             let attempt = match rotated.take() {
                 Some(session) => Ok(session),
                 None => {
-                    if connector_identity != self.identity_sha() {
-                        match build_connector(&self.config(), &self.host_id) {
-                            Ok(c) => connector = c,
-                            Err(e) => {
-                                tracing::error!(error = %e, "the installed identity is unusable")
-                            }
-                        }
-                        connector_identity = self.identity_sha();
-                    }
-                    let url = &connector.urls[dialer.pick() % connector.urls.len()];
-                    connector
-                        .connect(url)
+                    self.dial(&mut connector, &mut connector_identity, &mut dialer)
                         .await
-                        .map_err(|e| (url.display.clone(), e))
                 }
             };
             let delay = match attempt {
@@ -907,43 +994,7 @@ impl Agent {
                         // used are pinned now, so this finds them even if DNS fails again.
                         self.follow_broker_addresses(&connector).await;
                     }
-                    self.metrics.sessions.inc();
-                    self.metrics.certificate_not_after.set(
-                        self.shared
-                            .identity
-                            .read()
-                            .expect("identity lock")
-                            .info
-                            .not_after_unix,
-                    );
-                    {
-                        let mut st = self.shared.session.lock().expect("session lock");
-                        st.state = "connected".into();
-                        st.url = Some(session.url.clone());
-                        st.broker_port = Some(session.port);
-                        st.tls_version = Some(session.tls.version.clone());
-                        st.cipher = Some(session.tls.cipher.clone());
-                        st.broker_certificate = Some(session.tls.peer_subject.clone());
-                        st.broker_certificate_not_after = Some(session.tls.peer_not_after.clone());
-                        st.connected_since_ms = Some(now_ms());
-                        st.blocked_since_ms = None;
-                        st.sessions += 1;
-                        // A hand-over to a rotated identity is not a reconnect.
-                        if st.sessions > 1 && !handover {
-                            st.reconnects += 1;
-                        }
-                    }
-                    tracing::info!(
-                        url = %session.url,
-                        tls_version = %session.tls.version,
-                        cipher = %session.tls.cipher,
-                        broker_certificate = %session.tls.peer_subject,
-                        "connected to broker"
-                    );
-                    notify(&[sd_notify::NotifyState::Status(&format!(
-                        "serving commands from {}",
-                        session.url
-                    ))]);
+                    self.session_up(&session, handover);
                     let began = Instant::now();
                     match self.serve(&session, &mut stop, &mut reload).await {
                         SessionEnd::Shutdown => {
@@ -988,23 +1039,105 @@ impl Agent {
                 }
             };
             tracing::info!(delay_ms = delay.as_millis() as u64, "retrying the broker");
-            let wake = tokio::time::Instant::now() + delay;
-            let mut pulse = tokio::time::interval(self.pulse);
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(wake) => break,
-                    _ = pulse.tick() => self.beat(),
-                    _ = stop.changed() => return,
-                    _ = reload.changed() => {
-                        if let Some(c) = self.reconnector().await {
-                            dialer = self.dialer_for(&c);
-                            connector = c;
-                        }
-                        break;
+            if !self
+                .wait_to_retry(delay, &mut stop, &mut reload, &mut connector, &mut dialer)
+                .await
+            {
+                return;
+            }
+        }
+    }
+
+    /// One attempt at the broker `dialer` picks, with a connector rebuilt first when the
+    /// identity files changed since `identity` (a rotation whose session was lost before
+    /// taking over).
+    async fn dial(
+        &self,
+        connector: &mut Connector,
+        identity: &mut String,
+        dialer: &mut Dialer,
+    ) -> Result<Session, (String, BrokerError)> {
+        if *identity != self.identity_sha() {
+            match build_connector(&self.config(), &self.host_id) {
+                Ok(c) => *connector = c,
+                Err(e) => tracing::error!(error = %e, "the installed identity is unusable"),
+            }
+            *identity = self.identity_sha();
+        }
+        let url = &connector.urls[dialer.pick() % connector.urls.len()];
+        connector
+            .connect(url)
+            .await
+            .map_err(|e| (url.display.clone(), e))
+    }
+
+    /// Waits out the backoff `delay`, beating; a reload ends the wait early (with the new
+    /// broker settings). False: stop.
+    async fn wait_to_retry(
+        &self,
+        delay: Duration,
+        stop: &mut watch::Receiver<bool>,
+        reload: &mut watch::Receiver<u64>,
+        connector: &mut Connector,
+        dialer: &mut Dialer,
+    ) -> bool {
+        let wake = tokio::time::Instant::now() + delay;
+        let mut pulse = tokio::time::interval(self.pulse);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => return true,
+                _ = pulse.tick() => self.beat(),
+                _ = stop.changed() => return false,
+                _ = reload.changed() => {
+                    if let Some(c) = self.reconnector().await {
+                        *dialer = self.dialer_for(&c);
+                        *connector = c;
                     }
+                    return true;
                 }
             }
         }
+    }
+
+    /// A session is up: counted, shown by the control socket and systemd, logged.
+    fn session_up(&self, session: &Session, handover: bool) {
+        self.metrics.sessions.inc();
+        self.metrics.certificate_not_after.set(
+            self.shared
+                .identity
+                .read()
+                .expect("identity lock")
+                .info
+                .not_after_unix,
+        );
+        {
+            let mut st = self.shared.session.lock().expect("session lock");
+            st.state = "connected".into();
+            st.url = Some(session.url.clone());
+            st.broker_port = Some(session.port);
+            st.tls_version = Some(session.tls.version.clone());
+            st.cipher = Some(session.tls.cipher.clone());
+            st.broker_certificate = Some(session.tls.peer_subject.clone());
+            st.broker_certificate_not_after = Some(session.tls.peer_not_after.clone());
+            st.connected_since_ms = Some(now_ms());
+            st.blocked_since_ms = None;
+            st.sessions += 1;
+            // A hand-over to a rotated identity is not a reconnect.
+            if st.sessions > 1 && !handover {
+                st.reconnects += 1;
+            }
+        }
+        tracing::info!(
+            url = %session.url,
+            tls_version = %session.tls.version,
+            cipher = %session.tls.cipher,
+            broker_certificate = %session.tls.peer_subject,
+            "connected to broker"
+        );
+        notify(&[sd_notify::NotifyState::Status(&format!(
+            "serving commands from {}",
+            session.url
+        ))]);
     }
 
     /// Closes `session` within [`broker::CLOSE_TIMEOUT`], beating meanwhile.
@@ -1098,26 +1231,32 @@ impl Agent {
         }
     }
 
-    async fn serve_inner(
+    /// The channels of a session: topology declared (what is missing noted), the prefetch
+    /// set, the confirm channel open, the host queue consumed.
+    async fn subscribe(
         &self,
-        session: &Session,
-        stop: &mut watch::Receiver<bool>,
-        reload: &mut watch::Receiver<u64>,
-    ) -> Result<SessionEnd, BrokerError> {
-        let conn = &session.connection;
-        let cfg = self.config();
-        let b = &cfg.broker;
-
+        conn: &lapin::Connection,
+        cfg: &Config,
+        prefetch: u16,
+    ) -> Result<
+        (
+            lapin::Channel,
+            broker::Publisher,
+            lapin::Consumer,
+            Vec<&'static str>,
+        ),
+        BrokerError,
+    > {
         let consume_ch = conn
             .create_channel()
             .await
             .map_err(amqp("opening a channel"))?;
-        let prefetch = cfg.effective_prefetch();
         consume_ch
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .map_err(amqp("setting the prefetch"))?;
-        let missing = broker::declare_agent_topology(conn, &consume_ch, &self.host_id, b).await?;
+        let missing =
+            broker::declare_agent_topology(conn, &consume_ch, &self.host_id, &cfg.broker).await?;
         if !missing.is_empty() {
             tracing::warn!(missing = ?missing, "serving without them: no events or no dead-lettering until they are declared");
         }
@@ -1131,7 +1270,7 @@ impl Agent {
             .expect("session lock")
             .broker_missing = missing.iter().map(|m| m.to_string()).collect();
         let publish_ch = broker::Publisher::open(conn).await?;
-        let mut consumer = consume_ch
+        let consumer = consume_ch
             .basic_consume(
                 broker::host_queue(&self.host_id).as_str().into(),
                 format!("rampart-{}", self.host_id).as_str().into(),
@@ -1140,10 +1279,17 @@ impl Agent {
             )
             .await
             .map_err(amqp("consuming the host queue"))?;
+        Ok((consume_ch, publish_ch, consumer, missing))
+    }
 
-        // Subscribed only now: failed declarations above close their channel with an error
-        // event, which must not count as losing the session.
-        let mut events = conn.events_listener();
+    /// What a new session tells the manager first: the events kept while there was none,
+    /// in order, then the `state` event (with what could not be kept), then an expiry
+    /// warning if one is due.
+    async fn announce(
+        &self,
+        publish_ch: &broker::Publisher,
+        missing: &[&'static str],
+    ) -> Result<(), BrokerError> {
         let mut summary = self
             .dispatcher
             .summary()
@@ -1152,21 +1298,36 @@ impl Agent {
         if !missing.is_empty() {
             summary["broker_missing"] = json!(missing);
         }
-        // Kept events go first, in order; then the state, with what could not be kept.
-        self.drain_outbox(&publish_ch).await?;
+        self.drain_outbox(publish_ch).await?;
         let (_, dropped) = self.outbox.counts().await;
         summary["events_dropped"] = json!(dropped);
-        self.publish_event(&publish_ch, "state", summary).await?;
+        self.publish_event(publish_ch, "state", summary).await?;
         if dropped > 0 {
             self.outbox.reported(dropped).await;
         }
-        self.warn_expiry(&publish_ch).await?;
+        self.warn_expiry(publish_ch).await
+    }
 
+    async fn serve_inner(
+        &self,
+        session: &Session,
+        stop: &mut watch::Receiver<bool>,
+        reload: &mut watch::Receiver<u64>,
+    ) -> Result<SessionEnd, BrokerError> {
+        let conn = &session.connection;
+        let cfg = self.config();
+        let prefetch = cfg.effective_prefetch();
+        let (consume_ch, publish_ch, mut consumer, missing) =
+            self.subscribe(conn, &cfg, prefetch).await?;
+        // Subscribed only now: failed declarations above close their channel with an error
+        // event, which must not count as losing the session.
+        let mut events = conn.events_listener();
+        self.announce(&publish_ch, &missing).await?;
         tracing::info!(queue = %broker::host_queue(&self.host_id), "serving commands");
         self.metrics.session_up.set(1);
         // Whatever way this session ends, it no longer serves.
         let _down = SessionDown(&self.metrics);
-        let period = Duration::from_secs(u64::from(b.heartbeat_secs));
+        let period = Duration::from_secs(u64::from(cfg.broker.heartbeat_secs));
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut pulse = tokio::time::interval(self.pulse);
         let (end, reason) = loop {
