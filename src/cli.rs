@@ -190,26 +190,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             let answer = ask_daemon(&cli.config, socket, &crate::control::Request::Routers).await?;
             show(&answer, json, print_routers)
         }
-        Command::Status { json, socket } => {
-            let answer =
-                match ask_daemon(&cli.config, socket, &crate::control::Request::Status).await {
-                    Ok(a) => a,
-                    Err(e) => {
-                        eprintln!("rampart status: the daemon does not answer: {e}");
-                        return Ok(1);
-                    }
-                };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
-            } else {
-                print_status(&answer);
-            }
-            Ok(if answer["session"]["state"] == "connected" {
-                0
-            } else {
-                2
-            })
-        }
+        Command::Status { json, socket } => status(&cli.config, json, socket).await,
         Command::Connection {
             action:
                 ConnectionAction::List {
@@ -218,22 +199,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
                     json,
                     socket,
                 },
-        } => {
-            // The daemon is optional here: without it the rows are still listed.
-            let status = match ask_daemon(&cli.config, socket, &crate::control::Request::Status)
-                .await
-            {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    eprintln!(
-                        "rampart connection list: could not ask the daemon ({e}); the broker session is not marked"
-                    );
-                    None
-                }
-            };
-            connection_list(port, state.as_deref(), json, status.as_ref())?;
-            Ok(0)
-        }
+        } => connection(&cli.config, port, state.as_deref(), json, socket).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(
@@ -257,69 +223,137 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             json,
             socket,
         } => {
-            let rules = match ask_daemon(&cli.config, socket, &crate::control::Request::Rules).await
-            {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    eprintln!(
-                        "rampart trace: the daemon does not answer ({e}); tracing table inet rampart without generations"
-                    );
-                    None
-                }
-            };
-            let nft = match Config::load(&cli.config) {
-                Ok(c) => crate::sys::nft::Nft::new(&c.firewall.nft),
-                Err(_) => crate::sys::nft::Nft::new(std::path::Path::new("/usr/sbin/nft")),
-            };
             let filter = crate::trace::Filter { from, to, port };
-            crate::trace::run(&nft, &filter, duration, json, rules).await
+            trace(&cli.config, socket, &filter, duration, json).await
         }
-        Command::Run => {
-            let config = Config::load(&cli.config)?;
-            init_logging(&config.log.level, config.log.format);
-            tracing::info!(version = VERSION, config = %cli.config.display(), "rampart starting");
-            crate::daemon::run(config, cli.config.clone()).await?;
-            Ok(0)
-        }
+        Command::Run => run(cli.config).await,
         Command::Send {
             host,
             kind,
             data,
             id,
             timeout,
-        } => {
-            let config = Config::load(&cli.config)?;
-            init_logging("warn", LogFormat::Text);
-            let data: serde_json::Value = match data.as_deref() {
-                None => serde_json::json!({}),
-                Some("-") => {
-                    let mut s = String::new();
-                    std::io::stdin().read_to_string(&mut s)?;
-                    serde_json::from_str(&s).context("command data from stdin")?
-                }
-                Some(path) => serde_json::from_str(
-                    &std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
-                )
-                .with_context(|| format!("command data in {path}"))?,
-            };
-            let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-            let mut manager = Manager::connect(&config).await?;
-            manager.watch_host(&host).await?;
-            manager.send(&host, &kind, &id, &data).await?;
-            let result = manager.wait_ack(&id, Duration::from_secs(timeout)).await;
-            manager.close().await;
-            match result {
-                Ok(ack) => {
-                    println!("{}", serde_json::to_string_pretty(&ack)?);
-                    Ok(send_exit_code(ack.status))
-                }
-                Err(e @ crate::manager::ManagerError::Timeout { .. }) => {
-                    eprintln!("rampart send: {e}");
-                    Ok(EXIT_TIMEOUT)
-                }
-                Err(e) => Err(e.into()),
-            }
+        } => send(&cli.config, &host, &kind, data.as_deref(), id, timeout).await,
+    }
+}
+
+/// `rampart run`: the daemon, until a signal stops it.
+async fn run(config_path: PathBuf) -> anyhow::Result<i32> {
+    let config = Config::load(&config_path)?;
+    init_logging(&config.log.level, config.log.format);
+    tracing::info!(version = VERSION, config = %config_path.display(), "rampart starting");
+    crate::daemon::run(config, config_path).await?;
+    Ok(0)
+}
+
+/// `rampart connection list`: the host's TCP connections, the broker session marked when
+/// the daemon answers (without it the rows are still listed).
+async fn connection(
+    config: &std::path::Path,
+    port: Option<u16>,
+    state: Option<&str>,
+    json: bool,
+    socket: Option<PathBuf>,
+) -> anyhow::Result<i32> {
+    let status = ask_daemon(config, socket, &crate::control::Request::Status)
+        .await
+        .inspect_err(|e| {
+            eprintln!(
+                "rampart connection list: could not ask the daemon ({e}); the broker session is not marked"
+            );
+        })
+        .ok();
+    connection_list(port, state, json, status.as_ref())?;
+    Ok(0)
+}
+
+/// `rampart status`: exit 0 when the session is up, 2 when it is not, 1 without a daemon.
+async fn status(
+    config: &std::path::Path,
+    json: bool,
+    socket: Option<PathBuf>,
+) -> anyhow::Result<i32> {
+    let answer = match ask_daemon(config, socket, &crate::control::Request::Status).await {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("rampart status: the daemon does not answer: {e}");
+            return Ok(1);
         }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        print_status(&answer);
+    }
+    Ok(if answer["session"]["state"] == "connected" {
+        0
+    } else {
+        2
+    })
+}
+
+/// `rampart trace`: the daemon names the rules' generation when it answers.
+async fn trace(
+    config: &std::path::Path,
+    socket: Option<PathBuf>,
+    filter: &crate::trace::Filter,
+    duration: Duration,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let rules = ask_daemon(config, socket, &crate::control::Request::Rules)
+        .await
+        .inspect_err(|e| {
+            eprintln!(
+                "rampart trace: the daemon does not answer ({e}); tracing table inet rampart without generations"
+            );
+        })
+        .ok();
+    let nft = match Config::load(config) {
+        Ok(c) => crate::sys::nft::Nft::new(&c.firewall.nft),
+        Err(_) => crate::sys::nft::Nft::new(std::path::Path::new("/usr/sbin/nft")),
+    };
+    crate::trace::run(&nft, filter, duration, json, rules).await
+}
+
+/// `rampart send`: one command, its ack printed; the exit code says its status.
+async fn send(
+    config_path: &std::path::Path,
+    host: &str,
+    kind: &str,
+    data: Option<&str>,
+    id: Option<String>,
+    timeout: u64,
+) -> anyhow::Result<i32> {
+    let config = Config::load(config_path)?;
+    init_logging("warn", LogFormat::Text);
+    let data: serde_json::Value = match data {
+        None => serde_json::json!({}),
+        Some("-") => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s)?;
+            serde_json::from_str(&s).context("command data from stdin")?
+        }
+        Some(path) => serde_json::from_str(
+            &std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
+        )
+        .with_context(|| format!("command data in {path}"))?,
+    };
+    let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let mut manager = Manager::connect(&config).await?;
+    manager.watch_host(host).await?;
+    manager.send(host, kind, &id, &data).await?;
+    let result = manager.wait_ack(&id, Duration::from_secs(timeout)).await;
+    manager.close().await;
+    match result {
+        Ok(ack) => {
+            println!("{}", serde_json::to_string_pretty(&ack)?);
+            Ok(send_exit_code(ack.status))
+        }
+        Err(e @ crate::manager::ManagerError::Timeout { .. }) => {
+            eprintln!("rampart send: {e}");
+            Ok(EXIT_TIMEOUT)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -553,47 +587,45 @@ fn print_routers(a: &serde_json::Value) {
             ]);
         }
         if ifaces.is_empty() {
-            rows.push(vec![
-                id.into(),
-                ns.into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-            ]);
+            let mut row = vec![id.to_string(), ns.to_string()];
+            row.resize(header.len(), "-".into());
+            rows.push(row);
         }
     }
     print_table(&rows);
     for r in &routers {
-        let id = r["id"].as_str().unwrap_or("?");
-        for route in r["routes"].as_array().into_iter().flatten() {
-            println!(
-                "{id}: route {} via {}",
-                route["destination"].as_str().unwrap_or("?"),
-                route["via"].as_str().unwrap_or("?")
-            );
-        }
-        if r["in_sync"] == true {
-            println!("{id}: kernel matches the record");
-        } else {
-            let pending: Vec<&str> = r["pending"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|p| p.as_str())
-                .collect();
-            println!(
-                "{id}: DRIFT: kernel differs from the record (needs: {}){}",
-                pending.join("; "),
-                r["error"]
-                    .as_str()
-                    .map(|e| format!(" error: {e}"))
-                    .unwrap_or_default()
-            );
-        }
+        print_router_state(r);
     }
+}
+
+/// A router's routes, and whether the kernel matches its record.
+fn print_router_state(r: &serde_json::Value) {
+    let id = r["id"].as_str().unwrap_or("?");
+    for route in r["routes"].as_array().into_iter().flatten() {
+        println!(
+            "{id}: route {} via {}",
+            route["destination"].as_str().unwrap_or("?"),
+            route["via"].as_str().unwrap_or("?")
+        );
+    }
+    if r["in_sync"] == true {
+        println!("{id}: kernel matches the record");
+        return;
+    }
+    let pending: Vec<&str> = r["pending"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str())
+        .collect();
+    println!(
+        "{id}: DRIFT: kernel differs from the record (needs: {}){}",
+        pending.join("; "),
+        r["error"]
+            .as_str()
+            .map(|e| format!(" error: {e}"))
+            .unwrap_or_default()
+    );
 }
 
 fn print_rules(a: &serde_json::Value) {

@@ -252,6 +252,19 @@ async fn remove_stale(nft: &Nft) {
     }
 }
 
+/// What is traced, on stderr (the trace itself goes to stdout).
+fn announce(filter: &Filter, table: &str, duration: Duration) {
+    eprintln!(
+        "tracing packets from {}{}{} through table inet {table} for {duration:?} (Ctrl-C stops)",
+        filter.from,
+        filter.to.map(|t| format!(" to {t}")).unwrap_or_default(),
+        filter
+            .port
+            .map(|p| format!(" port {p}"))
+            .unwrap_or_default(),
+    );
+}
+
 /// Traces for `duration` (until Ctrl-C); prints one line (or JSON object) per decided
 /// packet. `rules` is the daemon's answer to a `rules` request (`None`: no daemon).
 pub async fn run(
@@ -272,17 +285,7 @@ pub async fn run(
     nft.apply(&marking_table(&name, filter)).await?;
     let table = agent.table.clone();
     let mut labels = tokio::task::spawn_blocking(move || Labels::read(&table)).await?;
-    eprintln!(
-        "tracing packets from {}{}{} through table inet {} for {:?} (Ctrl-C stops)",
-        filter.from,
-        filter.to.map(|t| format!(" to {t}")).unwrap_or_default(),
-        filter
-            .port
-            .map(|p| format!(" port {p}"))
-            .unwrap_or_default(),
-        agent.table,
-        duration
-    );
+    announce(filter, &agent.table, duration);
     let deadline = Instant::now() + duration;
     let mut seen: HashSet<u32> = HashSet::new();
     let mut packets: HashMap<u32, (crate::sys::nftrace::Headers, Option<u32>, Option<u32>)> =
