@@ -594,7 +594,56 @@ impl Firewall {
                 expected: format!("base generation {}", p.base_generation),
             });
         }
-        // New content of every set the patch touches (None: deleted).
+        let sets = self.patched_sets(p)?;
+        let rules_change = !p.upsert_rules.is_empty()
+            || !p.delete_rules.is_empty()
+            || !p.delete_address_sets.is_empty();
+        let (refs, layout, mut ch) = self.plan_rules(p, &sets, rules_change)?;
+        let deleted = self.check_limits(p, &sets)?;
+        let mut defaults = cur.defaults;
+        for (hook, new, slot) in [
+            (Hook::Input, p.defaults.input, &mut defaults.input),
+            (Hook::Output, p.defaults.output, &mut defaults.output),
+            (Hook::Forward, p.defaults.forward, &mut defaults.forward),
+        ] {
+            if let Some(new) = new
+                && new != *slot
+            {
+                *slot = new;
+                ch.bases.insert(hook);
+            }
+        }
+
+        let kernel = self.kernel_change(
+            p,
+            &sets,
+            rules_change.then_some(&layout),
+            &ch,
+            &defaults,
+            deleted.is_empty(),
+        );
+        let may_deny_more = self.may_deny_more(p, &sets, &defaults);
+        Ok(PatchPlan {
+            may_deny_more,
+            kernel,
+            generation: p.generation,
+            defaults,
+            established: p.established.unwrap_or(cur.established),
+            sets,
+            delete_rules: deleted.into_iter().collect(),
+            upsert_rules: p.upsert_rules.clone(),
+            chains: ch.dirty.len() + ch.bases.len() + ch.removed.len(),
+            layout: rules_change.then_some(layout),
+            refs,
+        })
+    }
+
+    /// The new content of every set the patch touches (`None`: deleted).
+    fn patched_sets(
+        &self,
+        p: &Patch,
+    ) -> Result<BTreeMap<String, Option<BTreeSet<IpNet>>>, FirewallError> {
+        let cur = &self.current;
         let mut sets: BTreeMap<String, Option<BTreeSet<IpNet>>> = BTreeMap::new();
         for (name, els) in &p.set_address_sets {
             sets.insert(name.clone(), Some(els.clone()));
@@ -630,17 +679,24 @@ impl Firewall {
                 sets.insert(name.clone(), None);
             }
         }
+        Ok(sets)
+    }
+
+    /// Which rules go and which come, with set references kept exact. The plan records how
+    /// the reference index changes rather than copying it, and its copy of the layout
+    /// shares every bucket it does not touch: a patch costs what it changes, not the table.
+    fn plan_rules(
+        &self,
+        p: &Patch,
+        sets: &BTreeMap<String, Option<BTreeSet<IpNet>>>,
+        rules_change: bool,
+    ) -> Result<(RefChanges, Layout, Changes), FirewallError> {
+        let cur = &self.current;
         let exists = |name: &str| match sets.get(name) {
             Some(s) => s.is_some(),
             None => cur.sets.contains_key(name),
         };
 
-        // Rules: which go, which come; set references kept exact. The plan records how the
-        // reference index changes rather than copying it, and its copy of the layout shares
-        // every bucket it does not touch: a patch costs what it changes, not the table.
-        let rules_change = !p.upsert_rules.is_empty()
-            || !p.delete_rules.is_empty()
-            || !p.delete_address_sets.is_empty();
         let mut refs = RefChanges::default();
         let mut layout = if rules_change {
             self.layout.clone()
@@ -693,7 +749,17 @@ impl Firewall {
             }
         }
 
-        // Limits on the result.
+        Ok((refs, layout, ch))
+    }
+
+    /// The limits on the patched rule set; the ids of the rules it deletes (not upserted).
+    fn check_limits(
+        &self,
+        p: &Patch,
+        sets: &BTreeMap<String, Option<BTreeSet<IpNet>>>,
+    ) -> Result<BTreeSet<String>, FirewallError> {
+        let cur = &self.current;
+        let upsert_ids: BTreeSet<&str> = p.upsert_rules.iter().map(|r| r.id.as_str()).collect();
         let deleted: BTreeSet<&str> = p
             .delete_rules
             .iter()
@@ -712,7 +778,7 @@ impl Firewall {
             });
         }
         let mut elements = cur.element_count();
-        for (name, new) in &sets {
+        for (name, new) in sets {
             elements -= cur.sets.get(name).map_or(0, BTreeSet::len);
             elements += new.as_ref().map_or(0, BTreeSet::len);
         }
@@ -724,59 +790,46 @@ impl Firewall {
             });
         }
 
-        let mut defaults = cur.defaults;
-        for (hook, new, slot) in [
-            (Hook::Input, p.defaults.input, &mut defaults.input),
-            (Hook::Output, p.defaults.output, &mut defaults.output),
-            (Hook::Forward, p.defaults.forward, &mut defaults.forward),
-        ] {
-            if let Some(new) = new
-                && new != *slot
-            {
-                *slot = new;
-                ch.bases.insert(hook);
-            }
-        }
+        Ok(deleted.into_iter().map(str::to_string).collect())
+    }
 
+    /// How the kernel gets there: set elements only, rule edits by handle, or nft text.
+    /// `layout` is the patched layout when rules change.
+    fn kernel_change(
+        &self,
+        p: &Patch,
+        sets: &BTreeMap<String, Option<BTreeSet<IpNet>>>,
+        layout: Option<&Layout>,
+        ch: &Changes,
+        defaults: &Defaults,
+        none_deleted: bool,
+    ) -> KernelChange {
+        let cur = &self.current;
         let elements_only = p.upsert_rules.is_empty()
-            && deleted.is_empty()
+            && none_deleted
             && ch.dirty.is_empty()
             && ch.bases.is_empty()
             && ch.removed.is_empty()
             && sets
                 .iter()
                 .all(|(name, new)| new.is_some() && cur.sets.contains_key(name));
-        let kernel = if elements_only {
-            KernelChange::Elements(self.element_changes(&sets))
+        if elements_only {
+            KernelChange::Elements(self.element_changes(sets))
         } else {
-            let current_layout = if rules_change { &layout } else { &self.layout };
-            let text = self.render_patch(&sets, p, current_layout, &ch, &defaults);
+            let current_layout = layout.unwrap_or(&self.layout);
+            let text = self.render_patch(sets, p, current_layout, ch, defaults);
             let upserts: HashMap<&str, &Rule> =
                 p.upsert_rules.iter().map(|r| (r.id.as_str(), r)).collect();
             let rule_of = |id: &str| upserts.get(id).copied().or_else(|| cur.rules.get(id));
-            match edit::plan(&cur.rules, rule_of, &self.layout, current_layout, &ch) {
+            match edit::plan(&cur.rules, rule_of, &self.layout, current_layout, ch) {
                 Some(buckets) => KernelChange::Rules {
-                    sets: self.set_edits(&sets),
+                    sets: self.set_edits(sets),
                     buckets,
                     text,
                 },
                 None => KernelChange::Text(text),
             }
-        };
-        let may_deny_more = self.may_deny_more(p, &sets, &defaults);
-        Ok(PatchPlan {
-            may_deny_more,
-            kernel,
-            generation: p.generation,
-            defaults,
-            established: p.established.unwrap_or(cur.established),
-            sets,
-            delete_rules: deleted.into_iter().map(str::to_string).collect(),
-            upsert_rules: p.upsert_rules.clone(),
-            chains: ch.dirty.len() + ch.bases.len() + ch.removed.len(),
-            layout: rules_change.then_some(layout),
-            refs,
-        })
+        }
     }
 
     /// Whether a patch can make the rule set deny anything it allows now. Rules are first

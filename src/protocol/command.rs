@@ -146,6 +146,37 @@ fn decode_inner(
     correlation_id: &mut Option<String>,
     command_type: &mut Option<String>,
 ) -> Result<Request, Reject> {
+    let obj = checked_object(ctx, incoming)?;
+    // Learn the id and type first, so that every later rejection is correlated.
+    if correlation_id.is_none()
+        && let Some(Value::String(id)) = obj.get("id")
+        && valid_command_id(id)
+    {
+        *correlation_id = Some(id.clone());
+    }
+    if command_type.is_none()
+        && let Some(Value::String(t)) = obj.get("type")
+        && t.len() <= ECHO_MAX
+    {
+        *command_type = Some(t.clone());
+    }
+    let (id, kind) = envelope_id_and_type(incoming, &obj)?;
+    let (source, timestamp) = envelope_origin(ctx, &obj)?;
+    let data = obj.get("data").ok_or_else(|| missing("$", "data"))?;
+    Ok(Request {
+        id: id.to_string(),
+        source: source.to_string(),
+        timestamp,
+        kind: decode_kind(ctx, kind, data)?,
+    })
+}
+
+/// The checks before parsing (size, sender, signature), then the body as a strict JSON
+/// object.
+fn checked_object(
+    ctx: &DecodeContext,
+    incoming: &Incoming,
+) -> Result<serde_json::Map<String, Value>, Reject> {
     let body = &incoming.body;
     if body.len() > ctx.max_body_bytes {
         return Err(reject(
@@ -190,21 +221,15 @@ fn decode_inner(
             Some("$".into()),
         ));
     };
+    Ok(obj)
+}
 
-    // Learn the id and type first, so that every later rejection is correlated.
-    if correlation_id.is_none()
-        && let Some(Value::String(id)) = obj.get("id")
-        && valid_command_id(id)
-    {
-        *correlation_id = Some(id.clone());
-    }
-    if command_type.is_none()
-        && let Some(Value::String(t)) = obj.get("type")
-        && t.len() <= ECHO_MAX
-    {
-        *command_type = Some(t.clone());
-    }
-
+/// The envelope's fields known, its version, id and type checked (against the AMQP
+/// properties too).
+fn envelope_id_and_type<'a>(
+    incoming: &Incoming,
+    obj: &'a serde_json::Map<String, Value>,
+) -> Result<(&'a str, &'a str), Reject> {
     const ENVELOPE: [&str; 7] = [
         "specversion",
         "id",
@@ -214,9 +239,9 @@ fn decode_inner(
         "timestamp",
         "data",
     ];
-    deny_unknown(&obj, &ENVELOPE, "$")?;
+    deny_unknown(obj, &ENVELOPE, "$")?;
 
-    let specversion = required_str(&obj, "specversion", "$")?;
+    let specversion = required_str(obj, "specversion", "$")?;
     if specversion != "1.0" {
         return Err(reject(
             ErrorCode::UnsupportedVersion,
@@ -227,7 +252,7 @@ fn decode_inner(
             Some("$.specversion".into()),
         ));
     }
-    let id = required_str(&obj, "id", "$")?;
+    let id = required_str(obj, "id", "$")?;
     if !valid_command_id(id) {
         return Err(reject(
             ErrorCode::InvalidField,
@@ -248,7 +273,7 @@ fn decode_inner(
             Some("$.id".into()),
         ));
     }
-    let kind = required_str(&obj, "type", "$")?;
+    let kind = required_str(obj, "type", "$")?;
     if let Some(t) = &incoming.kind
         && t != kind
     {
@@ -262,7 +287,15 @@ fn decode_inner(
             Some("$.type".into()),
         ));
     }
-    let source = required_str(&obj, "source", "$")?;
+    Ok((id, kind))
+}
+
+/// The envelope's source, host and timestamp checked.
+fn envelope_origin<'a>(
+    ctx: &DecodeContext,
+    obj: &'a serde_json::Map<String, Value>,
+) -> Result<(&'a str, u64), Reject> {
+    let source = required_str(obj, "source", "$")?;
     if source.is_empty() || source.chars().count() > 256 || source.chars().any(char::is_control) {
         return Err(reject(
             ErrorCode::InvalidField,
@@ -270,7 +303,7 @@ fn decode_inner(
             Some("$.source".into()),
         ));
     }
-    let host = required_str(&obj, "host", "$")?;
+    let host = required_str(obj, "host", "$")?;
     if host != ctx.host_id {
         return Err(reject(
             ErrorCode::WrongHost,
@@ -293,9 +326,12 @@ fn decode_inner(
         })?,
     };
     check_timestamp(ctx, timestamp, crate::ids::now_ms())?;
-    let data = obj.get("data").ok_or_else(|| missing("$", "data"))?;
+    Ok((source, timestamp))
+}
 
-    let kind = match kind {
+/// The data of a command of type `kind`, decoded by its domain's decoder.
+fn decode_kind(ctx: &DecodeContext, kind: &str, data: &Value) -> Result<RequestKind, Reject> {
+    Ok(match kind {
         "ping" => {
             empty_object(data, "$.data")?;
             RequestKind::Ping
@@ -331,12 +367,6 @@ fn decode_inner(
                 Some("$.type".into()),
             ));
         }
-    };
-    Ok(Request {
-        id: id.to_string(),
-        source: source.to_string(),
-        timestamp,
-        kind,
     })
 }
 
