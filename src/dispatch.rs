@@ -794,6 +794,62 @@ async fn firewall_patch(fw: &mut Firewall, patch: &Patch, raw: String) -> (Execu
 }
 
 impl Dispatcher {
+    /// Records `spec`'s id as the agent's own, durably, before its first kernel change;
+    /// a namespace someone else made is never adopted (rolling back would delete it).
+    /// `Some`: the answer instead.
+    async fn own_router(&self, routers: &mut Routers, spec: &RouterSpec) -> Option<Executed> {
+        let refused = |status, code, message: String, field: Option<String>| Executed {
+            status,
+            error: Some(AckError {
+                code,
+                message,
+                field,
+            }),
+            data: json!({ "router": spec.id }),
+            change: OwnedChange::None,
+        };
+        let ns = crate::sys::netns::ns_path(&spec.netns());
+        if tokio::fs::try_exists(&ns).await.unwrap_or(true) {
+            return Some(refused(
+                Status::Rejected,
+                ErrorCode::ForeignNamespace,
+                format!(
+                    "namespace {} exists and was not made by this agent; it is left alone",
+                    spec.netns()
+                ),
+                Some("$.data.id".into()),
+            ));
+        }
+        let store = self.store.clone();
+        let id = spec.id.clone();
+        let owned = tokio::task::spawn_blocking(move || store.own_router(&id))
+            .await
+            .expect("state store task panicked");
+        if let Err(e) = owned {
+            return Some(refused(
+                Status::Failed,
+                ErrorCode::StoreFailed,
+                e.to_string(),
+                None,
+            ));
+        }
+        routers.note_owned(&spec.id);
+        None
+    }
+
+    /// A new router rolled back entirely is no longer the agent's to watch.
+    async fn disown_router(&self, routers: &mut Routers, id: &str) {
+        let store = self.store.clone();
+        let owned_id = id.to_string();
+        let disowned = tokio::task::spawn_blocking(move || store.disown_router(&owned_id))
+            .await
+            .expect("state store task panicked");
+        match disowned {
+            Ok(()) => routers.forget(id),
+            Err(e) => tracing::warn!(error = %e, "could not disown a rolled-back router"),
+        }
+    }
+
     /// `router.create`: bridges checked, the id owned durably before the first kernel
     /// change, then converged; a failure rolls back to what was there before.
     async fn router_create(&self, routers: &mut Routers, spec: RouterSpec) -> (Executed, Commit) {
@@ -810,44 +866,10 @@ impl Dispatcher {
         if let Err(e) = routers.check_bridges(&spec).await {
             return failed(&e);
         }
-        if !routers.is_owned(&spec.id) {
-            // Never adopt what someone else made: rolling back would delete it.
-            let ns = crate::sys::netns::ns_path(&spec.netns());
-            if tokio::fs::try_exists(&ns).await.unwrap_or(true) {
-                let executed = Executed {
-                    status: Status::Rejected,
-                    error: Some(AckError {
-                        code: ErrorCode::ForeignNamespace,
-                        message: format!(
-                            "namespace {} exists and was not made by this agent; it is left alone",
-                            spec.netns()
-                        ),
-                        field: Some("$.data.id".into()),
-                    }),
-                    data: json!({ "router": spec.id }),
-                    change: OwnedChange::None,
-                };
-                return (executed, Commit::None);
-            }
-            let store = self.store.clone();
-            let id = spec.id.clone();
-            let owned = tokio::task::spawn_blocking(move || store.own_router(&id))
-                .await
-                .expect("state store task panicked");
-            if let Err(e) = owned {
-                let executed = Executed {
-                    status: Status::Failed,
-                    error: Some(AckError {
-                        code: ErrorCode::StoreFailed,
-                        message: e.to_string(),
-                        field: None,
-                    }),
-                    data: json!({ "router": spec.id }),
-                    change: OwnedChange::None,
-                };
-                return (executed, Commit::None);
-            }
-            routers.note_owned(&spec.id);
+        if !routers.is_owned(&spec.id)
+            && let Some(refused) = self.own_router(routers, &spec).await
+        {
+            return (refused, Commit::None);
         }
         let previous = routers.get(&spec.id).cloned().map(Box::new);
         match routers.converge(&spec).await {
@@ -875,17 +897,7 @@ impl Dispatcher {
                 };
                 // A new router rolled back entirely is no longer the agent's to watch.
                 if undo_router(routers, &undo).await && was_new {
-                    let store = self.store.clone();
-                    let id = spec.id.clone();
-                    let disowned = tokio::task::spawn_blocking(move || store.disown_router(&id))
-                        .await
-                        .expect("state store task panicked");
-                    match disowned {
-                        Ok(()) => routers.forget(&spec.id),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "could not disown a rolled-back router")
-                        }
-                    }
+                    self.disown_router(routers, &spec.id).await;
                 }
                 failed(&RouterError::Kernel(e))
             }
@@ -1047,26 +1059,90 @@ impl Dispatcher {
     /// `cert.install`, make-before-break: validate; open a session with the new identity;
     /// only once the broker took it, write the files and switch to them. Any failure
     /// before the switch changes nothing and the old session carries on.
+    /// The bundle, with the pending key of the last cert.request when the command carries
+    /// no key (then true).
+    async fn with_pending_key(
+        &self,
+        bundle: &crate::certs::Bundle,
+    ) -> (crate::certs::Bundle, bool) {
+        let mut bundle = bundle.clone();
+        if bundle.private_key_pem.is_some() {
+            return (bundle, false);
+        }
+        let dir = self.certs.state_dir.clone();
+        match tokio::task::spawn_blocking(move || crate::certs::request::read_pending(&dir))
+            .await
+            .expect("pending key reader panicked")
+        {
+            Ok(key) => bundle.private_key_pem = key,
+            Err(e) => tracing::error!(error = %e, "cannot read the pending key"),
+        }
+        (bundle, true)
+    }
+
+    /// A session with the new identity (make-before-break); `Err` says why there is none.
+    async fn trial_session(
+        &self,
+        validated: &crate::certs::Validated,
+        broker: &crate::config::BrokerConfig,
+    ) -> Result<(crate::broker::Connector, crate::broker::Session), String> {
+        let connector =
+            crate::certs::tls::client_config(validated.roots.clone(), &validated.identity)
+                .map_err(|e| e.to_string())
+                .and_then(|tls| {
+                    crate::broker::Connector::new(broker, tls, format!("rampart/{}", self.host_id))
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(|e| format!("cannot use the new identity: {e}"))?;
+        match connector.connect_first().await {
+            Ok(session) => Ok((connector, session)),
+            Err(why) => {
+                tracing::warn!(error = %why, "trial session with the new identity failed");
+                Err(format!(
+                    "the broker did not accept a session with the new identity ({why}); the old identity stays"
+                ))
+            }
+        }
+    }
+
+    /// Writes the new identity under the state directory and switches to it in one rename;
+    /// the CA bundle and the files now in use.
+    async fn write_identity(
+        &self,
+        validated: crate::certs::Validated,
+        id: &str,
+        from_request: bool,
+        broker: crate::config::BrokerConfig,
+    ) -> std::io::Result<(String, crate::certs::store::InUse)> {
+        let state_dir = self.certs.state_dir.clone();
+        let command_id = id.to_string();
+        let crash = self.fault == Fault::CrashMidCertRotation;
+        tokio::task::spawn_blocking(move || {
+            let staged = crate::certs::store::stage(&state_dir, &validated, &command_id)?;
+            if crash {
+                tracing::error!("RAMPART_FAULT=crash_mid_cert_rotation: killing myself");
+                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+            }
+            crate::certs::store::switch(&state_dir, &staged).inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&staged);
+            })?;
+            if from_request {
+                // Installed with its certificate; a pending key is good for one install.
+                crate::certs::request::clear_pending(&state_dir);
+            }
+            let files = crate::certs::store::in_use(&state_dir, &broker);
+            Ok((validated.ca_pem, files))
+        })
+        .await
+        .expect("identity writer panicked")
+    }
+
     async fn cert_install(
         &self,
         bundle: &crate::certs::Bundle,
         id: &str,
     ) -> (Executed, Option<Box<Rotation>>) {
-        // Without a key in the command: the pending key of the last cert.request.
-        let from_request = bundle.private_key_pem.is_none();
-        let mut bundle = bundle.clone();
-        if from_request {
-            let dir = self.certs.state_dir.clone();
-            match tokio::task::spawn_blocking(move || crate::certs::request::read_pending(&dir))
-                .await
-                .expect("pending key reader panicked")
-            {
-                Ok(key) => bundle.private_key_pem = key,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the pending key");
-                }
-            }
-        }
+        let (bundle, from_request) = self.with_pending_key(bundle).await;
         let bundle = &bundle;
         let current = self.certs.identity.read().expect("identity lock").clone();
         let external = self.certs.broker.read().expect("broker lock").auth
@@ -1117,52 +1193,15 @@ impl Dispatcher {
         };
         // Make: a session with the new identity, against the configured brokers in turn.
         let broker = self.certs.broker.read().expect("broker lock").clone();
-        let connector =
-            match crate::certs::tls::client_config(validated.roots.clone(), &validated.identity)
-                .map_err(|e| e.to_string())
-                .and_then(|tls| {
-                    crate::broker::Connector::new(&broker, tls, format!("rampart/{}", self.host_id))
-                        .map_err(|e| e.to_string())
-                }) {
-                Ok(c) => c,
-                Err(e) => return (failed(format!("cannot use the new identity: {e}")), None),
-            };
-        let session = match connector.connect_first().await {
-            Ok(s) => s,
-            Err(why) => {
-                tracing::warn!(error = %why, "trial session with the new identity failed");
-                return (
-                    failed(format!(
-                        "the broker did not accept a session with the new identity ({why}); the old identity stays"
-                    )),
-                    None,
-                );
-            }
+        let (connector, session) = match self.trial_session(&validated, &broker).await {
+            Ok(made) => made,
+            Err(why) => return (failed(why), None),
         };
         // Break: write the new identity, then switch to it in one rename.
-        let state_dir = self.certs.state_dir.clone();
-        let command_id = id.to_string();
-        let crash = self.fault == Fault::CrashMidCertRotation;
-        let broker_files = broker.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            let staged = crate::certs::store::stage(&state_dir, &validated, &command_id)?;
-            if crash {
-                tracing::error!("RAMPART_FAULT=crash_mid_cert_rotation: killing myself");
-                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-            }
-            crate::certs::store::switch(&state_dir, &staged).inspect_err(|_| {
-                let _ = std::fs::remove_dir_all(&staged);
-            })?;
-            if from_request {
-                // Installed with its certificate; a pending key is good for one install.
-                crate::certs::request::clear_pending(&state_dir);
-            }
-            let files = crate::certs::store::in_use(&state_dir, &broker_files);
-            Ok::<_, std::io::Error>((validated.ca_pem, files))
-        })
-        .await
-        .expect("identity writer panicked");
-        let (ca_pem, files) = match written {
+        let (ca_pem, files) = match self
+            .write_identity(validated, id, from_request, broker)
+            .await
+        {
             Ok(written) => written,
             Err(e) => {
                 crate::broker::close_bounded(&session.connection, "identity not installed").await;
