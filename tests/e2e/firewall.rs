@@ -1384,7 +1384,12 @@ fn queued_burst() -> Result<()> {
         let base = json!({"generation": 1, "address_sets": {"s": ["192.0.2.1"]},
             "rules": [{"id": "r", "priority": 1, "action": "allow", "direction": "in", "sources": ["$s"]}]});
         applied(&mut m, &h, "firewall.apply", "burst-base", base).await?;
-        agent.kill9();
+        // Stopped in order: a kill -9 may come before the base's delivery is settled (the
+        // ack is out first), and the redelivery would be answered again, as a duplicate.
+        agent.signal(nix::sys::signal::Signal::SIGTERM);
+        agent
+            .wait_exit(Duration::from_secs(20))
+            .context("the agent did not stop")?;
         let mut acks = m.subscribe(rampart::broker::ACKS_EXCHANGE, &h).await?;
         let mut sent = vec![];
         for i in 0..PATCHES {
