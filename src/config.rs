@@ -410,6 +410,47 @@ impl Config {
 }
 
 impl BrokerConfig {
+    /// The `[broker]` section's own rules.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let b = self;
+        if b.urls.is_empty() {
+            return Err(invalid(
+                "broker.urls",
+                "at least one broker URL is required",
+            ));
+        }
+        for url in &b.urls {
+            parse_url(url, b).map_err(|e| invalid("broker.urls", e.to_string()))?;
+        }
+        if b.heartbeat_secs == 0 {
+            return Err(invalid("broker.heartbeat_secs", "must be at least 1"));
+        }
+        if b.prefetch == 0 {
+            return Err(invalid("broker.prefetch", "must be at least 1"));
+        }
+        if b.trusted_senders.is_empty() {
+            return Err(invalid(
+                "broker.trusted_senders",
+                "at least one trusted sender is required",
+            ));
+        }
+        if b.backoff_initial_ms == 0 || b.backoff_max_ms < b.backoff_initial_ms {
+            return Err(invalid(
+                "broker.backoff_max_ms",
+                "backoff_initial_ms must be > 0 and <= backoff_max_ms",
+            ));
+        }
+        if b.auth == AuthMechanism::Plain && (b.username.is_none() || b.password_file.is_none()) {
+            return Err(invalid(
+                "broker.auth",
+                "auth = \"plain\" needs broker.username and broker.password_file",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl BrokerConfig {
     /// Whether a reload from `self` to `new` needs a new session (anything but the trusted
     /// senders, which apply to the next command).
     pub fn needs_reconnect(&self, new: &BrokerConfig) -> bool {
@@ -454,40 +495,7 @@ impl Config {
                 format!("{id:?} does not match ^[a-z0-9][a-z0-9._-]{{0,62}}$"),
             ));
         }
-        let b = &self.broker;
-        if b.urls.is_empty() {
-            return Err(invalid(
-                "broker.urls",
-                "at least one broker URL is required",
-            ));
-        }
-        for url in &b.urls {
-            parse_url(url, b).map_err(|e| invalid("broker.urls", e.to_string()))?;
-        }
-        if b.heartbeat_secs == 0 {
-            return Err(invalid("broker.heartbeat_secs", "must be at least 1"));
-        }
-        if b.prefetch == 0 {
-            return Err(invalid("broker.prefetch", "must be at least 1"));
-        }
-        if b.trusted_senders.is_empty() {
-            return Err(invalid(
-                "broker.trusted_senders",
-                "at least one trusted sender is required",
-            ));
-        }
-        if b.backoff_initial_ms == 0 || b.backoff_max_ms < b.backoff_initial_ms {
-            return Err(invalid(
-                "broker.backoff_max_ms",
-                "backoff_initial_ms must be > 0 and <= backoff_max_ms",
-            ));
-        }
-        if b.auth == AuthMechanism::Plain && (b.username.is_none() || b.password_file.is_none()) {
-            return Err(invalid(
-                "broker.auth",
-                "auth = \"plain\" needs broker.username and broker.password_file",
-            ));
-        }
+        self.broker.validate()?;
         if self.commands.dedup_keep < 10_000 {
             return Err(invalid(
                 "commands.dedup_keep",
@@ -497,7 +505,7 @@ impl Config {
         if self.commands.max_body_bytes == 0 {
             return Err(invalid("commands.max_body_bytes", "must be at least 1"));
         }
-        if self.commands.max_age_ms < u64::from(b.message_ttl_ms) {
+        if self.commands.max_age_ms < u64::from(self.broker.message_ttl_ms) {
             return Err(invalid(
                 "commands.max_age_ms",
                 "must be at least broker.message_ttl_ms, or queued commands expire as bad_timestamp",

@@ -130,38 +130,11 @@ fn roots_from(
     Ok(roots)
 }
 
-/// Checks a bundle for this host: PEM, key matches, valid at `now`, names the host, keeps
-/// the CN the broker maps to the agent's user (`login_cn`, with EXTERNAL login), chains to
-/// the new CA when one is given, else to the CA in use (`current_ca_pem`).
-pub fn validate(
-    bundle: &Bundle,
-    host_id: &str,
-    login_cn: Option<&str>,
-    current_ca_pem: &str,
-    now: UnixTime,
-) -> Result<Validated, CertError> {
-    let chain = certs(
-        &bundle.certificate_pem,
-        "$.data.certificate_pem",
-        "certificate",
-    )?;
-    let key_pem = bundle
-        .private_key_pem
-        .as_deref()
-        .ok_or(CertError::NoPendingKey)?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
-        CertError::BadPem {
-            field: "$.data.private_key_pem",
-            what: "private key",
-            // The parser's message names the PEM section, never its contents.
-            message: format!("no PKCS#8, SEC1 or RSA private key: {e}"),
-        }
-    })?;
-    let info = cert_info(&chain[0]).map_err(|message| CertError::BadPem {
-        field: "$.data.certificate_pem",
-        what: "certificate",
-        message,
-    })?;
+/// The private key is the certificate's.
+fn check_key_matches(
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+) -> Result<(), CertError> {
     let provider = rustls::crypto::ring::default_provider();
     let signing = provider
         .key_provider
@@ -171,20 +144,27 @@ pub fn validate(
             what: "private key",
             message: format!("unsupported key: {e}"),
         })?;
-    let certified = rustls::sign::CertifiedKey::new(chain.clone(), signing);
+    let certified = rustls::sign::CertifiedKey::new(chain.to_vec(), signing);
     match certified.keys_match() {
-        Ok(()) => {}
+        Ok(()) => Ok(()),
         Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
-            return Err(CertError::KeyMismatch);
+            Err(CertError::KeyMismatch)
         }
-        Err(e) => {
-            return Err(CertError::BadPem {
-                field: "$.data.certificate_pem",
-                what: "certificate",
-                message: e.to_string(),
-            });
-        }
+        Err(e) => Err(CertError::BadPem {
+            field: "$.data.certificate_pem",
+            what: "certificate",
+            message: e.to_string(),
+        }),
     }
+}
+
+/// Valid at `now`, names the host, keeps the login CN.
+fn check_validity_and_names(
+    info: &CertInfo,
+    host_id: &str,
+    login_cn: Option<&str>,
+    now: UnixTime,
+) -> Result<(), CertError> {
     let secs = now.as_secs() as i64;
     if secs < info.not_before_unix {
         return Err(CertError::NotYetValid {
@@ -222,6 +202,43 @@ pub fn validate(
             user: user.to_string(),
         });
     }
+    Ok(())
+}
+
+/// Checks a bundle for this host: PEM, key matches, valid at `now`, names the host, keeps
+/// the CN the broker maps to the agent's user (`login_cn`, with EXTERNAL login), chains to
+/// the new CA when one is given, else to the CA in use (`current_ca_pem`).
+pub fn validate(
+    bundle: &Bundle,
+    host_id: &str,
+    login_cn: Option<&str>,
+    current_ca_pem: &str,
+    now: UnixTime,
+) -> Result<Validated, CertError> {
+    let chain = certs(
+        &bundle.certificate_pem,
+        "$.data.certificate_pem",
+        "certificate",
+    )?;
+    let key_pem = bundle
+        .private_key_pem
+        .as_deref()
+        .ok_or(CertError::NoPendingKey)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
+        CertError::BadPem {
+            field: "$.data.private_key_pem",
+            what: "private key",
+            // The parser's message names the PEM section, never its contents.
+            message: format!("no PKCS#8, SEC1 or RSA private key: {e}"),
+        }
+    })?;
+    let info = cert_info(&chain[0]).map_err(|message| CertError::BadPem {
+        field: "$.data.certificate_pem",
+        what: "certificate",
+        message,
+    })?;
+    check_key_matches(&chain, &key)?;
+    check_validity_and_names(&info, host_id, login_cn, now)?;
     let (ca_pem, against) = match &bundle.ca_pem {
         Some(pem) => (pem.clone(), "the new CA (ca_pem)"),
         None => (current_ca_pem.to_string(), "the CA in use"),

@@ -380,10 +380,9 @@ pub fn rule_lines(rule: &Rule, hook: Hook) -> Vec<String> {
     kernel_rules(rule, hook).iter().map(KRule::text).collect()
 }
 
-/// The kernel rules of one rule in one hook: one per match alternative (interface, family,
-/// source, destination), each preceded by its log rule when the rule logs.
-pub fn kernel_rules(rule: &Rule, hook: Hook) -> Vec<KRule<'_>> {
-    // Interface matches: only in the forward hook (rules applied to workloads).
+/// The interface matches of a rule in `hook`: only in the forward hook (rules applied to
+/// workloads); `None` matches any interface.
+fn interface_matches(rule: &Rule, hook: Hook) -> Vec<Option<IfMatch<'_>>> {
     let mut ifmatches: Vec<Option<IfMatch>> = vec![];
     if hook == Hook::Forward {
         for iface in &rule.applied_to {
@@ -405,6 +404,13 @@ pub fn kernel_rules(rule: &Rule, hook: Hook) -> Vec<KRule<'_>> {
         ifmatches.push(None);
     }
 
+    ifmatches
+}
+
+/// The kernel rules of one rule in one hook: one per match alternative (interface, family,
+/// source, destination), each preceded by its log rule when the rule logs.
+pub fn kernel_rules(rule: &Rule, hook: Hook) -> Vec<KRule<'_>> {
+    let ifmatches = interface_matches(rule, hook);
     let l4 = match rule.protocol {
         Protocol::Any => L4Match::Any,
         Protocol::Tcp | Protocol::Udp if !rule.ports.is_empty() => L4Match::Ports {

@@ -220,9 +220,8 @@ const RULE_KEYS: [&str; 12] = [
     "comment",
 ];
 
-fn rule(v: &Value, path: &str) -> Result<Rule, Reject> {
-    let obj = as_object(v, path)?;
-    deny_unknown(obj, &RULE_KEYS, path)?;
+/// A rule's `id`, checked.
+fn rule_id<'a>(obj: &'a serde_json::Map<String, Value>, path: &str) -> Result<&'a str, Reject> {
     let id_path = || child_path(path, "id");
     let id = obj.get("id").ok_or_else(|| missing(path, "id"))?;
     let id = match id.as_str() {
@@ -238,6 +237,31 @@ fn rule(v: &Value, path: &str) -> Result<Rule, Reject> {
             ),
         ));
     }
+    Ok(id)
+}
+
+/// A rule's `comment` (empty when absent), at most [`COMMENT_MAX`] characters.
+fn comment(obj: &serde_json::Map<String, Value>, path: &str) -> Result<String, Reject> {
+    Ok(match obj.get("comment") {
+        None => String::new(),
+        Some(v) => {
+            let p = child_path(path, "comment");
+            let s = as_str(v, &p)?;
+            if s.chars().count() > COMMENT_MAX {
+                return Err(invalid(
+                    &p,
+                    format!("comment is longer than {COMMENT_MAX} characters"),
+                ));
+            }
+            s.to_string()
+        }
+    })
+}
+
+fn rule(v: &Value, path: &str) -> Result<Rule, Reject> {
+    let obj = as_object(v, path)?;
+    deny_unknown(obj, &RULE_KEYS, path)?;
+    let id = rule_id(obj, path)?;
     let priority = u64_field(obj, "priority", path)?;
     let priority = u32::try_from(priority).map_err(|_| {
         invalid(
@@ -287,20 +311,7 @@ fn rule(v: &Value, path: &str) -> Result<Rule, Reject> {
             "ports need protocol tcp or udp",
         ));
     }
-    let comment = match obj.get("comment") {
-        None => String::new(),
-        Some(v) => {
-            let p = child_path(path, "comment");
-            let s = as_str(v, &p)?;
-            if s.chars().count() > COMMENT_MAX {
-                return Err(invalid(
-                    &p,
-                    format!("comment is longer than {COMMENT_MAX} characters"),
-                ));
-            }
-            s.to_string()
-        }
-    };
+    let comment = comment(obj, path)?;
     Ok(Rule {
         id: id.to_string(),
         priority,

@@ -112,13 +112,11 @@ pub(super) fn decode_router(data: &Value) -> Result<RouterSpec, Reject> {
     })
 }
 
-fn decode_interface(
-    v: &Value,
+/// An interface's `name`: a valid interface name no namespace reserves.
+fn interface_name<'a>(
+    obj: &'a serde_json::Map<String, Value>,
     path: &str,
-    seen: &mut BTreeMap<IpAddr, String>,
-) -> Result<Interface, Reject> {
-    let obj = as_object(v, path)?;
-    deny_unknown(obj, &["name", "addresses", "mtu", "bridge"], path)?;
+) -> Result<&'a str, Reject> {
     let name_path = child_path(path, "name");
     let name = as_str(
         obj.get("name").ok_or_else(|| missing(path, "name"))?,
@@ -142,6 +140,35 @@ fn decode_interface(
             ),
         ));
     }
+    Ok(name)
+}
+
+/// An interface's `bridge` on the host, if any.
+fn bridge(obj: &serde_json::Map<String, Value>, path: &str) -> Result<Option<String>, Reject> {
+    Ok(match obj.get("bridge") {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            let p = child_path(path, "bridge");
+            let b = as_str(v, &p)?;
+            if !is_valid_ifname(b) {
+                return Err(invalid(
+                    &p,
+                    format!("bridge name {} is not a valid interface name", echo(b)),
+                ));
+            }
+            Some(b.to_string())
+        }
+    })
+}
+
+fn decode_interface(
+    v: &Value,
+    path: &str,
+    seen: &mut BTreeMap<IpAddr, String>,
+) -> Result<Interface, Reject> {
+    let obj = as_object(v, path)?;
+    deny_unknown(obj, &["name", "addresses", "mtu", "bridge"], path)?;
+    let name = interface_name(obj, path)?;
     let mtu = match obj.get("mtu") {
         None => DEFAULT_MTU,
         Some(_) => {
@@ -185,20 +212,7 @@ fn decode_interface(
             addresses.push(net);
         }
     }
-    let bridge = match obj.get("bridge") {
-        None | Some(Value::Null) => None,
-        Some(v) => {
-            let p = child_path(path, "bridge");
-            let b = as_str(v, &p)?;
-            if !is_valid_ifname(b) {
-                return Err(invalid(
-                    &p,
-                    format!("bridge name {} is not a valid interface name", echo(b)),
-                ));
-            }
-            Some(b.to_string())
-        }
-    };
+    let bridge = bridge(obj, path)?;
     Ok(Interface {
         name: name.to_string(),
         addresses,

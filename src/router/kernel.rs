@@ -195,6 +195,47 @@ fn enable_forwarding() -> std::io::Result<()> {
     netns::write_sysctl("net.ipv6.conf.all.forwarding", "1")
 }
 
+/// The host end of a router interface: up, MTU, the bridge it is on (`None`: missing).
+async fn observe_host_end(ctx: &Ctx, name: &str) -> Result<Option<ObservedHost>, KernelError> {
+    let Some(h) = link_by_name(&ctx.host, name)
+        .await
+        .map_err(fail("look up host end"))?
+    else {
+        return Ok(None);
+    };
+    let bridge = match h.controller {
+        None => None,
+        Some(i) => link_by_index(&ctx.host, i)
+            .await
+            .map_err(fail("look up bridge"))?
+            .map(|b| b.name),
+    };
+    Ok(Some(ObservedHost {
+        up: h.up,
+        mtu: h.mtu,
+        bridge,
+    }))
+}
+
+/// The routes of a router's namespace, both families.
+async fn observe_routes(inner: &Handle) -> Result<std::collections::BTreeSet<Route>, KernelError> {
+    let mut routes = std::collections::BTreeSet::new();
+    for family in [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    ] {
+        let msgs: Vec<_> = inner
+            .route()
+            .get(family)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(fail("list routes"))?;
+        routes.extend(msgs.iter().filter_map(route_of));
+    }
+    Ok(routes)
+}
+
 /// The kernel's view of router `spec.id`, with host ends looked up by their names.
 pub async fn observe(ctx: &Ctx, spec: &RouterSpec) -> Result<Observed, KernelError> {
     let name = spec.netns();
@@ -223,23 +264,7 @@ pub async fn observe(ctx: &Ctx, spec: &RouterSpec) -> Result<Observed, KernelErr
             continue;
         }
         by_index.insert(l.index, l.name.clone());
-        let host = match link_by_name(&ctx.host, &super::spec::host_name(&spec.id, &l.name))
-            .await
-            .map_err(fail("look up host end"))?
-        {
-            None => None,
-            Some(h) => Some(ObservedHost {
-                up: h.up,
-                mtu: h.mtu,
-                bridge: match h.controller {
-                    None => None,
-                    Some(i) => link_by_index(&ctx.host, i)
-                        .await
-                        .map_err(fail("look up bridge"))?
-                        .map(|b| b.name),
-                },
-            }),
-        };
+        let host = observe_host_end(ctx, &super::spec::host_name(&spec.id, &l.name)).await?;
         interfaces.insert(
             l.name.clone(),
             ObservedInterface {
@@ -276,20 +301,7 @@ pub async fn observe(ctx: &Ctx, spec: &RouterSpec) -> Result<Observed, KernelErr
             i.addresses.insert(a);
         }
     }
-    let mut routes = std::collections::BTreeSet::new();
-    for family in [
-        RouteMessageBuilder::<Ipv4Addr>::new().build(),
-        RouteMessageBuilder::<Ipv6Addr>::new().build(),
-    ] {
-        let msgs: Vec<_> = inner
-            .route()
-            .get(family)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(fail("list routes"))?;
-        routes.extend(msgs.iter().filter_map(route_of));
-    }
+    let routes = observe_routes(&inner).await?;
     Ok(Observed {
         namespace: true,
         lo_up,
