@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use crate::certs::{CertError, Current};
+use crate::faults::{self, Fault};
 use crate::firewall::spec::{Patch, RuleSet};
 use crate::firewall::{ApplyPlan, Firewall, FirewallError};
 use crate::protocol::{
@@ -83,29 +84,6 @@ pub struct CertContext {
 /// Bodies up to this size are decoded on the async worker; larger ones on the blocking pool.
 const INLINE_DECODE_BYTES: usize = 64 * 1024;
 
-/// Test-only crash points, read once from `RAMPART_FAULT` (see docs/operations.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    None,
-    /// SIGKILL itself right after a command's outcome is committed, before the ack is sent.
-    CrashAfterPersist,
-    /// SIGKILL itself half way through creating a new router (namespace and one interface).
-    CrashMidRouterCreate,
-    /// SIGKILL itself during a rotation: new session up, new identity written, not switched.
-    CrashMidCertRotation,
-}
-
-impl Fault {
-    pub fn from_env() -> Fault {
-        match std::env::var("RAMPART_FAULT").as_deref() {
-            Ok("crash_after_persist") => Fault::CrashAfterPersist,
-            Ok("crash_mid_router_create") => Fault::CrashMidRouterCreate,
-            Ok("crash_mid_cert_rotation") => Fault::CrashMidCertRotation,
-            _ => Fault::None,
-        }
-    }
-}
-
 /// A state change to persist with the ack, owned so it can move to the blocking pool.
 enum OwnedChange {
     None,
@@ -134,51 +112,94 @@ impl Executed {
     }
 }
 
-/// The one place where firewall errors become ack statuses and codes.
-fn firewall_error(e: &FirewallError) -> (Status, AckError) {
-    let (status, code, field) = match e {
-        FirewallError::Stale { .. } => (Status::Stale, ErrorCode::StaleGeneration, None),
-        FirewallError::UnknownSet { field, .. } => {
-            (Status::Rejected, ErrorCode::UnknownSet, Some(field.clone()))
-        }
-        FirewallError::SetInUse { field, .. } => {
-            (Status::Rejected, ErrorCode::SetInUse, Some(field.clone()))
-        }
-        FirewallError::TooMany { field, .. } => {
-            (Status::Rejected, ErrorCode::TooMany, Some(field.clone()))
-        }
-        FirewallError::Nft(_) | FirewallError::Netlink(_) => {
-            (Status::Failed, ErrorCode::NftFailed, None)
-        }
-    };
-    (
-        status,
-        AckError {
-            code,
-            message: e.to_string(),
-            field,
-        },
-    )
+/// Every way an admitted command can fail. [`DispatchError::answer`] is the one place
+/// where failures become ack statuses, codes and fields.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error(transparent)]
+    Firewall(#[from] FirewallError),
+    #[error(transparent)]
+    Router(#[from] RouterError),
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    #[error(transparent)]
+    Store(#[from] StateError),
+    #[error("namespace {0} exists and was not made by this agent; it is left alone")]
+    ForeignNamespace(String),
+    /// `cert.install` could not switch to the new identity (the old one stays).
+    #[error("{0}")]
+    Rotation(String),
+    /// `cert.request` could not make or keep a key pair.
+    #[error("{0}")]
+    Request(String),
 }
 
-/// The one place where router errors become ack statuses and codes.
-fn router_error(e: &RouterError) -> (Status, AckError) {
-    let (status, code, field) = match e {
-        RouterError::UnknownBridge { field, .. } => (
-            Status::Rejected,
-            ErrorCode::UnknownBridge,
-            Some(field.clone()),
-        ),
-        RouterError::Kernel(_) => (Status::Failed, ErrorCode::RouterFailed, None),
-    };
-    (
-        status,
-        AckError {
+impl DispatchError {
+    /// The ack's status, and its error: code, message, field.
+    pub fn answer(&self) -> (Status, AckError) {
+        use ErrorCode as C;
+        use Status::{Failed, Rejected};
+        let owned = |f: &String| Some(f.clone());
+        let (status, code, field) = match self {
+            DispatchError::Firewall(e) => match e {
+                FirewallError::Stale { .. } => (Status::Stale, C::StaleGeneration, None),
+                FirewallError::UnknownSet { field, .. } => (Rejected, C::UnknownSet, owned(field)),
+                FirewallError::SetInUse { field, .. } => (Rejected, C::SetInUse, owned(field)),
+                FirewallError::TooMany { field, .. } => (Rejected, C::TooMany, owned(field)),
+                FirewallError::Nft(_) | FirewallError::Netlink(_) => (Failed, C::NftFailed, None),
+            },
+            DispatchError::Router(e) => match e {
+                RouterError::UnknownBridge { field, .. } => {
+                    (Rejected, C::UnknownBridge, owned(field))
+                }
+                RouterError::Kernel(_) => (Failed, C::RouterFailed, None),
+            },
+            DispatchError::Cert(e) => {
+                let (code, field) = cert_code(e);
+                (Rejected, code, Some(field.to_string()))
+            }
+            DispatchError::Store(_) => (Failed, C::StoreFailed, None),
+            DispatchError::ForeignNamespace(_) => {
+                (Rejected, C::ForeignNamespace, Some("$.data.id".into()))
+            }
+            DispatchError::Rotation(_) => (Failed, C::RotationFailed, None),
+            DispatchError::Request(_) => (Failed, C::RequestFailed, None),
+        };
+        let error = AckError {
             code,
-            message: e.to_string(),
+            message: self.to_string(),
             field,
-        },
-    )
+        };
+        (status, error)
+    }
+}
+
+/// The code and field of a certificate that `cert.install` refuses.
+fn cert_code(e: &CertError) -> (ErrorCode, &'static str) {
+    match e {
+        CertError::BadPem { field, .. } => (ErrorCode::BadPem, *field),
+        CertError::KeyMismatch => (ErrorCode::KeyMismatch, "$.data.private_key_pem"),
+        CertError::NoPendingKey => (ErrorCode::NoPendingKey, "$.data.private_key_pem"),
+        CertError::Expired { .. } => (ErrorCode::Expired, "$.data.certificate_pem"),
+        CertError::NotYetValid { .. } => (ErrorCode::NotYetValid, "$.data.certificate_pem"),
+        CertError::WrongHost { .. } | CertError::LoginName { .. } => {
+            (ErrorCode::WrongHost, "$.data.certificate_pem")
+        }
+        CertError::UntrustedChain { .. } => (ErrorCode::UntrustedChain, "$.data.certificate_pem"),
+    }
+}
+
+impl Executed {
+    /// A failure answered with `data`; nothing to record but the answer.
+    fn failed(e: impl Into<DispatchError>, data: Value) -> Executed {
+        let (status, error) = e.into().answer();
+        Executed {
+            status,
+            error: Some(error),
+            data,
+            change: OwnedChange::None,
+        }
+    }
 }
 
 pub struct Dispatcher {
@@ -190,7 +211,6 @@ pub struct Dispatcher {
     routers: Arc<Mutex<Routers>>,
     /// Where reconcile results go (as `drift.<host>` events).
     drift: tokio::sync::mpsc::Sender<Value>,
-    fault: Fault,
     /// Set when the stored state could not be read at start; reported in every summary
     /// until the manager sent a full rule set.
     state_lost: Arc<std::sync::Mutex<Option<Value>>>,
@@ -213,7 +233,6 @@ impl Dispatcher {
             firewall,
             routers,
             drift,
-            fault: Fault::from_env(),
             state_lost: Default::default(),
         }
     }
@@ -318,10 +337,7 @@ impl Dispatcher {
             return outcome;
         }
         self.commit(locks, commit).await;
-        if self.fault == Fault::CrashAfterPersist {
-            tracing::error!(command_id = %id, "RAMPART_FAULT=crash_after_persist: killing myself");
-            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-        }
+        faults::crash_if(Fault::CrashAfterPersist, &id);
         tracing::info!(
             command_id = %id,
             command_type = type_name,
@@ -659,23 +675,16 @@ impl Dispatcher {
 
     fn store_failure(&self, id: &str, type_name: &str, e: StateError) -> Outcome {
         tracing::error!(command_id = %id, error = %e, "state store failed; command not applied");
+        let (status, error) = DispatchError::Store(e).answer();
         let ack = Ack::new(
             self.host_id(),
             Some(id.to_string()),
             Some(type_name.to_string()),
-            Status::Failed,
-            Some(AckError {
-                code: ErrorCode::StoreFailed,
-                message: e.to_string(),
-                field: None,
-            }),
+            status,
+            Some(error),
             json!({}),
         );
-        Outcome {
-            ack,
-            disposition: Disposition::Ack,
-            rotation: None,
-        }
+        Outcome::answered(ack, Disposition::Ack)
     }
 }
 
@@ -704,21 +713,15 @@ enum Commit {
     },
 }
 
-fn failed_with(fw: &Firewall, e: &FirewallError) -> (Executed, Commit) {
-    let (status, error) = firewall_error(e);
-    let executed = Executed {
-        status,
-        error: Some(error),
-        data: json!({ "generation": fw.current().generation }),
-        change: OwnedChange::None,
-    };
-    (executed, Commit::None)
+fn failed_with(fw: &Firewall, e: FirewallError) -> (Executed, Commit) {
+    let data = json!({ "generation": fw.current().generation });
+    (Executed::failed(e, data), Commit::None)
 }
 
 /// A dry `firewall.apply`: checked and planned, answered with what it would change.
 async fn firewall_apply_dry(fw: &Firewall, rs: &RuleSet) -> Executed {
     match fw.layout_for(rs) {
-        Err(e) => failed_with(fw, &e).0,
+        Err(e) => failed_with(fw, e).0,
         Ok(layout) => Executed::applied(
             json!({ "generation": rs.generation, "dry_run": true, "diff": fw.apply_diff(rs, layout.as_ref()).await }),
             OwnedChange::None,
@@ -729,7 +732,7 @@ async fn firewall_apply_dry(fw: &Firewall, rs: &RuleSet) -> Executed {
 /// A dry `firewall.patch`.
 async fn firewall_patch_dry(fw: &Firewall, patch: &Patch) -> Executed {
     match fw.plan_patch(patch) {
-        Err(e) => failed_with(fw, &e).0,
+        Err(e) => failed_with(fw, e).0,
         Ok(plan) => Executed::applied(
             json!({ "generation": patch.generation, "dry_run": true, "diff": fw.patch_diff(&plan).await }),
             OwnedChange::None,
@@ -742,7 +745,7 @@ async fn firewall_apply(fw: &mut Firewall, rs: Box<RuleSet>, raw: String) -> (Ex
     let plan = fw.plan_apply(&rs);
     tracing::debug!(plan_us = t.elapsed().as_micros() as u64, "rule set planned");
     match plan {
-        Err(e) => failed_with(fw, &e),
+        Err(e) => failed_with(fw, e),
         Ok(ApplyPlan::NoOp) => (
             Executed::applied(
                 json!({ "generation": rs.generation, "noop": true }),
@@ -754,7 +757,7 @@ async fn firewall_apply(fw: &mut Firewall, rs: Box<RuleSet>, raw: String) -> (Ex
             let t = Instant::now();
             let bytes = batch.len();
             if let Err(e) = fw.apply_replace(batch, &rs, &layout).await {
-                return failed_with(fw, &e);
+                return failed_with(fw, e);
             }
             tracing::debug!(
                 kernel_us = t.elapsed().as_micros() as u64,
@@ -774,11 +777,11 @@ async fn firewall_patch(fw: &mut Firewall, patch: &Patch, raw: String) -> (Execu
     let t = Instant::now();
     let plan = match fw.plan_patch(patch) {
         Ok(plan) => plan,
-        Err(e) => return failed_with(fw, &e),
+        Err(e) => return failed_with(fw, e),
     };
     let planned = t.elapsed();
     if let Err(e) = fw.apply_kernel(&plan.kernel).await {
-        return failed_with(fw, &e);
+        return failed_with(fw, e);
     }
     tracing::debug!(
         plan_us = planned.as_micros() as u64,
@@ -798,27 +801,11 @@ impl Dispatcher {
     /// a namespace someone else made is never adopted (rolling back would delete it).
     /// `Some`: the answer instead.
     async fn own_router(&self, routers: &mut Routers, spec: &RouterSpec) -> Option<Executed> {
-        let refused = |status, code, message: String, field: Option<String>| Executed {
-            status,
-            error: Some(AckError {
-                code,
-                message,
-                field,
-            }),
-            data: json!({ "router": spec.id }),
-            change: OwnedChange::None,
-        };
+        let data = || json!({ "router": spec.id });
         let ns = crate::sys::netns::ns_path(&spec.netns());
         if tokio::fs::try_exists(&ns).await.unwrap_or(true) {
-            return Some(refused(
-                Status::Rejected,
-                ErrorCode::ForeignNamespace,
-                format!(
-                    "namespace {} exists and was not made by this agent; it is left alone",
-                    spec.netns()
-                ),
-                Some("$.data.id".into()),
-            ));
+            let foreign = DispatchError::ForeignNamespace(spec.netns());
+            return Some(Executed::failed(foreign, data()));
         }
         let store = self.store.clone();
         let id = spec.id.clone();
@@ -826,12 +813,7 @@ impl Dispatcher {
             .await
             .expect("state store task panicked");
         if let Err(e) = owned {
-            return Some(refused(
-                Status::Failed,
-                ErrorCode::StoreFailed,
-                e.to_string(),
-                None,
-            ));
+            return Some(Executed::failed(e, data()));
         }
         routers.note_owned(&spec.id);
         None
@@ -853,18 +835,12 @@ impl Dispatcher {
     /// `router.create`: bridges checked, the id owned durably before the first kernel
     /// change, then converged; a failure rolls back to what was there before.
     async fn router_create(&self, routers: &mut Routers, spec: RouterSpec) -> (Executed, Commit) {
-        let failed = |e: &RouterError| {
-            let (status, error) = router_error(e);
-            let executed = Executed {
-                status,
-                error: Some(error),
-                data: json!({ "router": spec.id }),
-                change: OwnedChange::None,
-            };
+        let failed = |e: RouterError| {
+            let executed = Executed::failed(e, json!({ "router": spec.id }));
             (executed, Commit::None)
         };
         if let Err(e) = routers.check_bridges(&spec).await {
-            return failed(&e);
+            return failed(e);
         }
         if !routers.is_owned(&spec.id)
             && let Some(refused) = self.own_router(routers, &spec).await
@@ -899,7 +875,7 @@ impl Dispatcher {
                 if undo_router(routers, &undo).await && was_new {
                     self.disown_router(routers, &spec.id).await;
                 }
-                failed(&RouterError::Kernel(e))
+                failed(RouterError::Kernel(e))
             }
         }
     }
@@ -969,13 +945,7 @@ async fn router_delete(routers: &mut Routers, id: String) -> (Executed, Commit) 
                 },
             )
             .await;
-            let (status, error) = router_error(&RouterError::Kernel(e));
-            let executed = Executed {
-                status,
-                error: Some(error),
-                data: json!({ "router": id }),
-                change: OwnedChange::None,
-            };
+            let executed = Executed::failed(RouterError::Kernel(e), json!({ "router": id }));
             (executed, Commit::None)
         }
     }
@@ -1005,26 +975,6 @@ async fn undo_router(routers: &Routers, commit: &Commit) -> bool {
     }
 }
 
-/// The one place where certificate errors become ack codes (all are rejections).
-fn cert_error(e: &CertError) -> AckError {
-    let (code, field) = match e {
-        CertError::BadPem { field, .. } => (ErrorCode::BadPem, *field),
-        CertError::KeyMismatch => (ErrorCode::KeyMismatch, "$.data.private_key_pem"),
-        CertError::NoPendingKey => (ErrorCode::NoPendingKey, "$.data.private_key_pem"),
-        CertError::Expired { .. } => (ErrorCode::Expired, "$.data.certificate_pem"),
-        CertError::NotYetValid { .. } => (ErrorCode::NotYetValid, "$.data.certificate_pem"),
-        CertError::WrongHost { .. } | CertError::LoginName { .. } => {
-            (ErrorCode::WrongHost, "$.data.certificate_pem")
-        }
-        CertError::UntrustedChain { .. } => (ErrorCode::UntrustedChain, "$.data.certificate_pem"),
-    };
-    AckError {
-        code,
-        message: e.to_string(),
-        field: Some(field.to_string()),
-    }
-}
-
 impl Dispatcher {
     /// `cert.request`: a new key pair kept as the pending key, the CSR in the ack.
     async fn cert_request(&self, req: crate::certs::request::CertRequest) -> Executed {
@@ -1043,16 +993,7 @@ impl Dispatcher {
                     OwnedChange::None,
                 )
             }
-            Err(e) => Executed {
-                status: Status::Failed,
-                error: Some(AckError {
-                    code: ErrorCode::RequestFailed,
-                    message: e.to_string(),
-                    field: None,
-                }),
-                data: json!({}),
-                change: OwnedChange::None,
-            },
+            Err(e) => Executed::failed(DispatchError::Request(e.to_string()), json!({})),
         }
     }
 
@@ -1116,13 +1057,9 @@ impl Dispatcher {
     ) -> std::io::Result<(String, crate::certs::store::InUse)> {
         let state_dir = self.certs.state_dir.clone();
         let command_id = id.to_string();
-        let crash = self.fault == Fault::CrashMidCertRotation;
         tokio::task::spawn_blocking(move || {
             let staged = crate::certs::store::stage(&state_dir, &validated, &command_id)?;
-            if crash {
-                tracing::error!("RAMPART_FAULT=crash_mid_cert_rotation: killing myself");
-                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-            }
+            faults::crash_if(Fault::CrashMidCertRotation, &command_id);
             crate::certs::store::switch(&state_dir, &staged).inspect_err(|_| {
                 let _ = std::fs::remove_dir_all(&staged);
             })?;
@@ -1156,15 +1093,7 @@ impl Dispatcher {
             rustls::pki_types::UnixTime::now(),
         ) {
             Ok(v) => v,
-            Err(e) => {
-                let executed = Executed {
-                    status: Status::Rejected,
-                    error: Some(cert_error(&e)),
-                    data: json!({}),
-                    change: OwnedChange::None,
-                };
-                return (executed, None);
-            }
+            Err(e) => return (Executed::failed(e, json!({})), None),
         };
         let info = validated.identity.info.clone();
         let described = json!({
@@ -1181,15 +1110,11 @@ impl Dispatcher {
             );
             return (executed, None);
         }
-        let failed = |message: String| Executed {
-            status: Status::Failed,
-            error: Some(AckError {
-                code: ErrorCode::RotationFailed,
-                message,
-                field: None,
-            }),
-            data: json!({ "certificate": described }),
-            change: OwnedChange::None,
+        let failed = |message: String| {
+            Executed::failed(
+                DispatchError::Rotation(message),
+                json!({ "certificate": described }),
+            )
         };
         // Make: a session with the new identity, against the configured brokers in turn.
         let broker = self.certs.broker.read().expect("broker lock").clone();
@@ -1222,5 +1147,71 @@ impl Dispatcher {
         };
         let executed = Executed::applied(json!({ "certificate": described }), OwnedChange::None);
         (executed, Some(Box::new(Rotation { connector, session })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(e: impl Into<DispatchError>) -> (Status, ErrorCode, Option<String>, String) {
+        let (status, error) = e.into().answer();
+        (status, error.code, error.field, error.message)
+    }
+
+    #[test]
+    fn each_failure_has_one_status_code_and_field() {
+        let stale = FirewallError::Stale {
+            current: 3,
+            expected: "base generation 2".into(),
+        };
+        let (status, code, field, message) = answer(stale);
+        assert_eq!(
+            (status, code, field),
+            (Status::Stale, ErrorCode::StaleGeneration, None)
+        );
+        assert!(message.contains("generation 3"), "{message}");
+        let (status, code, field, _) = answer(FirewallError::UnknownSet {
+            name: "web".into(),
+            field: "$.data.rules[0].sources".into(),
+        });
+        assert_eq!(
+            (status, code, field.as_deref()),
+            (
+                Status::Rejected,
+                ErrorCode::UnknownSet,
+                Some("$.data.rules[0].sources")
+            )
+        );
+        let (status, code, field, _) = answer(CertError::KeyMismatch);
+        assert_eq!(
+            (status, code, field.as_deref()),
+            (
+                Status::Rejected,
+                ErrorCode::KeyMismatch,
+                Some("$.data.private_key_pem")
+            )
+        );
+        let (status, code, field, message) =
+            answer(DispatchError::ForeignNamespace("rampart-lr1".into()));
+        assert_eq!(
+            (status, code, field.as_deref()),
+            (
+                Status::Rejected,
+                ErrorCode::ForeignNamespace,
+                Some("$.data.id")
+            )
+        );
+        assert!(message.contains("rampart-lr1"));
+        let (status, code, field, message) = answer(DispatchError::Rotation("no session".into()));
+        assert_eq!(
+            (status, code, field),
+            (Status::Failed, ErrorCode::RotationFailed, None)
+        );
+        assert_eq!(message, "no session");
+        let (status, code, ..) = answer(StateError::Corrupt(
+            serde_json::from_str::<Value>("{").unwrap_err(),
+        ));
+        assert_eq!((status, code), (Status::Failed, ErrorCode::StoreFailed));
     }
 }
