@@ -560,8 +560,7 @@ async fn load_routers(
         );
     }
     let worker = NetnsWorker::start(host_id).context("starting the namespace thread")?;
-    let crash = crate::dispatch::Fault::from_env() == crate::dispatch::Fault::CrashMidRouterCreate;
-    let mut routers = Routers::new(worker, specs, owned.into_iter().collect(), crash);
+    let mut routers = Routers::new(worker, specs, owned.into_iter().collect());
     reconcile_routers(&mut routers, store, drift).await;
     tracing::info!(
         routers = routers.summary().as_array().map_or(0, Vec::len),

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::faults::{self, Fault};
 use crate::sys::netns::{self, NetnsWorker};
 use kernel::KernelError;
 use plan::{Observed, Step};
@@ -56,23 +57,15 @@ pub struct Routers {
     /// Ids the agent may have made a namespace for (recorded before the first kernel change).
     owned: BTreeSet<String>,
     state: BTreeMap<String, RouterState>,
-    /// Test-only: die half way through a new router (RAMPART_FAULT).
-    crash_mid_create: bool,
 }
 
 impl Routers {
-    pub fn new(
-        worker: NetnsWorker,
-        wanted: Vec<RouterSpec>,
-        owned: BTreeSet<String>,
-        crash_mid_create: bool,
-    ) -> Routers {
+    pub fn new(worker: NetnsWorker, wanted: Vec<RouterSpec>, owned: BTreeSet<String>) -> Routers {
         Routers {
             worker,
             wanted: wanted.into_iter().map(|s| (s.id.clone(), s)).collect(),
             owned,
             state: BTreeMap::new(),
-            crash_mid_create,
         }
     }
 
@@ -108,15 +101,14 @@ impl Routers {
     /// Brings the kernel to `spec`; returns the steps that were needed (none: equal).
     pub async fn converge(&self, spec: &RouterSpec) -> Result<Vec<Step>, KernelError> {
         let spec = spec.clone();
-        let crash = self.crash_mid_create;
+        let crash = faults::is_armed(Fault::CrashMidRouterCreate);
         self.worker
             .run(move |ctx| async move {
                 let observed = kernel::observe(&ctx, &spec).await?;
                 let steps = plan::plan(&spec, &observed);
                 if crash && !observed.namespace && steps.len() > 2 {
                     kernel::apply(&ctx, &spec, &steps[..2]).await?;
-                    tracing::error!(router = %spec.id, "RAMPART_FAULT=crash_mid_router_create: killing myself");
-                    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+                    faults::crash_if(Fault::CrashMidRouterCreate, &spec.id);
                 }
                 kernel::apply(&ctx, &spec, &steps).await?;
                 Ok(steps)
