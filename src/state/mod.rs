@@ -91,6 +91,8 @@ pub enum StateError {
     Db(redb::Error),
     #[error("state store holds an ack that does not parse: {0}")]
     Corrupt(serde_json::Error),
+    #[error("state store was reopened after an I/O error before its last commits were synced")]
+    Unsynced,
     #[error("state store record log {path}: {cause}")]
     Ledger {
         path: PathBuf,
@@ -107,6 +109,7 @@ macro_rules! db_err {
 }
 db_err!(
     redb::Error,
+    redb::SetDurabilityError,
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
@@ -174,6 +177,8 @@ pub struct Store {
     path: PathBuf,
     /// Records of commands that changed nothing, not yet folded into the database.
     ledger: std::sync::Mutex<ledger::Ledger>,
+    /// Counts reopens: commits not yet synced before a reopen are gone.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -215,6 +220,7 @@ impl Store {
             keep,
             path,
             ledger: std::sync::Mutex::new(ledger),
+            epoch: Default::default(),
         };
         store.init_schema()?;
         // What the log kept across a stop or crash goes into the database now.
@@ -288,6 +294,7 @@ impl Store {
         tracing::warn!(path = %self.path.display(), "reopening the state store after an I/O error");
         let db = open_db(&self.path)?;
         *guard = Some(db);
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
@@ -352,7 +359,52 @@ impl Store {
 
     /// Records `ack` for command `id` and the state change it made, atomically and durably.
     pub fn commit(&self, id: &str, ack: &Ack, change: Change<'_>) -> Result<(), StateError> {
-        let tx = self.write_tx()?;
+        self.write(id, ack, change, redb::Durability::Immediate)
+    }
+
+    /// As [`Store::commit`], atomically but not yet durably: later reads see it at once, and
+    /// it is durable after the next [`Store::sync`] (or any durable commit). Returns the
+    /// epoch to hand to `sync`. For the commands of one batch, whose acks wait for one
+    /// sync together.
+    pub fn commit_deferred(
+        &self,
+        id: &str,
+        ack: &Ack,
+        change: Change<'_>,
+    ) -> Result<u64, StateError> {
+        let epoch = self.epoch.load(std::sync::atomic::Ordering::SeqCst);
+        self.write(id, ack, change, redb::Durability::None)?;
+        Ok(epoch)
+    }
+
+    /// Makes every commit since `epoch` durable, with one fsync. Fails when the database
+    /// was reopened meanwhile (after an I/O error): those commits are gone. After a failure
+    /// the store holds only what reached the disk.
+    pub fn sync(&self, epoch: u64) -> Result<(), StateError> {
+        // A write transaction is durable unless told otherwise.
+        if let Err(e) = self.write_tx().and_then(|tx| Ok(tx.commit()?)) {
+            // Reads would still see the commits that never reached the disk: from now on
+            // the store is what the file holds.
+            if let Err(reopen) = self.reopen() {
+                tracing::error!(error = %reopen, "could not reopen the state store");
+            }
+            return Err(e);
+        }
+        if self.epoch.load(std::sync::atomic::Ordering::SeqCst) != epoch {
+            return Err(StateError::Unsynced);
+        }
+        Ok(())
+    }
+
+    fn write(
+        &self,
+        id: &str,
+        ack: &Ack,
+        change: Change<'_>,
+        durability: redb::Durability,
+    ) -> Result<(), StateError> {
+        let mut tx = self.write_tx()?;
+        tx.set_durability(durability)?;
         {
             match change {
                 Change::None => {}
@@ -661,6 +713,36 @@ mod tests {
         assert_eq!(s.ledger.lock().unwrap().len(), 5, "folded once full");
         // Retention holds across the fold: at most keep + keep / 10 records.
         assert!(s.processed_count().unwrap() <= 110 + 5);
+    }
+
+    #[test]
+    fn deferred_commits_are_seen_at_once_and_kept_after_a_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), 100).unwrap();
+            let epoch = s
+                .commit_deferred("a", &ack("a"), Change::FirewallPatch("{\"p\":1}"))
+                .unwrap();
+            s.commit_deferred("b", &ack("b"), Change::FirewallPatch("{\"p\":2}"))
+                .unwrap();
+            assert!(s.lookup("a").unwrap().is_some(), "seen before the sync");
+            assert_eq!(s.journal_len().unwrap(), 2);
+            s.sync(epoch).unwrap();
+        }
+        let s = Store::open(dir.path(), 100).unwrap();
+        assert!(s.lookup("a").unwrap().is_some() && s.lookup("b").unwrap().is_some());
+        assert_eq!(s.journal_len().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_reopen_before_the_sync_fails_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 100).unwrap();
+        let epoch = s.commit_deferred("a", &ack("a"), Change::None).unwrap();
+        s.reopen().unwrap();
+        assert!(matches!(s.sync(epoch), Err(StateError::Unsynced)));
+        let epoch = s.commit_deferred("b", &ack("b"), Change::None).unwrap();
+        s.sync(epoch).unwrap();
     }
 
     #[test]
