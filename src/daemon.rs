@@ -445,22 +445,8 @@ async fn load_firewall(
         .await
         .expect("state store task panicked")
         .context("reading the stored rule set")?;
-    let snapshot = match &stored.snapshot {
-        Some(bytes) => crate::protocol::decode_stored_rule_set(bytes)
-            .map_err(|e| anyhow::anyhow!("stored rule set does not decode: {e}"))?,
-        None => RuleSet::default(),
-    };
-    // Replayed without limits: what was accepted once comes back even if the limits were
-    // lowered since (they apply to the next command).
-    let mut fw = Firewall::new(Nft::new(&config.firewall.nft), ctx, Limits::NONE, snapshot);
-    for entry in &stored.journal {
-        let patch = crate::protocol::decode_stored_patch(entry)
-            .map_err(|e| anyhow::anyhow!("stored patch does not decode: {e}"))?;
-        let plan = fw
-            .plan_patch(&patch)
-            .map_err(|e| anyhow::anyhow!("stored patch does not apply: {e}"))?;
-        fw.commit_patch(plan);
-    }
+    let nft = Nft::new(&config.firewall.nft);
+    let mut fw = crate::dispatch::replay_firewall(nft, ctx, &stored).map_err(anyhow::Error::msg)?;
     fw.set_limits(limits);
     Ok(fw)
 }
@@ -1474,8 +1460,8 @@ impl Agent {
             .or_default() += 1;
     }
 
-    /// Publishes the acks of `executed` (confirms awaited together), then settles the
-    /// deliveries. Returns the rotation, if one of them made one.
+    /// Syncs what `executed` left unsynced, publishes their acks (confirms awaited
+    /// together), then settles the deliveries. Returns the rotation, if one of them made one.
     async fn answer(
         &self,
         publisher: &broker::Publisher,
@@ -1484,7 +1470,9 @@ impl Agent {
         if executed.is_empty() {
             return Ok(None);
         }
-        let (ackers, outcomes): (Vec<_>, Vec<_>) = executed.into_iter().unzip();
+        let (ackers, mut outcomes): (Vec<_>, Vec<_>) = executed.into_iter().unzip();
+        // The firewall patches among them share one fsync.
+        self.dispatcher.sync(&mut outcomes).await;
         let confirm_started = Instant::now();
         // Published in order (each future sends its frames when first polled, in turn).
         futures_util::future::try_join_all(

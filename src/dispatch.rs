@@ -39,6 +39,9 @@ pub struct Outcome {
     /// A `cert.install` that succeeded: the session on the new identity, to take over once
     /// the ack is out and the delivery acked.
     pub rotation: Option<Box<Rotation>>,
+    /// The record was committed but not yet synced (a firewall patch), in this store
+    /// epoch: [`Dispatcher::sync`] must succeed before the ack is published.
+    pub unsynced: Option<u64>,
 }
 
 impl Outcome {
@@ -48,6 +51,7 @@ impl Outcome {
             ack,
             disposition,
             rotation: None,
+            unsynced: None,
         }
     }
 }
@@ -132,6 +136,9 @@ pub enum DispatchError {
     /// `cert.request` could not make or keep a key pair.
     #[error("{0}")]
     Request(String),
+    /// The record was committed but could not be made durable; the change is undone.
+    #[error("the record could not be made durable ({0}); the change is undone")]
+    Unsynced(String),
 }
 
 impl DispatchError {
@@ -158,7 +165,7 @@ impl DispatchError {
                 let (code, field) = cert_code(e);
                 (Rejected, code, Some(field.to_string()))
             }
-            DispatchError::Store(_) => (Failed, C::StoreFailed, None),
+            DispatchError::Store(_) | DispatchError::Unsynced(_) => (Failed, C::StoreFailed, None),
             DispatchError::ForeignNamespace(_) => {
                 (Rejected, C::ForeignNamespace, Some("$.data.id".into()))
             }
@@ -329,15 +336,20 @@ impl Dispatcher {
         let persist_started = Instant::now();
         let persisted = self.persist(&id, &ack, change).await;
         tracing::debug!(command_id = %id, persist_us = persist_started.elapsed().as_micros() as u64, "outcome stored");
-        if let Err(e) = persisted {
-            self.roll_back(&mut locks, &commit).await;
-            // An identity already switched stays switched: the new session carries on.
-            let mut outcome = self.store_failure(&id, type_name, e);
-            outcome.rotation = rotation;
-            return outcome;
-        }
+        let unsynced = match persisted {
+            Ok(unsynced) => unsynced,
+            Err(e) => {
+                self.roll_back(&mut locks, &commit).await;
+                // An identity already switched stays switched: the new session carries on.
+                let mut outcome = self.store_failure(&id, type_name, e);
+                outcome.rotation = rotation;
+                return outcome;
+            }
+        };
         self.commit(locks, commit).await;
-        faults::crash_if(Fault::CrashAfterPersist, &id);
+        if unsynced.is_none() {
+            faults::crash_if(Fault::CrashAfterPersist, &id);
+        }
         tracing::info!(
             command_id = %id,
             command_type = type_name,
@@ -349,6 +361,7 @@ impl Dispatcher {
             ack,
             disposition: Disposition::Ack,
             rotation,
+            unsynced,
         }
     }
 
@@ -620,6 +633,7 @@ impl Dispatcher {
                     ack: original.as_duplicate(),
                     disposition,
                     rotation: None,
+                    unsynced: None,
                 })
             }
             Ok(None) => None,
@@ -635,23 +649,87 @@ impl Dispatcher {
             .expect("state store task panicked")
     }
 
-    async fn persist(&self, id: &str, ack: &Ack, change: OwnedChange) -> Result<(), StateError> {
+    /// Keeps the record of a command with the change it made. `Some(epoch)`: committed but
+    /// not synced (a firewall patch: the batch's patches share one fsync, see `sync`).
+    async fn persist(
+        &self,
+        id: &str,
+        ack: &Ack,
+        change: OwnedChange,
+    ) -> Result<Option<u64>, StateError> {
         let store = self.store.clone();
         let id = id.to_string();
         let ack = ack.clone();
         tokio::task::spawn_blocking(move || {
             let change = match &change {
                 // A command that changed nothing needs no fsync of its own (see ledger).
-                OwnedChange::None => return store.record_light(&id, &ack),
+                OwnedChange::None => return store.record_light(&id, &ack).map(|()| None),
+                OwnedChange::FirewallPatch(s) => {
+                    return store
+                        .commit_deferred(&id, &ack, Change::FirewallPatch(s))
+                        .map(Some);
+                }
                 OwnedChange::FirewallReplace(s) => Change::FirewallReplace(s),
-                OwnedChange::FirewallPatch(s) => Change::FirewallPatch(s),
                 OwnedChange::RouterPut { id, spec } => Change::RouterPut { id, spec },
                 OwnedChange::RouterDelete(id) => Change::RouterDelete(id),
             };
-            store.commit(&id, &ack, change)
+            store.commit(&id, &ack, change).map(|()| None)
         })
         .await
         .expect("state store task panicked")
+    }
+
+    /// Makes the records of `outcomes` durable with one fsync before their acks are
+    /// published (record first, then ack: at most once). If that fails, the firewall goes
+    /// back to what the store holds, in memory and in the kernel, and each unsynced outcome
+    /// becomes a store failure: none of those patches is in force.
+    pub async fn sync(&self, outcomes: &mut [Outcome]) {
+        let Some(epoch) = outcomes.iter().filter_map(|o| o.unsynced).min() else {
+            return;
+        };
+        let store = self.store.clone();
+        let synced = tokio::task::spawn_blocking(move || store.sync(epoch))
+            .await
+            .expect("state store task panicked");
+        let error = match synced {
+            Ok(()) => {
+                faults::crash_if(Fault::CrashAfterPersist, "a batch's sync");
+                return;
+            }
+            Err(e) => e,
+        };
+        tracing::error!(%error, "the batch's records could not be synced; going back to the stored firewall");
+        self.recover_firewall().await;
+        for outcome in outcomes.iter_mut().filter(|o| o.unsynced.is_some()) {
+            let id = outcome.ack.correlation_id.clone().unwrap_or_default();
+            let kind = outcome.ack.command_type.clone().unwrap_or_default();
+            let failed = DispatchError::Unsynced(error.to_string());
+            *outcome = self.failure(&id, &kind, failed);
+        }
+    }
+
+    /// The firewall as the store holds it, in memory and in the kernel (after commits
+    /// that were never synced).
+    async fn recover_firewall(&self) {
+        let mut fw = self.firewall.lock().await;
+        let store = self.store.clone();
+        let stored = tokio::task::spawn_blocking(move || store.load_firewall())
+            .await
+            .expect("state store task panicked");
+        let (nft, ctx) = fw.parts();
+        let replayed = stored
+            .map_err(|e| e.to_string())
+            .and_then(|stored| replay_firewall(nft, ctx, &stored));
+        match replayed {
+            Ok(replayed) => {
+                fw.take_rules_of(replayed);
+                if let Err(e) = fw.restore().await {
+                    tracing::error!(error = %e, "could not put the stored rule set back into the kernel; the drift check will retry");
+                }
+                fw.cut_denied().await;
+            }
+            Err(e) => tracing::error!(error = %e, "could not read the stored firewall back"),
+        }
     }
 
     /// Folds the patch journal into a snapshot now and then, so restarts stay fast.
@@ -675,7 +753,12 @@ impl Dispatcher {
 
     fn store_failure(&self, id: &str, type_name: &str, e: StateError) -> Outcome {
         tracing::error!(command_id = %id, error = %e, "state store failed; command not applied");
-        let (status, error) = DispatchError::Store(e).answer();
+        self.failure(id, type_name, DispatchError::Store(e))
+    }
+
+    /// The answer to command `id` that failed with `e`.
+    fn failure(&self, id: &str, type_name: &str, e: DispatchError) -> Outcome {
+        let (status, error) = e.answer();
         let ack = Ack::new(
             self.host_id(),
             Some(id.to_string()),
@@ -694,6 +777,32 @@ fn disposition_of(status: Status) -> Disposition {
     } else {
         Disposition::Ack
     }
+}
+
+/// The firewall the store holds: its snapshot with the journal's patches replayed, without
+/// limits (what was accepted once comes back even if the limits were lowered since; they
+/// apply to the next command).
+pub fn replay_firewall(
+    nft: crate::sys::nft::Nft,
+    ctx: crate::firewall::render::RenderCtx,
+    stored: &crate::state::StoredFirewall,
+) -> Result<Firewall, String> {
+    let snapshot = match &stored.snapshot {
+        Some(bytes) => crate::protocol::decode_stored_rule_set(bytes)
+            .map_err(|e| format!("stored rule set does not decode: {e}"))?,
+        None => RuleSet::default(),
+    };
+    let limits = crate::firewall::spec::Limits::NONE;
+    let mut fw = Firewall::new(nft, ctx, limits, snapshot);
+    for entry in &stored.journal {
+        let patch = crate::protocol::decode_stored_patch(entry)
+            .map_err(|e| format!("stored patch does not decode: {e}"))?;
+        let plan = fw
+            .plan_patch(&patch)
+            .map_err(|e| format!("stored patch does not apply: {e}"))?;
+        fw.commit_patch(plan);
+    }
+    Ok(fw)
 }
 
 /// What to change in memory once the outcome is stored.

@@ -576,6 +576,20 @@ impl Firewall {
         }
     }
 
+    /// What a scratch firewall needs to replay the stored rule set (`nft`, the context).
+    pub fn parts(&self) -> (Nft, RenderCtx) {
+        (self.nft.clone(), self.ctx.clone())
+    }
+
+    /// Takes `replayed`'s rule set as the current one (in memory only: `restore` puts it
+    /// into the kernel), keeping this firewall's limits, metrics and watch handle.
+    pub fn take_rules_of(&mut self, replayed: Firewall) {
+        self.current = replayed.current;
+        self.layout = replayed.layout;
+        self.refs = replayed.refs;
+        self.baseline = None;
+    }
+
     pub fn commit_replace(&mut self, rs: RuleSet, layout: Layout) {
         self.refs = refs_of(&rs);
         self.current = rs;

@@ -50,6 +50,10 @@ pub fn tests() -> Vec<Trial> {
             full_disk,
         ),
         trial(
+            "faults::patches_whose_records_cannot_be_synced_are_undone_and_failed",
+            unsynced_patches,
+        ),
+        trial(
             "faults::cluster_node_of_the_session_killed_under_a_command_stream",
             cluster_node_kills,
         ),
@@ -497,6 +501,78 @@ fn full_disk() -> Result<()> {
         let _agent = t.start();
         ensure!(
             t.probe(81) == Tcp::Open && t.probe(80) == Tcp::Silent,
+            "generation 2 restored after restart"
+        );
+        Ok(())
+    })();
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&state)
+        .status();
+    result
+}
+
+/// Firewall patches share one fsync per batch (their records are committed first, synced
+/// before the acks go out). When that sync fails (the disk filled up under the agent), the
+/// patches are undone in memory and in the kernel and answered `failed`/`store_failed`;
+/// once space is back the same change applies, and a restart brings back only what was
+/// synced.
+fn unsynced_patches() -> Result<()> {
+    use crate::firewall::Topo;
+    use crate::support::netns::{Servers, Tcp};
+    let t = Topo::new(17, "fl-syncfail");
+    let state = t.site.host.dir.join("state");
+    std::fs::create_dir_all(&state)?;
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&state)
+        .status()?;
+    ensure!(mounted.success(), "mounting a tmpfs on the state directory");
+    let _srv = Servers::start(&t.site.ag.name, "0.0.0.0", &[81], &[]);
+    let client = format!("10.202.{}.2", t.n);
+    let result = (|| {
+        let mut agent = t.start();
+        runtime().block_on(async {
+            let h = &t.site.host.id;
+            let mut m = manager(h).await?;
+            let rs = json!({"generation": 1, "defaults": {"in": "drop"},
+                "address_sets": {"clients": ["192.0.2.1"]},
+                "rules": [{"id": "r81", "priority": 1, "action": "allow", "direction": "in",
+                           "protocol": "tcp", "ports": ["81"], "sources": ["$clients"]}]});
+            applied(&mut m, h, "firewall.apply", "us-1", rs).await?;
+            ensure!(t.probe(81) == Tcp::Silent, "the client is not allowed yet");
+            let filler = state.join("filler");
+            let _ = std::process::Command::new("dd")
+                .args(["if=/dev/zero", "bs=64k"])
+                .arg(format!("of={}", filler.display()))
+                .output()?;
+            let patch = json!({"base_generation": 1, "generation": 2,
+                "add_addresses": {"clients": [client]}});
+            let ack = send(&mut m, h, "firewall.patch", "us-2", patch.clone()).await?;
+            ensure!(
+                ack.status == rampart::protocol::Status::Failed
+                    && ack.error.as_ref().map(|e| e.code)
+                        == Some(rampart::protocol::ErrorCode::StoreFailed),
+                "{ack:?}"
+            );
+            ensure!(
+                t.probe(81) == Tcp::Silent,
+                "a patch that could not be recorded is not in force"
+            );
+            std::fs::remove_file(&filler)?;
+            // The same change, now that it can be recorded, on the same base generation.
+            applied(&mut m, h, "firewall.patch", "us-3", patch).await?;
+            ensure!(t.probe(81) == Tcp::Open, "the patch is in force");
+            m.close().await;
+            Ok::<_, anyhow::Error>(())
+        })?;
+        agent.kill9();
+        t.site
+            .ag
+            .exec(&["nft", "delete", "table", "inet", "rampart"]);
+        let _agent = t.start();
+        ensure!(
+            t.probe(81) == Tcp::Open,
             "generation 2 restored after restart"
         );
         Ok(())
