@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use crate::broker::{self, BrokerError, Connector, Dialer, Session, amqp};
 use crate::certs::Current;
 use crate::config::{AuthMechanism, Config, UrlOrder, parse_failsafe};
+use crate::control::SessionState;
 use crate::dispatch::{CertContext, Dispatcher, Disposition, Rotation};
 use crate::events::Outbox;
 use crate::firewall::render::RenderCtx;
@@ -157,10 +158,7 @@ fn shared_status(
         host_id: who.host_id.clone(),
         started_ms: now_ms(),
         identity: who.identity.clone(),
-        session: std::sync::Mutex::new(crate::control::SessionStatus {
-            state: "connecting".into(),
-            ..Default::default()
-        }),
+        session: Default::default(),
         commands: Default::default(),
         pending_restart: Default::default(),
         state_lost: Arc::new(std::sync::Mutex::new(state_lost)),
@@ -1097,7 +1095,7 @@ impl Agent {
         );
         {
             let mut st = self.shared.session.lock().expect("session lock");
-            st.state = "connected".into();
+            st.state = SessionState::Connected;
             st.url = Some(session.url.clone());
             st.broker_port = Some(session.port);
             st.tls_version = Some(session.tls.version.clone());
@@ -1193,8 +1191,8 @@ impl Agent {
     fn note_error(&self, e: String) {
         self.metrics.session_up.set(0);
         let mut st = self.shared.session.lock().expect("session lock");
-        if st.state == "connected" {
-            st.state = "disconnected".into();
+        if st.state == SessionState::Connected {
+            st.state = SessionState::Disconnected;
         }
         st.connected_since_ms = None;
         st.last_error = Some(e);

@@ -33,11 +33,22 @@ pub enum Request {
     Routers,
 }
 
+/// Where the broker session is (shown as `connecting`, `connected`, `disconnected`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    /// No session yet since the agent started.
+    #[default]
+    Connecting,
+    Connected,
+    /// Had one; lost or closed it, and is dialling again.
+    Disconnected,
+}
+
 /// The broker session as the daemon last saw it.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SessionStatus {
-    /// `connecting`, `connected` or `disconnected`.
-    pub state: String,
+    pub state: SessionState,
     pub url: Option<String>,
     pub broker_port: Option<u16>,
     pub tls_version: Option<String>,
@@ -237,4 +248,21 @@ pub async fn ask(path: &Path, request: &Request) -> Result<Value, ControlError> 
         return Err(ControlError::Refused(e.to_string()));
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod session_tests {
+    use super::*;
+
+    #[test]
+    fn the_session_state_reads_as_before_on_the_socket() {
+        let mut st = SessionStatus::default();
+        let v = serde_json::to_value(&st).unwrap();
+        assert_eq!(v["state"], "connecting");
+        assert!(v["url"].is_null() && v["sessions"] == 0, "{v}");
+        st.state = SessionState::Connected;
+        assert_eq!(serde_json::to_value(&st).unwrap()["state"], "connected");
+        st.state = SessionState::Disconnected;
+        assert_eq!(serde_json::to_value(&st).unwrap()["state"], "disconnected");
+    }
 }
