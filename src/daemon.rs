@@ -1291,6 +1291,7 @@ impl Agent {
         self.warn_expiry(publish_ch).await
     }
 
+    #[tracing::instrument(name = "session", skip_all, fields(url = %session.url))]
     async fn serve_inner(
         &self,
         session: &Session,
@@ -1369,6 +1370,7 @@ impl Agent {
     /// are the deliveries settled. So the order record, ack, delivery ack holds for every
     /// command. A rotation ends the batch: the deliveries after it go back to the queue for
     /// the session on the new identity.
+    #[tracing::instrument(name = "batch", skip_all, fields(deliveries = deliveries.len()))]
     async fn process_batch(
         &self,
         publisher: &broker::Publisher,

@@ -300,6 +300,7 @@ impl Dispatcher {
     /// One command, as the contract reads: deduplicate and check it, execute it against
     /// the current state and the kernel, then record its outcome before handing back the
     /// ack (or roll back what it did when the record cannot be kept).
+    #[tracing::instrument(name = "command", skip_all, fields(id, kind))]
     pub async fn handle(&self, incoming: Incoming) -> Outcome {
         let started = Instant::now();
         let request = match self.admit(incoming).await {
@@ -307,6 +308,9 @@ impl Dispatcher {
             Err(answered) => return answered,
         };
         let type_name = request.kind.type_name();
+        let span = tracing::Span::current();
+        span.record("id", request.id.as_str());
+        span.record("kind", type_name);
         let dry_run = matches!(
             request.kind,
             RequestKind::FirewallApply { dry_run: true, .. }
