@@ -255,16 +255,31 @@ async fn connection(
     json: bool,
     socket: Option<PathBuf>,
 ) -> anyhow::Result<i32> {
-    let status = ask_daemon(config, socket, &crate::control::Request::Status)
-        .await
-        .inspect_err(|e| {
-            eprintln!(
-                "rampart connection list: could not ask the daemon ({e}); the broker session is not marked"
-            );
-        })
-        .ok();
+    let status = ask_daemon_if_there(
+        config,
+        socket,
+        &crate::control::Request::Status,
+        "rampart connection list: could not ask the daemon",
+        "the broker session is not marked",
+    )
+    .await;
     connection_list(port, state, json, status.as_ref())?;
     Ok(0)
+}
+
+/// The daemon's answer for a command that also works without it: when it does not
+/// answer, says so (`what failed (error); what follows`) and goes on.
+async fn ask_daemon_if_there(
+    config: &std::path::Path,
+    socket: Option<PathBuf>,
+    request: &crate::control::Request,
+    failed: &str,
+    follows: &str,
+) -> Option<serde_json::Value> {
+    ask_daemon(config, socket, request)
+        .await
+        .inspect_err(|e| eprintln!("{failed} ({e}); {follows}"))
+        .ok()
 }
 
 /// `rampart status`: exit 0 when the session is up, 2 when it is not, 1 without a daemon.
@@ -300,14 +315,14 @@ async fn trace(
     duration: Duration,
     json: bool,
 ) -> anyhow::Result<i32> {
-    let rules = ask_daemon(config, socket, &crate::control::Request::Rules)
-        .await
-        .inspect_err(|e| {
-            eprintln!(
-                "rampart trace: the daemon does not answer ({e}); tracing table inet rampart without generations"
-            );
-        })
-        .ok();
+    let rules = ask_daemon_if_there(
+        config,
+        socket,
+        &crate::control::Request::Rules,
+        "rampart trace: the daemon does not answer",
+        "tracing table inet rampart without generations",
+    )
+    .await;
     let nft = match Config::load(config) {
         Ok(c) => crate::sys::nft::Nft::new(&c.firewall.nft),
         Err(_) => crate::sys::nft::Nft::new(std::path::Path::new("/usr/sbin/nft")),

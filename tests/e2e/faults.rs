@@ -448,68 +448,46 @@ fn full_disk() -> Result<()> {
     use crate::firewall::{Topo, rule};
     use crate::support::netns::{Servers, Tcp};
     let t = Topo::new(25, "fl-fulldisk");
-    let state = t.site.host.dir.join("state");
-    std::fs::create_dir_all(&state)?;
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(&state)
-        .status()?;
-    ensure!(mounted.success(), "mounting a tmpfs on the state directory");
+    let disk = SmallDisk::mount(&t.site.host.dir.join("state"))?;
     let _srv = Servers::start(&t.site.ag.name, "0.0.0.0", &[80, 81], &[]);
-    let result = (|| {
-        let mut agent = t.start();
-        runtime().block_on(async {
-            let h = &t.site.host.id;
-            let mut m = manager(h).await?;
-            let rs = json!({"generation": 1, "defaults": {"in": "drop"},
+    let mut agent = t.start();
+    runtime().block_on(async {
+        let h = &t.site.host.id;
+        let mut m = manager(h).await?;
+        let rs = json!({"generation": 1, "defaults": {"in": "drop"},
                 "rules": [rule("web", 10, "allow", "in", "tcp", &["80"])]});
-            applied(&mut m, h, "firewall.apply", "fd-1", rs).await?;
-            // The disk fills up.
-            let filler = state.join("filler");
-            let _ = std::process::Command::new("dd")
-                .args(["if=/dev/zero", "bs=64k"])
-                .arg(format!("of={}", filler.display()))
-                .output()?;
-            let big: Vec<Value> = (0..2000)
-                .map(|i| rule(&format!("r{i}"), 100 + i, "allow", "in", "tcp", &["81"]))
-                .collect();
-            let rs = json!({"generation": 2, "defaults": {"in": "drop"}, "rules": big});
-            let ack = send(&mut m, h, "firewall.apply", "fd-2", rs.clone()).await?;
-            ensure!(ack.status == rampart::protocol::Status::Failed, "{ack:?}");
-            ensure!(
-                ack.error.as_ref().map(|e| e.code)
-                    == Some(rampart::protocol::ErrorCode::StoreFailed),
-                "{ack:?}"
-            );
-            // The kernel matches the record: generation 1.
-            ensure!(
-                t.probe(80) == Tcp::Open && t.probe(81) == Tcp::Silent,
-                "rolled back"
-            );
-            // Space comes back: the agent carries on by itself.
-            std::fs::remove_file(&filler)?;
-            applied(&mut m, h, "firewall.apply", "fd-3", rs).await?;
-            ensure!(t.probe(81) == Tcp::Open);
-            m.close().await;
-            Ok::<_, anyhow::Error>(())
-        })?;
-        // Nothing was corrupted: a restart brings generation 2 back.
-        agent.kill9();
-        t.site
-            .ag
-            .exec(&["nft", "delete", "table", "inet", "rampart"]);
-        let _agent = t.start();
+        applied(&mut m, h, "firewall.apply", "fd-1", rs).await?;
+        // The disk fills up.
+        disk.fill()?;
+        let big: Vec<Value> = (0..2000)
+            .map(|i| rule(&format!("r{i}"), 100 + i, "allow", "in", "tcp", &["81"]))
+            .collect();
+        let rs = json!({"generation": 2, "defaults": {"in": "drop"}, "rules": big});
+        let ack = send(&mut m, h, "firewall.apply", "fd-2", rs.clone()).await?;
+        ensure!(ack.status == rampart::protocol::Status::Failed, "{ack:?}");
         ensure!(
-            t.probe(81) == Tcp::Open && t.probe(80) == Tcp::Silent,
-            "generation 2 restored after restart"
+            ack.error.as_ref().map(|e| e.code) == Some(rampart::protocol::ErrorCode::StoreFailed),
+            "{ack:?}"
         );
-        Ok(())
-    })();
-    let _ = std::process::Command::new("umount")
-        .arg("-l")
-        .arg(&state)
-        .status();
-    result
+        // The kernel matches the record: generation 1.
+        ensure!(
+            t.probe(80) == Tcp::Open && t.probe(81) == Tcp::Silent,
+            "rolled back"
+        );
+        // Space comes back: the agent carries on by itself.
+        disk.free()?;
+        applied(&mut m, h, "firewall.apply", "fd-3", rs).await?;
+        ensure!(t.probe(81) == Tcp::Open);
+        m.close().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // Nothing was corrupted: a restart brings generation 2 back.
+    let _agent = as_after_a_reboot(&t, &mut agent);
+    ensure!(
+        t.probe(81) == Tcp::Open && t.probe(80) == Tcp::Silent,
+        "generation 2 restored after restart"
+    );
+    Ok(())
 }
 
 /// Firewall patches share one fsync per batch (their records are committed first, synced
@@ -521,67 +499,97 @@ fn unsynced_patches() -> Result<()> {
     use crate::firewall::Topo;
     use crate::support::netns::{Servers, Tcp};
     let t = Topo::new(17, "fl-syncfail");
-    let state = t.site.host.dir.join("state");
-    std::fs::create_dir_all(&state)?;
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(&state)
-        .status()?;
-    ensure!(mounted.success(), "mounting a tmpfs on the state directory");
+    let disk = SmallDisk::mount(&t.site.host.dir.join("state"))?;
     let _srv = Servers::start(&t.site.ag.name, "0.0.0.0", &[81], &[]);
     let client = format!("10.202.{}.2", t.n);
-    let result = (|| {
-        let mut agent = t.start();
-        runtime().block_on(async {
-            let h = &t.site.host.id;
-            let mut m = manager(h).await?;
-            let rs = json!({"generation": 1, "defaults": {"in": "drop"},
+    let mut agent = t.start();
+    runtime().block_on(async {
+        let h = &t.site.host.id;
+        let mut m = manager(h).await?;
+        let rs = json!({"generation": 1, "defaults": {"in": "drop"},
                 "address_sets": {"clients": ["192.0.2.1"]},
                 "rules": [{"id": "r81", "priority": 1, "action": "allow", "direction": "in",
                            "protocol": "tcp", "ports": ["81"], "sources": ["$clients"]}]});
-            applied(&mut m, h, "firewall.apply", "us-1", rs).await?;
-            ensure!(t.probe(81) == Tcp::Silent, "the client is not allowed yet");
-            let filler = state.join("filler");
-            let _ = std::process::Command::new("dd")
-                .args(["if=/dev/zero", "bs=64k"])
-                .arg(format!("of={}", filler.display()))
-                .output()?;
-            let patch = json!({"base_generation": 1, "generation": 2,
+        applied(&mut m, h, "firewall.apply", "us-1", rs).await?;
+        ensure!(t.probe(81) == Tcp::Silent, "the client is not allowed yet");
+        disk.fill()?;
+        let patch = json!({"base_generation": 1, "generation": 2,
                 "add_addresses": {"clients": [client]}});
-            let ack = send(&mut m, h, "firewall.patch", "us-2", patch.clone()).await?;
-            ensure!(
-                ack.status == rampart::protocol::Status::Failed
-                    && ack.error.as_ref().map(|e| e.code)
-                        == Some(rampart::protocol::ErrorCode::StoreFailed),
-                "{ack:?}"
-            );
-            ensure!(
-                t.probe(81) == Tcp::Silent,
-                "a patch that could not be recorded is not in force"
-            );
-            std::fs::remove_file(&filler)?;
-            // The same change, now that it can be recorded, on the same base generation.
-            applied(&mut m, h, "firewall.patch", "us-3", patch).await?;
-            ensure!(t.probe(81) == Tcp::Open, "the patch is in force");
-            m.close().await;
-            Ok::<_, anyhow::Error>(())
-        })?;
-        agent.kill9();
-        t.site
-            .ag
-            .exec(&["nft", "delete", "table", "inet", "rampart"]);
-        let _agent = t.start();
+        let ack = send(&mut m, h, "firewall.patch", "us-2", patch.clone()).await?;
         ensure!(
-            t.probe(81) == Tcp::Open,
-            "generation 2 restored after restart"
+            ack.status == rampart::protocol::Status::Failed
+                && ack.error.as_ref().map(|e| e.code)
+                    == Some(rampart::protocol::ErrorCode::StoreFailed),
+            "{ack:?}"
         );
+        ensure!(
+            t.probe(81) == Tcp::Silent,
+            "a patch that could not be recorded is not in force"
+        );
+        disk.free()?;
+        // The same change, now that it can be recorded, on the same base generation.
+        applied(&mut m, h, "firewall.patch", "us-3", patch).await?;
+        ensure!(t.probe(81) == Tcp::Open, "the patch is in force");
+        m.close().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let _agent = as_after_a_reboot(&t, &mut agent);
+    ensure!(
+        t.probe(81) == Tcp::Open,
+        "generation 2 restored after restart"
+    );
+    Ok(())
+}
+
+/// The agent killed and its table gone, as a reboot leaves them; then started again.
+fn as_after_a_reboot(t: &crate::firewall::Topo, agent: &mut AgentProc) -> AgentProc {
+    agent.kill9();
+    t.site
+        .ag
+        .exec(&["nft", "delete", "table", "inet", "rampart"]);
+    t.start()
+}
+
+/// An 8 MiB tmpfs on a host's state directory, to fill up under the agent; unmounted when
+/// dropped.
+struct SmallDisk {
+    dir: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path) -> Result<SmallDisk> {
+        std::fs::create_dir_all(dir)?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+            .arg(dir)
+            .status()?;
+        ensure!(mounted.success(), "mounting a tmpfs on the state directory");
+        Ok(SmallDisk {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Fills what is left of it.
+    fn fill(&self) -> Result<()> {
+        let _ = std::process::Command::new("dd")
+            .args(["if=/dev/zero", "bs=64k"])
+            .arg(format!("of={}", self.dir.join("filler").display()))
+            .output()?;
         Ok(())
-    })();
-    let _ = std::process::Command::new("umount")
-        .arg("-l")
-        .arg(&state)
-        .status();
-    result
+    }
+
+    fn free(&self) -> Result<()> {
+        Ok(std::fs::remove_file(self.dir.join("filler"))?)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
 }
 
 /// Node kills in the cluster test: 2 (CI), or `RAMPART_CHAOS_KILLS`.
