@@ -686,7 +686,8 @@ impl Dispatcher {
     /// Makes the records of `outcomes` durable with one fsync before their acks are
     /// published (record first, then ack: at most once). If that fails, the firewall goes
     /// back to what the store holds, in memory and in the kernel, and each unsynced outcome
-    /// becomes a store failure: none of those patches is in force.
+    /// becomes a store failure (none of those patches is in force), as does a redelivery
+    /// of one of them that was answered from its record.
     pub async fn sync(&self, outcomes: &mut [Outcome]) {
         let Some(epoch) = outcomes.iter().filter_map(|o| o.unsynced).min() else {
             return;
@@ -704,7 +705,16 @@ impl Dispatcher {
         };
         tracing::error!(%error, "the batch's records could not be synced; going back to the stored firewall");
         self.recover_firewall().await;
-        for outcome in outcomes.iter_mut().filter(|o| o.unsynced.is_some()) {
+        // A redelivery in the same batch was answered from a record that is gone now.
+        let lost: std::collections::HashSet<Option<String>> = outcomes
+            .iter()
+            .filter(|o| o.unsynced.is_some())
+            .map(|o| o.ack.correlation_id.clone())
+            .collect();
+        let undone = |o: &Outcome| {
+            o.unsynced.is_some() || (o.ack.duplicate && lost.contains(&o.ack.correlation_id))
+        };
+        for outcome in outcomes.iter_mut().filter(|o| undone(o)) {
             let id = outcome.ack.correlation_id.clone().unwrap_or_default();
             let kind = outcome.ack.command_type.clone().unwrap_or_default();
             let failed = DispatchError::Unsynced(error.to_string());

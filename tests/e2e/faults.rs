@@ -526,6 +526,34 @@ fn unsynced_patches() -> Result<()> {
             t.probe(81) == Tcp::Silent,
             "a patch that could not be recorded is not in force"
         );
+        // A patch and its redelivery in one batch: the second must not be answered from
+        // the first's record, which never reached the disk.
+        let mut acks = m.subscribe(rampart::broker::ACKS_EXCHANGE, h).await?;
+        agent.signal(nix::sys::signal::Signal::SIGSTOP);
+        m.send(h, "firewall.patch", "us-2b", &patch).await?;
+        m.send(h, "firewall.patch", "us-2b", &patch).await?;
+        agent.signal(nix::sys::signal::Signal::SIGCONT);
+        let mut answers = vec![];
+        while answers.len() < 2 {
+            let next = tokio::time::timeout(
+                Duration::from_secs(20),
+                futures_util::StreamExt::next(&mut acks),
+            )
+            .await
+            .context("acks for us-2b")?
+            .context("the ack stream ended")??;
+            let ack: rampart::protocol::Ack = serde_json::from_slice(&next.data)?;
+            if ack.correlation_id.as_deref() == Some("us-2b") {
+                answers.push(ack);
+            }
+        }
+        ensure!(
+            answers
+                .iter()
+                .all(|a| a.status == rampart::protocol::Status::Failed),
+            "neither the patch nor its redelivery may be answered applied: {answers:?}"
+        );
+        ensure!(t.probe(81) == Tcp::Silent, "still not in force");
         disk.free()?;
         // The same change, now that it can be recorded, on the same base generation.
         applied(&mut m, h, "firewall.patch", "us-3", patch).await?;
