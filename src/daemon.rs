@@ -1393,6 +1393,10 @@ impl Agent {
                 window = Instant::now();
             }
         }
+        // What was executed is answered first: its records are synced there, and an error
+        // returning the rest must not leave them unsynced while a redelivery could be
+        // answered from them.
+        let rotation = self.answer(publisher, executed).await?;
         for left in rest {
             left.acker
                 .nack(BasicNackOptions {
@@ -1402,7 +1406,7 @@ impl Agent {
                 .await
                 .map_err(amqp("returning a delivery to the queue"))?;
         }
-        self.answer(publisher, executed).await
+        Ok(rotation)
     }
 
     /// One delivery through the dispatcher, counted; its acker for later.
