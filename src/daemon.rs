@@ -564,12 +564,52 @@ async fn reconcile_routers(
     }
 }
 
-/// Every `period`, compares the kernel's table and routers with the record and repairs them.
 /// A command body above this size (a large rule set) is followed by [`crate::sys::trim_heap`].
 const LARGE_BODY: usize = 1 << 20;
 
 /// A batch answers what it executed so far once it has run this long.
 const BATCH_WINDOW: Duration = Duration::from_millis(20);
+
+/// Settles a batch's deliveries in queue order, with one frame per run: a run of acks is
+/// one `basic.ack` with `multiple` on its last delivery (every delivery before it on the
+/// channel is settled already, since batches settle in order), a rejection its own
+/// `basic.reject`. One frame instead of one per command is most of what a large batch
+/// spends between its confirms and the broker's next deliveries.
+async fn settle(
+    ackers: Vec<lapin::Acker>,
+    dispositions: &[Disposition],
+) -> Result<(), BrokerError> {
+    for (acker, frame) in ackers.into_iter().zip(settle_frames(dispositions)) {
+        match frame {
+            None => {}
+            Some(Disposition::Ack) => {
+                acker
+                    .ack(BasicAckOptions { multiple: true })
+                    .await
+                    .map_err(amqp("acknowledging the deliveries"))?;
+            }
+            Some(Disposition::Reject) => {
+                acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await
+                    .map_err(amqp("rejecting the delivery"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The frame each delivery of a batch sends: `None` when the next delivery's multiple ack
+/// covers it.
+fn settle_frames(dispositions: &[Disposition]) -> Vec<Option<Disposition>> {
+    let mut frames: Vec<Option<Disposition>> = dispositions.iter().copied().map(Some).collect();
+    for i in 1..frames.len() {
+        if dispositions[i - 1] == Disposition::Ack && dispositions[i] == Disposition::Ack {
+            frames[i - 1] = None;
+        }
+    }
+    frames
+}
 
 /// `first` and the deliveries already waiting behind it, at most `limit` in all; and why
 /// the stream ended, if it did while they were taken.
@@ -621,6 +661,7 @@ fn watch_table(table: &str, made: &std::sync::atomic::AtomicU64, wake: impl Fn()
     }
 }
 
+/// Every `period`, compares the kernel's table and routers with the record and repairs them.
 async fn drift_loop(
     firewall: Arc<tokio::sync::Mutex<Firewall>>,
     routers: Arc<tokio::sync::Mutex<Routers>>,
@@ -1489,21 +1530,9 @@ impl Agent {
             "acks confirmed by the broker"
         );
         // Only now, with the acks safely at the broker, do the commands leave the queue.
-        let mut rotation = None;
-        for (acker, outcome) in ackers.into_iter().zip(outcomes) {
-            match outcome.disposition {
-                Disposition::Ack => acker
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .map_err(amqp("acknowledging the delivery"))?,
-                Disposition::Reject => acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await
-                    .map_err(amqp("rejecting the delivery"))?,
-            };
-            rotation = rotation.or(outcome.rotation);
-        }
-        Ok(rotation)
+        let dispositions: Vec<Disposition> = outcomes.iter().map(|o| o.disposition).collect();
+        settle(ackers, &dispositions).await?;
+        Ok(outcomes.into_iter().find_map(|o| o.rotation))
     }
 
     async fn publish_ack(
@@ -1650,6 +1679,26 @@ impl Agent {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_run_of_acks_is_one_frame_and_each_rejection_its_own() {
+        use Disposition::{Ack, Reject};
+        assert_eq!(settle_frames(&[]), vec![]);
+        assert_eq!(settle_frames(&[Ack]), vec![Some(Ack)]);
+        assert_eq!(
+            settle_frames(&[Ack, Ack, Reject, Reject, Ack, Ack, Ack]),
+            vec![
+                None,
+                Some(Ack),
+                Some(Reject),
+                Some(Reject),
+                None,
+                None,
+                Some(Ack)
+            ]
+        );
+        assert_eq!(settle_frames(&[Reject, Ack]), vec![Some(Reject), Some(Ack)]);
+    }
     use super::*;
 
     #[test]

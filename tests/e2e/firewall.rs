@@ -1391,6 +1391,7 @@ fn queued_burst() -> Result<()> {
             .wait_exit(Duration::from_secs(20))
             .context("the agent did not stop")?;
         let mut acks = m.subscribe(rampart::broker::ACKS_EXCHANGE, &h).await?;
+        let mut dead = m.subscribe(rampart::broker::DEAD_EXCHANGE, "").await?;
         let mut sent = vec![];
         for i in 0..PATCHES {
             let patch = json!({"base_generation": 1 + i, "generation": 2 + i,
@@ -1444,6 +1445,37 @@ fn queued_burst() -> Result<()> {
             }
         }
         ensure!(got.iter().filter(|a| a.duplicate).count() == 1, "one duplicate");
+        // Every delivery settled (acks in runs, the rejection on its own): none is left
+        // in the queue, ready or unacknowledged, and only the bad one was dead-lettered.
+        let queue = rampart::broker::host_queue(&h);
+        let mut left = String::new();
+        for _ in 0..100 {
+            left = env().broker.ctl_ok(&["list_queues", "-q", "name", "messages"]);
+            if left.lines().any(|l| l.split_whitespace().eq([queue.as_str(), "0"])) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ensure!(
+            left.lines().any(|l| l.split_whitespace().eq([queue.as_str(), "0"])),
+            "deliveries left in {queue}: {left}"
+        );
+        // Other tests share the dead-letter exchange: this host's are the ones routed by
+        // its id.
+        let mut dead_here = vec![];
+        let quiet_by = tokio::time::Instant::now() + Duration::from_secs(10);
+        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(2), dead.next()).await
+            && tokio::time::Instant::now() < quiet_by
+        {
+            let d = d?;
+            if d.routing_key.as_str() == h {
+                dead_here.push(d.properties.message_id().as_ref().map(|i| i.to_string()));
+            }
+        }
+        ensure!(
+            dead_here == [Some("burst-bad".to_string())],
+            "dead-lettered: {dead_here:?}"
+        );
         let sync = applied(&mut m, &h, "state.sync", "burst-after", json!({})).await?;
         ensure!(sync.data["firewall"]["generation"] == 1 + PATCHES, "{}", sync.data);
         let listed = t.site.ag.exec(&["nft", "list", "set", "inet", "rampart", "as4_s"]);
