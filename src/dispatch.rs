@@ -88,25 +88,16 @@ pub struct CertContext {
 /// Bodies up to this size are decoded on the async worker; larger ones on the blocking pool.
 const INLINE_DECODE_BYTES: usize = 64 * 1024;
 
-/// A state change to persist with the ack, owned so it can move to the blocking pool.
-enum OwnedChange {
-    None,
-    FirewallReplace(String),
-    FirewallPatch(String),
-    RouterPut { id: String, spec: String },
-    RouterDelete(String),
-}
-
 /// The result of executing one request, before it is stored.
 struct Executed {
     status: Status,
     error: Option<AckError>,
     data: Value,
-    change: OwnedChange,
+    change: Change,
 }
 
 impl Executed {
-    fn applied(data: Value, change: OwnedChange) -> Executed {
+    fn applied(data: Value, change: Change) -> Executed {
         Executed {
             status: Status::Applied,
             error: None,
@@ -204,7 +195,7 @@ impl Executed {
             status,
             error: Some(error),
             data,
-            change: OwnedChange::None,
+            change: Change::None,
         }
     }
 }
@@ -439,7 +430,7 @@ impl Dispatcher {
     ) -> Result<(Executed, Commit, Option<Box<Rotation>>), StateError> {
         let none = |executed| Ok((executed, Commit::None, None));
         match kind {
-            RequestKind::Ping => none(Executed::applied(json!({}), OwnedChange::None)),
+            RequestKind::Ping => none(Executed::applied(json!({}), Change::None)),
             RequestKind::StateSync { counters } => none(self.state_sync(counters).await?),
             RequestKind::FirewallApply {
                 rules,
@@ -494,7 +485,7 @@ impl Dispatcher {
         if counters {
             summary["firewall"]["counters"] = self.rule_counters().await;
         }
-        Ok(Executed::applied(summary, OwnedChange::None))
+        Ok(Executed::applied(summary, Change::None))
     }
 
     /// The ack for what `executed` says (with the time it took), and the change to record.
@@ -504,7 +495,7 @@ impl Dispatcher {
         type_name: &str,
         executed: Executed,
         started: Instant,
-    ) -> (Ack, OwnedChange) {
+    ) -> (Ack, Change) {
         let Executed {
             status,
             error,
@@ -659,28 +650,24 @@ impl Dispatcher {
         &self,
         id: &str,
         ack: &Ack,
-        change: OwnedChange,
+        change: Change,
     ) -> Result<Option<u64>, StateError> {
-        let store = self.store.clone();
-        let id = id.to_string();
-        let ack = ack.clone();
-        tokio::task::spawn_blocking(move || {
-            let change = match &change {
-                // A command that changed nothing needs no fsync of its own (see ledger).
-                OwnedChange::None => return store.record_light(&id, &ack).map(|()| None),
-                OwnedChange::FirewallPatch(s) => {
-                    return store
-                        .commit_deferred(&id, &ack, Change::FirewallPatch(s))
-                        .map(Some);
-                }
-                OwnedChange::FirewallReplace(s) => Change::FirewallReplace(s),
-                OwnedChange::RouterPut { id, spec } => Change::RouterPut { id, spec },
-                OwnedChange::RouterDelete(id) => Change::RouterDelete(id),
-            };
-            store.commit(&id, &ack, change).map(|()| None)
-        })
-        .await
-        .expect("state store task panicked")
+        match change {
+            // Written with the batch's sync (see `sync`): nothing to do on the disk now.
+            Change::FirewallPatch(_) => Ok(Some(self.store.commit_deferred(id, ack, change))),
+            change => {
+                let store = self.store.clone();
+                let id = id.to_string();
+                let ack = ack.clone();
+                tokio::task::spawn_blocking(move || match change {
+                    // A command that changed nothing needs no fsync of its own (see ledger).
+                    Change::None => store.record_light(&id, &ack).map(|()| None),
+                    change => store.commit(&id, &ack, &change).map(|()| None),
+                })
+                .await
+                .expect("state store task panicked")
+            }
+        }
     }
 
     /// Makes the records of `outcomes` durable with one fsync before their acks are
@@ -847,7 +834,7 @@ async fn firewall_apply_dry(fw: &Firewall, rs: &RuleSet) -> Executed {
         Err(e) => failed_with(fw, e).0,
         Ok(layout) => Executed::applied(
             json!({ "generation": rs.generation, "dry_run": true, "diff": fw.apply_diff(rs, layout.as_ref()).await }),
-            OwnedChange::None,
+            Change::None,
         ),
     }
 }
@@ -858,7 +845,7 @@ async fn firewall_patch_dry(fw: &Firewall, patch: &Patch) -> Executed {
         Err(e) => failed_with(fw, e).0,
         Ok(plan) => Executed::applied(
             json!({ "generation": patch.generation, "dry_run": true, "diff": fw.patch_diff(&plan).await }),
-            OwnedChange::None,
+            Change::None,
         ),
     }
 }
@@ -872,7 +859,7 @@ async fn firewall_apply(fw: &mut Firewall, rs: Box<RuleSet>, raw: String) -> (Ex
         Ok(ApplyPlan::NoOp) => (
             Executed::applied(
                 json!({ "generation": rs.generation, "noop": true }),
-                OwnedChange::None,
+                Change::None,
             ),
             Commit::None,
         ),
@@ -889,7 +876,7 @@ async fn firewall_apply(fw: &mut Firewall, rs: Box<RuleSet>, raw: String) -> (Ex
             );
             let executed = Executed::applied(
                 json!({ "generation": rs.generation }),
-                OwnedChange::FirewallReplace(raw),
+                Change::FirewallReplace(raw),
             );
             (executed, Commit::Replace(rs, layout))
         }
@@ -914,7 +901,7 @@ async fn firewall_patch(fw: &mut Firewall, patch: &Patch, raw: String) -> (Execu
     );
     let executed = Executed::applied(
         json!({ "generation": patch.generation }),
-        OwnedChange::FirewallPatch(raw),
+        Change::FirewallPatch(raw),
     );
     (executed, Commit::Patch(Box::new(plan)))
 }
@@ -976,7 +963,7 @@ impl Dispatcher {
                 tracing::debug!(router = %spec.id, steps = steps.len(), "router converged");
                 let executed = Executed::applied(
                     json!({ "router": spec.id, "changes": steps.len(), "noop": steps.is_empty() }),
-                    OwnedChange::RouterPut {
+                    Change::RouterPut {
                         id: spec.id.clone(),
                         spec: spec.to_json(),
                     },
@@ -1046,15 +1033,14 @@ fn report_reconciled(done: &crate::router::Reconciled, drift: &tokio::sync::mpsc
 async fn router_delete(routers: &mut Routers, id: String) -> (Executed, Commit) {
     let previous = routers.get(&id).cloned().map(Box::new);
     if previous.is_none() && !routers.is_owned(&id) {
-        let executed =
-            Executed::applied(json!({ "router": id, "absent": true }), OwnedChange::None);
+        let executed = Executed::applied(json!({ "router": id, "absent": true }), Change::None);
         return (executed, Commit::None);
     }
     match routers.remove(&id, previous.as_deref()).await {
         Ok(()) => (
             Executed::applied(
                 json!({ "router": id, "absent": previous.is_none() }),
-                OwnedChange::RouterDelete(id.clone()),
+                Change::RouterDelete(id.clone()),
             ),
             Commit::RouterDelete { id, previous },
         ),
@@ -1113,7 +1099,7 @@ impl Dispatcher {
                 Executed::applied(
                     json!({ "csr_pem": csr_pem, "key_type": "ecdsa-p256",
                             "subject_cn": req.subject_cn, "dns_names": req.dns_names }),
-                    OwnedChange::None,
+                    Change::None,
                 )
             }
             Err(e) => Executed::failed(DispatchError::Request(e.to_string()), json!({})),
@@ -1229,7 +1215,7 @@ impl Dispatcher {
         if info.sha256 == current.info.sha256 && validated.ca_pem == current.ca_pem {
             let executed = Executed::applied(
                 json!({ "certificate": described, "noop": true }),
-                OwnedChange::None,
+                Change::None,
             );
             return (executed, None);
         }
@@ -1268,7 +1254,7 @@ impl Dispatcher {
             files,
             ca_pem,
         };
-        let executed = Executed::applied(json!({ "certificate": described }), OwnedChange::None);
+        let executed = Executed::applied(json!({ "certificate": described }), Change::None);
         (executed, Some(Box::new(Rotation { connector, session })))
     }
 }

@@ -39,20 +39,32 @@ const OUTBOX: TableDefinition<u64, (u64, &str, &[u8])> = TableDefinition::new("o
 const OUTBOX_DROPPED: &str = "outbox_dropped";
 
 /// The state change a command made, committed together with its dedup record.
-#[derive(Debug)]
-pub enum Change<'a> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
     None,
     /// A whole rule set (canonical JSON) replaces the firewall state.
-    FirewallReplace(&'a str),
+    FirewallReplace(String),
     /// A patch (its `data` JSON) goes on top of the current firewall state.
-    FirewallPatch(&'a str),
+    FirewallPatch(String),
     /// Router `id` is now as `spec` (canonical JSON) says.
     RouterPut {
-        id: &'a str,
-        spec: &'a str,
+        id: String,
+        spec: String,
     },
     /// Router `id` is gone: neither wanted nor owned any more.
-    RouterDelete(&'a str),
+    RouterDelete(String),
+}
+
+/// A commit made without a write of its own ([`Store::commit_deferred`]): seen by lookups
+/// at once, written by the next write transaction (in order, before that transaction's
+/// own change), durable with it.
+#[derive(Debug)]
+struct Deferred {
+    /// The store's epoch when it was made: a reopen since means it is gone.
+    epoch: u64,
+    id: String,
+    ack: Ack,
+    change: Change,
 }
 
 /// An event kept in the outbox.
@@ -133,11 +145,15 @@ mod firewall_tests {
             None,
             serde_json::json!({}),
         );
-        s.commit("a", &ack, Change::FirewallReplace("{\"generation\":1}"))
+        s.commit(
+            "a",
+            &ack,
+            &Change::FirewallReplace("{\"generation\":1}".into()),
+        )
+        .unwrap();
+        s.commit("b", &ack, &Change::FirewallPatch("{\"p\":1}".into()))
             .unwrap();
-        s.commit("b", &ack, Change::FirewallPatch("{\"p\":1}"))
-            .unwrap();
-        s.commit("c", &ack, Change::FirewallPatch("{\"p\":2}"))
+        s.commit("c", &ack, &Change::FirewallPatch("{\"p\":2}".into()))
             .unwrap();
         let fw = s.load_firewall().unwrap();
         assert_eq!(fw.snapshot.as_deref(), Some(&b"{\"generation\":1}"[..]));
@@ -151,9 +167,9 @@ mod firewall_tests {
         s.commit(
             "d",
             &ack,
-            Change::RouterPut {
-                id: "lr1",
-                spec: "{}",
+            &Change::RouterPut {
+                id: "lr1".into(),
+                spec: "{}".into(),
             },
         )
         .unwrap();
@@ -161,7 +177,8 @@ mod firewall_tests {
         s.disown_router("lr2").unwrap();
         assert_eq!(s.owned_routers().unwrap(), vec!["lr1".to_string()]);
         assert_eq!(s.load_routers().unwrap().len(), 1);
-        s.commit("e", &ack, Change::RouterDelete("lr1")).unwrap();
+        s.commit("e", &ack, &Change::RouterDelete("lr1".into()))
+            .unwrap();
         assert!(s.owned_routers().unwrap().is_empty());
         assert!(s.load_routers().unwrap().is_empty());
         let fw = s.load_firewall().unwrap();
@@ -179,6 +196,8 @@ pub struct Store {
     ledger: std::sync::Mutex<ledger::Ledger>,
     /// Counts reopens: commits not yet synced before a reopen are gone.
     epoch: std::sync::atomic::AtomicU64,
+    /// Commits waiting for the next write transaction, oldest first.
+    deferred: std::sync::Mutex<Vec<Deferred>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -221,6 +240,7 @@ impl Store {
             path,
             ledger: std::sync::Mutex::new(ledger),
             epoch: Default::default(),
+            deferred: Default::default(),
         };
         store.init_schema()?;
         // What the log kept across a stop or crash goes into the database now.
@@ -307,6 +327,18 @@ impl Store {
         if let Some(ack) = self.ledger.lock().expect("ledger lock").get(id) {
             return Ok(Some(ack.clone()));
         }
+        // Checked before the database: a deferred commit leaves this list only once it is
+        // in the database (under this lock).
+        let epoch = self.epoch();
+        if let Some(d) = self
+            .deferred
+            .lock()
+            .expect("deferred lock")
+            .iter()
+            .find(|d| d.epoch == epoch && d.id == id)
+        {
+            return Ok(Some(d.ack.clone()));
+        }
         let tx = self.read_tx()?;
         let table = tx.open_table(PROCESSED)?;
         let Some(guard) = table.get(id)? else {
@@ -321,7 +353,11 @@ impl Store {
     /// Records `ack` as the outcome of command `id`, durably, in one transaction. The oldest
     /// records beyond the retention are pruned in the same commit.
     pub fn record(&self, id: &str, ack: &Ack) -> Result<(), StateError> {
-        self.commit(id, ack, Change::None)
+        self.commit(id, ack, &Change::None)
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Records `ack` for a command that changed nothing, without an fsync (see
@@ -357,83 +393,100 @@ impl Store {
         })
     }
 
-    /// Records `ack` for command `id` and the state change it made, atomically and durably.
-    pub fn commit(&self, id: &str, ack: &Ack, change: Change<'_>) -> Result<(), StateError> {
-        self.write(id, ack, change, redb::Durability::Immediate)
+    /// Records `ack` for command `id` and the state change it made, atomically and durably
+    /// (with every deferred commit before it).
+    pub fn commit(&self, id: &str, ack: &Ack, change: &Change) -> Result<(), StateError> {
+        self.write_after_deferred(|tx| {
+            Self::apply(tx, change)?;
+            self.insert_record(tx, id, &ack.to_json())
+        })
     }
 
-    /// As [`Store::commit`], atomically but not yet durably: later reads see it at once, and
-    /// it is durable after the next [`Store::sync`] (or any durable commit). Returns the
-    /// epoch to hand to `sync`. For the commands of one batch, whose acks wait for one
-    /// sync together.
-    pub fn commit_deferred(
-        &self,
-        id: &str,
-        ack: &Ack,
-        change: Change<'_>,
-    ) -> Result<u64, StateError> {
-        let epoch = self.epoch.load(std::sync::atomic::Ordering::SeqCst);
-        self.write(id, ack, change, redb::Durability::None)?;
-        Ok(epoch)
+    /// As [`Store::commit`], but neither written nor synced yet: later lookups see it at
+    /// once, and it is written and made durable by the next [`Store::sync`] (or any write
+    /// transaction, ahead of its own change). Returns the epoch to hand to `sync`. For the
+    /// commands of one batch, whose acks wait for one sync together: N records cost one
+    /// transaction and one fsync, not N transactions. A crash before the sync loses them,
+    /// as it would a commit without an fsync (their acks were not published yet).
+    pub fn commit_deferred(&self, id: &str, ack: &Ack, change: Change) -> u64 {
+        let epoch = self.epoch();
+        self.deferred.lock().expect("deferred lock").push(Deferred {
+            epoch,
+            id: id.to_string(),
+            ack: ack.clone(),
+            change,
+        });
+        epoch
     }
 
-    /// Makes every commit since `epoch` durable, with one fsync. Fails when the database
-    /// was reopened meanwhile (after an I/O error): those commits are gone. After a failure
-    /// the store holds only what reached the disk.
+    /// Writes every commit deferred since `epoch` in one transaction, with one fsync. Fails
+    /// when the database was reopened meanwhile (after an I/O error): those commits are
+    /// gone. After a failure the store holds only what reached the disk.
     pub fn sync(&self, epoch: u64) -> Result<(), StateError> {
         // A write transaction is durable unless told otherwise.
-        if let Err(e) = self.write_tx().and_then(|tx| Ok(tx.commit()?)) {
-            // Reads would still see the commits that never reached the disk: from now on
-            // the store is what the file holds.
+        if let Err(e) = self.write_after_deferred(|_| Ok(())) {
+            // Reads would still see what never reached the disk: from now on the store is
+            // what the file holds.
             if let Err(reopen) = self.reopen() {
                 tracing::error!(error = %reopen, "could not reopen the state store");
             }
             return Err(e);
         }
-        if self.epoch.load(std::sync::atomic::Ordering::SeqCst) != epoch {
+        if self.epoch() != epoch {
             return Err(StateError::Unsynced);
         }
         Ok(())
     }
 
-    fn write(
+    /// One durable write transaction: the deferred commits of this epoch first, in order,
+    /// then `f`'s own change. Deferred commits of an earlier epoch (before a reopen) are
+    /// dropped; the current ones stay deferred if the transaction fails.
+    fn write_after_deferred(
         &self,
-        id: &str,
-        ack: &Ack,
-        change: Change<'_>,
-        durability: redb::Durability,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StateError>,
     ) -> Result<(), StateError> {
-        let mut tx = self.write_tx()?;
-        tx.set_durability(durability)?;
-        {
-            match change {
-                Change::None => {}
-                Change::FirewallReplace(snapshot) => {
-                    tx.open_table(FIREWALL)?
-                        .insert("snapshot", snapshot.as_bytes())?;
-                    tx.delete_table(FIREWALL_JOURNAL)?;
-                    tx.open_table(FIREWALL_JOURNAL)?;
-                }
-                Change::FirewallPatch(data) => {
-                    let mut journal = tx.open_table(FIREWALL_JOURNAL)?;
-                    let next = journal.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0);
-                    journal.insert(next, data.as_bytes())?;
-                }
-                Change::RouterPut { id, spec } => {
-                    tx.open_table(ROUTERS)?.insert(id, spec.as_bytes())?;
-                    let mut owned = tx.open_table(ROUTERS_OWNED)?;
-                    if owned.get(id)?.is_none() {
-                        owned.insert(id, crate::ids::now_ms())?;
-                    }
-                }
-                Change::RouterDelete(id) => {
-                    tx.open_table(ROUTERS)?.remove(id)?;
-                    tx.open_table(ROUTERS_OWNED)?.remove(id)?;
+        let mut deferred = self.deferred.lock().expect("deferred lock");
+        let tx = self.write_tx()?;
+        let epoch = self.epoch();
+        deferred.retain(|d| d.epoch == epoch);
+        for d in deferred.iter() {
+            Self::apply(&tx, &d.change)?;
+            self.insert_record(&tx, &d.id, &d.ack.to_json())?;
+        }
+        f(&tx)?;
+        tx.commit()?;
+        deferred.clear();
+        Ok(())
+    }
+
+    /// The state part of a commit.
+    fn apply(tx: &redb::WriteTransaction, change: &Change) -> Result<(), StateError> {
+        match change {
+            Change::None => {}
+            Change::FirewallReplace(snapshot) => {
+                tx.open_table(FIREWALL)?
+                    .insert("snapshot", snapshot.as_bytes())?;
+                tx.delete_table(FIREWALL_JOURNAL)?;
+                tx.open_table(FIREWALL_JOURNAL)?;
+            }
+            Change::FirewallPatch(data) => {
+                let mut journal = tx.open_table(FIREWALL_JOURNAL)?;
+                let next = journal.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0);
+                journal.insert(next, data.as_bytes())?;
+            }
+            Change::RouterPut { id, spec } => {
+                tx.open_table(ROUTERS)?
+                    .insert(id.as_str(), spec.as_bytes())?;
+                let mut owned = tx.open_table(ROUTERS_OWNED)?;
+                if owned.get(id.as_str())?.is_none() {
+                    owned.insert(id.as_str(), crate::ids::now_ms())?;
                 }
             }
+            Change::RouterDelete(id) => {
+                tx.open_table(ROUTERS)?.remove(id.as_str())?;
+                tx.open_table(ROUTERS_OWNED)?.remove(id.as_str())?;
+            }
         }
-        self.insert_record(&tx, id, &ack.to_json())?;
-        tx.commit()?;
         Ok(())
     }
 
@@ -482,20 +535,28 @@ impl Store {
         Ok(StoredFirewall { snapshot, journal })
     }
 
+    /// Patches in the journal, deferred ones included.
     pub fn journal_len(&self) -> Result<u64, StateError> {
+        let deferred = self.deferred.lock().expect("deferred lock");
         let tx = self.read_tx()?;
-        Ok(tx.open_table(FIREWALL_JOURNAL)?.len()?)
+        let epoch = self.epoch();
+        let mut len = tx.open_table(FIREWALL_JOURNAL)?.len()?;
+        for d in deferred.iter().filter(|d| d.epoch == epoch) {
+            match d.change {
+                Change::FirewallReplace(_) => len = 0,
+                Change::FirewallPatch(_) => len += 1,
+                _ => {}
+            }
+        }
+        Ok(len)
     }
 
-    /// Folds the journal into a new snapshot of the same state (no command attached).
+    /// Folds the journal into a new snapshot of the same state (no command attached); the
+    /// deferred commits, which the snapshot includes, are written first.
     pub fn compact_firewall(&self, snapshot: &str) -> Result<(), StateError> {
-        let tx = self.write_tx()?;
-        tx.open_table(FIREWALL)?
-            .insert("snapshot", snapshot.as_bytes())?;
-        tx.delete_table(FIREWALL_JOURNAL)?;
-        tx.open_table(FIREWALL_JOURNAL)?;
-        tx.commit()?;
-        Ok(())
+        self.write_after_deferred(|tx| {
+            Self::apply(tx, &Change::FirewallReplace(snapshot.to_string()))
+        })
     }
 
     /// The recorded routers: id and spec JSON.
@@ -648,8 +709,11 @@ impl Store {
     /// How many processed command ids are held.
     pub fn processed_count(&self) -> Result<u64, StateError> {
         let light = self.ledger.lock().expect("ledger lock").len() as u64;
+        let deferred = self.deferred.lock().expect("deferred lock");
         let tx = self.read_tx()?;
-        Ok(tx.open_table(PROCESSED)?.len()? + light)
+        let epoch = self.epoch();
+        let deferred = deferred.iter().filter(|d| d.epoch == epoch).count() as u64;
+        Ok(tx.open_table(PROCESSED)?.len()? + light + deferred)
     }
 }
 
@@ -720,11 +784,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path(), 100).unwrap();
-            let epoch = s
-                .commit_deferred("a", &ack("a"), Change::FirewallPatch("{\"p\":1}"))
-                .unwrap();
-            s.commit_deferred("b", &ack("b"), Change::FirewallPatch("{\"p\":2}"))
-                .unwrap();
+            let epoch =
+                s.commit_deferred("a", &ack("a"), Change::FirewallPatch("{\"p\":1}".into()));
+            s.commit_deferred("b", &ack("b"), Change::FirewallPatch("{\"p\":2}".into()));
             assert!(s.lookup("a").unwrap().is_some(), "seen before the sync");
             assert_eq!(s.journal_len().unwrap(), 2);
             s.sync(epoch).unwrap();
@@ -735,13 +797,50 @@ mod tests {
     }
 
     #[test]
+    fn deferred_commits_go_first_in_the_next_write_and_are_lost_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), 100).unwrap();
+            s.commit_deferred("p1", &ack("p1"), Change::FirewallPatch("{\"p\":1}".into()));
+            assert_eq!(s.processed_count().unwrap(), 1);
+            // A durable commit writes the deferred one first: the journal keeps their order.
+            s.commit("p2", &ack("p2"), &Change::FirewallPatch("{\"p\":2}".into()))
+                .unwrap();
+            let journal = s.load_firewall().unwrap().journal;
+            assert_eq!(journal, vec![b"{\"p\":1}".to_vec(), b"{\"p\":2}".to_vec()]);
+            // A compaction's snapshot includes the deferred patches: they are written (their
+            // records kept) and folded with the rest.
+            s.commit_deferred("p3", &ack("p3"), Change::FirewallPatch("{\"p\":3}".into()));
+            assert_eq!(s.journal_len().unwrap(), 3);
+            s.compact_firewall("{\"generation\":4}").unwrap();
+            assert_eq!(s.journal_len().unwrap(), 0);
+            assert!(s.lookup("p3").unwrap().is_some());
+            // Left deferred when the agent dies: gone, like its unpublished ack.
+            s.commit_deferred("p4", &ack("p4"), Change::FirewallPatch("{\"p\":4}".into()));
+            assert!(s.lookup("p4").unwrap().is_some());
+        }
+        let s = Store::open(dir.path(), 100).unwrap();
+        assert!(s.lookup("p3").unwrap().is_some());
+        assert!(s.lookup("p4").unwrap().is_none());
+        let fw = s.load_firewall().unwrap();
+        assert_eq!(fw.snapshot.as_deref(), Some(&b"{\"generation\":4}"[..]));
+        assert!(fw.journal.is_empty());
+        assert_eq!(s.processed_count().unwrap(), 3);
+    }
+
+    #[test]
     fn a_reopen_before_the_sync_fails_it() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), 100).unwrap();
-        let epoch = s.commit_deferred("a", &ack("a"), Change::None).unwrap();
+        let epoch = s.commit_deferred("a", &ack("a"), Change::None);
         s.reopen().unwrap();
+        assert!(s.lookup("a").unwrap().is_none(), "gone with the reopen");
         assert!(matches!(s.sync(epoch), Err(StateError::Unsynced)));
-        let epoch = s.commit_deferred("b", &ack("b"), Change::None).unwrap();
+        assert!(
+            s.lookup("a").unwrap().is_none(),
+            "and not written by the sync"
+        );
+        let epoch = s.commit_deferred("b", &ack("b"), Change::None);
         s.sync(epoch).unwrap();
     }
 
