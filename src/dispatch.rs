@@ -637,6 +637,10 @@ impl Dispatcher {
     }
 
     async fn lookup(&self, id: &str) -> Result<Option<Ack>, StateError> {
+        // A new id (the common case) is answered from memory, without the blocking pool.
+        if !self.store.may_have(id) {
+            return Ok(None);
+        }
         let store = self.store.clone();
         let id = id.to_string();
         tokio::task::spawn_blocking(move || store.lookup(&id))
@@ -735,11 +739,7 @@ impl Dispatcher {
 
     /// Folds the patch journal into a snapshot now and then, so restarts stay fast.
     async fn maybe_compact(&self, fw: &Firewall) {
-        let store = self.store.clone();
-        let len = tokio::task::spawn_blocking(move || store.journal_len())
-            .await
-            .expect("state store task panicked");
-        if !matches!(len, Ok(n) if n >= COMPACT_AFTER) {
+        if self.store.journal_len() < COMPACT_AFTER {
             return;
         }
         let snapshot = fw.current().canonical_json();

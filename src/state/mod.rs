@@ -8,6 +8,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 
 use crate::protocol::Ack;
 
+mod known;
 pub mod ledger;
 
 /// Records kept in the log before they are folded into the database.
@@ -198,6 +199,10 @@ pub struct Store {
     epoch: std::sync::atomic::AtomicU64,
     /// Commits waiting for the next write transaction, oldest first.
     deferred: std::sync::Mutex<Vec<Deferred>>,
+    /// The ids in the database (see `known`).
+    known: std::sync::Mutex<known::Known>,
+    /// Patches in the database's journal.
+    journal: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -241,8 +246,11 @@ impl Store {
             ledger: std::sync::Mutex::new(ledger),
             epoch: Default::default(),
             deferred: Default::default(),
+            known: Default::default(),
+            journal: Default::default(),
         };
         store.init_schema()?;
+        store.load_known()?;
         // What the log kept across a stop or crash goes into the database now.
         store.fold()?;
         Ok(store)
@@ -269,6 +277,19 @@ impl Store {
             tx.open_table(OUTBOX)?;
         }
         tx.commit()?;
+        Ok(())
+    }
+
+    /// The ids and the journal length the database holds, into memory.
+    fn load_known(&self) -> Result<(), StateError> {
+        let tx = self.read_tx()?;
+        let mut known = self.known.lock().expect("known lock");
+        for entry in tx.open_table(PROCESSED)?.iter()? {
+            known.insert(entry?.0.value());
+        }
+        let journal = tx.open_table(FIREWALL_JOURNAL)?.len()?;
+        self.journal
+            .store(journal, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
@@ -339,6 +360,9 @@ impl Store {
         {
             return Ok(Some(d.ack.clone()));
         }
+        if !self.known.lock().expect("known lock").may_hold(id) {
+            return Ok(None);
+        }
         let tx = self.read_tx()?;
         let table = tx.open_table(PROCESSED)?;
         let Some(guard) = table.get(id)? else {
@@ -354,6 +378,20 @@ impl Store {
     /// records beyond the retention are pruned in the same commit.
     pub fn record(&self, id: &str, ack: &Ack) -> Result<(), StateError> {
         self.commit(id, ack, &Change::None)
+    }
+
+    /// False only when `id` was certainly not processed: answered from memory, without
+    /// reading the database (which [`Store::lookup`] may need).
+    pub fn may_have(&self, id: &str) -> bool {
+        let epoch = self.epoch();
+        self.ledger.lock().expect("ledger lock").get(id).is_some()
+            || self
+                .deferred
+                .lock()
+                .expect("deferred lock")
+                .iter()
+                .any(|d| d.epoch == epoch && d.id == id)
+            || self.known.lock().expect("known lock").may_hold(id)
     }
 
     fn epoch(&self) -> u64 {
@@ -383,10 +421,12 @@ impl Store {
             return Ok(());
         }
         let tx = self.write_tx()?;
+        let mut written = known::Written::default();
         for (id, ack) in ledger.records() {
-            self.insert_record(&tx, id, &ack.to_json())?;
+            self.insert_record(&tx, id, &ack.to_json(), &mut written)?;
         }
         tx.commit()?;
+        self.known.lock().expect("known lock").apply(written);
         ledger.clear().map_err(|cause| StateError::Ledger {
             path: ledger.path().to_path_buf(),
             cause,
@@ -396,9 +436,9 @@ impl Store {
     /// Records `ack` for command `id` and the state change it made, atomically and durably
     /// (with every deferred commit before it).
     pub fn commit(&self, id: &str, ack: &Ack, change: &Change) -> Result<(), StateError> {
-        self.write_after_deferred(|tx| {
+        self.write_after_deferred(|tx, written| {
             Self::apply(tx, change)?;
-            self.insert_record(tx, id, &ack.to_json())
+            self.insert_record(tx, id, &ack.to_json(), written)
         })
     }
 
@@ -424,7 +464,7 @@ impl Store {
     /// gone. After a failure the store holds only what reached the disk.
     pub fn sync(&self, epoch: u64) -> Result<(), StateError> {
         // A write transaction is durable unless told otherwise.
-        if let Err(e) = self.write_after_deferred(|_| Ok(())) {
+        if let Err(e) = self.write_after_deferred(|_, _| Ok(())) {
             // Reads would still see what never reached the disk: from now on the store is
             // what the file holds.
             if let Err(reopen) = self.reopen() {
@@ -443,18 +483,23 @@ impl Store {
     /// dropped; the current ones stay deferred if the transaction fails.
     fn write_after_deferred(
         &self,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StateError>,
+        f: impl FnOnce(&redb::WriteTransaction, &mut known::Written) -> Result<(), StateError>,
     ) -> Result<(), StateError> {
         let mut deferred = self.deferred.lock().expect("deferred lock");
         let tx = self.write_tx()?;
         let epoch = self.epoch();
         deferred.retain(|d| d.epoch == epoch);
+        let mut written = known::Written::default();
         for d in deferred.iter() {
             Self::apply(&tx, &d.change)?;
-            self.insert_record(&tx, &d.id, &d.ack.to_json())?;
+            self.insert_record(&tx, &d.id, &d.ack.to_json(), &mut written)?;
         }
-        f(&tx)?;
+        f(&tx, &mut written)?;
+        let journal = tx.open_table(FIREWALL_JOURNAL)?.len()?;
         tx.commit()?;
+        self.known.lock().expect("known lock").apply(written);
+        self.journal
+            .store(journal, std::sync::atomic::Ordering::SeqCst);
         deferred.clear();
         Ok(())
     }
@@ -496,6 +541,7 @@ impl Store {
         tx: &redb::WriteTransaction,
         id: &str,
         bytes: &[u8],
+        written: &mut known::Written,
     ) -> Result<(), StateError> {
         let mut meta = tx.open_table(META)?;
         let seq = meta.get("next_seq")?.map(|g| g.value()).unwrap_or(0);
@@ -505,6 +551,8 @@ impl Store {
         if let Some(old) = processed.insert(id, (seq, bytes))? {
             let (old_seq, _) = old.value();
             order.remove(old_seq)?;
+        } else {
+            written.added(id);
         }
         order.insert(seq, id)?;
         // Prune in batches so that the common commit touches only its own record.
@@ -515,6 +563,7 @@ impl Store {
                     break;
                 };
                 processed.remove(old_id.value())?;
+                written.removed(old_id.value());
             }
         }
         Ok(())
@@ -535,12 +584,11 @@ impl Store {
         Ok(StoredFirewall { snapshot, journal })
     }
 
-    /// Patches in the journal, deferred ones included.
-    pub fn journal_len(&self) -> Result<u64, StateError> {
+    /// Patches in the journal, deferred ones included (from memory).
+    pub fn journal_len(&self) -> u64 {
         let deferred = self.deferred.lock().expect("deferred lock");
-        let tx = self.read_tx()?;
         let epoch = self.epoch();
-        let mut len = tx.open_table(FIREWALL_JOURNAL)?.len()?;
+        let mut len = self.journal.load(std::sync::atomic::Ordering::SeqCst);
         for d in deferred.iter().filter(|d| d.epoch == epoch) {
             match d.change {
                 Change::FirewallReplace(_) => len = 0,
@@ -548,13 +596,13 @@ impl Store {
                 _ => {}
             }
         }
-        Ok(len)
+        len
     }
 
     /// Folds the journal into a new snapshot of the same state (no command attached); the
     /// deferred commits, which the snapshot includes, are written first.
     pub fn compact_firewall(&self, snapshot: &str) -> Result<(), StateError> {
-        self.write_after_deferred(|tx| {
+        self.write_after_deferred(|tx, _| {
             Self::apply(tx, &Change::FirewallReplace(snapshot.to_string()))
         })
     }
@@ -710,10 +758,10 @@ impl Store {
     pub fn processed_count(&self) -> Result<u64, StateError> {
         let light = self.ledger.lock().expect("ledger lock").len() as u64;
         let deferred = self.deferred.lock().expect("deferred lock");
-        let tx = self.read_tx()?;
         let epoch = self.epoch();
         let deferred = deferred.iter().filter(|d| d.epoch == epoch).count() as u64;
-        Ok(tx.open_table(PROCESSED)?.len()? + light + deferred)
+        let stored = self.known.lock().expect("known lock").len() as u64;
+        Ok(stored + light + deferred)
     }
 }
 
@@ -788,12 +836,12 @@ mod tests {
                 s.commit_deferred("a", &ack("a"), Change::FirewallPatch("{\"p\":1}".into()));
             s.commit_deferred("b", &ack("b"), Change::FirewallPatch("{\"p\":2}".into()));
             assert!(s.lookup("a").unwrap().is_some(), "seen before the sync");
-            assert_eq!(s.journal_len().unwrap(), 2);
+            assert_eq!(s.journal_len(), 2);
             s.sync(epoch).unwrap();
         }
         let s = Store::open(dir.path(), 100).unwrap();
         assert!(s.lookup("a").unwrap().is_some() && s.lookup("b").unwrap().is_some());
-        assert_eq!(s.journal_len().unwrap(), 2);
+        assert_eq!(s.journal_len(), 2);
     }
 
     #[test]
@@ -811,9 +859,9 @@ mod tests {
             // A compaction's snapshot includes the deferred patches: they are written (their
             // records kept) and folded with the rest.
             s.commit_deferred("p3", &ack("p3"), Change::FirewallPatch("{\"p\":3}".into()));
-            assert_eq!(s.journal_len().unwrap(), 3);
+            assert_eq!(s.journal_len(), 3);
             s.compact_firewall("{\"generation\":4}").unwrap();
-            assert_eq!(s.journal_len().unwrap(), 0);
+            assert_eq!(s.journal_len(), 0);
             assert!(s.lookup("p3").unwrap().is_some());
             // Left deferred when the agent dies: gone, like its unpublished ack.
             s.commit_deferred("p4", &ack("p4"), Change::FirewallPatch("{\"p\":4}".into()));
@@ -826,6 +874,57 @@ mod tests {
         assert_eq!(fw.snapshot.as_deref(), Some(&b"{\"generation\":4}"[..]));
         assert!(fw.journal.is_empty());
         assert_eq!(s.processed_count().unwrap(), 3);
+    }
+
+    /// The database itself, past every in-memory shortcut.
+    fn db_has(s: &Store, id: &str) -> bool {
+        let tx = s.read_tx().unwrap();
+        tx.open_table(PROCESSED).unwrap().get(id).unwrap().is_some()
+    }
+
+    #[test]
+    fn the_ids_in_memory_never_miss_one_the_database_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<String> = (0..400).map(|i| format!("c{i}")).collect();
+        let check = |s: &Store| {
+            for id in &ids {
+                if db_has(s, id) {
+                    assert!(s.may_have(id), "{id} is stored but unknown");
+                    assert!(s.lookup(id).unwrap().is_some(), "{id}");
+                }
+            }
+        };
+        {
+            // Light records folded, durable commits, deferred ones synced, all pruned
+            // beyond a retention of 50.
+            let s = Store::open(dir.path(), 50).unwrap();
+            for (i, id) in ids.iter().enumerate() {
+                match i % 3 {
+                    0 => s.record_light(id, &ack(id)).unwrap(),
+                    1 => s.commit(id, &ack(id), &Change::None).unwrap(),
+                    _ => {
+                        let epoch = s.commit_deferred(id, &ack(id), Change::None);
+                        s.sync(epoch).unwrap();
+                    }
+                }
+            }
+            s.fold().unwrap();
+            check(&s);
+            assert!(!s.may_have("never-sent"));
+            assert!(
+                !db_has(&s, &ids[1]) && !s.may_have(&ids[1]),
+                "pruned long ago"
+            );
+            assert_eq!(s.processed_count().unwrap() as usize, {
+                let tx = s.read_tx().unwrap();
+                tx.open_table(PROCESSED).unwrap().len().unwrap() as usize
+            });
+            s.reopen().unwrap();
+            check(&s);
+        }
+        let s = Store::open(dir.path(), 50).unwrap();
+        check(&s);
+        assert!(s.may_have(ids.last().unwrap()));
     }
 
     #[test]
