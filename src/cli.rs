@@ -263,6 +263,13 @@ async fn connection(
         "the broker session is not marked",
     )
     .await;
+    let status = match status.as_ref().map(read_status).transpose() {
+        Ok(status) => status,
+        Err(e) => {
+            eprintln!("rampart connection list: {e:#}; the broker session is not marked");
+            None
+        }
+    };
     connection_list(port, state, json, status.as_ref())?;
     Ok(0)
 }
@@ -295,16 +302,22 @@ async fn status(
             return Ok(1);
         }
     };
-    if json {
+    let connected = if json {
+        // What the daemon said, as it said it (a newer daemon may say more).
         println!("{}", serde_json::to_string_pretty(&answer)?);
+        answer["session"]["state"] == crate::control::SessionState::Connected.as_str()
     } else {
-        print_status(&answer);
-    }
-    Ok(if answer["session"]["state"] == "connected" {
-        0
-    } else {
-        2
-    })
+        let status = read_status(&answer)?;
+        print_status(&status);
+        status.session.state == crate::control::SessionState::Connected
+    };
+    Ok(if connected { 0 } else { 2 })
+}
+
+/// The daemon's status answer as its type.
+fn read_status(answer: &serde_json::Value) -> anyhow::Result<crate::control::Status> {
+    serde_json::from_value(answer.clone())
+        .context("the daemon's status answer is not what this rampart reads (another version?)")
 }
 
 /// `rampart trace`: the daemon names the rules' generation when it answers.
@@ -762,11 +775,8 @@ async fn ask_daemon(
 }
 
 /// `{"applied": 3, "rejected": 1}` -> `3 applied, 1 rejected`.
-fn counts_in_words(v: &serde_json::Value) -> String {
-    let words: Vec<String> = v
-        .as_object()
-        .map(|m| m.iter().map(|(k, n)| format!("{n} {k}")).collect())
-        .unwrap_or_default();
+fn counts_in_words(counts: &std::collections::BTreeMap<String, u64>) -> String {
+    let words: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
     if words.is_empty() {
         "none yet".to_string()
     } else {
@@ -775,8 +785,13 @@ fn counts_in_words(v: &serde_json::Value) -> String {
 }
 
 fn when(ms: &serde_json::Value) -> String {
-    ms.as_i64()
-        .and_then(|ms| time::OffsetDateTime::from_unix_timestamp(ms / 1000).ok())
+    when_ms(ms.as_u64())
+}
+
+/// A time in ms since the epoch as RFC 3339 (`-` when there is none).
+fn when_ms(ms: Option<u64>) -> String {
+    ms.and_then(|ms| i64::try_from(ms / 1000).ok())
+        .and_then(|secs| time::OffsetDateTime::from_unix_timestamp(secs).ok())
         .and_then(|t| {
             t.format(&time::format_description::well_known::Rfc3339)
                 .ok()
@@ -784,76 +799,74 @@ fn when(ms: &serde_json::Value) -> String {
         .unwrap_or_else(|| "-".to_string())
 }
 
-fn print_status(a: &serde_json::Value) {
-    let s = &a["session"];
-    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+fn print_status(a: &crate::control::Status) {
+    let s = &a.session;
+    let text = |v: &Option<String>| v.as_deref().unwrap_or("-").to_string();
     println!(
         "host:        {} (rampart {}, pid {}, up {} s)",
-        text(&a["host"]),
-        text(&a["version"]),
-        a["pid"],
-        a["uptime_secs"]
+        a.host, a.version, a.pid, a.uptime_secs
     );
-    println!("broker:      {} {}", text(&s["state"]), text(&s["url"]));
+    println!("broker:      {} {}", s.state.as_str(), text(&s.url));
     println!(
         "tls:         {} {}, broker certificate {} (until {})",
-        text(&s["tls_version"]),
-        text(&s["cipher"]),
-        text(&s["broker_certificate"]),
-        text(&s["broker_certificate_not_after"])
+        text(&s.tls_version),
+        text(&s.cipher),
+        text(&s.broker_certificate),
+        text(&s.broker_certificate_not_after)
     );
     println!(
         "session:     since {}, last heartbeat {}, reconnects {}",
-        when(&s["connected_since_ms"]),
-        when(&s["last_heartbeat_ms"]),
-        s["reconnects"]
+        when_ms(s.connected_since_ms),
+        when_ms(s.last_heartbeat_ms),
+        s.reconnects
     );
-    println!("last error:  {}", text(&s["last_error"]));
-    if let Some(missing) = s["broker_missing"].as_array().filter(|m| !m.is_empty()) {
-        let names: Vec<String> = missing.iter().map(text).collect();
+    println!("last error:  {}", text(&s.last_error));
+    if !s.broker_missing.is_empty() {
         println!(
             "MISSING:     {} on the broker (serving without them)",
-            names.join(", ")
+            s.broker_missing.join(", ")
         );
     }
-    if let Some(since) = s["blocked_since_ms"].as_u64() {
+    if let Some(since) = s.blocked_since_ms {
         println!(
             "BLOCKED:     the broker blocks our publishes since {} (resource alarm on the broker)",
-            when(&since.into())
+            when_ms(Some(since))
         );
     }
-    let f = &a["firewall"];
+    let f = &a.firewall;
     println!(
         "firewall:    generation {}, {} rules, {} sets, {} elements",
-        f["generation"], f["rules"], f["address_sets"], f["elements"]
+        f.generation, f.rules, f.address_sets, f.elements
     );
-    let routers = a["routers"].as_array().cloned().unwrap_or_default();
-    let degraded = routers.iter().filter(|r| r["state"] != "applied").count();
+    let degraded = a
+        .routers
+        .iter()
+        .filter(|r| r.state != crate::router::RouterState::Applied)
+        .count();
     println!(
         "routers:     {}{}",
-        routers.len(),
+        a.routers.len(),
         if degraded > 0 {
             format!(" ({degraded} DEGRADED: see rampart routers)")
         } else {
             String::new()
         }
     );
+    let c = &a.certificate;
     println!(
         "certificate: {} (until {}, {} days left)",
-        text(&a["certificate"]["subject"]),
-        text(&a["certificate"]["not_after"]),
-        a["certificate"]["days_left"]
+        c.subject, c.not_after, c.days_left
     );
     println!(
         "commands:    {} (dedup store: {} ids)",
-        counts_in_words(&a["commands"]),
-        a["dedup_records"]
+        counts_in_words(&a.commands),
+        a.dedup_records.map_or("-".to_string(), |n| n.to_string())
     );
-    if let Some(pending) = a["pending_restart"].as_array().filter(|p| !p.is_empty()) {
-        let names: Vec<String> = pending.iter().map(text).collect();
-        println!("restart to apply: {}", names.join(", "));
+    if !a.pending_restart.is_empty() {
+        println!("restart to apply: {}", a.pending_restart.join(", "));
     }
-    if let Some(lost) = a.get("state_lost").filter(|v| !v.is_null()) {
+    if let Some(lost) = &a.state_lost {
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
         println!(
             "STATE LOST:  at {}, firewall {} until the manager sends a full rule set ({})",
             when(&lost["at"]),
@@ -867,7 +880,7 @@ fn connection_list(
     port: Option<u16>,
     state: Option<&str>,
     json: bool,
-    status: Option<&serde_json::Value>,
+    status: Option<&crate::control::Status>,
 ) -> anyhow::Result<()> {
     let mut rows = crate::netstat::list();
     rows.retain(|c| port.is_none_or(|p| c.local.port() == p || c.foreign.port() == p));
@@ -876,15 +889,15 @@ fn connection_list(
     }
     // The agent's own broker session: its pid, established, to the broker's port.
     let session = status.and_then(|s| {
-        let sess = &s["session"];
-        (sess["state"] == "connected")
-            .then(|| (s["pid"].as_u64(), sess["broker_port"].as_u64(), sess))
+        (s.session.state == crate::control::SessionState::Connected).then_some((
+            s.pid,
+            s.session.broker_port,
+            &s.session,
+        ))
     });
     let is_broker = |c: &crate::netstat::Connection| match session {
-        Some((Some(pid), Some(bport), _)) => {
-            c.pid == Some(pid as u32)
-                && c.state == "ESTABLISHED"
-                && u64::from(c.foreign.port()) == bport
+        Some((pid, Some(bport), _)) => {
+            c.pid == Some(pid) && c.state == "ESTABLISHED" && c.foreign.port() == bport
         }
         _ => false,
     };
@@ -896,7 +909,8 @@ fn connection_list(
                 if is_broker(c)
                     && let Some((_, _, sess)) = session
                 {
-                    v["rampart_broker_session"] = sess.clone();
+                    v["rampart_broker_session"] =
+                        serde_json::to_value(sess).expect("a session serialises");
                 }
                 v
             })
@@ -926,13 +940,13 @@ fn connection_list(
         let info = match session {
             Some((_, _, sess)) if is_broker(c) => format!(
                 "rampart broker session {} {} {}, broker cert {} until {}, since {}, last heartbeat {}",
-                sess["url"].as_str().unwrap_or("-"),
-                sess["tls_version"].as_str().unwrap_or("-"),
-                sess["cipher"].as_str().unwrap_or("-"),
-                sess["broker_certificate"].as_str().unwrap_or("-"),
-                sess["broker_certificate_not_after"].as_str().unwrap_or("-"),
-                when(&sess["connected_since_ms"]),
-                when(&sess["last_heartbeat_ms"]),
+                sess.url.as_deref().unwrap_or("-"),
+                sess.tls_version.as_deref().unwrap_or("-"),
+                sess.cipher.as_deref().unwrap_or("-"),
+                sess.broker_certificate.as_deref().unwrap_or("-"),
+                sess.broker_certificate_not_after.as_deref().unwrap_or("-"),
+                when_ms(sess.connected_since_ms),
+                when_ms(sess.last_heartbeat_ms),
             ),
             _ => String::new(),
         };

@@ -88,7 +88,8 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     // restart or a reboot never leaves the host open.
     let (store, firewall, state_lost) = restore_state(&config, &connector, limits).await?;
     let metrics = Arc::new(Metrics::new());
-    metrics.firewall(&firewall.current().counts());
+    let counts = firewall.current().counts();
+    metrics.firewall(counts.generation, counts.rules, counts.elements);
     let mut firewall = firewall;
     firewall.set_metrics(metrics.clone());
     let firewall = Arc::new(tokio::sync::Mutex::new(firewall));
@@ -547,7 +548,7 @@ async fn load_routers(
     let mut routers = Routers::new(worker, specs, owned.into_iter().collect());
     reconcile_routers(&mut routers, store, drift).await;
     tracing::info!(
-        routers = routers.summary().as_array().map_or(0, Vec::len),
+        routers = routers.summary().len(),
         "routers converged to the record"
     );
     Ok(Arc::new(tokio::sync::Mutex::new(routers)))
@@ -1493,8 +1494,8 @@ impl Agent {
         let kind = ack.command_type.as_deref().unwrap_or("unknown");
         self.metrics.command(kind, key, took.as_secs_f64());
         if kind.starts_with("firewall.") {
-            self.metrics
-                .firewall(&self.firewall.lock().await.current().counts());
+            let counts = self.firewall.lock().await.current().counts();
+            (self.metrics).firewall(counts.generation, counts.rules, counts.elements);
         }
         *self
             .shared
@@ -1567,7 +1568,7 @@ impl Agent {
         if days >= warn_days || (last != 0 && now_ms().saturating_sub(last) < 86_400_000) {
             return Ok(());
         }
-        tracing::warn!(days_left = days, not_after = %summary["not_after"], "the agent's certificate expires soon");
+        tracing::warn!(days_left = days, not_after = %summary.not_after, "the agent's certificate expires soon");
         self.outbox
             .push(
                 "cert",
@@ -1587,7 +1588,7 @@ impl Agent {
             "uptime_secs": self.started.elapsed().as_secs(),
             "broker": session.url,
             "firewall": firewall,
-            "routers": self.shared.routers.lock().await.summary().as_array().map_or(0, Vec::len),
+            "routers": self.shared.routers.lock().await.summary().len(),
             "certificate": self.shared.identity.read().expect("identity lock").summary(),
             "last_error": self.shared.session.lock().expect("session lock").last_error.clone(),
             "broker_blocked": self.blocked_summary(),

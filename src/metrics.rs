@@ -162,11 +162,13 @@ impl Metrics {
     }
 
     /// The applied rule set's generation and size.
-    pub fn firewall(&self, summary: &serde_json::Value) {
-        let get = |k: &str| summary[k].as_i64().unwrap_or(0);
-        self.firewall_generation.set(get("generation"));
-        self.firewall_rules.set(get("rules"));
-        self.firewall_elements.set(get("elements"));
+    /// The rule set in force: its generation, rules and set elements (plain numbers: the
+    /// firewall reports to this module, not the other way round).
+    pub fn firewall(&self, generation: u64, rules: usize, elements: usize) {
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.firewall_generation.set(gauge(generation));
+        self.firewall_rules.set(gauge(rules as u64));
+        self.firewall_elements.set(gauge(elements as u64));
     }
 
     pub fn text(&self) -> String {
@@ -266,7 +268,7 @@ mod tests {
         let m = Metrics::new();
         m.command("firewall.patch", "applied", 0.003);
         m.command("firewall.patch", "applied", 0.004);
-        m.firewall(&serde_json::json!({"generation": 7, "rules": 3, "elements": 12}));
+        m.firewall(7, 3, 12);
         let t = m.text();
         assert!(
             t.contains("rampart_commands_total{type=\"firewall.patch\",status=\"applied\"} 2"),

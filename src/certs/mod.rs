@@ -314,15 +314,26 @@ impl Current {
     }
 
     /// `certificate` of the state summary and heartbeats.
-    pub fn summary(&self) -> serde_json::Value {
-        serde_json::json!({
-            "subject": self.info.subject,
-            "serial": self.info.serial,
-            "not_after": self.info.not_after,
-            "sha256": self.info.sha256,
-            "days_left": days_left(&self.info, crate::ids::now_ms() as i64 / 1000),
-        })
+    pub fn summary(&self) -> Summary {
+        Summary {
+            subject: self.info.subject.clone(),
+            serial: self.info.serial.clone(),
+            not_after: self.info.not_after.clone(),
+            sha256: self.info.sha256.clone(),
+            days_left: days_left(&self.info, crate::ids::now_ms() as i64 / 1000),
+        }
     }
+}
+
+/// The identity in use, as heartbeats and `rampart status` show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Summary {
+    pub subject: String,
+    pub serial: String,
+    pub not_after: String,
+    pub sha256: String,
+    /// Whole days until it expires (negative once expired).
+    pub days_left: i64,
 }
 
 /// Whole days until `info` expires (negative once expired).

@@ -34,7 +34,7 @@ pub enum Request {
 }
 
 /// Where the broker session is (shown as `connecting`, `connected`, `disconnected`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SessionState {
     /// No session yet since the agent started.
@@ -45,8 +45,19 @@ pub enum SessionState {
     Disconnected,
 }
 
+impl SessionState {
+    /// As the socket's JSON and `rampart status` spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Connecting => "connecting",
+            SessionState::Connected => "connected",
+            SessionState::Disconnected => "disconnected",
+        }
+    }
+}
+
 /// The broker session as the daemon last saw it.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionStatus {
     pub state: SessionState,
     pub url: Option<String>,
@@ -67,6 +78,28 @@ pub struct SessionStatus {
     /// Shared objects missing on the broker that the agent serves without (events,
     /// dead-lettering).
     pub broker_missing: Vec<String>,
+}
+
+/// The answer to `{"request": "status"}`: what `rampart status` prints (and, with
+/// `--json`, what scripts read), made by the daemon and read by the CLI as this one type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub host: String,
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub session: SessionStatus,
+    pub firewall: crate::firewall::spec::Counts,
+    pub routers: Vec<crate::router::Summary>,
+    pub certificate: crate::certs::Summary,
+    /// Commands answered, by ack status (duplicates counted apart).
+    pub commands: std::collections::BTreeMap<String, u64>,
+    /// Command ids in the deduplication store (`None`: it could not be read).
+    pub dedup_records: Option<u64>,
+    /// Settings a reload changed that take effect at the next restart.
+    pub pending_restart: Vec<String>,
+    /// Set when the stored state could not be read at start, until a full rule set.
+    pub state_lost: Option<Value>,
 }
 
 /// What the daemon shares with the control socket.
@@ -135,7 +168,9 @@ async fn answer(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
         match serde_json::from_str::<Request>(&line) {
             Err(e) => json!({"error": format!("bad request: {e}")}),
             Ok(Request::Rules) => rules(shared).await,
-            Ok(Request::Status) => status(shared).await,
+            Ok(Request::Status) => {
+                serde_json::to_value(status(shared).await).expect("the status serialises")
+            }
             Ok(Request::Routers) => json!({"routers": shared.routers.lock().await.inspect().await}),
         }
     };
@@ -202,28 +237,33 @@ async fn rules(shared: &Shared) -> Value {
     })
 }
 
-async fn status(shared: &Shared) -> Value {
+async fn status(shared: &Shared) -> Status {
     let store = shared.store.clone();
-    let dedup = tokio::task::spawn_blocking(move || store.processed_count())
+    let dedup_records = tokio::task::spawn_blocking(move || store.processed_count())
         .await
         .ok()
         .and_then(Result::ok);
     let firewall = shared.firewall.lock().await.current().counts();
+    let routers = shared.routers.lock().await.summary();
     let now = crate::ids::now_ms();
-    json!({
-        "host": shared.host_id,
-        "version": crate::logs::VERSION,
-        "pid": std::process::id(),
-        "uptime_secs": now.saturating_sub(shared.started_ms) / 1000,
-        "session": *shared.session.lock().expect("session lock"),
-        "firewall": firewall,
-        "routers": shared.routers.lock().await.summary(),
-        "certificate": shared.identity.read().expect("identity lock").summary(),
-        "commands": *shared.commands.lock().expect("commands lock"),
-        "dedup_records": dedup,
-        "pending_restart": *shared.pending_restart.lock().expect("pending lock"),
-        "state_lost": *shared.state_lost.lock().expect("state_lost lock"),
-    })
+    // No await below: the std locks are held only while the answer is put together.
+    Status {
+        host: shared.host_id.clone(),
+        version: crate::logs::VERSION.to_string(),
+        pid: std::process::id(),
+        uptime_secs: now.saturating_sub(shared.started_ms) / 1000,
+        session: shared.session.lock().expect("session lock").clone(),
+        firewall,
+        routers,
+        certificate: shared.identity.read().expect("identity lock").summary(),
+        commands: shared.commands.lock().expect("commands lock").clone(),
+        dedup_records,
+        pending_restart: (shared.pending_restart.lock().expect("pending lock"))
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        state_lost: shared.state_lost.lock().expect("state_lost lock").clone(),
+    }
 }
 
 /// Client side: one request, one answer.
@@ -255,6 +295,50 @@ mod session_tests {
     use super::*;
 
     #[test]
+    fn the_status_answer_reads_back_as_the_cli_reads_it() {
+        let status = Status {
+            host: "h1".into(),
+            version: "1.2.3".into(),
+            pid: 42,
+            uptime_secs: 7,
+            session: SessionStatus {
+                state: SessionState::Connected,
+                broker_port: Some(5671),
+                last_blocked: Some((1, 2)),
+                broker_missing: vec!["rampart.events".into()],
+                ..Default::default()
+            },
+            firewall: crate::firewall::spec::Counts {
+                generation: 3,
+                rules: 2,
+                address_sets: 1,
+                elements: 5,
+            },
+            routers: vec![crate::router::Summary {
+                id: "r1".into(),
+                interfaces: vec!["r1-a".into()],
+                state: crate::router::RouterState::Degraded,
+            }],
+            certificate: crate::certs::Summary {
+                subject: "CN=h1".into(),
+                serial: "01".into(),
+                not_after: "2027-01-01T00:00:00Z".into(),
+                sha256: "ab".into(),
+                days_left: -1,
+            },
+            commands: [("applied".to_string(), 4)].into(),
+            dedup_records: None,
+            pending_restart: vec!["broker.urls".into()],
+            state_lost: Some(json!({"at": 1, "firewall": "isolated", "error": "e"})),
+        };
+        let v = serde_json::to_value(&status).unwrap();
+        assert_eq!(v["routers"][0]["state"], "degraded");
+        assert_eq!(v["session"]["last_blocked"], json!([1, 2]));
+        assert!(v["dedup_records"].is_null());
+        assert_eq!(serde_json::from_value::<Status>(v).unwrap(), status);
+    }
+
+    #[test]
     fn the_session_state_reads_as_before_on_the_socket() {
         let mut st = SessionStatus::default();
         let v = serde_json::to_value(&st).unwrap();
@@ -264,5 +348,12 @@ mod session_tests {
         assert_eq!(serde_json::to_value(&st).unwrap()["state"], "connected");
         st.state = SessionState::Disconnected;
         assert_eq!(serde_json::to_value(&st).unwrap()["state"], "disconnected");
+        for state in [
+            SessionState::Connecting,
+            SessionState::Connected,
+            SessionState::Disconnected,
+        ] {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
+        }
     }
 }

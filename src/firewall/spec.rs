@@ -356,6 +356,15 @@ impl Rule {
     }
 }
 
+/// A rule set's generation and size: in heartbeats, metrics and `rampart status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Counts {
+    pub generation: u64,
+    pub rules: usize,
+    pub address_sets: usize,
+    pub elements: usize,
+}
+
 impl RuleSet {
     pub fn element_count(&self) -> usize {
         self.sets.values().map(BTreeSet::len).sum()
@@ -387,13 +396,13 @@ impl RuleSet {
     }
 
     /// Generation and counts, cheap enough for every heartbeat.
-    pub fn counts(&self) -> Value {
-        json!({
-            "generation": self.generation,
-            "rules": self.rules.len(),
-            "address_sets": self.sets.len(),
-            "elements": self.element_count(),
-        })
+    pub fn counts(&self) -> Counts {
+        Counts {
+            generation: self.generation,
+            rules: self.rules.len(),
+            address_sets: self.sets.len(),
+            elements: self.element_count(),
+        }
     }
 
     /// The counts and digest of the state summary.

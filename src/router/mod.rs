@@ -25,13 +25,21 @@ pub enum RouterError {
 }
 
 /// How a router stands against the kernel, as last seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RouterState {
     /// The kernel matched the record when last converged.
     Applied,
     /// The last repair failed; the next reconcile retries.
     Degraded,
+}
+
+/// One router as the state summary and `rampart status` list it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Summary {
+    pub id: String,
+    pub interfaces: Vec<String>,
+    pub state: RouterState,
 }
 
 /// What a reconcile changed: for the `drift.<host>` event and the log.
@@ -229,19 +237,19 @@ impl Routers {
     }
 
     /// The `routers` part of the state summary.
-    pub fn summary(&self) -> Value {
-        let list: Vec<Value> = self
-            .wanted
+    pub fn summary(&self) -> Vec<Summary> {
+        self.wanted
             .values()
-            .map(|s| {
-                json!({
-                    "id": s.id,
-                    "interfaces": s.interfaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
-                    "state": self.state.get(&s.id).copied().unwrap_or(RouterState::Applied),
-                })
+            .map(|s| Summary {
+                id: s.id.clone(),
+                interfaces: s.interfaces.iter().map(|i| i.name.clone()).collect(),
+                state: self
+                    .state
+                    .get(&s.id)
+                    .copied()
+                    .unwrap_or(RouterState::Applied),
             })
-            .collect();
-        Value::Array(list)
+            .collect()
     }
 
     /// Each router with the kernel's view beside the record, for `rampart routers`.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use libtest_mimic::Trial;
 use nix::sys::signal::Signal;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::support::rampart;
 use crate::support::{AgentProc, HostOptions, env};
@@ -279,6 +279,83 @@ fn broker_session() -> Result<()> {
     );
     ensure!(s["session"]["last_heartbeat_ms"].is_u64(), "{s}");
     ensure!(s["pid"] == agent.pid(), "{s}");
+    // The answer's shape, as scripts read it (pinned 2026-12-02, before it became a
+    // typed struct shared with the CLI's printer).
+    let keys = |v: &Value| -> Vec<String> {
+        let mut k: Vec<String> = v
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    };
+    ensure!(
+        keys(&s)
+            == [
+                "certificate",
+                "commands",
+                "dedup_records",
+                "firewall",
+                "host",
+                "pending_restart",
+                "pid",
+                "routers",
+                "session",
+                "state_lost",
+                "uptime_secs",
+                "version"
+            ],
+        "{s}"
+    );
+    ensure!(
+        keys(&s["session"])
+            == [
+                "blocked_since_ms",
+                "broker_certificate",
+                "broker_certificate_not_after",
+                "broker_missing",
+                "broker_port",
+                "cipher",
+                "connected_since_ms",
+                "last_blocked",
+                "last_error",
+                "last_heartbeat_ms",
+                "reconnects",
+                "sessions",
+                "state",
+                "tls_version",
+                "url"
+            ],
+        "{s}"
+    );
+    ensure!(
+        keys(&s["firewall"]) == ["address_sets", "elements", "generation", "rules"],
+        "{s}"
+    );
+    ensure!(
+        keys(&s["certificate"]) == ["days_left", "not_after", "serial", "sha256", "subject"],
+        "{s}"
+    );
+    ensure!(
+        s["certificate"]["days_left"].is_i64() && s["certificate"]["subject"].is_string(),
+        "{s}"
+    );
+    ensure!(
+        s["routers"] == json!([]) && s["pending_restart"] == json!([]),
+        "{s}"
+    );
+    ensure!(
+        s["state_lost"].is_null() && s["dedup_records"].is_u64(),
+        "{s}"
+    );
+    ensure!(
+        s["commands"].is_object() && s["uptime_secs"].is_u64(),
+        "{s}"
+    );
+    ensure!(
+        s["firewall"]["generation"].is_u64() && s["session"]["sessions"] == 1,
+        "{s}"
+    );
     agent.signal(Signal::SIGTERM);
     agent
         .wait_exit(Duration::from_secs(10))
