@@ -577,6 +577,7 @@ const BATCH_WINDOW: Duration = Duration::from_millis(20);
 /// `basic.reject`. One frame instead of one per command is most of what a large batch
 /// spends between its confirms and the broker's next deliveries.
 async fn settle(
+    conn: &lapin::ConnectionStatus,
     ackers: Vec<lapin::Acker>,
     dispositions: &[Disposition],
 ) -> Result<(), BrokerError> {
@@ -584,16 +585,12 @@ async fn settle(
         match frame {
             None => {}
             Some(Disposition::Ack) => {
-                acker
-                    .ack(BasicAckOptions { multiple: true })
-                    .await
-                    .map_err(amqp("acknowledging the deliveries"))?;
+                let ack = acker.ack(BasicAckOptions { multiple: true });
+                broker::unless_ended(conn, "acknowledging the deliveries", ack).await?;
             }
             Some(Disposition::Reject) => {
-                acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await
-                    .map_err(amqp("rejecting the delivery"))?;
+                let reject = acker.reject(BasicRejectOptions { requeue: false });
+                broker::unless_ended(conn, "rejecting the delivery", reject).await?;
             }
         }
     }
@@ -1440,13 +1437,12 @@ impl Agent {
         // answered from them.
         let rotation = self.answer(publisher, executed).await?;
         for left in rest {
-            left.acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await
-                .map_err(amqp("returning a delivery to the queue"))?;
+            let nack = left.acker.nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            });
+            let returned = "returning a delivery to the queue";
+            broker::unless_ended(publisher.connection(), returned, nack).await?;
         }
         Ok(rotation)
     }
@@ -1532,7 +1528,7 @@ impl Agent {
         );
         // Only now, with the acks safely at the broker, do the commands leave the queue.
         let dispositions: Vec<Disposition> = outcomes.iter().map(|o| o.disposition).collect();
-        settle(ackers, &dispositions).await?;
+        settle(publisher.connection(), ackers, &dispositions).await?;
         Ok(outcomes.into_iter().find_map(|o| o.rotation))
     }
 

@@ -50,6 +50,8 @@ pub enum BrokerError {
     ConfirmTimeout { exchange: String, secs: u64 },
     #[error("the connection ended while a publish to {exchange} waited for its confirm")]
     ConnectionLost { exchange: String },
+    #[error("the connection ended while {context}")]
+    Ended { context: &'static str },
     #[error("{0}")]
     Missing(String),
     #[error("the broker refused (nacked) a message published to {exchange}")]
@@ -61,6 +63,26 @@ pub enum BrokerError {
 /// Wraps a lapin error with what we were doing.
 pub(crate) fn amqp(context: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
     move |cause| BrokerError::Amqp { context, cause }
+}
+
+/// Awaits `op` (a frame lapin sends for us, such as a delivery's ack) unless the connection
+/// ends first: a dead connection does not always fail what it owes (a publish's confirm
+/// once waited 30 s for it), and a session stuck here would keep feeding the watchdog.
+pub(crate) async fn unless_ended<T>(
+    conn: &lapin::ConnectionStatus,
+    context: &'static str,
+    op: impl std::future::Future<Output = lapin::Result<T>>,
+) -> Result<T, BrokerError> {
+    const SLICE: Duration = Duration::from_millis(250);
+    tokio::pin!(op);
+    loop {
+        if let Ok(out) = tokio::time::timeout(SLICE, &mut op).await {
+            return out.map_err(amqp(context));
+        }
+        if conn.errored() || conn.closed() {
+            return Err(BrokerError::Ended { context });
+        }
+    }
 }
 
 /// What the TLS handshake established, for status and `connection list`.
@@ -723,6 +745,11 @@ impl Publisher {
     /// The confirm-mode channel itself (to close it in order).
     pub fn channel(&self) -> &Channel {
         &self.ch
+    }
+
+    /// The state of the connection it publishes on.
+    pub fn connection(&self) -> &lapin::ConnectionStatus {
+        &self.conn
     }
 
     /// Publishes until the broker confirms it: a nack (a quorum queue electing its leader, a
