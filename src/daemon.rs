@@ -571,6 +571,111 @@ const LARGE_BODY: usize = 1 << 20;
 /// A batch answers what it executed so far once it has run this long.
 const BATCH_WINDOW: Duration = Duration::from_millis(20);
 
+/// A session's acks, batch by batch, in queue order: a batch's acks are published (their
+/// confirms awaited together), then its deliveries settled, in a task of its own while the
+/// next batch runs; the next batch's acks wait until that is done. Every batch's records
+/// are synced before its acks are handed over, so the order record, ack, delivery ack
+/// holds for each command.
+struct Answers {
+    publisher: broker::Publisher,
+    host_id: String,
+    broker_user: String,
+    in_flight: Option<tokio::task::JoinHandle<Result<(), BrokerError>>>,
+}
+
+impl Answers {
+    fn new(publisher: &broker::Publisher, host_id: &str, broker_user: &str) -> Answers {
+        Answers {
+            publisher: publisher.clone(),
+            host_id: host_id.to_string(),
+            broker_user: broker_user.to_string(),
+            in_flight: None,
+        }
+    }
+
+    /// Once the batch before is answered (its error, if that failed), starts answering
+    /// this one: each ack with what to do with its delivery, and the deliveries' ackers.
+    async fn send(
+        &mut self,
+        acks: Vec<(crate::protocol::Ack, Disposition)>,
+        ackers: Vec<lapin::Acker>,
+    ) -> Result<(), BrokerError> {
+        use tracing::Instrument;
+        self.finish().await?;
+        let publisher = self.publisher.clone();
+        let (host_id, user) = (self.host_id.clone(), self.broker_user.clone());
+        let task = async move {
+            let started = Instant::now();
+            // Published in order (each future sends its frames when first polled, in turn).
+            futures_util::future::try_join_all(
+                acks.iter()
+                    .map(|(ack, _)| publish_ack(&publisher, &host_id, &user, ack)),
+            )
+            .await?;
+            tracing::debug!(
+                acks = acks.len(),
+                confirm_us = started.elapsed().as_micros() as u64,
+                "acks confirmed by the broker"
+            );
+            // Only now, with the acks safely at the broker, do the commands leave the queue.
+            let dispositions: Vec<Disposition> = acks.iter().map(|(_, d)| *d).collect();
+            settle(publisher.connection(), ackers, &dispositions).await
+        };
+        self.in_flight = Some(tokio::spawn(task.in_current_span()));
+        Ok(())
+    }
+
+    /// Resolves once the batch being answered is done, with its error if it failed (a
+    /// session whose acks cannot go out is given up); pending while none is.
+    async fn settled(&mut self) -> Result<(), BrokerError> {
+        match self.in_flight.as_mut() {
+            Some(task) => {
+                let done = task.await.expect("the answering task panicked");
+                self.in_flight = None;
+                done
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Waits until every batch handed over is answered.
+    async fn finish(&mut self) -> Result<(), BrokerError> {
+        match self.in_flight.take() {
+            Some(task) => task.await.expect("the answering task panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Answers {
+    /// A session that ends in error leaves its last batch unsettled: the deliveries come
+    /// again and are answered from their records, as duplicates.
+    fn drop(&mut self) {
+        if let Some(task) = &self.in_flight {
+            task.abort();
+        }
+    }
+}
+
+async fn publish_ack(
+    publisher: &broker::Publisher,
+    host_id: &str,
+    broker_user: &str,
+    ack: &crate::protocol::Ack,
+) -> Result<(), BrokerError> {
+    let mut props = broker::json_properties()
+        .with_message_id(ack.id.as_str().into())
+        .with_type("ack".into())
+        .with_user_id(broker_user.into())
+        .with_timestamp(ack.timestamp / 1000);
+    if let Some(cid) = &ack.correlation_id {
+        props = props.with_correlation_id(cid.as_str().into());
+    }
+    publisher
+        .publish(broker::ACKS_EXCHANGE, host_id, &ack.to_json(), props)
+        .await
+}
+
 /// Settles a batch's deliveries in queue order, with one frame per run: a run of acks is
 /// one `basic.ack` with `multiple` on its last delivery (every delivery before it on the
 /// channel is settled already, since batches settle in order), a rejection its own
@@ -1346,6 +1451,7 @@ impl Agent {
         // event, which must not count as losing the session.
         let mut events = conn.events_listener();
         self.announce(&publish_ch, &missing).await?;
+        let mut answers = Answers::new(&publish_ch, &self.host_id, &self.broker_user);
         tracing::info!(queue = %broker::host_queue(&self.host_id), "serving commands");
         self.metrics.session_up.set(1);
         // Whatever way this session ends, it no longer serves.
@@ -1358,6 +1464,7 @@ impl Agent {
                 biased;
                 _ = stop.changed() => break (SessionEnd::Shutdown, "agent stopping"),
                 _ = reload.changed() => break (SessionEnd::Reload, "configuration reloaded"),
+                answered = answers.settled() => answered?,
                 _ = pulse.tick() => self.beat_with(conn),
                 event = events.next() => match event {
                     Some(Event::Error(e)) if !conn.status().connected() => {
@@ -1375,7 +1482,7 @@ impl Agent {
                     Some(Ok(first)) => {
                         let (batch, ended) = waiting(first, &mut consumer, prefetch);
                         if let Some(rotation) =
-                            self.with_pulse(conn, self.process_batch(&publish_ch, batch)).await?
+                            self.with_pulse(conn, self.process_batch(&mut answers, batch)).await?
                         {
                             break (SessionEnd::Rotate(rotation), "identity rotated");
                         }
@@ -1398,21 +1505,25 @@ impl Agent {
                 }
             }
         };
-        // An orderly end: the channels go first, so that the connection closes in order.
+        // An orderly end: the last acks go out, then the channels, so that the connection
+        // closes in order.
+        if let Err(error) = self.with_pulse(conn, answers.finish()).await {
+            tracing::warn!(%error, "the last batch's acks did not all go out; its commands will come again");
+        }
         broker::close_channels(&[&consume_ch, publish_ch.channel()], reason).await;
         Ok(end)
     }
 
     /// Runs `deliveries` (the ones waiting, in queue order) through the pipeline: each is
-    /// executed in turn, its record kept before the next one runs; then the acks of what was
-    /// executed are published together, their confirms awaited together, and only then
-    /// are the deliveries settled. So the order record, ack, delivery ack holds for every
-    /// command. A rotation ends the batch: the deliveries after it go back to the queue for
+    /// executed in turn, its record kept before the next one runs; then the records are
+    /// synced and the acks handed to `answers`, which publishes them together, awaits
+    /// their confirms together and only then settles the deliveries, while the next batch
+    /// runs. So the order record, ack, delivery ack holds for every command. A rotation ends the batch: the deliveries after it go back to the queue for
     /// the session on the new identity.
     #[tracing::instrument(name = "batch", skip_all, fields(deliveries = deliveries.len()))]
     async fn process_batch(
         &self,
-        publisher: &broker::Publisher,
+        answers: &mut Answers,
         deliveries: Vec<lapin::message::Delivery>,
     ) -> Result<Option<Box<Rotation>>, BrokerError> {
         let mut executed = Vec::with_capacity(deliveries.len());
@@ -1427,22 +1538,21 @@ impl Agent {
             }
             // A batch of slow commands (whole rule sets) answers as it goes.
             if window.elapsed() >= BATCH_WINDOW {
-                self.answer(publisher, std::mem::take(&mut executed))
-                    .await?;
+                self.answer(answers, std::mem::take(&mut executed)).await?;
                 window = Instant::now();
             }
         }
         // What was executed is answered first: its records are synced there, and an error
         // returning the rest must not leave them unsynced while a redelivery could be
         // answered from them.
-        let rotation = self.answer(publisher, executed).await?;
+        let rotation = self.answer(answers, executed).await?;
         for left in rest {
             let nack = left.acker.nack(BasicNackOptions {
                 requeue: true,
                 ..Default::default()
             });
             let returned = "returning a delivery to the queue";
-            broker::unless_ended(publisher.connection(), returned, nack).await?;
+            broker::unless_ended(answers.publisher.connection(), returned, nack).await?;
         }
         Ok(rotation)
     }
@@ -1502,11 +1612,13 @@ impl Agent {
             .or_default() += 1;
     }
 
-    /// Syncs what `executed` left unsynced, publishes their acks (confirms awaited
-    /// together), then settles the deliveries. Returns the rotation, if one of them made one.
+    /// Syncs what `executed` left unsynced, then hands their acks to `answers` (published
+    /// with their confirms awaited together, then the deliveries settled, while the next
+    /// batch runs). Returns the rotation, if one of them made one: its batch is settled
+    /// before the session hands over.
     async fn answer(
         &self,
-        publisher: &broker::Publisher,
+        answers: &mut Answers,
         executed: Vec<(lapin::Acker, crate::dispatch::Outcome)>,
     ) -> Result<Option<Box<Rotation>>, BrokerError> {
         if executed.is_empty() {
@@ -1515,39 +1627,17 @@ impl Agent {
         let (ackers, mut outcomes): (Vec<_>, Vec<_>) = executed.into_iter().unzip();
         // The firewall patches among them share one fsync.
         self.dispatcher.sync(&mut outcomes).await;
-        let confirm_started = Instant::now();
-        // Published in order (each future sends its frames when first polled, in turn).
-        futures_util::future::try_join_all(
-            outcomes.iter().map(|o| self.publish_ack(publisher, &o.ack)),
-        )
-        .await?;
-        tracing::debug!(
-            acks = outcomes.len(),
-            confirm_us = confirm_started.elapsed().as_micros() as u64,
-            "acks confirmed by the broker"
-        );
-        // Only now, with the acks safely at the broker, do the commands leave the queue.
-        let dispositions: Vec<Disposition> = outcomes.iter().map(|o| o.disposition).collect();
-        settle(publisher.connection(), ackers, &dispositions).await?;
-        Ok(outcomes.into_iter().find_map(|o| o.rotation))
-    }
-
-    async fn publish_ack(
-        &self,
-        publisher: &broker::Publisher,
-        ack: &crate::protocol::Ack,
-    ) -> Result<(), BrokerError> {
-        let mut props = broker::json_properties()
-            .with_message_id(ack.id.as_str().into())
-            .with_type("ack".into())
-            .with_user_id(self.broker_user.as_str().into())
-            .with_timestamp(ack.timestamp / 1000);
-        if let Some(cid) = &ack.correlation_id {
-            props = props.with_correlation_id(cid.as_str().into());
+        let mut rotation = None;
+        let mut acks = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
+            rotation = rotation.or(outcome.rotation);
+            acks.push((outcome.ack, outcome.disposition));
         }
-        publisher
-            .publish(broker::ACKS_EXCHANGE, &self.host_id, &ack.to_json(), props)
-            .await
+        answers.send(acks, ackers).await?;
+        if rotation.is_some() {
+            answers.finish().await?;
+        }
+        Ok(rotation)
     }
 
     /// Publishes `cert.<host>` when the certificate expires within `cert_warn_days`, at most

@@ -729,6 +729,7 @@ pub const NACK_PATIENCE: Duration = CONFIRM_TIMEOUT;
 
 /// The agent's confirm-mode channel, with the status of its connection so that waiting for
 /// a confirm can tell a blocked broker from a silent one.
+#[derive(Clone)]
 pub struct Publisher {
     ch: Channel,
     conn: lapin::ConnectionStatus,
