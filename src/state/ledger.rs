@@ -25,6 +25,8 @@ pub(super) struct Ledger {
     path: PathBuf,
     file: File,
     recent: HashMap<String, Ack>,
+    /// The ids in the order they were recorded (the store prunes oldest first).
+    order: Vec<String>,
 }
 
 impl Ledger {
@@ -40,17 +42,25 @@ impl Ledger {
             .mode(0o600)
             .open(&path)?;
         let mut recent = HashMap::new();
+        let mut order = Vec::new();
         for line in std::io::BufReader::new(&file).split(b'\n') {
             match serde_json::from_slice::<Line>(&line?) {
                 Ok(l) => {
-                    recent.insert(l.id, l.ack);
+                    if recent.insert(l.id.clone(), l.ack).is_none() {
+                        order.push(l.id);
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(path = %path.display(), %error, "skipping a record cut short");
                 }
             }
         }
-        Ok(Ledger { path, file, recent })
+        Ok(Ledger {
+            path,
+            file,
+            recent,
+            order,
+        })
     }
 
     /// Appends the record with one `write` (page cache, no fsync).
@@ -62,7 +72,9 @@ impl Ledger {
         .map_err(std::io::Error::other)?;
         line.push(b'\n');
         self.file.write_all(&line)?;
-        self.recent.insert(id.to_string(), ack.clone());
+        if self.recent.insert(id.to_string(), ack.clone()).is_none() {
+            self.order.push(id.to_string());
+        }
         Ok(())
     }
 
@@ -74,8 +86,9 @@ impl Ledger {
         self.recent.len()
     }
 
+    /// The records, oldest first.
     pub(super) fn records(&self) -> impl Iterator<Item = (&String, &Ack)> {
-        self.recent.iter()
+        self.order.iter().map(|id| (id, &self.recent[id]))
     }
 
     /// Empties the log once its records are durably in the store. A crash before this
@@ -84,10 +97,46 @@ impl Ledger {
         self.file.set_len(0)?;
         self.file.sync_all()?;
         self.recent.clear();
+        self.order.clear();
         Ok(())
     }
 
     pub(super) fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_fold_in_the_order_they_were_made() {
+        // The store prunes the oldest records first: a fold must hand them over oldest
+        // first, or a record newer than the ones kept could be pruned.
+        let dir = tempfile::tempdir().unwrap();
+        let ack = |id: &str| {
+            Ack::new(
+                "h",
+                Some(id.into()),
+                None,
+                crate::protocol::Status::Applied,
+                None,
+                serde_json::json!({}),
+            )
+        };
+        let ids: Vec<String> = (0..40).map(|i| format!("r{i}")).collect();
+        {
+            let mut l = Ledger::open(dir.path()).unwrap();
+            for id in &ids {
+                l.append(id, &ack(id)).unwrap();
+            }
+            let order: Vec<&String> = l.records().map(|(id, _)| id).collect();
+            assert_eq!(order, ids.iter().collect::<Vec<_>>());
+        }
+        // And as read back after a restart.
+        let l = Ledger::open(dir.path()).unwrap();
+        let order: Vec<&String> = l.records().map(|(id, _)| id).collect();
+        assert_eq!(order, ids.iter().collect::<Vec<_>>());
     }
 }
