@@ -18,7 +18,7 @@ use crate::broker::{self, BrokerError, Connector, Dialer, Session, amqp};
 use crate::certs::Current;
 use crate::config::{AuthMechanism, Config, UrlOrder, parse_failsafe};
 use crate::control::SessionState;
-use crate::dispatch::{CertContext, Dispatcher, Disposition, Rotation};
+use crate::dispatch::{CertContext, Dispatcher, Disposition, Rotation, Settings};
 use crate::events::Outbox;
 use crate::firewall::render::RenderCtx;
 use crate::firewall::spec::{Limits, RuleSet};
@@ -46,8 +46,8 @@ enum SessionEnd {
 }
 
 struct Agent {
-    /// Replaced as a whole on SIGHUP.
-    config: std::sync::Mutex<Arc<Config>>,
+    /// The settings in force, replaced whole on SIGHUP; the dispatcher reads the same ones.
+    settings: watch::Sender<Arc<Settings>>,
     host_id: String,
     broker_user: String,
     dispatcher: Dispatcher,
@@ -71,14 +71,7 @@ struct Agent {
 pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Result<()> {
     let who = Who::load(&config)?;
     let limits = limits_of(&config);
-    let decode = DecodeContext {
-        host_id: who.host_id.clone(),
-        trusted_senders: config.broker.trusted_senders.clone(),
-        max_body_bytes: config.commands.max_body_bytes,
-        signing_keys: load_signing_keys(&config)?,
-        limits,
-        max_age_ms: config.commands.max_age_ms,
-    };
+    let signing_keys = load_signing_keys(&config)?;
     let connector = Connector::new(
         &config.broker,
         who.tls.clone(),
@@ -114,13 +107,14 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         (drift_tx.clone(), drift_rx),
     )
     .await?;
+    let (settings, settings_rx) =
+        watch::channel(Arc::new(settings_of(config, &who.host_id, signing_keys)));
     let dispatcher = Dispatcher::new(
         store,
-        decode,
+        settings_rx,
         CertContext {
             identity: who.identity.clone(),
-            state_dir: config.state_dir.clone(),
-            broker: std::sync::RwLock::new(config.broker.clone()),
+            state_dir: settings.borrow().state_dir.clone(),
         },
         firewall.clone(),
         routers,
@@ -128,7 +122,7 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     )
     .with_state_lost(shared.state_lost.clone());
     let agent = Arc::new(Agent::new(
-        dispatcher, firewall, outbox, shared, who, config, metrics,
+        dispatcher, firewall, outbox, shared, who, settings, metrics,
     ));
     notify(&[
         sd_notify::NotifyState::Ready,
@@ -895,6 +889,23 @@ async fn wait_for_signal() {
     }
 }
 
+/// `config` with the decode context it implies for host `host_id`.
+fn settings_of(
+    config: Config,
+    host_id: &str,
+    signing_keys: Vec<ed25519_dalek::VerifyingKey>,
+) -> Settings {
+    let decode = DecodeContext {
+        host_id: host_id.to_string(),
+        trusted_senders: config.broker.trusted_senders.clone(),
+        max_body_bytes: config.commands.max_body_bytes,
+        signing_keys,
+        limits: limits_of(&config),
+        max_age_ms: config.commands.max_age_ms,
+    };
+    Settings { config, decode }
+}
+
 /// The firewall limits a configuration sets.
 fn limits_of(config: &Config) -> Limits {
     Limits {
@@ -955,7 +966,7 @@ impl Agent {
         outbox: Arc<Outbox>,
         shared: Arc<crate::control::Shared>,
         who: Who,
-        config: Config,
+        settings: watch::Sender<Arc<Settings>>,
         metrics: Arc<Metrics>,
     ) -> Agent {
         Agent {
@@ -965,7 +976,7 @@ impl Agent {
             shared,
             host_id: who.host_id,
             broker_user: who.broker_user,
-            config: std::sync::Mutex::new(Arc::new(config)),
+            settings,
             started: Instant::now(),
             metrics,
             pulse: sd_notify::watchdog_enabled()
@@ -982,8 +993,9 @@ impl Agent {
             .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn config(&self) -> Arc<Config> {
-        self.config.lock().expect("config lock").clone()
+    /// The settings in force (the configuration, through `Deref`).
+    fn config(&self) -> Arc<Settings> {
+        self.settings.borrow().clone()
     }
 
     /// SIGHUP: re-reads the configuration. Log level and trusted senders apply at once; other
@@ -1001,17 +1013,7 @@ impl Agent {
                 if let Err(e) = crate::logs::set_log_level(&new.log.level) {
                     tracing::warn!(error = %e, "log level not changed");
                 }
-                let limits = limits_of(&new);
-                self.dispatcher.set_decode(DecodeContext {
-                    host_id: self.host_id.clone(),
-                    trusted_senders: new.broker.trusted_senders.clone(),
-                    max_body_bytes: new.commands.max_body_bytes,
-                    signing_keys,
-                    limits,
-                    max_age_ms: new.commands.max_age_ms,
-                });
-                self.dispatcher.set_broker_config(new.broker.clone());
-                self.firewall.lock().await.set_limits(limits);
+                self.firewall.lock().await.set_limits(limits_of(&new));
                 let failsafe_changed = old.firewall.failsafe_in != new.firewall.failsafe_in
                     || old.firewall.failsafe_out != new.firewall.failsafe_out;
                 let reconnect_needed = old.broker.needs_reconnect(&new.broker)
@@ -1021,7 +1023,10 @@ impl Agent {
                     tracing::warn!(settings = ?restart, "these settings take effect at the next restart");
                 }
                 *self.shared.pending_restart.lock().expect("pending lock") = restart;
-                *self.config.lock().expect("config lock") = Arc::new(new);
+                // Senders, keys, limits and broker settings change together, for the next
+                // command.
+                self.settings
+                    .send_replace(Arc::new(settings_of(new, &self.host_id, signing_keys)));
                 tracing::info!(
                     log_level = %self.config().log.level,
                     reconnect = reconnect_needed,

@@ -81,9 +81,27 @@ pub struct CertContext {
     /// The identity in use, shared with the daemon (heartbeats, expiry) and the CLI.
     pub identity: Arc<std::sync::RwLock<Current>>,
     pub state_dir: std::path::PathBuf,
-    /// Broker settings for the trial session (replaced on SIGHUP).
-    pub broker: std::sync::RwLock<crate::config::BrokerConfig>,
 }
+
+/// The configuration in force with what is derived from it (the decode context, with the
+/// signing keys read from their files): one value, replaced whole on a reload, so every
+/// reader sees either the old settings or the new ones, never a mix.
+#[derive(Debug)]
+pub struct Settings {
+    pub config: crate::config::Config,
+    pub decode: DecodeContext,
+}
+
+impl std::ops::Deref for Settings {
+    type Target = crate::config::Config;
+
+    fn deref(&self) -> &crate::config::Config {
+        &self.config
+    }
+}
+
+/// Where the settings in force are read; the daemon holds the sending side.
+pub type SettingsWatch = tokio::sync::watch::Receiver<Arc<Settings>>;
 
 /// Bodies up to this size are decoded on the async worker; larger ones on the blocking pool.
 const INLINE_DECODE_BYTES: usize = 64 * 1024;
@@ -202,7 +220,7 @@ impl Executed {
 
 pub struct Dispatcher {
     store: Arc<Store>,
-    decode: std::sync::RwLock<DecodeContext>,
+    settings: SettingsWatch,
     host_id: String,
     certs: CertContext,
     firewall: Arc<Mutex<Firewall>>,
@@ -217,16 +235,17 @@ pub struct Dispatcher {
 impl Dispatcher {
     pub fn new(
         store: Arc<Store>,
-        decode: DecodeContext,
+        settings: SettingsWatch,
         certs: CertContext,
         firewall: Arc<Mutex<Firewall>>,
         routers: Arc<Mutex<Routers>>,
         drift: tokio::sync::mpsc::Sender<Value>,
     ) -> Dispatcher {
+        let host_id = settings.borrow().decode.host_id.clone();
         Dispatcher {
             store,
-            host_id: decode.host_id.clone(),
-            decode: std::sync::RwLock::new(decode),
+            host_id,
+            settings,
             certs,
             firewall,
             routers,
@@ -250,24 +269,20 @@ impl Dispatcher {
         &self.host_id
     }
 
-    /// Senders, signing keys and limits for the next command (SIGHUP reload).
-    pub fn set_decode(&self, ctx: DecodeContext) {
-        *self.decode.write().expect("decode lock") = ctx;
-    }
-
-    /// Broker settings for later rotations (SIGHUP reload).
-    pub fn set_broker_config(&self, broker: crate::config::BrokerConfig) {
-        *self.certs.broker.write().expect("broker lock") = broker;
+    /// The settings in force now (a reload replaces them for the next command).
+    fn settings(&self) -> Arc<Settings> {
+        self.settings.borrow().clone()
     }
 
     /// Decodes `incoming`, a large body on the blocking pool (parsing megabytes of JSON
     /// would hold an async worker for tens of milliseconds). The body is freed here, not
     /// kept for as long as the command runs.
     async fn decode(&self, incoming: Incoming) -> Result<Request, crate::protocol::Rejection> {
+        let settings = self.settings();
         if incoming.body.len() <= INLINE_DECODE_BYTES {
-            return decode(&self.decode.read().expect("decode lock"), &incoming);
+            return decode(&settings.decode, &incoming);
         }
-        let ctx = self.decode.read().expect("decode lock").clone();
+        let ctx = settings.decode.clone();
         let (t, bytes) = (Instant::now(), incoming.body.len());
         let decoded = tokio::task::spawn_blocking(move || {
             let decoded = decode(&ctx, &incoming);
@@ -1191,8 +1206,7 @@ impl Dispatcher {
         let (bundle, from_request) = self.with_pending_key(bundle).await;
         let bundle = &bundle;
         let current = self.certs.identity.read().expect("identity lock").clone();
-        let external = self.certs.broker.read().expect("broker lock").auth
-            == crate::config::AuthMechanism::External;
+        let external = self.settings().broker.auth == crate::config::AuthMechanism::External;
         let login_cn = current.info.common_name.as_deref().filter(|_| external);
         let validated = match crate::certs::validate(
             bundle,
@@ -1226,7 +1240,7 @@ impl Dispatcher {
             )
         };
         // Make: a session with the new identity, against the configured brokers in turn.
-        let broker = self.certs.broker.read().expect("broker lock").clone();
+        let broker = self.settings().broker.clone();
         let (connector, session) = match self.trial_session(&validated, &broker).await {
             Ok(made) => made,
             Err(why) => return (failed(why), None),
