@@ -68,6 +68,16 @@ struct Deferred {
     change: Change,
 }
 
+/// What the store knows of a command id without reading its database.
+enum Remembered {
+    /// A record not (yet) in the database: a light one, or a deferred commit.
+    Ack(Box<Ack>),
+    /// The database may hold it (a hash match).
+    MaybeStored,
+    /// Never processed (or pruned).
+    Unknown,
+}
+
 /// An event kept in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeptEvent {
@@ -345,23 +355,10 @@ impl Store {
 
     /// The ack stored for a command id, if that id was processed.
     pub fn lookup(&self, id: &str) -> Result<Option<Ack>, StateError> {
-        if let Some(ack) = self.ledger.lock().expect("ledger lock").get(id) {
-            return Ok(Some(ack.clone()));
-        }
-        // Checked before the database: a deferred commit leaves this list only once it is
-        // in the database (under this lock).
-        let epoch = self.epoch();
-        if let Some(d) = self
-            .deferred
-            .lock()
-            .expect("deferred lock")
-            .iter()
-            .find(|d| d.epoch == epoch && d.id == id)
-        {
-            return Ok(Some(d.ack.clone()));
-        }
-        if !self.known.lock().expect("known lock").may_hold(id) {
-            return Ok(None);
+        match self.remembered(id) {
+            Remembered::Ack(ack) => return Ok(Some(*ack)),
+            Remembered::Unknown => return Ok(None),
+            Remembered::MaybeStored => {}
         }
         let tx = self.read_tx()?;
         let table = tx.open_table(PROCESSED)?;
@@ -383,15 +380,31 @@ impl Store {
     /// False only when `id` was certainly not processed: answered from memory, without
     /// reading the database (which [`Store::lookup`] may need).
     pub fn may_have(&self, id: &str) -> bool {
+        !matches!(self.remembered(id), Remembered::Unknown)
+    }
+
+    /// What memory alone says of `id`: the record log, then the deferred commits (checked
+    /// before the database: one leaves that list only once it is in the database, under
+    /// its lock), then the ids the database holds.
+    fn remembered(&self, id: &str) -> Remembered {
+        if let Some(ack) = self.ledger.lock().expect("ledger lock").get(id) {
+            return Remembered::Ack(Box::new(ack.clone()));
+        }
         let epoch = self.epoch();
-        self.ledger.lock().expect("ledger lock").get(id).is_some()
-            || self
-                .deferred
-                .lock()
-                .expect("deferred lock")
-                .iter()
-                .any(|d| d.epoch == epoch && d.id == id)
-            || self.known.lock().expect("known lock").may_hold(id)
+        if let Some(d) = self
+            .deferred
+            .lock()
+            .expect("deferred lock")
+            .iter()
+            .find(|d| d.epoch == epoch && d.id == id)
+        {
+            return Remembered::Ack(Box::new(d.ack.clone()));
+        }
+        if self.known.lock().expect("known lock").may_hold(id) {
+            Remembered::MaybeStored
+        } else {
+            Remembered::Unknown
+        }
     }
 
     fn epoch(&self) -> u64 {
