@@ -4,6 +4,7 @@
 
 pub mod bytecode;
 pub mod counters;
+pub mod delta;
 pub mod edit;
 pub mod flows;
 pub mod layout;
@@ -19,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::sys::nfnl::{self, Element, NfnlError, SetChange};
 use crate::sys::nft::{Nft, NftError};
+use delta::SetPatch;
 use layout::{Changes, Hook, Layout, hooks_of};
 use render::{Family, Range, RenderCtx};
 use spec::{Defaults, Limits, Patch, Rule, RuleSet};
@@ -97,7 +99,7 @@ pub struct PatchPlan {
     generation: u64,
     defaults: Defaults,
     established: spec::Established,
-    sets: BTreeMap<String, Option<BTreeSet<IpNet>>>,
+    sets: BTreeMap<String, SetPatch>,
     delete_rules: Vec<String>,
     upsert_rules: Vec<Rule>,
     /// Chains whose rules the patch changes, made or removes (for a dry run's diff).
@@ -608,7 +610,7 @@ impl Firewall {
                 expected: format!("base generation {}", p.base_generation),
             });
         }
-        let sets = self.patched_sets(p)?;
+        let sets = delta::plan(&cur.sets, p)?;
         let rules_change = !p.upsert_rules.is_empty()
             || !p.delete_rules.is_empty()
             || !p.delete_address_sets.is_empty();
@@ -652,62 +654,18 @@ impl Firewall {
         })
     }
 
-    /// The new content of every set the patch touches (`None`: deleted).
-    fn patched_sets(
-        &self,
-        p: &Patch,
-    ) -> Result<BTreeMap<String, Option<BTreeSet<IpNet>>>, FirewallError> {
-        let cur = &self.current;
-        let mut sets: BTreeMap<String, Option<BTreeSet<IpNet>>> = BTreeMap::new();
-        for (name, els) in &p.set_address_sets {
-            sets.insert(name.clone(), Some(els.clone()));
-        }
-        for (key, map, add) in [
-            ("add_addresses", &p.add_addresses, true),
-            ("remove_addresses", &p.remove_addresses, false),
-        ] {
-            for (name, els) in map {
-                let base = match sets.get(name) {
-                    Some(Some(s)) => s.clone(),
-                    Some(None) => unreachable!("deletions are handled after additions"),
-                    None => match cur.sets.get(name) {
-                        Some(s) => s.clone(),
-                        None => {
-                            return Err(FirewallError::UnknownSet {
-                                name: name.clone(),
-                                field: format!("$.data.{key}.{name}"),
-                            });
-                        }
-                    },
-                };
-                let next = if add {
-                    base.union(els).cloned().collect()
-                } else {
-                    base.difference(els).cloned().collect()
-                };
-                sets.insert(name.clone(), Some(next));
-            }
-        }
-        for name in &p.delete_address_sets {
-            if cur.sets.contains_key(name) || sets.contains_key(name) {
-                sets.insert(name.clone(), None);
-            }
-        }
-        Ok(sets)
-    }
-
     /// Which rules go and which come, with set references kept exact. The plan records how
     /// the reference index changes rather than copying it, and its copy of the layout
     /// shares every bucket it does not touch: a patch costs what it changes, not the table.
     fn plan_rules(
         &self,
         p: &Patch,
-        sets: &BTreeMap<String, Option<BTreeSet<IpNet>>>,
+        sets: &BTreeMap<String, SetPatch>,
         rules_change: bool,
     ) -> Result<(RefChanges, Layout, Changes), FirewallError> {
         let cur = &self.current;
         let exists = |name: &str| match sets.get(name) {
-            Some(s) => s.is_some(),
+            Some(s) => s.survives(),
             None => cur.sets.contains_key(name),
         };
 
@@ -770,7 +728,7 @@ impl Firewall {
     fn check_limits(
         &self,
         p: &Patch,
-        sets: &BTreeMap<String, Option<BTreeSet<IpNet>>>,
+        sets: &BTreeMap<String, SetPatch>,
     ) -> Result<BTreeSet<String>, FirewallError> {
         let cur = &self.current;
         let upsert_ids: BTreeSet<&str> = p.upsert_rules.iter().map(|r| r.id.as_str()).collect();
@@ -792,9 +750,9 @@ impl Firewall {
             });
         }
         let mut elements = cur.element_count();
-        for (name, new) in sets {
-            elements -= cur.sets.get(name).map_or(0, BTreeSet::len);
-            elements += new.as_ref().map_or(0, BTreeSet::len);
+        for (name, change) in sets {
+            let (added, removed) = change.counts(cur.sets.get(name));
+            elements = elements + added - removed;
         }
         if elements > self.limits.max_elements {
             return Err(FirewallError::TooMany {
@@ -812,7 +770,7 @@ impl Firewall {
     fn kernel_change(
         &self,
         p: &Patch,
-        sets: &BTreeMap<String, Option<BTreeSet<IpNet>>>,
+        sets: &BTreeMap<String, SetPatch>,
         layout: Option<&Layout>,
         ch: &Changes,
         defaults: &Defaults,
@@ -825,8 +783,8 @@ impl Firewall {
             && ch.bases.is_empty()
             && ch.removed.is_empty()
             && sets
-                .iter()
-                .all(|(name, new)| new.is_some() && cur.sets.contains_key(name));
+                .values()
+                .all(|change| matches!(change, SetPatch::Edit { .. }));
         if elements_only {
             KernelChange::Elements(self.element_changes(sets))
         } else {
@@ -854,7 +812,7 @@ impl Firewall {
     fn may_deny_more(
         &self,
         p: &Patch,
-        sets: &BTreeMap<String, Option<BTreeSet<IpNet>>>,
+        sets: &BTreeMap<String, SetPatch>,
         defaults: &Defaults,
     ) -> bool {
         let cur = &self.current;
@@ -887,12 +845,12 @@ impl Firewall {
                 _ => {}
             }
         }
-        for (name, new) in sets {
-            let Some(new) = new else { continue }; // deleted: no rule uses it any more
-            let empty = BTreeSet::new();
-            let old = cur.sets.get(name).unwrap_or(&empty);
-            let added = new.difference(old).next().is_some();
-            let removed = old.difference(new).next().is_some();
+        for (name, change) in sets {
+            if !change.survives() {
+                continue; // deleted: no rule uses it any more
+            }
+            let (added, removed) = change.counts(cur.sets.get(name));
+            let (added, removed) = (added > 0, removed > 0);
             if !added && !removed {
                 continue;
             }
@@ -925,22 +883,21 @@ impl Firewall {
     }
 
     /// The named sets a patch makes, changes and deletes, each family's half.
-    fn set_edits(&self, sets: &BTreeMap<String, Option<BTreeSet<IpNet>>>) -> edit::SetEdits {
+    fn set_edits(&self, sets: &BTreeMap<String, SetPatch>) -> edit::SetEdits {
         let mut out = edit::SetEdits {
             elements: self.element_changes(sets),
             ..Default::default()
         };
-        for (name, new) in sets {
-            let exists = self.current.sets.contains_key(name);
+        for (name, change) in sets {
             for family in [Family::V4, Family::V6] {
-                match new {
-                    Some(els) if !exists => out.create.push(edit::NewSet {
+                match change {
+                    SetPatch::Create(els) => out.create.push(edit::NewSet {
                         name: family.set_name(name),
                         family,
                         elements: bytecode::set_elements(els, family),
                     }),
-                    None if exists => out.delete.push(family.set_name(name)),
-                    _ => {}
+                    SetPatch::Delete => out.delete.push(family.set_name(name)),
+                    SetPatch::Edit { .. } => {}
                 }
             }
         }
@@ -948,25 +905,26 @@ impl Firewall {
     }
 
     /// Element additions and deletions for sets that exist before and after.
-    fn element_changes(&self, sets: &BTreeMap<String, Option<BTreeSet<IpNet>>>) -> Vec<SetChange> {
+    fn element_changes(&self, sets: &BTreeMap<String, SetPatch>) -> Vec<SetChange> {
         let mut out = vec![];
-        for (name, new) in sets {
-            let (Some(new), Some(old)) = (new, self.current.sets.get(name)) else {
+        for (name, change) in sets {
+            let (SetPatch::Edit { added, removed }, Some(old)) =
+                (change, self.current.sets.get(name))
+            else {
                 continue;
             };
             for fam in [Family::V4, Family::V6] {
-                let before: BTreeSet<Range> = render::merged(old, fam).into_iter().collect();
-                let after: BTreeSet<Range> = render::merged(new, fam).into_iter().collect();
-                let to_elements = |ranges: Vec<&Range>| -> Vec<Element> {
+                let (gone, come) = delta::interval_delta(old, added, removed, fam);
+                let to_elements = |ranges: &[Range]| -> Vec<Element> {
                     ranges
-                        .into_iter()
+                        .iter()
                         .flat_map(|r| interval_elements(r, fam))
                         .collect()
                 };
                 let change = SetChange {
                     set: fam.set_name(name),
-                    delete: to_elements(before.difference(&after).collect()),
-                    add: to_elements(after.difference(&before).collect()),
+                    delete: to_elements(&gone),
+                    add: to_elements(&come),
                 };
                 if !change.delete.is_empty() || !change.add.is_empty() {
                     out.push(change);
@@ -978,7 +936,7 @@ impl Firewall {
 
     fn render_patch(
         &self,
-        sets: &BTreeMap<String, Option<BTreeSet<IpNet>>>,
+        sets: &BTreeMap<String, SetPatch>,
         p: &Patch,
         layout: &Layout,
         ch: &Changes,
@@ -988,20 +946,21 @@ impl Firewall {
         let cur = &self.current;
         let mut out = String::new();
         // 1. New sets first, then element changes, so rules below can refer to them.
-        for (name, new) in sets {
-            let Some(new) = new else { continue };
-            let old = cur.sets.get(name);
+        let empty = BTreeSet::new();
+        for (name, change) in sets {
             for fam in [Family::V4, Family::V6] {
-                if old.is_none() {
-                    render::add_set_text(&mut out, t, name, fam);
-                }
-                let before: BTreeSet<Range> = old
-                    .map(|o| render::merged(o, fam).into_iter().collect())
-                    .unwrap_or_default();
-                let after: BTreeSet<Range> = render::merged(new, fam).into_iter().collect();
-                let removed: Vec<Range> = before.difference(&after).copied().collect();
-                let added: Vec<Range> = after.difference(&before).copied().collect();
-                render::element_delta_text(&mut out, t, name, fam, &removed, &added);
+                let (gone, come) = match change {
+                    SetPatch::Delete => continue,
+                    SetPatch::Create(els) => {
+                        render::add_set_text(&mut out, t, name, fam);
+                        (vec![], render::merged(els, fam))
+                    }
+                    SetPatch::Edit { added, removed } => {
+                        let old = cur.sets.get(name).unwrap_or(&empty);
+                        delta::interval_delta(old, added, removed, fam)
+                    }
+                };
+                render::element_delta_text(&mut out, t, name, fam, &gone, &come);
             }
         }
         // 2. Bucket chains whose rules changed.
@@ -1034,8 +993,8 @@ impl Firewall {
                 hook.bucket_prefix()
             ));
         }
-        for (name, new) in sets {
-            if new.is_none() && cur.sets.contains_key(name) {
+        for (name, change) in sets {
+            if !change.survives() {
                 for fam in [Family::V4, Family::V6] {
                     render::delete_set_text(&mut out, t, name, fam);
                 }
@@ -1090,8 +1049,10 @@ impl Firewall {
             }
         }
         d.removed = plan.delete_rules.clone();
-        for (name, new) in &plan.sets {
-            d.count_elements(cur.sets.get(name), new.as_ref());
+        for (name, change) in &plan.sets {
+            let (added, removed) = change.counts(cur.sets.get(name));
+            d.elements_added += added;
+            d.elements_removed += removed;
         }
         d.chains = plan.chains;
         d.connections_cut = if plan.may_deny_more {
@@ -1106,15 +1067,8 @@ impl Firewall {
     /// The rule set and layout that `plan` would leave (a copy: for dry runs only).
     fn patched(&self, plan: &PatchPlan) -> (RuleSet, Layout) {
         let mut rs = self.current.clone();
-        for (name, new) in &plan.sets {
-            match new {
-                Some(els) => {
-                    rs.sets.insert(name.clone(), els.clone());
-                }
-                None => {
-                    rs.sets.remove(name);
-                }
-            }
+        for (name, change) in &plan.sets {
+            change.apply(name, &mut rs.sets);
         }
         for id in &plan.delete_rules {
             rs.rules.remove(id);
@@ -1131,15 +1085,8 @@ impl Firewall {
 
     pub fn commit_patch(&mut self, plan: PatchPlan) {
         let cur = &mut self.current;
-        for (name, new) in plan.sets {
-            match new {
-                Some(s) => {
-                    cur.sets.insert(name, s);
-                }
-                None => {
-                    cur.sets.remove(&name);
-                }
-            }
+        for (name, change) in &plan.sets {
+            change.apply(name, &mut cur.sets);
         }
         for id in &plan.delete_rules {
             cur.rules.remove(id);

@@ -60,7 +60,7 @@ pub enum Family {
 }
 
 impl Family {
-    fn of(net: &IpNet) -> Family {
+    pub(super) fn of(net: &IpNet) -> Family {
         match net {
             IpNet::V4(_) => Family::V4,
             IpNet::V6(_) => Family::V6,
@@ -93,7 +93,7 @@ pub struct Range {
     pub end: u128,
 }
 
-fn bounds(net: &IpNet) -> Range {
+pub(super) fn bounds(net: &IpNet) -> Range {
     match net {
         IpNet::V4(n) => Range {
             start: u32::from(n.network()) as u128,
