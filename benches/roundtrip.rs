@@ -20,6 +20,8 @@ const SEQUENTIAL: usize = 500;
 const PIPELINED: usize = 2000;
 /// One-address `firewall.patch` commands in the stream (issue 12's yardstick).
 const PATCHES: usize = 1000;
+/// The size of the set the second patch stream adds to.
+const BIG_SET: u32 = 50_000;
 const ECHO_HOST: &str = "bench-echo";
 const CLASSIC_ECHO_HOST: &str = "bench-echo-classic";
 
@@ -140,22 +142,34 @@ async fn pipelined(m: &mut Manager, host: &str, tag: &str) -> anyhow::Result<f64
     Ok(PIPELINED as f64 / t.elapsed().as_secs_f64())
 }
 
-/// A base rule set, then PATCHES one-address patches, each on the generation before, all
-/// published at once; commands per second from the first publish to the last ack.
-async fn patch_stream(m: &mut Manager, host: &str) -> anyhow::Result<f64> {
-    let base = json!({"generation": 1, "address_sets": {"s": ["192.0.2.1"]}, "rules": [
+/// A base rule set whose set holds `elements` addresses (at generation `first`), then
+/// PATCHES one-address patches to that set, each on the generation before, all published at
+/// once; commands per second from the first publish to the last ack. A patch's cost should
+/// not depend on `elements`.
+async fn patch_stream(
+    m: &mut Manager,
+    host: &str,
+    first: u64,
+    elements: u32,
+) -> anyhow::Result<f64> {
+    // The base set lives in 198.18.0.0/15, the patches add addresses in 10.0.0.0/8.
+    let base_set: Vec<String> = (0..elements.max(1))
+        .map(|i| std::net::Ipv4Addr::from((198u32 << 24) | (18 << 16) | i).to_string())
+        .collect();
+    let base = json!({"generation": first, "address_sets": {"s": base_set}, "rules": [
         {"id": "r", "priority": 1, "action": "allow", "direction": "in", "sources": ["$s"]}]});
-    m.send(host, "firewall.apply", "stream-base", &base).await?;
-    let ack = m.wait_ack("stream-base", Duration::from_secs(30)).await?;
+    let base_id = format!("stream-base-{first}");
+    m.send(host, "firewall.apply", &base_id, &base).await?;
+    let ack = m.wait_ack(&base_id, Duration::from_secs(60)).await?;
     anyhow::ensure!(ack.status == rampart::protocol::Status::Applied, "{ack:?}");
     let t = Instant::now();
     let patches: Vec<(String, serde_json::Value)> = (0..PATCHES)
         .map(|i| {
-            let g = 1 + i as u64;
+            let g = first + i as u64;
             let addr = std::net::Ipv4Addr::from((10u32 << 24) | ((i as u32) << 2));
             let data = json!({"base_generation": g, "generation": g + 1,
                 "add_addresses": {"s": [addr.to_string()]}});
-            (format!("stream-{i}"), data)
+            (format!("stream-{first}-{i}"), data)
         })
         .collect();
     futures_util::future::try_join_all(
@@ -218,8 +232,9 @@ fn main() -> anyhow::Result<()> {
         let echo_rate = pipelined(&mut m, ECHO_HOST, "echo").await?;
         let classic_rate = pipelined(&mut m, CLASSIC_ECHO_HOST, "classic").await?;
         let wide_rate = pipelined(&mut m, &wide.id, "wide").await?;
-        let patch_rate = patch_stream(&mut m, &host.id).await?;
-        let wide_patch_rate = patch_stream(&mut m, &wide.id).await?;
+        let patch_rate = patch_stream(&mut m, &host.id, 1, 1).await?;
+        let wide_patch_rate = patch_stream(&mut m, &wide.id, 1, 1).await?;
+        let big_patch_rate = patch_stream(&mut m, &host.id, 10_000, BIG_SET).await?;
         println!("ping round trip, {SEQUENTIAL} sequential commands (ms):");
         println!("  {:<36} {:>8} {:>8}", "", "p50", "p99");
         for (name, t) in [
@@ -274,6 +289,10 @@ fn main() -> anyhow::Result<()> {
             "  {:<36} {wide_patch_rate:>8.0}",
             "agent, prefetch 32 (wide budget)"
         );
+        println!(
+            "  {:<36} {big_patch_rate:>8.0}",
+            format!("agent, set of {BIG_SET} addresses")
+        );
         m.close().await;
         anyhow::Ok(())
     });
@@ -284,6 +303,6 @@ fn main() -> anyhow::Result<()> {
             .args(["delete", "table", "inet", table])
             .status();
     }
-    support::teardown();
+    support::timing::finish(root, "bench-agent");
     result
 }
