@@ -50,7 +50,7 @@ struct Agent {
     settings: watch::Sender<Arc<Settings>>,
     host_id: String,
     broker_user: String,
-    dispatcher: Dispatcher,
+    dispatcher: Arc<Dispatcher>,
     firewall: Arc<tokio::sync::Mutex<Firewall>>,
     /// `drift`, `stats` and `cert` events until a session publishes them.
     outbox: Arc<Outbox>,
@@ -122,7 +122,13 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     )
     .with_state_lost(shared.state_lost.clone());
     let agent = Arc::new(Agent::new(
-        dispatcher, firewall, outbox, shared, who, settings, metrics,
+        Arc::new(dispatcher),
+        firewall,
+        outbox,
+        shared,
+        who,
+        settings,
+        metrics,
     ));
     notify(&[
         sd_notify::NotifyState::Ready,
@@ -495,9 +501,10 @@ async fn after_state_lost(
         let rs = isolation_rule_set();
         let snapshot = rs.canonical_json();
         let s = store.clone();
-        let recorded = tokio::task::spawn_blocking(move || s.compact_firewall(&snapshot))
-            .await
-            .expect("state store task panicked");
+        let recorded =
+            tokio::task::spawn_blocking(move || s.compact_firewall(&snapshot, s.epoch()))
+                .await
+                .expect("state store task panicked");
         if let Err(e) = recorded {
             tracing::error!(error = %e, "could not record the isolation rule set");
         }
@@ -565,21 +572,47 @@ const LARGE_BODY: usize = 1 << 20;
 /// A batch answers what it executed so far once it has run this long.
 const BATCH_WINDOW: Duration = Duration::from_millis(20);
 
-/// A session's acks, batch by batch, in queue order: a batch's acks are published (their
-/// confirms awaited together), then its deliveries settled, in a task of its own while the
-/// next batch runs; the next batch's acks wait until that is done. Every batch's records
-/// are synced before its acks are handed over, so the order record, ack, delivery ack
-/// holds for each command.
+/// A session's acks, batch by batch, in queue order. Each batch is answered by a task of
+/// its own while the next batch runs: its records are written (one fsync for all, while
+/// the batch before may still wait for its confirms), then, once the batch before is
+/// answered, its acks are published (their confirms awaited together), then its
+/// deliveries settled. So the order record, ack, delivery ack holds for each command, and
+/// acks and settlements stay in queue order.
 struct Answers {
+    dispatcher: Arc<Dispatcher>,
     publisher: broker::Publisher,
     host_id: String,
     broker_user: String,
-    in_flight: Option<tokio::task::JoinHandle<Result<(), BrokerError>>>,
+    /// The last batch's task (it waits for the one before).
+    in_flight: Option<Answering>,
+}
+
+/// The task answering one batch; dropping it aborts it, and so the tasks before it: a
+/// session given up leaves those batches unsettled, and their deliveries come again and
+/// are answered from their records, as duplicates.
+struct Answering(tokio::task::JoinHandle<Result<(), BrokerError>>);
+
+impl Answering {
+    async fn done(&mut self) -> Result<(), BrokerError> {
+        (&mut self.0).await.expect("the answering task panicked")
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Answers {
-    fn new(publisher: &broker::Publisher, host_id: &str, broker_user: &str) -> Answers {
+    fn new(
+        dispatcher: &Arc<Dispatcher>,
+        publisher: &broker::Publisher,
+        host_id: &str,
+        broker_user: &str,
+    ) -> Answers {
         Answers {
+            dispatcher: dispatcher.clone(),
             publisher: publisher.clone(),
             host_id: host_id.to_string(),
             broker_user: broker_user.to_string(),
@@ -587,44 +620,48 @@ impl Answers {
         }
     }
 
-    /// Once the batch before is answered (its error, if that failed), starts answering
-    /// this one: each ack with what to do with its delivery, and the deliveries' ackers.
-    async fn send(
-        &mut self,
-        acks: Vec<(crate::protocol::Ack, Disposition)>,
-        ackers: Vec<lapin::Acker>,
-    ) -> Result<(), BrokerError> {
+    /// Starts answering a batch: its outcomes in queue order, and its deliveries' ackers.
+    fn send(&mut self, mut outcomes: Vec<crate::dispatch::Outcome>, ackers: Vec<lapin::Acker>) {
         use tracing::Instrument;
-        self.finish().await?;
-        let publisher = self.publisher.clone();
+        let before = self.in_flight.take();
+        let (dispatcher, publisher) = (self.dispatcher.clone(), self.publisher.clone());
         let (host_id, user) = (self.host_id.clone(), self.broker_user.clone());
         let task = async move {
+            dispatcher.sync(&mut outcomes).await;
+            if let Some(mut before) = before {
+                before.done().await?;
+            }
             let started = Instant::now();
             // Published in order (each future sends its frames when first polled, in turn).
             futures_util::future::try_join_all(
-                acks.iter()
-                    .map(|(ack, _)| publish_ack(&publisher, &host_id, &user, ack)),
+                outcomes
+                    .iter()
+                    .map(|o| publish_ack(&publisher, &host_id, &user, &o.ack)),
             )
             .await?;
             tracing::debug!(
-                acks = acks.len(),
+                acks = outcomes.len(),
                 confirm_us = started.elapsed().as_micros() as u64,
                 "acks confirmed by the broker"
             );
             // Only now, with the acks safely at the broker, do the commands leave the queue.
-            let dispositions: Vec<Disposition> = acks.iter().map(|(_, d)| *d).collect();
-            settle(publisher.connection(), ackers, &dispositions).await
+            let dispositions: Vec<Disposition> = outcomes.iter().map(|o| o.disposition).collect();
+            let settled = settle(publisher.connection(), ackers, &dispositions).await;
+            tracing::debug!(
+                answer_us = started.elapsed().as_micros() as u64,
+                "deliveries settled"
+            );
+            settled
         };
-        self.in_flight = Some(tokio::spawn(task.in_current_span()));
-        Ok(())
+        self.in_flight = Some(Answering(tokio::spawn(task.in_current_span())));
     }
 
-    /// Resolves once the batch being answered is done, with its error if it failed (a
+    /// Resolves once every batch handed over is answered, with the error if that failed (a
     /// session whose acks cannot go out is given up); pending while none is.
     async fn settled(&mut self) -> Result<(), BrokerError> {
         match self.in_flight.as_mut() {
             Some(task) => {
-                let done = task.await.expect("the answering task panicked");
+                let done = task.done().await;
                 self.in_flight = None;
                 done
             }
@@ -635,18 +672,8 @@ impl Answers {
     /// Waits until every batch handed over is answered.
     async fn finish(&mut self) -> Result<(), BrokerError> {
         match self.in_flight.take() {
-            Some(task) => task.await.expect("the answering task panicked"),
+            Some(mut task) => task.done().await,
             None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Answers {
-    /// A session that ends in error leaves its last batch unsettled: the deliveries come
-    /// again and are answered from their records, as duplicates.
-    fn drop(&mut self) {
-        if let Some(task) = &self.in_flight {
-            task.abort();
         }
     }
 }
@@ -961,7 +988,7 @@ fn load_signing_keys(config: &Config) -> anyhow::Result<Vec<ed25519_dalek::Verif
 
 impl Agent {
     fn new(
-        dispatcher: Dispatcher,
+        dispatcher: Arc<Dispatcher>,
         firewall: Arc<tokio::sync::Mutex<Firewall>>,
         outbox: Arc<Outbox>,
         shared: Arc<crate::control::Shared>,
@@ -1456,7 +1483,12 @@ impl Agent {
         // event, which must not count as losing the session.
         let mut events = conn.events_listener();
         self.announce(&publish_ch, &missing).await?;
-        let mut answers = Answers::new(&publish_ch, &self.host_id, &self.broker_user);
+        let mut answers = Answers::new(
+            &self.dispatcher,
+            &publish_ch,
+            &self.host_id,
+            &self.broker_user,
+        );
         tracing::info!(queue = %broker::host_queue(&self.host_id), "serving commands");
         self.metrics.session_up.set(1);
         // Whatever way this session ends, it no longer serves.
@@ -1520,11 +1552,12 @@ impl Agent {
     }
 
     /// Runs `deliveries` (the ones waiting, in queue order) through the pipeline: each is
-    /// executed in turn, its record kept before the next one runs; then the records are
-    /// synced and the acks handed to `answers`, which publishes them together, awaits
-    /// their confirms together and only then settles the deliveries, while the next batch
-    /// runs. So the order record, ack, delivery ack holds for every command. A rotation ends the batch: the deliveries after it go back to the queue for
-    /// the session on the new identity.
+    /// executed in turn, its record kept (in memory) before the next one runs; then the
+    /// batch goes to `answers`, which writes the records, publishes the acks together,
+    /// awaits their confirms together and only then settles the deliveries, while the next
+    /// batch runs. So the order record, ack, delivery ack holds for every command. A
+    /// rotation ends the batch: the deliveries after it go back to the queue for the
+    /// session on the new identity.
     #[tracing::instrument(name = "batch", skip_all, fields(deliveries = deliveries.len()))]
     async fn process_batch(
         &self,
@@ -1617,10 +1650,9 @@ impl Agent {
             .or_default() += 1;
     }
 
-    /// Syncs what `executed` left unsynced, then hands their acks to `answers` (published
-    /// with their confirms awaited together, then the deliveries settled, while the next
-    /// batch runs). Returns the rotation, if one of them made one: its batch is settled
-    /// before the session hands over.
+    /// Hands `executed` to `answers`, which writes their records, publishes their acks and
+    /// settles their deliveries while the next batch runs. Returns the rotation, if one of
+    /// them made one: its batch is settled before the session hands over.
     async fn answer(
         &self,
         answers: &mut Answers,
@@ -1630,15 +1662,9 @@ impl Agent {
             return Ok(None);
         }
         let (ackers, mut outcomes): (Vec<_>, Vec<_>) = executed.into_iter().unzip();
-        // The firewall patches among them share one fsync.
-        self.dispatcher.sync(&mut outcomes).await;
-        let mut rotation = None;
-        let mut acks = Vec::with_capacity(outcomes.len());
-        for outcome in outcomes {
-            rotation = rotation.or(outcome.rotation);
-            acks.push((outcome.ack, outcome.disposition));
-        }
-        answers.send(acks, ackers).await?;
+        // An identity switched stays switched, whatever becomes of the record.
+        let rotation = outcomes.iter_mut().find_map(|o| o.rotation.take());
+        answers.send(outcomes, ackers);
         if rotation.is_some() {
             answers.finish().await?;
         }

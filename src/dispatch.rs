@@ -230,6 +230,10 @@ pub struct Dispatcher {
     /// Set when the stored state could not be read at start; reported in every summary
     /// until the manager sent a full rule set.
     state_lost: Arc<std::sync::Mutex<Option<Value>>>,
+    /// The store epoch that the firewall in memory matches (read and written under the
+    /// firewall lock). After the store was reopened (an I/O error), the firewall may hold
+    /// patches whose records are gone: the next firewall command puts it back first.
+    firewall_epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Dispatcher {
@@ -243,6 +247,7 @@ impl Dispatcher {
     ) -> Dispatcher {
         let host_id = settings.borrow().decode.host_id.clone();
         Dispatcher {
+            firewall_epoch: store.epoch().into(),
             store,
             host_id,
             settings,
@@ -324,6 +329,7 @@ impl Dispatcher {
         );
         // The domain's lock is held from plan to commit, so drift repair never interleaves.
         let mut locks = self.locks_for(&request.kind).await;
+        let epoch = self.fence(&mut locks).await;
         let Request { id, kind, .. } = request;
         let (executed, commit, rotation) = match self.execute(&id, kind, &mut locks).await {
             Ok(done) => done,
@@ -344,7 +350,7 @@ impl Dispatcher {
             return Outcome::answered(ack, Disposition::Ack);
         }
         let persist_started = Instant::now();
-        let persisted = self.persist(&id, &ack, change).await;
+        let persisted = self.persist(&id, &ack, change, epoch).await;
         tracing::debug!(command_id = %id, persist_us = persist_started.elapsed().as_micros() as u64, "outcome stored");
         let unsynced = match persisted {
             Ok(unsynced) => unsynced,
@@ -431,6 +437,21 @@ impl Dispatcher {
                 firewall: None,
                 routers: None,
             },
+        }
+    }
+
+    /// The store epoch that the state the command runs against matches. A firewall that
+    /// may hold patches a reopened store lost is put back to what the store holds first,
+    /// under the lock the command holds, so no command plans against it.
+    async fn fence(&self, locks: &mut Locks<'_>) -> u64 {
+        use std::sync::atomic::Ordering::SeqCst;
+        let epoch = self.store.epoch();
+        match locks.firewall.as_mut() {
+            Some(fw) if self.firewall_epoch.load(SeqCst) != epoch => {
+                self.recover_locked(fw).await;
+                self.firewall_epoch.load(SeqCst)
+            }
+            _ => epoch,
         }
     }
 
@@ -643,7 +664,9 @@ impl Dispatcher {
                     ack: original.as_duplicate(),
                     disposition,
                     rotation: None,
-                    unsynced: None,
+                    // The original's record may not be written yet (its batch ended
+                    // before its sync): this answer waits for it as well.
+                    unsynced: self.store.unsynced(id),
                 })
             }
             Ok(None) => None,
@@ -663,75 +686,94 @@ impl Dispatcher {
             .expect("state store task panicked")
     }
 
-    /// Keeps the record of a command with the change it made. `Some(epoch)`: committed but
-    /// not synced (a firewall patch: the batch's patches share one fsync, see `sync`).
+    /// Keeps the record of a command with the change it made (against the store's
+    /// `epoch`). `Some(epoch)`: committed but not written yet (a firewall patch, or a
+    /// command that changed nothing: a batch's records share one write, see `sync`).
     async fn persist(
         &self,
         id: &str,
         ack: &Ack,
         change: Change,
+        epoch: u64,
     ) -> Result<Option<u64>, StateError> {
         match change {
-            // Written with the batch's sync (see `sync`): nothing to do on the disk now.
-            Change::FirewallPatch(_) => Ok(Some(self.store.commit_deferred(id, ack, change))),
+            Change::FirewallPatch(_) | Change::None => {
+                Ok(Some(self.store.commit_deferred(epoch, id, ack, change)))
+            }
             change => {
                 let store = self.store.clone();
                 let id = id.to_string();
                 let ack = ack.clone();
-                tokio::task::spawn_blocking(move || match change {
-                    // A command that changed nothing needs no fsync of its own (see ledger).
-                    Change::None => store.record_light(&id, &ack).map(|()| None),
-                    change => store.commit(&id, &ack, &change).map(|()| None),
-                })
-                .await
-                .expect("state store task panicked")
+                tokio::task::spawn_blocking(move || store.commit(&id, &ack, &change).map(|()| None))
+                    .await
+                    .expect("state store task panicked")
             }
         }
     }
 
-    /// Makes the records of `outcomes` durable with one fsync before their acks are
-    /// published (record first, then ack: at most once). If that fails, the firewall goes
-    /// back to what the store holds, in memory and in the kernel, and each unsynced outcome
+    /// Writes the records of `outcomes` (durably, with one fsync, when any changed
+    /// something) before their acks are published (record first, then ack: at most once).
+    /// If that fails, the firewall goes back to what the store holds, in memory and in the
+    /// kernel (when a patch was among them), and each unsynced outcome
     /// becomes a store failure (none of those patches is in force), as does a redelivery
     /// of one of them that was answered from its record.
     pub async fn sync(&self, outcomes: &mut [Outcome]) {
-        let Some(epoch) = outcomes.iter().filter_map(|o| o.unsynced).min() else {
+        if outcomes.iter().all(|o| o.unsynced.is_none()) {
             return;
-        };
+        }
         let store = self.store.clone();
-        let synced = tokio::task::spawn_blocking(move || store.sync(epoch))
+        let started = Instant::now();
+        let synced = tokio::task::spawn_blocking(move || store.sync())
             .await
             .expect("state store task panicked");
-        let error = match synced {
-            Ok(()) => {
+        tracing::debug!(
+            sync_us = started.elapsed().as_micros() as u64,
+            "the batch's records written"
+        );
+        // Records made against an earlier epoch were dropped by a reopen.
+        let (epoch, error) = match synced {
+            Ok(epoch)
+                if outcomes
+                    .iter()
+                    .all(|o| o.unsynced.is_none_or(|e| e == epoch)) =>
+            {
                 faults::crash_if(Fault::CrashAfterPersist, "a batch's sync");
                 return;
             }
-            Err(e) => e,
+            Ok(epoch) => (Some(epoch), StateError::Unsynced),
+            Err(e) => (None, e),
         };
-        tracing::error!(%error, "the batch's records could not be synced; going back to the stored firewall");
-        self.recover_firewall().await;
+        tracing::error!(%error, "records of the batch could not be written; their commands failed");
+        let undone = |o: &Outcome| o.unsynced.is_some_and(|e| Some(e) != epoch);
         // A redelivery in the same batch was answered from a record that is gone now.
         let lost: std::collections::HashSet<Option<String>> = outcomes
             .iter()
-            .filter(|o| o.unsynced.is_some())
+            .filter(|o| undone(o))
             .map(|o| o.ack.correlation_id.clone())
             .collect();
-        let undone = |o: &Outcome| {
-            o.unsynced.is_some() || (o.ack.duplicate && lost.contains(&o.ack.correlation_id))
-        };
-        for outcome in outcomes.iter_mut().filter(|o| undone(o)) {
+        let patched = outcomes
+            .iter()
+            .any(|o| undone(o) && o.ack.command_type.as_deref() == Some("firewall.patch"));
+        for outcome in outcomes
+            .iter_mut()
+            .filter(|o| undone(o) || (o.ack.duplicate && lost.contains(&o.ack.correlation_id)))
+        {
             let id = outcome.ack.correlation_id.clone().unwrap_or_default();
             let kind = outcome.ack.command_type.clone().unwrap_or_default();
             let failed = DispatchError::Unsynced(error.to_string());
             *outcome = self.failure(&id, &kind, failed);
         }
+        if patched {
+            tracing::warn!("going back to the firewall the store holds");
+            let mut fw = self.firewall.lock().await;
+            self.recover_locked(&mut fw).await;
+        }
     }
 
-    /// The firewall as the store holds it, in memory and in the kernel (after commits
-    /// that were never synced).
-    async fn recover_firewall(&self) {
-        let mut fw = self.firewall.lock().await;
+    /// The firewall as the store holds it, in memory and in the kernel (after patches
+    /// whose records were lost), marked as matching the store's epoch.
+    async fn recover_locked(&self, fw: &mut Firewall) {
+        let epoch = self.store.epoch();
         let store = self.store.clone();
         let stored = tokio::task::spawn_blocking(move || store.load_firewall())
             .await
@@ -747,6 +789,8 @@ impl Dispatcher {
                     tracing::error!(error = %e, "could not put the stored rule set back into the kernel; the drift check will retry");
                 }
                 fw.cut_denied().await;
+                self.firewall_epoch
+                    .store(epoch, std::sync::atomic::Ordering::SeqCst);
             }
             Err(e) => tracing::error!(error = %e, "could not read the stored firewall back"),
         }
@@ -759,7 +803,10 @@ impl Dispatcher {
         }
         let snapshot = fw.current().canonical_json();
         let store = self.store.clone();
-        let result = tokio::task::spawn_blocking(move || store.compact_firewall(&snapshot))
+        let epoch = self
+            .firewall_epoch
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let result = tokio::task::spawn_blocking(move || store.compact_firewall(&snapshot, epoch))
             .await
             .expect("state store task panicked");
         if let Err(e) = result {

@@ -172,7 +172,7 @@ mod firewall_tests {
             fw.journal,
             vec![b"{\"p\":1}".to_vec(), b"{\"p\":2}".to_vec()]
         );
-        s.compact_firewall("{\"generation\":3}").unwrap();
+        s.compact_firewall("{\"generation\":3}", s.epoch()).unwrap();
         s.own_router("lr1").unwrap();
         s.own_router("lr2").unwrap();
         s.commit(
@@ -209,6 +209,9 @@ pub struct Store {
     epoch: std::sync::atomic::AtomicU64,
     /// Commits waiting for the next write transaction, oldest first.
     deferred: std::sync::Mutex<Vec<Deferred>>,
+    /// Records of commands that changed nothing, waiting for the next sync to go into the
+    /// record log (one `write` for a batch), oldest first.
+    light: std::sync::Mutex<Vec<Deferred>>,
     /// The ids in the database (see `known`).
     known: std::sync::Mutex<known::Known>,
     /// Patches in the database's journal.
@@ -256,6 +259,7 @@ impl Store {
             ledger: std::sync::Mutex::new(ledger),
             epoch: Default::default(),
             deferred: Default::default(),
+            light: Default::default(),
             known: Default::default(),
             journal: Default::default(),
         };
@@ -383,22 +387,26 @@ impl Store {
         !matches!(self.remembered(id), Remembered::Unknown)
     }
 
-    /// What memory alone says of `id`: the record log, then the deferred commits (checked
-    /// before the database: one leaves that list only once it is in the database, under
-    /// its lock), then the ids the database holds.
+    /// What memory alone says of `id`: the light records waiting for the log, the log,
+    /// the deferred commits, then the ids the database holds. Each list is checked before
+    /// the one its records move to, which they reach under the first one's lock.
     fn remembered(&self, id: &str) -> Remembered {
+        let epoch = self.epoch();
+        let waiting = |list: &std::sync::Mutex<Vec<Deferred>>| {
+            list.lock()
+                .expect("deferred lock")
+                .iter()
+                .find(|d| d.epoch == epoch && d.id == id)
+                .map(|d| Remembered::Ack(Box::new(d.ack.clone())))
+        };
+        if let Some(found) = waiting(&self.light) {
+            return found;
+        }
         if let Some(ack) = self.ledger.lock().expect("ledger lock").get(id) {
             return Remembered::Ack(Box::new(ack.clone()));
         }
-        let epoch = self.epoch();
-        if let Some(d) = self
-            .deferred
-            .lock()
-            .expect("deferred lock")
-            .iter()
-            .find(|d| d.epoch == epoch && d.id == id)
-        {
-            return Remembered::Ack(Box::new(d.ack.clone()));
+        if let Some(found) = waiting(&self.deferred) {
+            return found;
         }
         if self.known.lock().expect("known lock").may_hold(id) {
             Remembered::MaybeStored
@@ -407,18 +415,42 @@ impl Store {
         }
     }
 
-    fn epoch(&self) -> u64 {
+    /// The epoch to hand to [`Store::sync`] while `id`'s record waits to be written (it is
+    /// light or deferred), `None` once it is written or when there is none. A duplicate
+    /// answered from a waiting record must wait for the same sync as the original's.
+    pub fn unsynced(&self, id: &str) -> Option<u64> {
+        let epoch = self.epoch();
+        [&self.light, &self.deferred].into_iter().find_map(|list| {
+            let list = list.lock().expect("deferred lock");
+            list.iter()
+                .any(|d| d.epoch == epoch && d.id == id)
+                .then_some(epoch)
+        })
+    }
+
+    /// Counts the reopens of the database (after I/O errors): what was made in memory
+    /// against an earlier epoch may be missing from the store.
+    pub fn epoch(&self) -> u64 {
         self.epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Records `ack` for a command that changed nothing, without an fsync (see
-    /// [`ledger`]): seen by every later lookup at once, kept across a crash of the agent.
-    pub fn record_light(&self, id: &str, ack: &Ack) -> Result<(), StateError> {
+    /// Writes the light records of this epoch to the record log with one `write` and no
+    /// fsync (see [`ledger`]), folding the log into the database once it is full.
+    fn write_light(&self) -> Result<(), StateError> {
+        let mut light = self.light.lock().expect("deferred lock");
+        let epoch = self.epoch();
+        light.retain(|d| d.epoch == epoch);
+        if light.is_empty() {
+            return Ok(());
+        }
         let mut ledger = self.ledger.lock().expect("ledger lock");
-        ledger.append(id, ack).map_err(|cause| StateError::Ledger {
+        let records = light.iter().map(|d| (d.id.as_str(), &d.ack));
+        ledger.append(records).map_err(|cause| StateError::Ledger {
             path: ledger.path().to_path_buf(),
             cause,
         })?;
+        light.clear();
+        drop(light);
         if ledger.len() >= FOLD_AFTER {
             drop(ledger);
             self.fold()?;
@@ -456,14 +488,22 @@ impl Store {
     }
 
     /// As [`Store::commit`], but neither written nor synced yet: later lookups see it at
-    /// once, and it is written and made durable by the next [`Store::sync`] (or any write
-    /// transaction, ahead of its own change). Returns the epoch to hand to `sync`. For the
-    /// commands of one batch, whose acks wait for one sync together: N records cost one
-    /// transaction and one fsync, not N transactions. A crash before the sync loses them,
-    /// as it would a commit without an fsync (their acks were not published yet).
-    pub fn commit_deferred(&self, id: &str, ack: &Ack, change: Change) -> u64 {
-        let epoch = self.epoch();
-        self.deferred.lock().expect("deferred lock").push(Deferred {
+    /// once, and it is written by the next [`Store::sync`] (a change also by any write
+    /// transaction, ahead of that transaction's own change). For the commands of one
+    /// batch, whose acks wait for one sync together: N records cost one transaction and
+    /// one fsync, not N; those of commands that changed nothing (`Change::None`) go to the
+    /// record log with one `write` and no fsync. A crash before the sync loses them, as it
+    /// would a commit without an fsync (their acks were not published yet).
+    ///
+    /// `epoch` is the store's epoch that the change was made against (see
+    /// [`Store::epoch`]): if the store was reopened since, the record is dropped and the
+    /// sync says so. Returns the epoch to compare with what `sync` returns.
+    pub fn commit_deferred(&self, epoch: u64, id: &str, ack: &Ack, change: Change) -> u64 {
+        let list = match change {
+            Change::None => &self.light,
+            _ => &self.deferred,
+        };
+        list.lock().expect("deferred lock").push(Deferred {
             epoch,
             id: id.to_string(),
             ack: ack.clone(),
@@ -472,14 +512,29 @@ impl Store {
         epoch
     }
 
-    /// Writes every commit deferred since `epoch` in one transaction, with one fsync. Fails
-    /// when the database was reopened meanwhile (after an I/O error): those commits are
-    /// gone. After a failure the store holds only what reached the disk.
-    pub fn sync(&self, epoch: u64) -> Result<(), StateError> {
-        // A write transaction is durable unless told otherwise.
-        if let Err(e) = self.write_after_deferred(|_, _| Ok(())) {
+    /// Writes every record deferred in the current epoch: the light ones to the record log,
+    /// the commits in one transaction with one fsync (none when there are none). Returns
+    /// that epoch: records deferred in another one are gone (the database was reopened
+    /// after an I/O error), as is everything when this fails. After a failure the store
+    /// holds only what reached the disk.
+    pub fn sync(&self) -> Result<u64, StateError> {
+        let epoch = self.epoch();
+        let pending = self
+            .deferred
+            .lock()
+            .expect("deferred lock")
+            .iter()
+            .any(|d| d.epoch == epoch);
+        let written = self.write_light().and_then(|()| {
+            // A write transaction is durable unless told otherwise.
+            match pending {
+                true => self.write_after_deferred(|_, _| Ok(())),
+                false => Ok(()),
+            }
+        });
+        if let Err(e) = written {
             // Reads would still see what never reached the disk: from now on the store is
-            // what the file holds.
+            // what the files hold, and what waited is gone with the reopen.
             if let Err(reopen) = self.reopen() {
                 tracing::error!(error = %reopen, "could not reopen the state store");
             }
@@ -488,7 +543,7 @@ impl Store {
         if self.epoch() != epoch {
             return Err(StateError::Unsynced);
         }
-        Ok(())
+        Ok(epoch)
     }
 
     /// One durable write transaction: the deferred commits of this epoch first, in order,
@@ -613,9 +668,14 @@ impl Store {
     }
 
     /// Folds the journal into a new snapshot of the same state (no command attached); the
-    /// deferred commits, which the snapshot includes, are written first.
-    pub fn compact_firewall(&self, snapshot: &str) -> Result<(), StateError> {
+    /// deferred commits, which the snapshot includes, are written first. `epoch` is the
+    /// one the snapshot was taken in: after a reopen since, it may hold patches whose
+    /// records are gone, and nothing is written.
+    pub fn compact_firewall(&self, snapshot: &str, epoch: u64) -> Result<(), StateError> {
         self.write_after_deferred(|tx, _| {
+            if self.epoch() != epoch {
+                return Err(StateError::Unsynced);
+            }
             Self::apply(tx, &Change::FirewallReplace(snapshot.to_string()))
         })
     }
@@ -769,10 +829,14 @@ impl Store {
 
     /// How many processed command ids are held.
     pub fn processed_count(&self) -> Result<u64, StateError> {
-        let light = self.ledger.lock().expect("ledger lock").len() as u64;
-        let deferred = self.deferred.lock().expect("deferred lock");
+        let logged = self.ledger.lock().expect("ledger lock").len() as u64;
         let epoch = self.epoch();
-        let deferred = deferred.iter().filter(|d| d.epoch == epoch).count() as u64;
+        let waiting = |list: &std::sync::Mutex<Vec<Deferred>>| {
+            let list = list.lock().expect("deferred lock");
+            list.iter().filter(|d| d.epoch == epoch).count() as u64
+        };
+        let light = logged + waiting(&self.light);
+        let deferred = waiting(&self.deferred);
         let stored = self.known.lock().expect("known lock").len() as u64;
         Ok(stored + light + deferred)
     }
@@ -802,13 +866,27 @@ mod tests {
         )
     }
 
+    /// A record of a command that changed nothing, as a batch of one writes it.
+    fn light(s: &Store, id: &str) {
+        let epoch = s.commit_deferred(s.epoch(), id, &ack(id), Change::None);
+        assert_eq!(s.sync().unwrap(), epoch);
+    }
+
     #[test]
     fn light_records_are_seen_at_once_kept_across_a_restart_and_folded() {
         let dir = tempfile::tempdir().unwrap();
+        let log_len = || {
+            std::fs::metadata(dir.path().join("records.log"))
+                .unwrap()
+                .len()
+        };
         {
             let s = Store::open(dir.path(), 100).unwrap();
-            s.record_light("p1", &ack("p1")).unwrap();
-            s.record_light("p2", &ack("p2")).unwrap();
+            let epoch = s.commit_deferred(s.epoch(), "p1", &ack("p1"), Change::None);
+            s.commit_deferred(s.epoch(), "p2", &ack("p2"), Change::None);
+            assert!(s.lookup("p2").unwrap().is_some(), "seen before the sync");
+            assert_eq!(log_len(), 0, "written only by the batch's sync");
+            assert_eq!(s.sync().unwrap(), epoch);
             assert_eq!(
                 s.lookup("p1").unwrap().unwrap().correlation_id.as_deref(),
                 Some("p1")
@@ -816,24 +894,14 @@ mod tests {
             assert_eq!(s.processed_count().unwrap(), 2);
             // Dropped without any fold or durable commit, as a crash would leave it.
         }
-        assert!(
-            std::fs::metadata(dir.path().join("records.log"))
-                .unwrap()
-                .len()
-                > 0
-        );
+        assert!(log_len() > 0);
         let s = Store::open(dir.path(), 100).unwrap();
         assert!(s.lookup("p1").unwrap().is_some() && s.lookup("p2").unwrap().is_some());
         assert_eq!(s.processed_count().unwrap(), 2);
         // Folded into the database at open: the log is empty again.
-        assert_eq!(
-            std::fs::metadata(dir.path().join("records.log"))
-                .unwrap()
-                .len(),
-            0
-        );
+        assert_eq!(log_len(), 0);
         for i in 0..FOLD_AFTER + 5 {
-            s.record_light(&format!("q{i}"), &ack("q")).unwrap();
+            light(&s, &format!("q{i}"));
         }
         assert_eq!(s.ledger.lock().unwrap().len(), 5, "folded once full");
         // Retention holds across the fold: at most keep + keep / 10 records.
@@ -845,12 +913,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path(), 100).unwrap();
-            let epoch =
-                s.commit_deferred("a", &ack("a"), Change::FirewallPatch("{\"p\":1}".into()));
-            s.commit_deferred("b", &ack("b"), Change::FirewallPatch("{\"p\":2}".into()));
+            let epoch = s.commit_deferred(
+                s.epoch(),
+                "a",
+                &ack("a"),
+                Change::FirewallPatch("{\"p\":1}".into()),
+            );
+            s.commit_deferred(
+                s.epoch(),
+                "b",
+                &ack("b"),
+                Change::FirewallPatch("{\"p\":2}".into()),
+            );
             assert!(s.lookup("a").unwrap().is_some(), "seen before the sync");
             assert_eq!(s.journal_len(), 2);
-            s.sync(epoch).unwrap();
+            assert_eq!(s.sync().unwrap(), epoch);
         }
         let s = Store::open(dir.path(), 100).unwrap();
         assert!(s.lookup("a").unwrap().is_some() && s.lookup("b").unwrap().is_some());
@@ -862,7 +939,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path(), 100).unwrap();
-            s.commit_deferred("p1", &ack("p1"), Change::FirewallPatch("{\"p\":1}".into()));
+            s.commit_deferred(
+                s.epoch(),
+                "p1",
+                &ack("p1"),
+                Change::FirewallPatch("{\"p\":1}".into()),
+            );
             assert_eq!(s.processed_count().unwrap(), 1);
             // A durable commit writes the deferred one first: the journal keeps their order.
             s.commit("p2", &ack("p2"), &Change::FirewallPatch("{\"p\":2}".into()))
@@ -871,13 +953,23 @@ mod tests {
             assert_eq!(journal, vec![b"{\"p\":1}".to_vec(), b"{\"p\":2}".to_vec()]);
             // A compaction's snapshot includes the deferred patches: they are written (their
             // records kept) and folded with the rest.
-            s.commit_deferred("p3", &ack("p3"), Change::FirewallPatch("{\"p\":3}".into()));
+            s.commit_deferred(
+                s.epoch(),
+                "p3",
+                &ack("p3"),
+                Change::FirewallPatch("{\"p\":3}".into()),
+            );
             assert_eq!(s.journal_len(), 3);
-            s.compact_firewall("{\"generation\":4}").unwrap();
+            s.compact_firewall("{\"generation\":4}", s.epoch()).unwrap();
             assert_eq!(s.journal_len(), 0);
             assert!(s.lookup("p3").unwrap().is_some());
             // Left deferred when the agent dies: gone, like its unpublished ack.
-            s.commit_deferred("p4", &ack("p4"), Change::FirewallPatch("{\"p\":4}".into()));
+            s.commit_deferred(
+                s.epoch(),
+                "p4",
+                &ack("p4"),
+                Change::FirewallPatch("{\"p\":4}".into()),
+            );
             assert!(s.lookup("p4").unwrap().is_some());
         }
         let s = Store::open(dir.path(), 100).unwrap();
@@ -913,11 +1005,12 @@ mod tests {
             let s = Store::open(dir.path(), 50).unwrap();
             for (i, id) in ids.iter().enumerate() {
                 match i % 3 {
-                    0 => s.record_light(id, &ack(id)).unwrap(),
+                    0 => light(&s, id),
                     1 => s.commit(id, &ack(id), &Change::None).unwrap(),
                     _ => {
-                        let epoch = s.commit_deferred(id, &ack(id), Change::None);
-                        s.sync(epoch).unwrap();
+                        let patch = Change::FirewallPatch("{}".into());
+                        let epoch = s.commit_deferred(s.epoch(), id, &ack(id), patch);
+                        assert_eq!(s.sync().unwrap(), epoch);
                     }
                 }
             }
@@ -941,19 +1034,48 @@ mod tests {
     }
 
     #[test]
+    fn a_record_waits_for_its_sync_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 100).unwrap();
+        let epoch = s.commit_deferred(s.epoch(), "a", &ack("a"), Change::None);
+        s.commit_deferred(
+            s.epoch(),
+            "b",
+            &ack("b"),
+            Change::FirewallPatch("{}".into()),
+        );
+        assert_eq!(
+            (s.unsynced("a"), s.unsynced("b")),
+            (Some(epoch), Some(epoch))
+        );
+        assert_eq!(s.unsynced("c"), None);
+        assert_eq!(s.sync().unwrap(), epoch);
+        assert_eq!((s.unsynced("a"), s.unsynced("b")), (None, None));
+        assert!(s.lookup("a").unwrap().is_some() && s.lookup("b").unwrap().is_some());
+    }
+
+    #[test]
     fn a_reopen_before_the_sync_fails_it() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), 100).unwrap();
-        let epoch = s.commit_deferred("a", &ack("a"), Change::None);
+        let epoch = s.commit_deferred(s.epoch(), "a", &ack("a"), Change::None);
         s.reopen().unwrap();
         assert!(s.lookup("a").unwrap().is_none(), "gone with the reopen");
-        assert!(matches!(s.sync(epoch), Err(StateError::Unsynced)));
+        assert_ne!(s.sync().unwrap(), epoch, "the sync is of another epoch");
         assert!(
             s.lookup("a").unwrap().is_none(),
             "and not written by the sync"
         );
-        let epoch = s.commit_deferred("b", &ack("b"), Change::None);
-        s.sync(epoch).unwrap();
+        let epoch = s.commit_deferred(s.epoch(), "b", &ack("b"), Change::None);
+        assert_eq!(s.sync().unwrap(), epoch);
+        // A change planned against the store before a reopen is never written after it.
+        let before = s.epoch();
+        s.reopen().unwrap();
+        let patch = Change::FirewallPatch("{\"p\":1}".into());
+        assert_eq!(s.commit_deferred(before, "c", &ack("c"), patch), before);
+        assert_ne!(s.sync().unwrap(), before);
+        assert!(s.lookup("c").unwrap().is_none());
+        assert!(s.load_firewall().unwrap().journal.is_empty());
     }
 
     #[test]
@@ -961,7 +1083,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path(), 100).unwrap();
-            s.record_light("p1", &ack("p1")).unwrap();
+            light(&s, "p1");
         }
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()

@@ -554,7 +554,30 @@ fn unsynced_patches() -> Result<()> {
             "neither the patch nor its redelivery may be answered applied: {answers:?}"
         );
         ensure!(t.probe(81) == Tcp::Silent, "still not in force");
+        // Two patches in a row, the second on the first's generation: whichever batches
+        // they fall in (the second may run while the first's records are being written),
+        // neither may be answered applied, and the firewall stays at generation 1.
+        agent.signal(nix::sys::signal::Signal::SIGSTOP);
+        let next = json!({"base_generation": 2, "generation": 3,
+                "add_addresses": {"clients": ["192.0.2.9"]}});
+        m.send(h, "firewall.patch", "us-2c", &patch).await?;
+        m.send(h, "firewall.patch", "us-2d", &next).await?;
+        agent.signal(nix::sys::signal::Signal::SIGCONT);
+        for id in ["us-2c", "us-2d"] {
+            let ack = m.wait_ack(id, Duration::from_secs(20)).await?;
+            ensure!(
+                ack.status != rampart::protocol::Status::Applied,
+                "{id} cannot have been recorded: {ack:?}"
+            );
+        }
+        ensure!(t.probe(81) == Tcp::Silent, "still not in force");
         disk.free()?;
+        let sync = send(&mut m, h, "state.sync", "us-sync", json!({})).await?;
+        ensure!(
+            sync.data["firewall"]["generation"] == 1,
+            "the firewall is what the store holds: {}",
+            sync.data["firewall"]
+        );
         // The same change, now that it can be recorded, on the same base generation.
         applied(&mut m, h, "firewall.patch", "us-3", patch).await?;
         ensure!(t.probe(81) == Tcp::Open, "the patch is in force");
