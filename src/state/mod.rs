@@ -59,7 +59,7 @@ pub enum Change {
 /// A commit made without a write of its own ([`Store::commit_deferred`]): seen by lookups
 /// at once, written by the next write transaction (in order, before that transaction's
 /// own change), durable with it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Deferred {
     /// The store's epoch when it was made: a reopen since means it is gone.
     epoch: u64,
@@ -212,6 +212,11 @@ pub struct Store {
     /// Records of commands that changed nothing, waiting for the next sync to go into the
     /// record log (one `write` for a batch), oldest first.
     light: std::sync::Mutex<Vec<Deferred>>,
+    /// Held by whoever writes the waiting records (a sync, a durable commit, a
+    /// compaction), for the whole write: the lists themselves are locked only to copy what
+    /// waits and, once it is written, to take it out, so that commands and lookups never
+    /// wait for an fsync, while each record is written once and stays visible until then.
+    writer: std::sync::Mutex<()>,
     /// The ids in the database (see `known`).
     known: std::sync::Mutex<known::Known>,
     /// Patches in the database's journal.
@@ -260,6 +265,7 @@ impl Store {
             epoch: Default::default(),
             deferred: Default::default(),
             light: Default::default(),
+            writer: Default::default(),
             known: Default::default(),
             journal: Default::default(),
         };
@@ -435,22 +441,21 @@ impl Store {
     }
 
     /// Writes the light records of this epoch to the record log with one `write` and no
-    /// fsync (see [`ledger`]), folding the log into the database once it is full.
+    /// fsync (see [`ledger`]), folding the log into the database once it is full. The
+    /// caller holds `writer`.
     fn write_light(&self) -> Result<(), StateError> {
-        let mut light = self.light.lock().expect("deferred lock");
-        let epoch = self.epoch();
-        light.retain(|d| d.epoch == epoch);
-        if light.is_empty() {
+        let batch = waiting_in(&self.light, self.epoch());
+        if batch.is_empty() {
             return Ok(());
         }
         let mut ledger = self.ledger.lock().expect("ledger lock");
-        let records = light.iter().map(|d| (d.id.as_str(), &d.ack));
+        let records = batch.iter().map(|d| (d.id.as_str(), &d.ack));
         ledger.append(records).map_err(|cause| StateError::Ledger {
             path: ledger.path().to_path_buf(),
             cause,
         })?;
-        light.clear();
-        drop(light);
+        // In the log now (looked up after this list): out of the list.
+        written_from(&self.light, batch.len());
         if ledger.len() >= FOLD_AFTER {
             drop(ledger);
             self.fold()?;
@@ -518,6 +523,7 @@ impl Store {
     /// after an I/O error), as is everything when this fails. After a failure the store
     /// holds only what reached the disk.
     pub fn sync(&self) -> Result<u64, StateError> {
+        let writer = self.writer.lock().expect("writer lock");
         let epoch = self.epoch();
         let pending = self
             .deferred
@@ -528,10 +534,11 @@ impl Store {
         let written = self.write_light().and_then(|()| {
             // A write transaction is durable unless told otherwise.
             match pending {
-                true => self.write_after_deferred(|_, _| Ok(())),
+                true => self.write_deferred(|_, _| Ok(())),
                 false => Ok(()),
             }
         });
+        drop(writer);
         if let Err(e) = written {
             // Reads would still see what never reached the disk: from now on the store is
             // what the files hold, and what waited is gone with the reopen.
@@ -553,22 +560,30 @@ impl Store {
         &self,
         f: impl FnOnce(&redb::WriteTransaction, &mut known::Written) -> Result<(), StateError>,
     ) -> Result<(), StateError> {
-        let mut deferred = self.deferred.lock().expect("deferred lock");
+        let _writer = self.writer.lock().expect("writer lock");
+        self.write_deferred(f)
+    }
+
+    /// [`Store::write_after_deferred`] for a caller that holds `writer`.
+    fn write_deferred(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction, &mut known::Written) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        let batch = waiting_in(&self.deferred, self.epoch());
         let tx = self.write_tx()?;
-        let epoch = self.epoch();
-        deferred.retain(|d| d.epoch == epoch);
         let mut written = known::Written::default();
-        for d in deferred.iter() {
+        for d in &batch {
             Self::apply(&tx, &d.change)?;
             self.insert_record(&tx, &d.id, &d.ack.to_json(), &mut written)?;
         }
         f(&tx, &mut written)?;
         let journal = tx.open_table(FIREWALL_JOURNAL)?.len()?;
         tx.commit()?;
+        // In the database and its ids now (looked up after this list): out of the list.
         self.known.lock().expect("known lock").apply(written);
+        written_from(&self.deferred, batch.len());
         self.journal
             .store(journal, std::sync::atomic::Ordering::SeqCst);
-        deferred.clear();
         Ok(())
     }
 
@@ -842,6 +857,22 @@ impl Store {
     }
 }
 
+/// The records of `epoch` waiting in `list` (those of an earlier one are dropped: a reopen
+/// lost them), copied out so that the write runs without the list's lock.
+fn waiting_in(list: &std::sync::Mutex<Vec<Deferred>>, epoch: u64) -> Vec<Deferred> {
+    let mut list = list.lock().expect("deferred lock");
+    list.retain(|d| d.epoch == epoch);
+    list.clone()
+}
+
+/// Takes the first `n` records, now written, out of `list`. Only the holder of the store's
+/// `writer` lock removes records and others only append, so they are the ones it copied.
+fn written_from(list: &std::sync::Mutex<Vec<Deferred>>, n: usize) {
+    let mut list = list.lock().expect("deferred lock");
+    let n = n.min(list.len());
+    list.drain(..n);
+}
+
 /// The state directory holds private material later on (keys): owner only.
 fn restrict_dir(dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
@@ -1031,6 +1062,60 @@ mod tests {
         let s = Store::open(dir.path(), 50).unwrap();
         check(&s);
         assert!(s.may_have(ids.last().unwrap()));
+    }
+
+    #[test]
+    fn records_written_by_racing_syncs_are_seen_throughout_and_written_once_in_order() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(Store::open(dir.path(), 10_000).unwrap());
+        let made = Arc::new(AtomicUsize::new(0));
+        const N: usize = 300;
+        let syncer = |s: Arc<Store>, made: Arc<AtomicUsize>| {
+            std::thread::spawn(move || {
+                while made.load(SeqCst) < N {
+                    s.sync().unwrap();
+                }
+            })
+        };
+        let syncers = [
+            syncer(s.clone(), made.clone()),
+            syncer(s.clone(), made.clone()),
+        ];
+        let reader = {
+            let (s, made) = (s.clone(), made.clone());
+            std::thread::spawn(move || {
+                while made.load(SeqCst) < N {
+                    let upto = made.load(SeqCst);
+                    for i in (0..upto).rev().take(20) {
+                        assert!(s.lookup(&format!("p{i}")).unwrap().is_some(), "p{i} unseen");
+                    }
+                }
+            })
+        };
+        for i in 0..N {
+            let id = format!("p{i}");
+            let change = if i % 3 == 0 {
+                Change::None
+            } else {
+                Change::FirewallPatch(format!("{{\"p\":{i}}}"))
+            };
+            s.commit_deferred(s.epoch(), &id, &ack(&id), change);
+            made.store(i + 1, SeqCst);
+        }
+        for t in syncers {
+            t.join().unwrap();
+        }
+        reader.join().unwrap();
+        s.sync().unwrap();
+        let journal = s.load_firewall().unwrap().journal;
+        let expected: Vec<Vec<u8>> = (0..N)
+            .filter(|i| i % 3 != 0)
+            .map(|i| format!("{{\"p\":{i}}}").into_bytes())
+            .collect();
+        assert_eq!(journal, expected, "each patch once, in order");
+        assert_eq!(s.processed_count().unwrap() as usize, N);
     }
 
     #[test]
