@@ -213,7 +213,23 @@ async fn rules(shared: &Shared) -> Value {
         Err(e) => return json!({"error": e.to_string()}),
     };
     let counts = live.as_ref().map(counters).unwrap_or_default();
-    let rs = fw.current();
+    rules_answer(
+        fw.table(),
+        live.is_some(),
+        fw.applied_at_ms,
+        fw.current(),
+        &counts,
+    )
+}
+
+/// The `rules` answer: the rule set in force, rules in evaluation order with their counts.
+fn rules_answer(
+    table: &str,
+    in_kernel: bool,
+    applied_at_ms: Option<u64>,
+    rs: &crate::firewall::spec::RuleSet,
+    counts: &std::collections::HashMap<String, (u64, u64)>,
+) -> Value {
     let mut rules: Vec<&crate::firewall::spec::Rule> = rs.rules.values().collect();
     rules.sort_by_key(|r| r.key());
     let rules: Vec<Value> = rules
@@ -227,10 +243,10 @@ async fn rules(shared: &Shared) -> Value {
         })
         .collect();
     json!({
-        "table": fw.table(),
-        "in_kernel": live.is_some(),
+        "table": table,
+        "in_kernel": in_kernel,
         "generation": rs.generation,
-        "applied_at_ms": fw.applied_at_ms,
+        "applied_at_ms": applied_at_ms,
         "defaults": {"in": rs.defaults.input.as_str(), "out": rs.defaults.output.as_str(), "forward": rs.defaults.forward.as_str()},
         "address_sets": rs.sets.iter().map(|(k, v)| (k.clone(), json!(v.len()))).collect::<serde_json::Map<_, _>>(),
         "rules": rules,
@@ -293,6 +309,41 @@ pub async fn ask(path: &Path, request: &Request) -> Result<Value, ControlError> 
 #[cfg(test)]
 mod session_tests {
     use super::*;
+
+    #[test]
+    fn the_rules_answer_keeps_its_json() {
+        let rs = crate::protocol::decode_stored_rule_set(
+            br#"{"generation": 7, "defaults": {"in": "drop", "out": "allow", "forward": "drop"},
+                "address_sets": {"web": ["10.0.1.0/24", "2001:db8::/64"]},
+                "rules": [
+                  {"id": "b", "priority": 20, "action": "drop", "direction": "out",
+                   "protocol": "udp", "destinations": ["$web"], "ports": ["53"],
+                   "log": true, "comment": "dns"},
+                  {"id": "a", "priority": 10, "action": "allow", "direction": "in",
+                   "protocol": "tcp", "sources": ["192.0.2.0/24"], "ports": ["22", "80-81"],
+                   "applied_to": ["tap0"], "disabled": true}]}"#,
+        )
+        .unwrap();
+        let counts = std::collections::HashMap::from([("a".to_string(), (3, 180))]);
+        let answer = rules_answer("rampart", true, Some(1_700), &rs, &counts);
+        assert_eq!(
+            answer,
+            json!({"table": "rampart", "in_kernel": true, "generation": 7, "applied_at_ms": 1700,
+                "defaults": {"in": "drop", "out": "allow", "forward": "drop"},
+                "address_sets": {"web": 2},
+                "rules": [
+                  {"id": "a", "priority": 10, "action": "allow", "direction": "in",
+                   "protocol": "tcp", "sources": ["192.0.2.0/24"], "destinations": [],
+                   "ports": ["22", "80-81"], "applied_to": ["tap0"], "log": false,
+                   "disabled": true, "comment": "", "packets": 3, "bytes": 180},
+                  {"id": "b", "priority": 20, "action": "drop", "direction": "out",
+                   "protocol": "udp", "sources": [], "destinations": ["$web"],
+                   "ports": ["53"], "applied_to": [], "log": true, "disabled": false,
+                   "comment": "dns", "packets": 0, "bytes": 0}]})
+        );
+        let unapplied = rules_answer("rampart", false, None, &rs, &Default::default());
+        assert_eq!(unapplied["applied_at_ms"], Value::Null);
+    }
 
     #[test]
     fn the_status_answer_reads_back_as_the_cli_reads_it() {

@@ -307,3 +307,36 @@ fn view(spec: &RouterSpec, observed: Result<Observed, KernelError>) -> Value {
         "error": error,
     })
 }
+
+#[cfg(test)]
+mod view_tests {
+    use super::*;
+
+    #[test]
+    fn the_routers_answer_keeps_its_json() {
+        let spec: RouterSpec = serde_json::from_value(json!({"id": "r1", "interfaces": [
+            {"name": "eth0", "addresses": ["192.168.10.1/24"], "mtu": 1500, "bridge": "br0"},
+            {"name": "eth1", "addresses": [], "mtu": 9000}],
+            "routes": [{"destination": "10.9.0.0/16", "via": "192.168.10.254"}]}))
+        .unwrap();
+        let expected = json!({"error": null, "id": "r1", "in_sync": false, "interfaces": [
+            {"addresses": ["192.168.10.1/24"], "bridge": "br0", "host": "rp15b4d48a8c",
+             "mtu": 1500, "name": "eth0", "state": "missing"},
+            {"addresses": [], "bridge": null, "host": "rpc461fb91d4", "mtu": 9000,
+             "name": "eth1", "state": "missing"}],
+            "namespace": "lr-r1",
+            "pending": ["create namespace", "add interface eth0", "add interface eth1",
+                        "add route 10.9.0.0/16 via 192.168.10.254"],
+            "present": false,
+            "routes": [{"destination": "10.9.0.0/16", "via": "192.168.10.254"}]});
+        let answer = |observed| serde_json::to_value(view(&spec, observed)).unwrap();
+        assert_eq!(answer(Ok(Observed::default())), expected);
+        let error = KernelError {
+            step: "reading links".into(),
+            cause: "gone".into(),
+        };
+        let mut failed = expected.clone();
+        failed["error"] = json!("reading links: gone");
+        assert_eq!(answer(Err(error)), failed);
+    }
+}
