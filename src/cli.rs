@@ -180,7 +180,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             action: None,
         } => {
             let answer = ask_daemon(&cli.config, socket, &crate::control::Request::Rules).await?;
-            show(&answer, json, print_rules)
+            show_as(&answer, json, print_rules)
         }
         Command::Cert { json } => {
             let config = Config::load(&cli.config)?;
@@ -188,7 +188,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Routers { json, socket } => {
             let answer = ask_daemon(&cli.config, socket, &crate::control::Request::Routers).await?;
-            show(&answer, json, print_routers)
+            show_as(&answer, json, print_routers)
         }
         Command::Status { json, socket } => status(&cli.config, json, socket).await,
         Command::Connection {
@@ -316,8 +316,28 @@ async fn status(
 
 /// The daemon's status answer as its type.
 fn read_status(answer: &serde_json::Value) -> anyhow::Result<crate::control::Status> {
+    read_answer(answer)
+}
+
+/// A daemon's answer as the type this rampart reads it into.
+fn read_answer<T: serde::de::DeserializeOwned>(answer: &serde_json::Value) -> anyhow::Result<T> {
     serde_json::from_value(answer.clone())
-        .context("the daemon's status answer is not what this rampart reads (another version?)")
+        .context("the daemon's answer is not what this rampart reads (another version?)")
+}
+
+/// Prints a daemon's answer as it said it (`--json`: a newer daemon may say more), or
+/// read as its type through its text printer.
+fn show_as<T: serde::de::DeserializeOwned>(
+    answer: &serde_json::Value,
+    json: bool,
+    text: fn(&T),
+) -> anyhow::Result<i32> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(answer)?);
+    } else {
+        text(&read_answer(answer)?);
+    }
+    Ok(0)
 }
 
 /// `rampart trace`: the daemon names the rules' generation when it answers.
@@ -464,11 +484,7 @@ fn printable(s: &str) -> String {
         .collect()
 }
 
-fn list(v: &serde_json::Value) -> String {
-    let items: Vec<&str> = v
-        .as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
-        .unwrap_or_default();
+fn list(items: &[String]) -> String {
     if items.is_empty() {
         "-".to_string()
     } else {
@@ -567,9 +583,8 @@ fn show(v: &serde_json::Value, json: bool, text: fn(&serde_json::Value)) -> anyh
     Ok(0)
 }
 
-fn print_routers(a: &serde_json::Value) {
-    let routers = a["routers"].as_array().cloned().unwrap_or_default();
-    if routers.is_empty() {
+fn print_routers(a: &crate::control::RoutersAnswer) {
+    if a.routers.is_empty() {
         println!("no routers");
         return;
     }
@@ -584,90 +599,63 @@ fn print_routers(a: &serde_json::Value) {
         "ADDRESSES",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
-    for r in &routers {
-        let id = r["id"].as_str().unwrap_or("?");
-        let ns = r["namespace"].as_str().unwrap_or("?");
-        let ifaces = r["interfaces"].as_array().cloned().unwrap_or_default();
-        for (n, i) in ifaces.iter().enumerate() {
-            let addrs: Vec<&str> = i["addresses"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|a| a.as_str())
-                .collect();
+    for r in &a.routers {
+        for (n, i) in r.interfaces.iter().enumerate() {
+            let first = |s: &str| if n == 0 { s.to_string() } else { String::new() };
             rows.push(vec![
-                if n == 0 {
-                    id.to_string()
-                } else {
-                    String::new()
-                },
-                if n == 0 {
-                    ns.to_string()
-                } else {
-                    String::new()
-                },
-                i["name"].as_str().unwrap_or("?").to_string(),
-                i["host"].as_str().unwrap_or("?").to_string(),
-                i["bridge"].as_str().unwrap_or("-").to_string(),
-                i["mtu"].to_string(),
-                i["state"].as_str().unwrap_or("?").to_string(),
-                addrs.join(","),
+                first(&r.id),
+                first(&r.namespace),
+                i.name.clone(),
+                i.host.clone(),
+                i.bridge.clone().unwrap_or_else(|| "-".into()),
+                i.mtu.to_string(),
+                i.state.as_str().to_string(),
+                i.addresses.join(","),
             ]);
         }
-        if ifaces.is_empty() {
-            let mut row = vec![id.to_string(), ns.to_string()];
+        if r.interfaces.is_empty() {
+            let mut row = vec![r.id.clone(), r.namespace.clone()];
             row.resize(header.len(), "-".into());
             rows.push(row);
         }
     }
     print_table(&rows);
-    for r in &routers {
+    for r in &a.routers {
         print_router_state(r);
     }
 }
 
 /// A router's routes, and whether the kernel matches its record.
-fn print_router_state(r: &serde_json::Value) {
-    let id = r["id"].as_str().unwrap_or("?");
-    for route in r["routes"].as_array().into_iter().flatten() {
-        println!(
-            "{id}: route {} via {}",
-            route["destination"].as_str().unwrap_or("?"),
-            route["via"].as_str().unwrap_or("?")
-        );
+fn print_router_state(r: &crate::router::View) {
+    let id = &r.id;
+    for route in &r.routes {
+        println!("{id}: route {} via {}", route.destination, route.via);
     }
-    if r["in_sync"] == true {
+    if r.in_sync {
         println!("{id}: kernel matches the record");
         return;
     }
-    let pending: Vec<&str> = r["pending"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.as_str())
-        .collect();
     println!(
         "{id}: DRIFT: kernel differs from the record (needs: {}){}",
-        pending.join("; "),
-        r["error"]
-            .as_str()
+        r.pending.join("; "),
+        r.error
+            .as_deref()
             .map(|e| format!(" error: {e}"))
             .unwrap_or_default()
     );
 }
 
-fn print_rules(a: &serde_json::Value) {
-    let applied = if a["applied_at_ms"].is_i64() || a["applied_at_ms"].is_u64() {
-        when(&a["applied_at_ms"])
-    } else {
-        "at start (restored)".to_string()
+fn print_rules(a: &crate::control::RulesAnswer) {
+    let applied = match a.applied_at_ms {
+        Some(ms) => when_ms(Some(ms)),
+        None => "at start (restored)".to_string(),
     };
     println!(
         "table inet {}  generation {}  applied {}  {}",
-        a["table"].as_str().unwrap_or("?"),
-        a["generation"],
+        a.table,
+        a.generation,
         applied,
-        if a["in_kernel"] == true {
+        if a.in_kernel {
             "(in kernel)"
         } else {
             "(NOT in kernel)"
@@ -675,9 +663,7 @@ fn print_rules(a: &serde_json::Value) {
     );
     println!(
         "defaults: in={} out={} forward={}",
-        a["defaults"]["in"].as_str().unwrap_or("?"),
-        a["defaults"]["out"].as_str().unwrap_or("?"),
-        a["defaults"]["forward"].as_str().unwrap_or("?")
+        a.defaults.input, a.defaults.out, a.defaults.forward
     );
     let header = [
         "PRIO",
@@ -694,24 +680,25 @@ fn print_rules(a: &serde_json::Value) {
         "COMMENT",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
-    for r in a["rules"].as_array().into_iter().flatten() {
-        let mut id = r["id"].as_str().unwrap_or("?").to_string();
-        if r["disabled"] == true {
+    for shown in &a.rules {
+        let r = &shown.rule;
+        let mut id = r.id.clone();
+        if r.disabled {
             id.push_str(" (disabled)");
         }
         rows.push(vec![
-            r["priority"].to_string(),
+            r.priority.to_string(),
             id,
-            r["action"].as_str().unwrap_or("?").to_string(),
-            r["direction"].as_str().unwrap_or("?").to_string(),
-            r["protocol"].as_str().unwrap_or("?").to_string(),
-            list(&r["sources"]),
-            list(&r["destinations"]),
-            list(&r["ports"]),
-            list(&r["applied_to"]),
-            r["packets"].to_string(),
-            r["bytes"].to_string(),
-            printable(r["comment"].as_str().unwrap_or("")),
+            r.action.clone(),
+            r.direction.clone(),
+            r.protocol.clone(),
+            list(&r.sources),
+            list(&r.destinations),
+            list(&r.ports),
+            list(&r.applied_to),
+            shown.packets.to_string(),
+            shown.bytes.to_string(),
+            printable(&r.comment),
         ]);
     }
     print_table(&rows);

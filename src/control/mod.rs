@@ -171,7 +171,10 @@ async fn answer(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
             Ok(Request::Status) => {
                 serde_json::to_value(status(shared).await).expect("the status serialises")
             }
-            Ok(Request::Routers) => json!({"routers": shared.routers.lock().await.inspect().await}),
+            Ok(Request::Routers) => {
+                let routers = shared.routers.lock().await.inspect().await;
+                serde_json::to_value(RoutersAnswer { routers }).expect("the routers serialise")
+            }
         }
     };
     let mut bytes = serde_json::to_vec(&reply).expect("JSON serialises");
@@ -213,44 +216,90 @@ async fn rules(shared: &Shared) -> Value {
         Err(e) => return json!({"error": e.to_string()}),
     };
     let counts = live.as_ref().map(counters).unwrap_or_default();
-    rules_answer(
+    let answer = RulesAnswer::of(
         fw.table(),
         live.is_some(),
         fw.applied_at_ms,
         fw.current(),
         &counts,
-    )
+    );
+    serde_json::to_value(answer).expect("the rules serialise")
+}
+
+/// The `routers` answer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RoutersAnswer {
+    pub routers: Vec<crate::router::View>,
 }
 
 /// The `rules` answer: the rule set in force, rules in evaluation order with their counts.
-fn rules_answer(
-    table: &str,
-    in_kernel: bool,
-    applied_at_ms: Option<u64>,
-    rs: &crate::firewall::spec::RuleSet,
-    counts: &std::collections::HashMap<String, (u64, u64)>,
-) -> Value {
-    let mut rules: Vec<&crate::firewall::spec::Rule> = rs.rules.values().collect();
-    rules.sort_by_key(|r| r.key());
-    let rules: Vec<Value> = rules
-        .into_iter()
-        .map(|r| {
-            let mut v = r.to_json();
-            let (p, b) = counts.get(&r.id).copied().unwrap_or((0, 0));
-            v["packets"] = json!(p);
-            v["bytes"] = json!(b);
-            v
-        })
-        .collect();
-    json!({
-        "table": table,
-        "in_kernel": in_kernel,
-        "generation": rs.generation,
-        "applied_at_ms": applied_at_ms,
-        "defaults": {"in": rs.defaults.input.as_str(), "out": rs.defaults.output.as_str(), "forward": rs.defaults.forward.as_str()},
-        "address_sets": rs.sets.iter().map(|(k, v)| (k.clone(), json!(v.len()))).collect::<serde_json::Map<_, _>>(),
-        "rules": rules,
-    })
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RulesAnswer {
+    pub table: String,
+    /// Whether the table is in the kernel.
+    pub in_kernel: bool,
+    pub generation: u64,
+    /// When the rule set was applied (`None`: restored at start).
+    pub applied_at_ms: Option<u64>,
+    pub defaults: DefaultsShown,
+    /// Elements per address set.
+    pub address_sets: std::collections::BTreeMap<String, usize>,
+    pub rules: Vec<RuleShown>,
+}
+
+/// The default policies, as the contract spells them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DefaultsShown {
+    #[serde(rename = "in")]
+    pub input: String,
+    pub out: String,
+    pub forward: String,
+}
+
+/// One rule as the contract spells it, with its counters.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RuleShown {
+    #[serde(flatten)]
+    pub rule: crate::firewall::spec::WireRule,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl RulesAnswer {
+    fn of(
+        table: &str,
+        in_kernel: bool,
+        applied_at_ms: Option<u64>,
+        rs: &crate::firewall::spec::RuleSet,
+        counts: &std::collections::HashMap<String, (u64, u64)>,
+    ) -> RulesAnswer {
+        let mut rules: Vec<&crate::firewall::spec::Rule> = rs.rules.values().collect();
+        rules.sort_by_key(|r| r.key());
+        let rules = rules
+            .into_iter()
+            .map(|r| {
+                let (packets, bytes) = counts.get(&r.id).copied().unwrap_or((0, 0));
+                RuleShown {
+                    rule: r.wire(),
+                    packets,
+                    bytes,
+                }
+            })
+            .collect();
+        RulesAnswer {
+            table: table.to_string(),
+            in_kernel,
+            generation: rs.generation,
+            applied_at_ms,
+            defaults: DefaultsShown {
+                input: rs.defaults.input.as_str().to_string(),
+                out: rs.defaults.output.as_str().to_string(),
+                forward: rs.defaults.forward.as_str().to_string(),
+            },
+            address_sets: rs.sets.iter().map(|(k, v)| (k.clone(), v.len())).collect(),
+            rules,
+        }
+    }
 }
 
 async fn status(shared: &Shared) -> Status {
@@ -325,9 +374,9 @@ mod session_tests {
         )
         .unwrap();
         let counts = std::collections::HashMap::from([("a".to_string(), (3, 180))]);
-        let answer = rules_answer("rampart", true, Some(1_700), &rs, &counts);
+        let answer = RulesAnswer::of("rampart", true, Some(1_700), &rs, &counts);
         assert_eq!(
-            answer,
+            serde_json::to_value(&answer).unwrap(),
             json!({"table": "rampart", "in_kernel": true, "generation": 7, "applied_at_ms": 1700,
                 "defaults": {"in": "drop", "out": "allow", "forward": "drop"},
                 "address_sets": {"web": 2},
@@ -341,8 +390,15 @@ mod session_tests {
                    "ports": ["53"], "applied_to": [], "log": true, "disabled": false,
                    "comment": "dns", "packets": 0, "bytes": 0}]})
         );
-        let unapplied = rules_answer("rampart", false, None, &rs, &Default::default());
-        assert_eq!(unapplied["applied_at_ms"], Value::Null);
+        let unapplied = RulesAnswer::of("rampart", false, None, &rs, &Default::default());
+        assert_eq!(
+            serde_json::to_value(&unapplied).unwrap()["applied_at_ms"],
+            Value::Null
+        );
+        // And the CLI reads it back as it was.
+        let read: RulesAnswer =
+            serde_json::from_value(serde_json::to_value(&answer).unwrap()).unwrap();
+        assert_eq!(read, answer);
     }
 
     #[test]

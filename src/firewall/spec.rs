@@ -336,23 +336,48 @@ impl PortRange {
     }
 }
 
+/// A rule in wire form, as the contract spells it (what the manager sent, normalised): in
+/// the stored rule set and in `rampart rules`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct WireRule {
+    pub id: String,
+    pub priority: u32,
+    pub action: String,
+    pub direction: String,
+    pub protocol: String,
+    pub sources: Vec<String>,
+    pub destinations: Vec<String>,
+    pub ports: Vec<String>,
+    pub applied_to: Vec<String>,
+    pub log: bool,
+    pub disabled: bool,
+    pub comment: String,
+}
+
 impl Rule {
-    /// The rule in wire form (as the manager sent it, normalised).
+    /// The rule in wire form.
+    pub fn wire(&self) -> WireRule {
+        // The contract's words for the enums are their serialised names.
+        let word = |v: Value| v.as_str().unwrap_or_default().to_string();
+        WireRule {
+            id: self.id.clone(),
+            priority: self.priority,
+            action: word(json!(self.action)),
+            direction: word(json!(self.direction)),
+            protocol: word(json!(self.protocol)),
+            sources: self.sources.iter().map(Addr::text).collect(),
+            destinations: self.destinations.iter().map(Addr::text).collect(),
+            ports: self.ports.iter().map(PortRange::text).collect(),
+            applied_to: self.applied_to.iter().map(|i| i.0.clone()).collect(),
+            log: self.log,
+            disabled: self.disabled,
+            comment: self.comment.clone(),
+        }
+    }
+
+    /// The rule in wire form, as JSON.
     pub fn to_json(&self) -> Value {
-        json!({
-            "id": self.id,
-            "priority": self.priority,
-            "action": self.action,
-            "direction": self.direction,
-            "protocol": self.protocol,
-            "sources": self.sources.iter().map(Addr::text).collect::<Vec<_>>(),
-            "destinations": self.destinations.iter().map(Addr::text).collect::<Vec<_>>(),
-            "ports": self.ports.iter().map(PortRange::text).collect::<Vec<_>>(),
-            "applied_to": self.applied_to.iter().map(|i| i.0.clone()).collect::<Vec<_>>(),
-            "log": self.log,
-            "disabled": self.disabled,
-            "comment": self.comment,
-        })
+        serde_json::to_value(self.wire()).expect("a rule serialises")
     }
 }
 

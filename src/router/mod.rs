@@ -8,7 +8,6 @@ pub mod spec;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
-use serde_json::{Value, json};
 
 use crate::faults::{self, Fault};
 use crate::sys::netns::{self, NetnsWorker};
@@ -253,7 +252,7 @@ impl Routers {
     }
 
     /// Each router with the kernel's view beside the record, for `rampart routers`.
-    pub async fn inspect(&self) -> Vec<Value> {
+    pub async fn inspect(&self) -> Vec<View> {
         let mut out = Vec::new();
         for spec in self.wanted.values() {
             let s = spec.clone();
@@ -267,7 +266,62 @@ impl Routers {
     }
 }
 
-fn view(spec: &RouterSpec, observed: Result<Observed, KernelError>) -> Value {
+/// A router as `rampart routers` shows it: its record, and how the kernel differs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct View {
+    pub id: String,
+    pub namespace: String,
+    /// Whether the namespace exists.
+    pub present: bool,
+    pub interfaces: Vec<InterfaceView>,
+    pub routes: Vec<RouteView>,
+    /// The kernel matches the record.
+    pub in_sync: bool,
+    /// What converging would do, one step per line.
+    pub pending: Vec<String>,
+    /// Why the kernel could not be read.
+    pub error: Option<String>,
+}
+
+/// One interface of a [`View`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InterfaceView {
+    pub name: String,
+    /// The host end's name.
+    pub host: String,
+    pub addresses: Vec<String>,
+    pub mtu: u32,
+    pub bridge: Option<String>,
+    pub state: LinkState,
+}
+
+/// Whether both ends of an interface are up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkState {
+    Up,
+    Down,
+    Missing,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Up => "up",
+            LinkState::Down => "down",
+            LinkState::Missing => "missing",
+        }
+    }
+}
+
+/// One static route of a [`View`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RouteView {
+    pub destination: String,
+    pub via: String,
+}
+
+fn view(spec: &RouterSpec, observed: Result<Observed, KernelError>) -> View {
     let (observed, error) = match observed {
         Ok(o) => (o, None),
         Err(e) => (Observed::default(), Some(e.to_string())),
@@ -276,41 +330,49 @@ fn view(spec: &RouterSpec, observed: Result<Observed, KernelError>) -> Value {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let interfaces: Vec<Value> = spec
+    let interfaces = spec
         .interfaces
         .iter()
         .map(|i| {
-            let o = observed.interfaces.get(&i.name);
-            let state = match o {
-                None => "missing",
-                Some(o) if o.up && o.host.as_ref().is_some_and(|h| h.up) => "up",
-                Some(_) => "down",
+            let state = match observed.interfaces.get(&i.name) {
+                None => LinkState::Missing,
+                Some(o) if o.up && o.host.as_ref().is_some_and(|h| h.up) => LinkState::Up,
+                Some(_) => LinkState::Down,
             };
-            json!({
-                "name": i.name,
-                "host": i.host_name(&spec.id),
-                "addresses": i.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-                "mtu": i.mtu,
-                "bridge": i.bridge,
-                "state": state,
-            })
+            InterfaceView {
+                name: i.name.clone(),
+                host: i.host_name(&spec.id),
+                addresses: i.addresses.iter().map(|a| a.to_string()).collect(),
+                mtu: i.mtu,
+                bridge: i.bridge.clone(),
+                state,
+            }
         })
         .collect();
-    json!({
-        "id": spec.id,
-        "namespace": spec.netns(),
-        "present": observed.namespace,
-        "interfaces": interfaces,
-        "routes": spec.routes.iter().map(|r| json!({"destination": r.destination.to_string(), "via": r.via.to_string()})).collect::<Vec<_>>(),
-        "in_sync": pending.is_empty() && error.is_none(),
-        "pending": pending,
-        "error": error,
-    })
+    let routes = spec
+        .routes
+        .iter()
+        .map(|r| RouteView {
+            destination: r.destination.to_string(),
+            via: r.via.to_string(),
+        })
+        .collect();
+    View {
+        id: spec.id.clone(),
+        namespace: spec.netns(),
+        present: observed.namespace,
+        interfaces,
+        routes,
+        in_sync: pending.is_empty() && error.is_none(),
+        pending,
+        error,
+    }
 }
 
 #[cfg(test)]
 mod view_tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn the_routers_answer_keeps_its_json() {
