@@ -106,21 +106,19 @@ pub type SettingsWatch = tokio::sync::watch::Receiver<Arc<Settings>>;
 /// Bodies up to this size are decoded on the async worker; larger ones on the blocking pool.
 const INLINE_DECODE_BYTES: usize = 64 * 1024;
 
-/// The result of executing one request, before it is stored.
+/// The answer to one executed request, before it is stored.
 struct Executed {
     status: Status,
     error: Option<AckError>,
     data: Value,
-    change: Change,
 }
 
 impl Executed {
-    fn applied(data: Value, change: Change) -> Executed {
+    fn applied(data: Value) -> Executed {
         Executed {
             status: Status::Applied,
             error: None,
             data,
-            change,
         }
     }
 }
@@ -213,7 +211,6 @@ impl Executed {
             status,
             error: Some(error),
             data,
-            change: Change::None,
         }
     }
 }
@@ -331,11 +328,11 @@ impl Dispatcher {
         let mut locks = self.locks_for(&request.kind).await;
         let epoch = self.fence(&mut locks).await;
         let Request { id, kind, .. } = request;
-        let (executed, commit, rotation) = match self.execute(&id, kind, &mut locks).await {
+        let (executed, mut effect, rotation) = match self.execute(&id, kind, &mut locks).await {
             Ok(done) => done,
             Err(e) => return self.store_failure(&id, type_name, e),
         };
-        let (ack, change) = self.ack_of(&id, type_name, executed, started);
+        let ack = self.ack_of(&id, type_name, executed, started);
         if ack.status == Status::Rejected {
             // Not recorded (see above): a rejection changed nothing.
             if let Some(e) = &ack.error {
@@ -350,19 +347,19 @@ impl Dispatcher {
             return Outcome::answered(ack, Disposition::Ack);
         }
         let persist_started = Instant::now();
-        let persisted = self.persist(&id, &ack, change, epoch).await;
+        let persisted = self.persist(&id, &ack, effect.record(), epoch).await;
         tracing::debug!(command_id = %id, persist_us = persist_started.elapsed().as_micros() as u64, "outcome stored");
         let unsynced = match persisted {
             Ok(unsynced) => unsynced,
             Err(e) => {
-                self.roll_back(&mut locks, &commit).await;
+                self.roll_back(&mut locks, &effect).await;
                 // An identity already switched stays switched: the new session carries on.
                 let mut outcome = self.store_failure(&id, type_name, e);
                 outcome.rotation = rotation;
                 return outcome;
             }
         };
-        self.commit(locks, commit).await;
+        self.commit(locks, effect).await;
         if unsynced.is_none() {
             faults::crash_if(Fault::CrashAfterPersist, &id);
         }
@@ -455,18 +452,18 @@ impl Dispatcher {
         }
     }
 
-    /// Runs the request in its domain: what happened, what to commit in memory once it is
-    /// recorded, and the new session if the identity changed. `Err`: the store could not be
+    /// Runs the request in its domain: the answer, its [`Effect`] (what to record, then
+    /// make current in memory), and the new session if the identity changed. `Err`: the store could not be
     /// read (a `state.sync`).
     async fn execute(
         &self,
         id: &str,
         kind: RequestKind,
         locks: &mut Locks<'_>,
-    ) -> Result<(Executed, Commit, Option<Box<Rotation>>), StateError> {
-        let none = |executed| Ok((executed, Commit::None, None));
+    ) -> Result<(Executed, Effect, Option<Box<Rotation>>), StateError> {
+        let none = |executed| Ok((executed, Effect::None, None));
         match kind {
-            RequestKind::Ping => none(Executed::applied(json!({}), Change::None)),
+            RequestKind::Ping => none(Executed::applied(json!({}))),
             RequestKind::StateSync { counters } => none(self.state_sync(counters).await?),
             RequestKind::FirewallApply {
                 rules,
@@ -477,8 +474,8 @@ impl Dispatcher {
                 if dry_run {
                     return none(firewall_apply_dry(fw, &rules).await);
                 }
-                let (executed, commit) = firewall_apply(fw, rules, raw).await;
-                Ok((executed, commit, None))
+                let (executed, effect) = firewall_apply(fw, rules, raw).await;
+                Ok((executed, effect, None))
             }
             RequestKind::FirewallPatch {
                 patch,
@@ -489,23 +486,23 @@ impl Dispatcher {
                 if dry_run {
                     return none(firewall_patch_dry(fw, &patch).await);
                 }
-                let (executed, commit) = firewall_patch(fw, &patch, raw).await;
-                Ok((executed, commit, None))
+                let (executed, effect) = firewall_patch(fw, &patch, raw).await;
+                Ok((executed, effect, None))
             }
             RequestKind::CertRequest(req) => none(self.cert_request(*req).await),
             RequestKind::CertInstall(bundle) => {
                 let (executed, rotation) = self.cert_install(&bundle, id).await;
-                Ok((executed, Commit::None, rotation))
+                Ok((executed, Effect::None, rotation))
             }
             RequestKind::RouterCreate(spec) => {
                 let routers = locks.routers.as_mut().expect("locked for routers");
-                let (executed, commit) = self.router_create(routers, *spec).await;
-                Ok((executed, commit, None))
+                let (executed, effect) = self.router_create(routers, *spec).await;
+                Ok((executed, effect, None))
             }
             RequestKind::RouterDelete { id: router } => {
                 let routers = locks.routers.as_mut().expect("locked for routers");
-                let (executed, commit) = router_delete(routers, router).await;
-                Ok((executed, commit, None))
+                let (executed, effect) = router_delete(routers, router).await;
+                Ok((executed, effect, None))
             }
         }
     }
@@ -521,22 +518,15 @@ impl Dispatcher {
         if counters {
             summary["firewall"]["counters"] = self.rule_counters().await;
         }
-        Ok(Executed::applied(summary, Change::None))
+        Ok(Executed::applied(summary))
     }
 
-    /// The ack for what `executed` says (with the time it took), and the change to record.
-    fn ack_of(
-        &self,
-        id: &str,
-        type_name: &str,
-        executed: Executed,
-        started: Instant,
-    ) -> (Ack, Change) {
+    /// The ack for what `executed` says (with the time it took).
+    fn ack_of(&self, id: &str, type_name: &str, executed: Executed, started: Instant) -> Ack {
         let Executed {
             status,
             error,
             mut data,
-            change,
         } = executed;
         if let Value::Object(map) = &mut data {
             map.insert(
@@ -544,41 +534,40 @@ impl Dispatcher {
                 json!(started.elapsed().as_micros() as u64),
             );
         }
-        let ack = Ack::new(
+        Ack::new(
             self.host_id(),
             Some(id.to_string()),
             Some(type_name.to_string()),
             status,
             error,
             data,
-        );
-        (ack, change)
+        )
     }
 
     /// Undoes in the kernel what a command did whose record could not be kept.
-    async fn roll_back(&self, locks: &mut Locks<'_>, commit: &Commit) {
+    async fn roll_back(&self, locks: &mut Locks<'_>, effect: &Effect) {
         if let Some(fw) = locks.firewall.as_mut()
-            && !matches!(commit, Commit::None)
+            && !matches!(effect, Effect::None)
             && let Err(re) = fw.restore().await
         {
             tracing::error!(error = %re, "could not roll the kernel back to the recorded rule set");
         }
         if let Some(routers) = locks.routers.as_mut() {
-            undo_router(routers, commit).await;
+            undo_router(routers, effect).await;
         }
     }
 
     /// Makes the recorded change the current state in memory, then what follows from it:
     /// connections the new rules deny are cut, the journal compacted now and then.
-    async fn commit(&self, locks: Locks<'_>, commit: Commit) {
+    async fn commit(&self, locks: Locks<'_>, effect: Effect) {
         let Locks {
             firewall,
             mut routers,
         } = locks;
         if let Some(routers) = routers.as_mut() {
-            match &commit {
-                Commit::RouterPut { spec, .. } => routers.commit_put((**spec).clone()),
-                Commit::RouterDelete { id, .. } => routers.commit_delete(id),
+            match &effect {
+                Effect::RouterPut { spec, .. } => routers.commit_put((**spec).clone()),
+                Effect::RouterDelete { id, .. } => routers.commit_delete(id),
                 _ => {}
             }
         }
@@ -586,14 +575,14 @@ impl Dispatcher {
         let Some(mut fw) = firewall else {
             return;
         };
-        match commit {
-            Commit::Replace(rs, layout) => {
-                fw.commit_replace(*rs, layout);
+        match effect {
+            Effect::Replace { rules, layout, .. } => {
+                fw.commit_replace(*rules, layout);
                 // A full rule set is what a lost state was waiting for.
                 self.set_state_lost(None);
                 fw.cut_denied().await;
             }
-            Commit::Patch(plan) => {
+            Effect::Patch { plan, .. } => {
                 let may_deny_more = plan.may_deny_more;
                 fw.commit_patch(*plan);
                 if may_deny_more {
@@ -868,11 +857,21 @@ pub fn replay_firewall(
     Ok(fw)
 }
 
-/// What to change in memory once the outcome is stored.
-enum Commit {
+/// What a command did: what the store records of it, what becomes current in memory once
+/// that record is kept, and what is undone in the kernel when it cannot be.
+enum Effect {
     None,
-    Replace(Box<RuleSet>, crate::firewall::layout::Layout),
-    Patch(Box<crate::firewall::PatchPlan>),
+    /// A whole rule set is in the kernel; `raw` is its canonical JSON, for the record.
+    Replace {
+        rules: Box<RuleSet>,
+        layout: crate::firewall::layout::Layout,
+        raw: String,
+    },
+    /// A patch is in the kernel; `raw` is its `data`, for the record's journal.
+    Patch {
+        plan: Box<crate::firewall::PatchPlan>,
+        raw: String,
+    },
     /// Router `spec` is in the kernel; `previous` is what the record held before.
     RouterPut {
         spec: Box<RouterSpec>,
@@ -885,9 +884,25 @@ enum Commit {
     },
 }
 
-fn failed_with(fw: &Firewall, e: FirewallError) -> (Executed, Commit) {
+impl Effect {
+    /// What the store records with the command's ack (the raw JSON moves into it).
+    fn record(&mut self) -> Change {
+        match self {
+            Effect::None => Change::None,
+            Effect::Replace { raw, .. } => Change::FirewallReplace(std::mem::take(raw)),
+            Effect::Patch { raw, .. } => Change::FirewallPatch(std::mem::take(raw)),
+            Effect::RouterPut { spec, .. } => Change::RouterPut {
+                id: spec.id.clone(),
+                spec: spec.to_json(),
+            },
+            Effect::RouterDelete { id, .. } => Change::RouterDelete(id.clone()),
+        }
+    }
+}
+
+fn failed_with(fw: &Firewall, e: FirewallError) -> (Executed, Effect) {
     let data = json!({ "generation": fw.current().generation });
-    (Executed::failed(e, data), Commit::None)
+    (Executed::failed(e, data), Effect::None)
 }
 
 /// A dry `firewall.apply`: checked and planned, answered with what it would change.
@@ -896,7 +911,6 @@ async fn firewall_apply_dry(fw: &Firewall, rs: &RuleSet) -> Executed {
         Err(e) => failed_with(fw, e).0,
         Ok(layout) => Executed::applied(
             json!({ "generation": rs.generation, "dry_run": true, "diff": fw.apply_diff(rs, layout.as_ref()).await }),
-            Change::None,
         ),
     }
 }
@@ -907,23 +921,19 @@ async fn firewall_patch_dry(fw: &Firewall, patch: &Patch) -> Executed {
         Err(e) => failed_with(fw, e).0,
         Ok(plan) => Executed::applied(
             json!({ "generation": patch.generation, "dry_run": true, "diff": fw.patch_diff(&plan).await }),
-            Change::None,
         ),
     }
 }
 
-async fn firewall_apply(fw: &mut Firewall, rs: Box<RuleSet>, raw: String) -> (Executed, Commit) {
+async fn firewall_apply(fw: &mut Firewall, rs: Box<RuleSet>, raw: String) -> (Executed, Effect) {
     let t = Instant::now();
     let plan = fw.plan_apply(&rs);
     tracing::debug!(plan_us = t.elapsed().as_micros() as u64, "rule set planned");
     match plan {
         Err(e) => failed_with(fw, e),
         Ok(ApplyPlan::NoOp) => (
-            Executed::applied(
-                json!({ "generation": rs.generation, "noop": true }),
-                Change::None,
-            ),
-            Commit::None,
+            Executed::applied(json!({ "generation": rs.generation, "noop": true })),
+            Effect::None,
         ),
         Ok(ApplyPlan::Replace { batch, layout }) => {
             let t = Instant::now();
@@ -936,16 +946,20 @@ async fn firewall_apply(fw: &mut Firewall, rs: Box<RuleSet>, raw: String) -> (Ex
                 bytes,
                 "firewall rule set applied to the kernel"
             );
-            let executed = Executed::applied(
-                json!({ "generation": rs.generation }),
-                Change::FirewallReplace(raw),
-            );
-            (executed, Commit::Replace(rs, layout))
+            let executed = Executed::applied(json!({ "generation": rs.generation }));
+            (
+                executed,
+                Effect::Replace {
+                    rules: rs,
+                    layout,
+                    raw,
+                },
+            )
         }
     }
 }
 
-async fn firewall_patch(fw: &mut Firewall, patch: &Patch, raw: String) -> (Executed, Commit) {
+async fn firewall_patch(fw: &mut Firewall, patch: &Patch, raw: String) -> (Executed, Effect) {
     let t = Instant::now();
     let plan = match fw.plan_patch(patch) {
         Ok(plan) => plan,
@@ -961,11 +975,9 @@ async fn firewall_patch(fw: &mut Firewall, patch: &Patch, raw: String) -> (Execu
         netlink = !matches!(plan.kernel, crate::firewall::KernelChange::Text(_)),
         "firewall patch applied to the kernel"
     );
-    let executed = Executed::applied(
-        json!({ "generation": patch.generation }),
-        Change::FirewallPatch(raw),
-    );
-    (executed, Commit::Patch(Box::new(plan)))
+    let executed = Executed::applied(json!({ "generation": patch.generation }));
+    let plan = Box::new(plan);
+    (executed, Effect::Patch { plan, raw })
 }
 
 impl Dispatcher {
@@ -1006,10 +1018,10 @@ impl Dispatcher {
 
     /// `router.create`: bridges checked, the id owned durably before the first kernel
     /// change, then converged; a failure rolls back to what was there before.
-    async fn router_create(&self, routers: &mut Routers, spec: RouterSpec) -> (Executed, Commit) {
+    async fn router_create(&self, routers: &mut Routers, spec: RouterSpec) -> (Executed, Effect) {
         let failed = |e: RouterError| {
             let executed = Executed::failed(e, json!({ "router": spec.id }));
-            (executed, Commit::None)
+            (executed, Effect::None)
         };
         if let Err(e) = routers.check_bridges(&spec).await {
             return failed(e);
@@ -1017,7 +1029,7 @@ impl Dispatcher {
         if !routers.is_owned(&spec.id)
             && let Some(refused) = self.own_router(routers, &spec).await
         {
-            return (refused, Commit::None);
+            return (refused, Effect::None);
         }
         let previous = routers.get(&spec.id).cloned().map(Box::new);
         match routers.converge(&spec).await {
@@ -1025,21 +1037,17 @@ impl Dispatcher {
                 tracing::debug!(router = %spec.id, steps = steps.len(), "router converged");
                 let executed = Executed::applied(
                     json!({ "router": spec.id, "changes": steps.len(), "noop": steps.is_empty() }),
-                    Change::RouterPut {
-                        id: spec.id.clone(),
-                        spec: spec.to_json(),
-                    },
                 );
-                let commit = Commit::RouterPut {
+                let effect = Effect::RouterPut {
                     spec: Box::new(spec),
                     previous,
                 };
-                (executed, commit)
+                (executed, effect)
             }
             Err(e) => {
                 tracing::warn!(router = %spec.id, error = %e, "router create failed; rolling back");
                 let was_new = previous.is_none();
-                let undo = Commit::RouterPut {
+                let undo = Effect::RouterPut {
                     spec: Box::new(spec.clone()),
                     previous,
                 };
@@ -1092,48 +1100,45 @@ fn report_reconciled(done: &crate::router::Reconciled, drift: &tokio::sync::mpsc
 }
 
 /// `router.delete`: removes the router (absent is fine).
-async fn router_delete(routers: &mut Routers, id: String) -> (Executed, Commit) {
+async fn router_delete(routers: &mut Routers, id: String) -> (Executed, Effect) {
     let previous = routers.get(&id).cloned().map(Box::new);
     if previous.is_none() && !routers.is_owned(&id) {
-        let executed = Executed::applied(json!({ "router": id, "absent": true }), Change::None);
-        return (executed, Commit::None);
+        let executed = Executed::applied(json!({ "router": id, "absent": true }));
+        return (executed, Effect::None);
     }
     match routers.remove(&id, previous.as_deref()).await {
         Ok(()) => (
-            Executed::applied(
-                json!({ "router": id, "absent": previous.is_none() }),
-                Change::RouterDelete(id.clone()),
-            ),
-            Commit::RouterDelete { id, previous },
+            Executed::applied(json!({ "router": id, "absent": previous.is_none() })),
+            Effect::RouterDelete { id, previous },
         ),
         Err(e) => {
             tracing::warn!(router = %id, error = %e, "router delete failed; restoring it");
             undo_router(
                 routers,
-                &Commit::RouterDelete {
+                &Effect::RouterDelete {
                     id: id.clone(),
                     previous,
                 },
             )
             .await;
             let executed = Executed::failed(RouterError::Kernel(e), json!({ "router": id }));
-            (executed, Commit::None)
+            (executed, Effect::None)
         }
     }
 }
 
 /// Puts the kernel back to the record as it was before a router command.
 /// True when the kernel is back as it was.
-async fn undo_router(routers: &Routers, commit: &Commit) -> bool {
-    let (id, previous) = match commit {
-        Commit::RouterPut { spec, previous } => (spec.id.as_str(), previous),
-        Commit::RouterDelete { id, previous } => (id.as_str(), previous),
+async fn undo_router(routers: &Routers, effect: &Effect) -> bool {
+    let (id, previous) = match effect {
+        Effect::RouterPut { spec, previous } => (spec.id.as_str(), previous),
+        Effect::RouterDelete { id, previous } => (id.as_str(), previous),
         _ => return true,
     };
     let result = match previous {
         Some(p) => routers.converge(p).await.map(|_| ()),
-        None => match commit {
-            Commit::RouterPut { spec, .. } => routers.remove(id, Some(spec)).await,
+        None => match effect {
+            Effect::RouterPut { spec, .. } => routers.remove(id, Some(spec)).await,
             _ => Ok(()),
         },
     };
@@ -1158,11 +1163,8 @@ impl Dispatcher {
         match made {
             Ok((csr_pem, req)) => {
                 tracing::info!(subject_cn = %req.subject_cn, dns_names = ?req.dns_names, "new key pair made; CSR in the ack");
-                Executed::applied(
-                    json!({ "csr_pem": csr_pem, "key_type": "ecdsa-p256",
-                            "subject_cn": req.subject_cn, "dns_names": req.dns_names }),
-                    Change::None,
-                )
+                Executed::applied(json!({ "csr_pem": csr_pem, "key_type": "ecdsa-p256",
+                            "subject_cn": req.subject_cn, "dns_names": req.dns_names }))
             }
             Err(e) => Executed::failed(DispatchError::Request(e.to_string()), json!({})),
         }
@@ -1274,10 +1276,7 @@ impl Dispatcher {
             "sha256": info.sha256,
         });
         if info.sha256 == current.info.sha256 && validated.ca_pem == current.ca_pem {
-            let executed = Executed::applied(
-                json!({ "certificate": described, "noop": true }),
-                Change::None,
-            );
+            let executed = Executed::applied(json!({ "certificate": described, "noop": true }));
             return (executed, None);
         }
         let failed = |message: String| {
@@ -1315,7 +1314,7 @@ impl Dispatcher {
             files,
             ca_pem,
         };
-        let executed = Executed::applied(json!({ "certificate": described }), Change::None);
+        let executed = Executed::applied(json!({ "certificate": described }));
         (executed, Some(Box::new(Rotation { connector, session })))
     }
 }
