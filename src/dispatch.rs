@@ -453,8 +453,8 @@ impl Dispatcher {
     }
 
     /// Runs the request in its domain: the answer, its [`Effect`] (what to record, then
-    /// make current in memory), and the new session if the identity changed. `Err`: the store could not be
-    /// read (a `state.sync`).
+    /// make current in memory), and the new session if the identity changed. `Err`: the
+    /// store could not be read (a `state.sync`).
     async fn execute(
         &self,
         id: &str,
@@ -702,10 +702,10 @@ impl Dispatcher {
 
     /// Writes the records of `outcomes` (durably, with one fsync, when any changed
     /// something) before their acks are published (record first, then ack: at most once).
-    /// If that fails, the firewall goes back to what the store holds, in memory and in the
-    /// kernel (when a patch was among them), and each unsynced outcome
-    /// becomes a store failure (none of those patches is in force), as does a redelivery
-    /// of one of them that was answered from its record.
+    /// Each outcome whose record was lost (the write failed, or a reopen dropped it)
+    /// becomes a store failure, as does a redelivery answered from such a record; when
+    /// patches were among them, the firewall goes back to what the store holds, in memory
+    /// and in the kernel (none of those patches is in force).
     pub async fn sync(&self, outcomes: &mut [Outcome]) {
         if outcomes.iter().all(|o| o.unsynced.is_none()) {
             return;

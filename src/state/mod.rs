@@ -393,26 +393,15 @@ impl Store {
         !matches!(self.remembered(id), Remembered::Unknown)
     }
 
-    /// What memory alone says of `id`: the light records waiting for the log, the log,
-    /// the deferred commits, then the ids the database holds. Each list is checked before
-    /// the one its records move to, which they reach under the first one's lock.
+    /// What memory alone says of `id`: the records waiting to be written, the log, then the
+    /// ids the database holds. A waiting record is checked before the log or database it
+    /// moves to, and leaves the waiting lists only once it is there.
     fn remembered(&self, id: &str) -> Remembered {
-        let epoch = self.epoch();
-        let waiting = |list: &std::sync::Mutex<Vec<Deferred>>| {
-            list.lock()
-                .expect("deferred lock")
-                .iter()
-                .find(|d| d.epoch == epoch && d.id == id)
-                .map(|d| Remembered::Ack(Box::new(d.ack.clone())))
-        };
-        if let Some(found) = waiting(&self.light) {
-            return found;
+        if let Some((_, ack)) = self.waiting(id) {
+            return Remembered::Ack(Box::new(ack));
         }
         if let Some(ack) = self.ledger.lock().expect("ledger lock").get(id) {
             return Remembered::Ack(Box::new(ack.clone()));
-        }
-        if let Some(found) = waiting(&self.deferred) {
-            return found;
         }
         if self.known.lock().expect("known lock").may_hold(id) {
             Remembered::MaybeStored
@@ -421,17 +410,23 @@ impl Store {
         }
     }
 
-    /// The epoch to hand to [`Store::sync`] while `id`'s record waits to be written (it is
-    /// light or deferred), `None` once it is written or when there is none. A duplicate
-    /// answered from a waiting record must wait for the same sync as the original's.
-    pub fn unsynced(&self, id: &str) -> Option<u64> {
+    /// The record of `id` waiting to be written (light or deferred) in the current epoch,
+    /// with that epoch.
+    fn waiting(&self, id: &str) -> Option<(u64, Ack)> {
         let epoch = self.epoch();
         [&self.light, &self.deferred].into_iter().find_map(|list| {
             let list = list.lock().expect("deferred lock");
             list.iter()
-                .any(|d| d.epoch == epoch && d.id == id)
-                .then_some(epoch)
+                .find(|d| d.epoch == epoch && d.id == id)
+                .map(|d| (epoch, d.ack.clone()))
         })
+    }
+
+    /// The epoch to hand to [`Store::sync`] while `id`'s record waits to be written (it is
+    /// light or deferred), `None` once it is written or when there is none. A duplicate
+    /// answered from a waiting record must wait for the same sync as the original's.
+    pub fn unsynced(&self, id: &str) -> Option<u64> {
+        self.waiting(id).map(|(epoch, _)| epoch)
     }
 
     /// Counts the reopens of the database (after I/O errors): what was made in memory
