@@ -305,11 +305,11 @@ async fn status(
     let connected = if json {
         // What the daemon said, as it said it (a newer daemon may say more).
         println!("{}", serde_json::to_string_pretty(&answer)?);
-        answer["session"]["state"] == crate::control::SessionState::Connected.as_str()
+        answer["session"]["state"] == crate::session::SessionState::Connected.as_str()
     } else {
         let status = read_status(&answer)?;
         print_status(&status);
-        status.session.state == crate::control::SessionState::Connected
+        status.session.state == crate::session::SessionState::Connected
     };
     Ok(if connected { 0 } else { 2 })
 }
@@ -876,7 +876,7 @@ fn connection_list(
     }
     // The agent's own broker session: its pid, established, to the broker's port.
     let session = status.and_then(|s| {
-        (s.session.state == crate::control::SessionState::Connected).then_some((
+        (s.session.state == crate::session::SessionState::Connected).then_some((
             s.pid,
             s.session.broker_port,
             &s.session,

@@ -5,45 +5,29 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures_util::StreamExt;
-use lapin::Event;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::broker::{self, BrokerError, Connector, Dialer, Session, amqp};
+use crate::broker::{self, BrokerError, Connector};
 use crate::certs::Current;
-use crate::config::{AuthMechanism, Config, UrlOrder, parse_failsafe};
-use crate::control::SessionState;
-use crate::dispatch::{CertContext, Dispatcher, Disposition, Rotation, Settings};
+use crate::config::{AuthMechanism, Config, parse_failsafe};
+use crate::dispatch::{CertContext, Dispatcher, Rotation, Settings};
 use crate::events::Outbox;
 use crate::firewall::render::RenderCtx;
 use crate::firewall::spec::{Limits, RuleSet};
 use crate::firewall::{Drift, Firewall};
 use crate::ids::{is_valid_host_id, now_ms};
 use crate::metrics::Metrics;
-use crate::protocol::{DecodeContext, Incoming};
+use crate::protocol::DecodeContext;
 use crate::router::Routers;
 use crate::router::spec::RouterSpec;
+use crate::session::{Inbound, Link, Received, Reply, SessionStatus};
 use crate::state::Store;
 use crate::sys::netns::NetnsWorker;
 use crate::sys::nft::Nft;
 
 /// Longest time from SIGTERM to exit.
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(15);
-
-/// Why a session ended.
-enum SessionEnd {
-    Shutdown,
-    /// `cert.install` opened a session with the new identity: continue on that one.
-    Rotate(Box<Rotation>),
-    /// The broker settings changed (SIGHUP): open a session with the new ones.
-    Reload,
-    Lost(String),
-}
 
 struct Agent {
     /// The settings in force, replaced whole on SIGHUP; the dispatcher reads the same ones.
@@ -88,7 +72,8 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     let firewall = Arc::new(tokio::sync::Mutex::new(firewall));
     let (drift_tx, drift_rx) = tokio::sync::mpsc::channel(16);
     let routers = load_routers(&store, &who.host_id, &drift_tx).await?;
-    let shared = shared_status(&firewall, &routers, &store, &who, state_lost);
+    let (status_tx, status_rx) = watch::channel(SessionStatus::default());
+    let shared = shared_status(&firewall, &routers, &store, &who, state_lost, status_rx);
     crate::control::serve(&config.control.socket, shared.clone())
         .context("opening the control socket")?;
     let outbox = Arc::new(Outbox::new(
@@ -130,18 +115,39 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         settings,
         metrics,
     ));
-    notify(&[
+    crate::logs::notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status("state restored; connecting to the broker"),
     ]);
     spawn_watchdog(&agent);
     let reload_rx = spawn_reload(&agent, config_path);
     let stop_rx = spawn_stop(&agent);
-    agent.session_loop(connector, stop_rx, reload_rx).await;
-    notify(&[sd_notify::NotifyState::Stopping]);
+    let link = start_session(&agent, connector, status_tx);
+    agent.serve(link, stop_rx, reload_rx).await?;
+    crate::logs::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = std::fs::remove_file(&agent.config().control.socket);
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Starts the session actor on `connector`'s brokers, reporting its state on `status`.
+fn start_session(
+    agent: &Arc<Agent>,
+    connector: Connector,
+    status: watch::Sender<SessionStatus>,
+) -> Link {
+    crate::session::start(
+        agent.clone(),
+        crate::session::Start {
+            connector,
+            host_id: agent.host_id.clone(),
+            broker_user: agent.broker_user.clone(),
+            settings: agent.settings.subscribe(),
+            metrics: agent.metrics.clone(),
+            status,
+            pulse: agent.pulse,
+        },
+    )
 }
 
 /// What the control socket reads: the state, and the session's status as it changes.
@@ -151,6 +157,7 @@ fn shared_status(
     store: &Arc<Store>,
     who: &Who,
     state_lost: Option<Value>,
+    session: watch::Receiver<SessionStatus>,
 ) -> Arc<crate::control::Shared> {
     Arc::new(crate::control::Shared {
         firewall: firewall.clone(),
@@ -159,7 +166,7 @@ fn shared_status(
         host_id: who.host_id.clone(),
         started_ms: now_ms(),
         identity: who.identity.clone(),
-        session: Default::default(),
+        session,
         commands: Default::default(),
         pending_restart: Default::default(),
         state_lost: Arc::new(std::sync::Mutex::new(state_lost)),
@@ -329,14 +336,13 @@ fn spawn_watchdog(agent: &Arc<Agent>) {
         let mut tick = tokio::time::interval(period / 2);
         loop {
             tick.tick().await;
-            let alive = agent
-                .metrics
-                .alive_ms
-                .load(std::sync::atomic::Ordering::Relaxed);
+            let alive = agent.metrics.alive_since();
             if now_ms().saturating_sub(alive) < period.as_millis() as u64 {
-                notify(&[sd_notify::NotifyState::Watchdog]);
+                crate::logs::notify(&[sd_notify::NotifyState::Watchdog]);
             } else {
-                tracing::error!("the main loop is stuck; not feeding the systemd watchdog");
+                tracing::error!(
+                    "the pipeline or the session is stuck; not feeding the systemd watchdog"
+                );
             }
         }
     });
@@ -373,7 +379,7 @@ fn spawn_stop(agent: &Arc<Agent>) -> watch::Receiver<bool> {
             bound_secs = SHUTDOWN_BOUND.as_secs(),
             "not stopped within the bound (the broker does not answer); exiting now"
         );
-        notify(&[sd_notify::NotifyState::Stopping]);
+        crate::logs::notify(&[sd_notify::NotifyState::Stopping]);
         let _ = std::fs::remove_file(&socket);
         std::process::exit(0);
     });
@@ -572,189 +578,6 @@ const LARGE_BODY: usize = 1 << 20;
 /// A batch answers what it executed so far once it has run this long.
 const BATCH_WINDOW: Duration = Duration::from_millis(20);
 
-/// A session's acks, batch by batch, in queue order. Each batch is answered by a task of
-/// its own while the next batch runs: its records are written (one fsync for all, while
-/// the batch before may still wait for its confirms), then, once the batch before is
-/// answered, its acks are published (their confirms awaited together), then its
-/// deliveries settled. So the order record, ack, delivery ack holds for each command, and
-/// acks and settlements stay in queue order.
-struct Answers {
-    dispatcher: Arc<Dispatcher>,
-    publisher: broker::Publisher,
-    host_id: String,
-    broker_user: String,
-    /// The last batch's task (it waits for the one before).
-    in_flight: Option<Answering>,
-}
-
-/// The task answering one batch; dropping it aborts it, and so the tasks before it: a
-/// session given up leaves those batches unsettled, and their deliveries come again and
-/// are answered from their records, as duplicates.
-struct Answering(tokio::task::JoinHandle<Result<(), BrokerError>>);
-
-impl Answering {
-    async fn done(&mut self) -> Result<(), BrokerError> {
-        (&mut self.0).await.expect("the answering task panicked")
-    }
-}
-
-impl Drop for Answering {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl Answers {
-    fn new(
-        dispatcher: &Arc<Dispatcher>,
-        publisher: &broker::Publisher,
-        host_id: &str,
-        broker_user: &str,
-    ) -> Answers {
-        Answers {
-            dispatcher: dispatcher.clone(),
-            publisher: publisher.clone(),
-            host_id: host_id.to_string(),
-            broker_user: broker_user.to_string(),
-            in_flight: None,
-        }
-    }
-
-    /// Starts answering a batch: its outcomes in queue order, and its deliveries' ackers.
-    fn send(&mut self, mut outcomes: Vec<crate::dispatch::Outcome>, ackers: Vec<lapin::Acker>) {
-        use tracing::Instrument;
-        let before = self.in_flight.take();
-        let (dispatcher, publisher) = (self.dispatcher.clone(), self.publisher.clone());
-        let (host_id, user) = (self.host_id.clone(), self.broker_user.clone());
-        let task = async move {
-            dispatcher.sync(&mut outcomes).await;
-            if let Some(mut before) = before {
-                before.done().await?;
-            }
-            let started = Instant::now();
-            // Published in order (each future sends its frames when first polled, in turn).
-            futures_util::future::try_join_all(
-                outcomes
-                    .iter()
-                    .map(|o| publish_ack(&publisher, &host_id, &user, &o.ack)),
-            )
-            .await?;
-            tracing::debug!(
-                acks = outcomes.len(),
-                confirm_us = started.elapsed().as_micros() as u64,
-                "acks confirmed by the broker"
-            );
-            // Only now, with the acks safely at the broker, do the commands leave the queue.
-            let dispositions: Vec<Disposition> = outcomes.iter().map(|o| o.disposition).collect();
-            let settled = settle(publisher.connection(), ackers, &dispositions).await;
-            tracing::debug!(
-                answer_us = started.elapsed().as_micros() as u64,
-                "deliveries settled"
-            );
-            settled
-        };
-        self.in_flight = Some(Answering(tokio::spawn(task.in_current_span())));
-    }
-
-    /// Resolves once every batch handed over is answered, with the error if that failed (a
-    /// session whose acks cannot go out is given up); pending while none is.
-    async fn settled(&mut self) -> Result<(), BrokerError> {
-        match self.in_flight.as_mut() {
-            Some(task) => {
-                let done = task.done().await;
-                self.in_flight = None;
-                done
-            }
-            None => std::future::pending().await,
-        }
-    }
-
-    /// Waits until every batch handed over is answered.
-    async fn finish(&mut self) -> Result<(), BrokerError> {
-        match self.in_flight.take() {
-            Some(mut task) => task.done().await,
-            None => Ok(()),
-        }
-    }
-}
-
-async fn publish_ack(
-    publisher: &broker::Publisher,
-    host_id: &str,
-    broker_user: &str,
-    ack: &crate::protocol::Ack,
-) -> Result<(), BrokerError> {
-    let mut props = broker::json_properties()
-        .with_message_id(ack.id.as_str().into())
-        .with_type("ack".into())
-        .with_user_id(broker_user.into())
-        .with_timestamp(ack.timestamp / 1000);
-    if let Some(cid) = &ack.correlation_id {
-        props = props.with_correlation_id(cid.as_str().into());
-    }
-    publisher
-        .publish(broker::ACKS_EXCHANGE, host_id, &ack.to_json(), props)
-        .await
-}
-
-/// Settles a batch's deliveries in queue order, with one frame per run: a run of acks is
-/// one `basic.ack` with `multiple` on its last delivery (every delivery before it on the
-/// channel is settled already, since batches settle in order), a rejection its own
-/// `basic.reject`. One frame instead of one per command is most of what a large batch
-/// spends between its confirms and the broker's next deliveries.
-async fn settle(
-    conn: &lapin::ConnectionStatus,
-    ackers: Vec<lapin::Acker>,
-    dispositions: &[Disposition],
-) -> Result<(), BrokerError> {
-    for (acker, frame) in ackers.into_iter().zip(settle_frames(dispositions)) {
-        match frame {
-            None => {}
-            Some(Disposition::Ack) => {
-                let ack = acker.ack(BasicAckOptions { multiple: true });
-                broker::unless_ended(conn, "acknowledging the deliveries", ack).await?;
-            }
-            Some(Disposition::Reject) => {
-                let reject = acker.reject(BasicRejectOptions { requeue: false });
-                broker::unless_ended(conn, "rejecting the delivery", reject).await?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The frame each delivery of a batch sends: `None` when the next delivery's multiple ack
-/// covers it.
-fn settle_frames(dispositions: &[Disposition]) -> Vec<Option<Disposition>> {
-    let mut frames: Vec<Option<Disposition>> = dispositions.iter().copied().map(Some).collect();
-    for i in 1..frames.len() {
-        if dispositions[i - 1] == Disposition::Ack && dispositions[i] == Disposition::Ack {
-            frames[i - 1] = None;
-        }
-    }
-    frames
-}
-
-/// `first` and the deliveries already waiting behind it, at most `limit` in all; and why
-/// the stream ended, if it did while they were taken.
-fn waiting(
-    first: lapin::message::Delivery,
-    consumer: &mut lapin::Consumer,
-    limit: u16,
-) -> (Vec<lapin::message::Delivery>, Option<String>) {
-    use futures_util::FutureExt;
-    let mut batch = vec![first];
-    while batch.len() < usize::from(limit.max(1)) {
-        match consumer.next().now_or_never() {
-            Some(Some(Ok(d))) => batch.push(d),
-            Some(Some(Err(e))) => return (batch, Some(e.to_string())),
-            Some(None) => return (batch, Some("the broker cancelled the consumer".into())),
-            None => break,
-        }
-    }
-    (batch, None)
-}
-
 /// How often the watch looks our table up: one netlink request, answered at once.
 const TABLE_WATCH_PERIOD: Duration = Duration::from_millis(250);
 
@@ -831,15 +654,6 @@ async fn keep_drift_events(
     }
 }
 
-/// Sets `session_up` to 0 when a session's serving ends, however it ends.
-struct SessionDown<'a>(&'a Metrics);
-
-impl Drop for SessionDown<'_> {
-    fn drop(&mut self) {
-        self.0.session_up.set(0);
-    }
-}
-
 /// Every `period`: the rules whose counters moved, as `stats` events (contract section 6).
 async fn stats_loop(
     firewall: Arc<tokio::sync::Mutex<Firewall>>,
@@ -885,13 +699,6 @@ async fn stats_loop(
         for part in crate::events::stats_parts(generation, &moved) {
             outbox.push("stats", part).await;
         }
-    }
-}
-
-/// Tells systemd (when it started us with a notify socket); a no-op otherwise.
-fn notify(states: &[sd_notify::NotifyState]) {
-    if let Err(e) = sd_notify::notify(states) {
-        tracing::debug!(error = %e, "sd_notify failed");
     }
 }
 
@@ -1028,7 +835,7 @@ impl Agent {
     /// SIGHUP: re-reads the configuration. Log level and trusted senders apply at once; other
     /// broker settings open a new session; a file that does not validate changes nothing.
     async fn reload(&self, path: &std::path::Path, reconnect: &watch::Sender<u64>) {
-        notify(&[sd_notify::NotifyState::Reloading]);
+        crate::logs::notify(&[sd_notify::NotifyState::Reloading]);
         // Everything is checked before anything changes: a reload applies whole or not at all.
         let loaded = Config::load(path)
             .map_err(anyhow::Error::from)
@@ -1067,7 +874,7 @@ impl Agent {
                 }
             }
         }
-        notify(&[sd_notify::NotifyState::Ready]);
+        crate::logs::notify(&[sd_notify::NotifyState::Ready]);
     }
 
     /// Re-renders the table with the configured failsafe ports (same brokers).
@@ -1115,242 +922,108 @@ impl Agent {
         }
     }
 
-    async fn session_loop(
+    /// The pipeline's loop over the session actor's reports: each session is announced,
+    /// then its batches run through the dispatcher and go back to the actor to be answered;
+    /// heartbeats and kept events go out while a session serves. Ends on SIGTERM or SIGINT,
+    /// once the actor settled what was answered and closed the session.
+    async fn serve(
         &self,
-        mut connector: Connector,
+        mut link: Link,
         mut stop: watch::Receiver<bool>,
         mut reload: watch::Receiver<u64>,
-    ) {
-        let mut dialer = self.dialer_for(&connector);
-        // A session already open on a newly installed identity (make-before-break).
-        let mut rotated: Option<Session> = None;
-        // The identity `connector` presents; when a rotation switched the files but its
-        // session was lost before taking over, the next connector is built from them.
-        let mut connector_identity = self.identity_sha();
-        loop {
-            self.beat();
-            if *stop.borrow() {
-                return;
-            }
-            let handover = rotated.is_some();
-            if !handover && connector.uses_dns() {
-                // A broker name may have moved: the failsafe follows before we dial it.
-                self.follow_broker_addresses(&connector).await;
-            }
-            let attempt = match rotated.take() {
-                Some(session) => Ok(session),
-                None => {
-                    self.dial(&mut connector, &mut connector_identity, &mut dialer)
-                        .await
-                }
-            };
-            let delay = match attempt {
-                Ok(session) => {
-                    if !handover && connector.uses_dns() {
-                        // The name may have resolved for the dial but not a moment before,
-                        // for the failsafe (a resolver starting at boot): found in CI, where a
-                        // drop-all rule set then cut the session off. The addresses the dial
-                        // used are pinned now, so this finds them even if DNS fails again.
-                        self.follow_broker_addresses(&connector).await;
-                    }
-                    self.session_up(&session, handover);
-                    let began = Instant::now();
-                    match self.serve(&session, &mut stop, &mut reload).await {
-                        SessionEnd::Shutdown => {
-                            self.close(&session, "agent stopping").await;
-                            return;
-                        }
-                        SessionEnd::Rotate(rotation) => {
-                            let Rotation {
-                                connector: c,
-                                session: next,
-                            } = *rotation;
-                            self.close(&session, "identity rotated").await;
-                            tracing::info!(url = %next.url, "old session closed; serving on the new identity");
-                            connector = c;
-                            connector_identity = self.identity_sha();
-                            rotated = Some(next);
-                            continue;
-                        }
-                        SessionEnd::Reload => {
-                            self.close(&session, "configuration reloaded").await;
-                            if let Some(c) = self.reconnector().await {
-                                dialer = self.dialer_for(&c);
-                                connector = c;
-                                continue;
-                            }
-                        }
-                        SessionEnd::Lost(why) => {
-                            tracing::warn!(url = %session.url, error = %why, "broker session lost");
-                            notify(&[sd_notify::NotifyState::Status(&format!(
-                                "broker session lost ({why}); retrying"
-                            ))]);
-                            self.note_error(why);
-                            self.close(&session, "reconnecting").await;
-                        }
-                    }
-                    dialer.session_ended(began.elapsed())
-                }
-                Err((url, e)) => {
-                    tracing::warn!(url = %url, error = %e, "cannot connect to broker");
-                    self.note_error(e.to_string());
-                    dialer.failed()
-                }
-            };
-            tracing::info!(delay_ms = delay.as_millis() as u64, "retrying the broker");
-            if !self
-                .wait_to_retry(delay, &mut stop, &mut reload, &mut connector, &mut dialer)
-                .await
-            {
-                return;
-            }
-        }
-    }
-
-    /// One attempt at the broker `dialer` picks, with a connector rebuilt first when the
-    /// identity files changed since `identity` (a rotation whose session was lost before
-    /// taking over).
-    async fn dial(
-        &self,
-        connector: &mut Connector,
-        identity: &mut String,
-        dialer: &mut Dialer,
-    ) -> Result<Session, (String, BrokerError)> {
-        if *identity != self.identity_sha() {
-            match build_connector(&self.config(), &self.host_id) {
-                Ok(c) => *connector = c,
-                Err(e) => tracing::error!(error = %e, "the installed identity is unusable"),
-            }
-            *identity = self.identity_sha();
-        }
-        let url = &connector.urls[dialer.pick() % connector.urls.len()];
-        connector
-            .connect(url)
-            .await
-            .map_err(|e| (url.display.clone(), e))
-    }
-
-    /// Waits out the backoff `delay`, beating; a reload ends the wait early (with the new
-    /// broker settings). False: stop.
-    async fn wait_to_retry(
-        &self,
-        delay: Duration,
-        stop: &mut watch::Receiver<bool>,
-        reload: &mut watch::Receiver<u64>,
-        connector: &mut Connector,
-        dialer: &mut Dialer,
-    ) -> bool {
-        let wake = tokio::time::Instant::now() + delay;
+    ) -> anyhow::Result<()> {
+        // The session whose deliveries the pipeline takes (announced, not handed over).
+        let mut serving: Option<u64> = None;
+        let period = Duration::from_secs(u64::from(self.config().broker.heartbeat_secs));
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut pulse = tokio::time::interval(self.pulse);
         loop {
             tokio::select! {
-                _ = tokio::time::sleep_until(wake) => return true,
-                _ = pulse.tick() => self.beat(),
-                _ = stop.changed() => return false,
+                biased;
+                _ = stop.changed() => break,
                 _ = reload.changed() => {
                     if let Some(c) = self.reconnector().await {
-                        *dialer = self.dialer_for(&c);
-                        *connector = c;
+                        serving = None;
+                        link.reconnect(c);
                     }
-                    return true;
+                }
+                _ = pulse.tick() => self.beat(),
+                inbound = link.recv() => match inbound {
+                    // Only a panic ends the actor unasked: exit, for systemd to restart us.
+                    None => anyhow::bail!("the session actor ended unexpectedly"),
+                    Some(Inbound::Up { session, missing }) => {
+                        serving = self.session_up(&link, session, &missing).await;
+                        heartbeat.reset();
+                    }
+                    Some(Inbound::Batch { session, deliveries }) if serving == Some(session) => {
+                        let ran = self.process_batch(&link, session, deliveries);
+                        if let Some(rotation) = self.with_pulse(ran).await {
+                            serving = None;
+                            link.hand_over(rotation);
+                        }
+                    }
+                    // A session handed over, or whose announcement failed (it is being given
+                    // up): its deliveries go back to the queue.
+                    Some(Inbound::Batch { session, deliveries }) => {
+                        link.requeue(session, deliveries.iter().map(|d| d.tag).collect());
+                    }
+                    Some(Inbound::Down { session }) => {
+                        if serving == Some(session) {
+                            serving = None;
+                        }
+                    }
+                },
+                _ = heartbeat.tick(), if serving.is_some() => {
+                    let data = self.heartbeat_data().await;
+                    let sent = async {
+                        self.publish_event(&link, "heartbeat", data).await?;
+                        self.warn_expiry(&link).await
+                    };
+                    if let Err(error) = self.with_pulse(sent).await {
+                        tracing::debug!(%error, "heartbeat not sent (the session is given up)");
+                    }
+                }
+                _ = self.outbox.pushed(), if serving.is_some() => {
+                    if let Err(error) = self.with_pulse(self.drain_outbox(&link)).await {
+                        tracing::debug!(%error, "kept events not sent (the session is given up)");
+                    }
                 }
             }
         }
+        self.with_pulse(link.close()).await;
+        Ok(())
     }
 
-    /// A session is up: counted, shown by the control socket and systemd, logged.
-    fn session_up(&self, session: &Session, handover: bool) {
-        self.metrics.sessions.inc();
-        self.metrics.certificate_not_after.set(
-            self.shared
-                .identity
-                .read()
-                .expect("identity lock")
-                .info
-                .not_after_unix,
+    /// A session is up: the identity's expiry shown, the session announced. Its id, when the
+    /// announcement went out (else the actor gives the session up).
+    async fn session_up(&self, link: &Link, session: u64, missing: &[&'static str]) -> Option<u64> {
+        let not_after = (self.shared.identity.read().expect("identity lock"))
+            .info
+            .not_after_unix;
+        self.metrics.certificate_not_after.set(not_after);
+        self.events_ok.store(
+            !missing.contains(&broker::EVENTS_EXCHANGE),
+            std::sync::atomic::Ordering::Relaxed,
         );
-        {
-            let mut st = self.shared.session.lock().expect("session lock");
-            st.state = SessionState::Connected;
-            st.url = Some(session.url.clone());
-            st.broker_port = Some(session.port);
-            st.tls_version = Some(session.tls.version.clone());
-            st.cipher = Some(session.tls.cipher.clone());
-            st.broker_certificate = Some(session.tls.peer_subject.clone());
-            st.broker_certificate_not_after = Some(session.tls.peer_not_after.clone());
-            st.connected_since_ms = Some(now_ms());
-            st.blocked_since_ms = None;
-            st.sessions += 1;
-            // A hand-over to a rotated identity is not a reconnect.
-            if st.sessions > 1 && !handover {
-                st.reconnects += 1;
+        match self.with_pulse(self.announce(link, missing)).await {
+            Ok(()) => Some(session),
+            Err(error) => {
+                tracing::warn!(%error, "the session could not be announced");
+                None
             }
-        }
-        tracing::info!(
-            url = %session.url,
-            tls_version = %session.tls.version,
-            cipher = %session.tls.cipher,
-            broker_certificate = %session.tls.peer_subject,
-            "connected to broker"
-        );
-        notify(&[sd_notify::NotifyState::Status(&format!(
-            "serving commands from {}",
-            session.url
-        ))]);
-    }
-
-    /// Closes `session` within [`broker::CLOSE_TIMEOUT`], beating meanwhile.
-    async fn close(&self, session: &Session, reason: &str) {
-        let conn = &session.connection;
-        self.with_pulse(conn, broker::close_bounded(conn, reason))
-            .await;
-    }
-
-    /// A beat, and whether the broker blocks this connection (a resource alarm), for
-    /// `rampart status` and the heartbeats.
-    fn beat_with(&self, conn: &lapin::Connection) {
-        self.beat();
-        let blocked = conn.status().blocked();
-        let mut st = self.shared.session.lock().expect("session lock");
-        match (blocked, st.blocked_since_ms) {
-            // (The connection's events log the transitions, with the broker's reason.)
-            (true, None) => st.blocked_since_ms = Some(now_ms()),
-            (false, Some(since)) => {
-                st.blocked_since_ms = None;
-                st.last_blocked = Some((since, now_ms()));
-            }
-            _ => {}
         }
     }
 
     /// Awaits `f` while the loop keeps beating: the watchdog's view is that the agent runs,
     /// not that the broker answers (every broker wait has its own bound).
-    async fn with_pulse<F: std::future::Future>(
-        &self,
-        conn: &lapin::Connection,
-        f: F,
-    ) -> F::Output {
+    async fn with_pulse<F: std::future::Future>(&self, f: F) -> F::Output {
         tokio::pin!(f);
         let mut pulse = tokio::time::interval(self.pulse);
         loop {
             tokio::select! {
                 out = &mut f => return out,
-                _ = pulse.tick() => self.beat_with(conn),
+                _ = pulse.tick() => self.beat(),
             }
-        }
-    }
-
-    /// Failover and backoff over `connector`'s brokers, with the configured backoff.
-    fn dialer_for(&self, connector: &Connector) -> Dialer {
-        let b = &self.config().broker;
-        let dialer = Dialer::new(
-            connector.urls.len(),
-            Duration::from_millis(b.backoff_initial_ms),
-            Duration::from_millis(b.backoff_max_ms),
-        );
-        match b.url_order {
-            UrlOrder::Spread => dialer.starting_at(&self.host_id),
-            UrlOrder::Listed => dialer,
         }
     }
 
@@ -1364,91 +1037,10 @@ impl Agent {
             .clone()
     }
 
-    fn note_error(&self, e: String) {
-        self.metrics.session_up.set(0);
-        let mut st = self.shared.session.lock().expect("session lock");
-        if st.state == SessionState::Connected {
-            st.state = SessionState::Disconnected;
-        }
-        st.connected_since_ms = None;
-        st.last_error = Some(e);
-    }
-
-    async fn serve(
-        &self,
-        session: &Session,
-        stop: &mut watch::Receiver<bool>,
-        reload: &mut watch::Receiver<u64>,
-    ) -> SessionEnd {
-        // The setup (declarations, the `state` event) waits on the broker too: a broker in a
-        // resource alarm holds the event's confirm for up to 30 s, longer than a watchdog
-        // period (found by the 60 s alarm of the long chaos mode).
-        let serving = self.serve_inner(session, stop, reload);
-        match self.with_pulse(&session.connection, serving).await {
-            Ok(end) => end,
-            Err(e) => SessionEnd::Lost(e.to_string()),
-        }
-    }
-
-    /// The channels of a session: topology declared (what is missing noted), the prefetch
-    /// set, the confirm channel open, the host queue consumed.
-    async fn subscribe(
-        &self,
-        conn: &lapin::Connection,
-        cfg: &Config,
-        prefetch: u16,
-    ) -> Result<
-        (
-            lapin::Channel,
-            broker::Publisher,
-            lapin::Consumer,
-            Vec<&'static str>,
-        ),
-        BrokerError,
-    > {
-        let consume_ch = conn
-            .create_channel()
-            .await
-            .map_err(amqp("opening a channel"))?;
-        consume_ch
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(amqp("setting the prefetch"))?;
-        let missing =
-            broker::declare_agent_topology(conn, &consume_ch, &self.host_id, &cfg.broker).await?;
-        if !missing.is_empty() {
-            tracing::warn!(missing = ?missing, "serving without them: no events or no dead-lettering until they are declared");
-        }
-        self.events_ok.store(
-            !missing.contains(&broker::EVENTS_EXCHANGE),
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        self.shared
-            .session
-            .lock()
-            .expect("session lock")
-            .broker_missing = missing.iter().map(|m| m.to_string()).collect();
-        let publish_ch = broker::Publisher::open(conn).await?;
-        let consumer = consume_ch
-            .basic_consume(
-                broker::host_queue(&self.host_id).as_str().into(),
-                format!("rampart-{}", self.host_id).as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp("consuming the host queue"))?;
-        Ok((consume_ch, publish_ch, consumer, missing))
-    }
-
     /// What a new session tells the manager first: the events kept while there was none,
     /// in order, then the `state` event (with what could not be kept), then an expiry
     /// warning if one is due.
-    async fn announce(
-        &self,
-        publish_ch: &broker::Publisher,
-        missing: &[&'static str],
-    ) -> Result<(), BrokerError> {
+    async fn announce(&self, link: &Link, missing: &[&'static str]) -> Result<(), BrokerError> {
         let mut summary = self
             .dispatcher
             .summary()
@@ -1457,176 +1049,63 @@ impl Agent {
         if !missing.is_empty() {
             summary["broker_missing"] = json!(missing);
         }
-        self.drain_outbox(publish_ch).await?;
+        self.drain_outbox(link).await?;
         let (_, dropped) = self.outbox.counts().await;
         summary["events_dropped"] = json!(dropped);
-        self.publish_event(publish_ch, "state", summary).await?;
+        self.publish_event(link, "state", summary).await?;
         if dropped > 0 {
             self.outbox.reported(dropped).await;
         }
-        self.warn_expiry(publish_ch).await
-    }
-
-    #[tracing::instrument(name = "session", skip_all, fields(url = %session.url))]
-    async fn serve_inner(
-        &self,
-        session: &Session,
-        stop: &mut watch::Receiver<bool>,
-        reload: &mut watch::Receiver<u64>,
-    ) -> Result<SessionEnd, BrokerError> {
-        let conn = &session.connection;
-        let cfg = self.config();
-        let prefetch = cfg.effective_prefetch();
-        let (consume_ch, publish_ch, mut consumer, missing) =
-            self.subscribe(conn, &cfg, prefetch).await?;
-        // Subscribed only now: failed declarations above close their channel with an error
-        // event, which must not count as losing the session.
-        let mut events = conn.events_listener();
-        self.announce(&publish_ch, &missing).await?;
-        let mut answers = Answers::new(
-            &self.dispatcher,
-            &publish_ch,
-            &self.host_id,
-            &self.broker_user,
-        );
-        tracing::info!(queue = %broker::host_queue(&self.host_id), "serving commands");
-        self.metrics.session_up.set(1);
-        // Whatever way this session ends, it no longer serves.
-        let _down = SessionDown(&self.metrics);
-        let period = Duration::from_secs(u64::from(cfg.broker.heartbeat_secs));
-        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        let mut pulse = tokio::time::interval(self.pulse);
-        let (end, reason) = loop {
-            tokio::select! {
-                biased;
-                _ = stop.changed() => break (SessionEnd::Shutdown, "agent stopping"),
-                _ = reload.changed() => break (SessionEnd::Reload, "configuration reloaded"),
-                answered = answers.settled() => answered?,
-                _ = pulse.tick() => self.beat_with(conn),
-                event = events.next() => match event {
-                    Some(Event::Error(e)) if !conn.status().connected() => {
-                        return Ok(SessionEnd::Lost(e.to_string()));
-                    }
-                    Some(Event::Error(e)) => tracing::warn!(error = %e, "AMQP error on a channel"),
-                    Some(Event::ConnectionBlocked(reason)) => {
-                        tracing::warn!(%reason, "broker blocked this connection (resource alarm)");
-                    }
-                    Some(Event::ConnectionUnblocked) => tracing::info!("broker unblocked this connection"),
-                    Some(_) => {}
-                    None => return Ok(SessionEnd::Lost("connection events ended".into())),
-                },
-                delivery = consumer.next() => match delivery {
-                    Some(Ok(first)) => {
-                        let (batch, ended) = waiting(first, &mut consumer, prefetch);
-                        if let Some(rotation) =
-                            self.with_pulse(conn, self.process_batch(&mut answers, batch)).await?
-                        {
-                            break (SessionEnd::Rotate(rotation), "identity rotated");
-                        }
-                        if let Some(why) = ended {
-                            return Ok(SessionEnd::Lost(why));
-                        }
-                    }
-                    Some(Err(e)) => return Ok(SessionEnd::Lost(e.to_string())),
-                    None => return Ok(SessionEnd::Lost("the broker cancelled the consumer".into())),
-                },
-                _ = heartbeat.tick() => {
-                    let data = self.heartbeat_data(session).await;
-                    self.with_pulse(conn, self.publish_event(&publish_ch, "heartbeat", data))
-                        .await?;
-                    self.with_pulse(conn, self.warn_expiry(&publish_ch)).await?;
-                    self.shared.session.lock().expect("session lock").last_heartbeat_ms = Some(now_ms());
-                }
-                _ = self.outbox.pushed() => {
-                    self.with_pulse(conn, self.drain_outbox(&publish_ch)).await?;
-                }
-            }
-        };
-        // An orderly end: the last acks go out, then the channels, so that the connection
-        // closes in order.
-        if let Err(error) = self.with_pulse(conn, answers.finish()).await {
-            tracing::warn!(%error, "the last batch's acks did not all go out; its commands will come again");
-        }
-        broker::close_channels(&[&consume_ch, publish_ch.channel()], reason).await;
-        Ok(end)
+        self.warn_expiry(link).await
     }
 
     /// Runs `deliveries` (the ones waiting, in queue order) through the pipeline: each is
     /// executed in turn, its record kept (in memory) before the next one runs; then the
-    /// batch goes to `answers`, which writes the records, publishes the acks together,
-    /// awaits their confirms together and only then settles the deliveries, while the next
-    /// batch runs. So the order record, ack, delivery ack holds for every command. A
-    /// rotation ends the batch: the deliveries after it go back to the queue for the
+    /// batch goes to the session actor, which has the records written, publishes the acks
+    /// together, awaits their confirms together and only then settles the deliveries, while
+    /// the next batch runs. So the order record, ack, delivery ack holds for every command.
+    /// A rotation ends the batch: the deliveries after it go back to the queue for the
     /// session on the new identity.
     #[tracing::instrument(name = "batch", skip_all, fields(deliveries = deliveries.len()))]
     async fn process_batch(
         &self,
-        answers: &mut Answers,
-        deliveries: Vec<lapin::message::Delivery>,
-    ) -> Result<Option<Box<Rotation>>, BrokerError> {
+        link: &Link,
+        session: u64,
+        deliveries: Vec<Received>,
+    ) -> Option<Box<Rotation>> {
         let mut executed = Vec::with_capacity(deliveries.len());
         let mut window = Instant::now();
         let mut rest = deliveries.into_iter();
+        let mut rotation = None;
         for delivery in rest.by_ref() {
-            let (acker, outcome) = self.execute(delivery).await;
-            let rotating = outcome.rotation.is_some();
-            executed.push((acker, outcome));
-            if rotating {
+            let (tag, mut outcome) = self.execute(delivery).await;
+            // An identity switched stays switched, whatever becomes of the record.
+            rotation = outcome.rotation.take();
+            executed.push((tag, outcome));
+            if rotation.is_some() {
                 break;
             }
             // A batch of slow commands (whole rule sets) answers as it goes.
             if window.elapsed() >= BATCH_WINDOW {
-                self.answer(answers, std::mem::take(&mut executed)).await?;
+                self.answer(link, session, std::mem::take(&mut executed));
                 window = Instant::now();
             }
         }
-        // What was executed is answered first: its records are synced there, and an error
-        // returning the rest must not leave them unsynced while a redelivery could be
-        // answered from them.
-        let rotation = self.answer(answers, executed).await?;
-        for left in rest {
-            let nack = left.acker.nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            });
-            let returned = "returning a delivery to the queue";
-            broker::unless_ended(answers.publisher.connection(), returned, nack).await?;
-        }
-        Ok(rotation)
+        self.answer(link, session, executed);
+        link.requeue(session, rest.map(|d| d.tag).collect());
+        rotation
     }
 
-    /// One delivery through the dispatcher, counted; its acker for later.
-    async fn execute(
-        &self,
-        delivery: lapin::message::Delivery,
-    ) -> (lapin::Acker, crate::dispatch::Outcome) {
-        let props = &delivery.properties;
-        let signature =
-            props
-                .headers()
-                .as_ref()
-                .and_then(|h| match h.inner().get("x-rampart-signature") {
-                    Some(AMQPValue::LongString(s)) => {
-                        Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-                    }
-                    Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_string()),
-                    _ => None,
-                });
-        let large = delivery.data.len() > LARGE_BODY;
-        let incoming = Incoming {
-            message_id: props.message_id().as_ref().map(|s| s.as_str().to_string()),
-            kind: props.kind().as_ref().map(|s| s.as_str().to_string()),
-            user_id: props.user_id().as_ref().map(|s| s.as_str().to_string()),
-            signature,
-            body: delivery.data,
-        };
+    /// One delivery through the dispatcher, counted; its tag for later.
+    async fn execute(&self, delivery: Received) -> (u64, crate::dispatch::Outcome) {
+        let large = delivery.incoming.body.len() > LARGE_BODY;
         let started = Instant::now();
-        let outcome = self.dispatcher.handle(incoming).await;
+        let outcome = self.dispatcher.handle(delivery.incoming).await;
         self.count(&outcome.ack, started.elapsed()).await;
         if large {
             let _ = tokio::task::spawn_blocking(crate::sys::trim_heap).await;
         }
-        (delivery.acker, outcome)
+        (delivery.tag, outcome)
     }
 
     async fn count(&self, ack: &crate::protocol::Ack, took: Duration) {
@@ -1650,30 +1129,30 @@ impl Agent {
             .or_default() += 1;
     }
 
-    /// Hands `executed` to `answers`, which writes their records, publishes their acks and
-    /// settles their deliveries while the next batch runs. Returns the rotation, if one of
-    /// them made one: its batch is settled before the session hands over.
-    async fn answer(
-        &self,
-        answers: &mut Answers,
-        executed: Vec<(lapin::Acker, crate::dispatch::Outcome)>,
-    ) -> Result<Option<Box<Rotation>>, BrokerError> {
+    /// Hands `executed` to the session actor: once their records are written (here, one
+    /// write for the batch, in the actor's answering task), their acks go out and their
+    /// deliveries are settled, while the next batch runs.
+    fn answer(&self, link: &Link, session: u64, executed: Vec<(u64, crate::dispatch::Outcome)>) {
         if executed.is_empty() {
-            return Ok(None);
+            return;
         }
-        let (ackers, mut outcomes): (Vec<_>, Vec<_>) = executed.into_iter().unzip();
-        // An identity switched stays switched, whatever becomes of the record.
-        let rotation = outcomes.iter_mut().find_map(|o| o.rotation.take());
-        answers.send(outcomes, ackers);
-        if rotation.is_some() {
-            answers.finish().await?;
-        }
-        Ok(rotation)
+        let (tags, mut outcomes): (Vec<_>, Vec<_>) = executed.into_iter().unzip();
+        let dispatcher = self.dispatcher.clone();
+        link.answer(session, tags, async move {
+            dispatcher.sync(&mut outcomes).await;
+            outcomes
+                .into_iter()
+                .map(|o| Reply {
+                    ack: o.ack,
+                    disposition: o.disposition,
+                })
+                .collect()
+        });
     }
 
     /// Publishes `cert.<host>` when the certificate expires within `cert_warn_days`, at most
     /// once a day (and once per start).
-    async fn warn_expiry(&self, ch: &broker::Publisher) -> Result<(), BrokerError> {
+    async fn warn_expiry(&self, link: &Link) -> Result<(), BrokerError> {
         use std::sync::atomic::Ordering;
         let warn_days = i64::from(self.config().broker.cert_warn_days);
         let (summary, days) = {
@@ -1692,13 +1171,14 @@ impl Agent {
                 json!({"certificate": summary, "days_left": days, "warn_days": warn_days}),
             )
             .await;
-        self.drain_outbox(ch).await?;
+        self.drain_outbox(link).await?;
         self.cert_warned_ms.store(now_ms(), Ordering::Relaxed);
         Ok(())
     }
 
-    async fn heartbeat_data(&self, session: &Session) -> Value {
+    async fn heartbeat_data(&self) -> Value {
         let firewall = self.firewall.lock().await.current().counts();
+        let session = self.shared.session.borrow().clone();
         json!({
             "host": self.host_id,
             "version": env!("CARGO_PKG_VERSION"),
@@ -1707,25 +1187,15 @@ impl Agent {
             "firewall": firewall,
             "routers": self.shared.routers.lock().await.summary().len(),
             "certificate": self.shared.identity.read().expect("identity lock").summary(),
-            "last_error": self.shared.session.lock().expect("session lock").last_error.clone(),
-            "broker_blocked": self.blocked_summary(),
+            "last_error": session.last_error,
+            "broker_blocked": blocked_summary(&session),
         })
-    }
-
-    /// `{"since": ms}` while the broker blocks us, else the last blocked spell, if any.
-    fn blocked_summary(&self) -> Value {
-        let st = self.shared.session.lock().expect("session lock");
-        match (st.blocked_since_ms, st.last_blocked) {
-            (Some(since), _) => json!({ "since": since }),
-            (None, Some((from, to))) => json!({ "last": { "from": from, "to": to } }),
-            (None, None) => Value::Null,
-        }
     }
 
     /// Publishes an event that happened now and is not kept (heartbeats, `state`).
     async fn publish_event(
         &self,
-        ch: &broker::Publisher,
+        link: &Link,
         event: &str,
         data: Value,
     ) -> Result<(), BrokerError> {
@@ -1737,35 +1207,13 @@ impl Agent {
             return Ok(());
         }
         let body = crate::events::envelope(&self.host_id, event, data, now_ms());
-        self.publish_body(
-            ch,
-            event,
-            &serde_json::to_vec(&body).expect("event serialises"),
-        )
-        .await
-    }
-
-    async fn publish_body(
-        &self,
-        ch: &broker::Publisher,
-        event: &str,
-        body: &[u8],
-    ) -> Result<(), BrokerError> {
-        let props = broker::json_properties()
-            .with_type(event.into())
-            .with_user_id(self.broker_user.as_str().into());
-        ch.publish(
-            broker::EVENTS_EXCHANGE,
-            &format!("{event}.{}", self.host_id),
-            body,
-            props,
-        )
-        .await
+        link.publish(event, serde_json::to_vec(&body).expect("event serialises"))
+            .await
     }
 
     /// Publishes the kept events, oldest first, each removed once the broker confirmed it;
     /// those older than [`crate::events::MAX_AGE_MS`] are dropped and counted instead.
-    async fn drain_outbox(&self, ch: &broker::Publisher) -> Result<(), BrokerError> {
+    async fn drain_outbox(&self, link: &Link) -> Result<(), BrokerError> {
         if !self.events_ok.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(()); // kept (bounded) until a broker has the exchange
         }
@@ -1781,7 +1229,7 @@ impl Agent {
                 if now.saturating_sub(e.at_ms) > crate::events::MAX_AGE_MS {
                     tracing::warn!(event = %e.kind, age_ms = now - e.at_ms, "kept event too old: dropped");
                     expired += 1;
-                } else if let Err(error) = self.publish_body(ch, &e.kind, &e.body).await {
+                } else if let Err(error) = link.publish(&e.kind, e.body.clone()).await {
                     failed = Some(error);
                     break;
                 }
@@ -1795,28 +1243,33 @@ impl Agent {
     }
 }
 
+/// The session actor's view of the agent: the failsafe follows the brokers it dials, and a
+/// rotated identity's files give the next connector.
+impl crate::session::Host for Agent {
+    async fn follow(&self, connector: &Connector) {
+        self.follow_broker_addresses(connector).await;
+    }
+
+    fn identity(&self) -> String {
+        self.identity_sha()
+    }
+
+    fn connector(&self) -> anyhow::Result<Connector> {
+        build_connector(&self.config(), &self.host_id)
+    }
+}
+
+/// `{"since": ms}` while the broker blocks us, else the last blocked spell, if any.
+fn blocked_summary(st: &SessionStatus) -> Value {
+    match (st.blocked_since_ms, st.last_blocked) {
+        (Some(since), _) => json!({ "since": since }),
+        (None, Some((from, to))) => json!({ "last": { "from": from, "to": to } }),
+        (None, None) => Value::Null,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-
-    #[test]
-    fn a_run_of_acks_is_one_frame_and_each_rejection_its_own() {
-        use Disposition::{Ack, Reject};
-        assert_eq!(settle_frames(&[]), vec![]);
-        assert_eq!(settle_frames(&[Ack]), vec![Some(Ack)]);
-        assert_eq!(
-            settle_frames(&[Ack, Ack, Reject, Reject, Ack, Ack, Ack]),
-            vec![
-                None,
-                Some(Ack),
-                Some(Reject),
-                Some(Reject),
-                None,
-                None,
-                Some(Ack)
-            ]
-        );
-        assert_eq!(settle_frames(&[Reject, Ack]), vec![Some(Reject), Some(Ack)]);
-    }
     use super::*;
 
     #[test]

@@ -32,6 +32,8 @@ pub mod state;
 pub mod events;
 /// Request -> effect -> persisted outcome -> ack, at most once.
 pub mod dispatch;
+/// The session actor: owns the broker connection and channels; the pipeline's handle.
+pub mod session;
 /// Local control socket for inspection (rules, ...).
 pub mod control;
 /// Wires the stages into the running daemon.

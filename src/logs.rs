@@ -1,5 +1,5 @@
-//! Leaf: the agent's version string and its logging (set up once, level changed on reload).
-//! Every layer may use it; it uses none of them.
+//! Leaf: the agent's version string, its logging (set up once, level changed on reload) and
+//! what it tells systemd. Every layer may use it; it uses none of them.
 
 pub const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
@@ -48,5 +48,12 @@ pub fn set_log_level(level: &str) -> Result<(), String> {
     match LOG_RELOAD.get() {
         Some(reload) => reload(level),
         None => Err("logging is not initialised".into()),
+    }
+}
+
+/// Tells systemd (when it started us with a notify socket); a no-op otherwise.
+pub fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "sd_notify failed");
     }
 }

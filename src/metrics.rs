@@ -53,6 +53,8 @@ pub struct Metrics {
     pub connections_cut: Counter,
     /// For `/healthz`: when the main loop last turned (ms since the epoch).
     pub alive_ms: AtomicU64,
+    /// When the session actor last went round (ms since the epoch).
+    pub link_alive_ms: AtomicU64,
     /// For `/readyz`.
     pub restored: AtomicBool,
 }
@@ -80,6 +82,7 @@ impl Metrics {
             events_dropped: Counter::default(),
             connections_cut: Counter::default(),
             alive_ms: AtomicU64::new(now_ms()),
+            link_alive_ms: AtomicU64::new(now_ms()),
             restored: AtomicBool::new(false),
             registry: Registry::default(),
         };
@@ -180,7 +183,14 @@ impl Metrics {
 
     fn healthy(&self, now: u64) -> bool {
         // The main loop reports at least every 5 s.
-        now.saturating_sub(self.alive_ms.load(Ordering::Relaxed)) < 30_000
+        now.saturating_sub(self.alive_since()) < 30_000
+    }
+
+    /// When the later-reporting of the pipeline and the session actor last went round: the
+    /// agent is alive only while both are.
+    pub fn alive_since(&self) -> u64 {
+        let pipeline = self.alive_ms.load(Ordering::Relaxed);
+        pipeline.min(self.link_alive_ms.load(Ordering::Relaxed))
     }
 
     fn ready(&self) -> bool {

@@ -11,6 +11,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::firewall::Firewall;
+use crate::session::SessionStatus;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -31,53 +32,6 @@ pub enum Request {
     Rules,
     Status,
     Routers,
-}
-
-/// Where the broker session is (shown as `connecting`, `connected`, `disconnected`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SessionState {
-    /// No session yet since the agent started.
-    #[default]
-    Connecting,
-    Connected,
-    /// Had one; lost or closed it, and is dialling again.
-    Disconnected,
-}
-
-impl SessionState {
-    /// As the socket's JSON and `rampart status` spell it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SessionState::Connecting => "connecting",
-            SessionState::Connected => "connected",
-            SessionState::Disconnected => "disconnected",
-        }
-    }
-}
-
-/// The broker session as the daemon last saw it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionStatus {
-    pub state: SessionState,
-    pub url: Option<String>,
-    pub broker_port: Option<u16>,
-    pub tls_version: Option<String>,
-    pub cipher: Option<String>,
-    pub broker_certificate: Option<String>,
-    pub broker_certificate_not_after: Option<String>,
-    pub connected_since_ms: Option<u64>,
-    pub last_heartbeat_ms: Option<u64>,
-    pub sessions: u64,
-    pub reconnects: u64,
-    pub last_error: Option<String>,
-    /// Since when the broker blocks this connection's publishes (a resource alarm).
-    pub blocked_since_ms: Option<u64>,
-    /// The last blocked spell: (from, to).
-    pub last_blocked: Option<(u64, u64)>,
-    /// Shared objects missing on the broker that the agent serves without (events,
-    /// dead-lettering).
-    pub broker_missing: Vec<String>,
 }
 
 /// The answer to `{"request": "status"}`: what `rampart status` prints (and, with
@@ -110,7 +64,8 @@ pub struct Shared {
     pub host_id: String,
     pub started_ms: u64,
     pub identity: Arc<std::sync::RwLock<crate::certs::Current>>,
-    pub session: std::sync::Mutex<SessionStatus>,
+    /// The session actor's state as it changes.
+    pub session: tokio::sync::watch::Receiver<SessionStatus>,
     /// Commands answered, by ack status (duplicates counted apart).
     pub commands: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Settings changed by a reload that take effect only at the next restart.
@@ -317,7 +272,7 @@ async fn status(shared: &Shared) -> Status {
         version: crate::logs::VERSION.to_string(),
         pid: std::process::id(),
         uptime_secs: now.saturating_sub(shared.started_ms) / 1000,
-        session: shared.session.lock().expect("session lock").clone(),
+        session: shared.session.borrow().clone(),
         firewall,
         routers,
         certificate: shared.identity.read().expect("identity lock").summary(),
@@ -358,6 +313,7 @@ pub async fn ask(path: &Path, request: &Request) -> Result<Value, ControlError> 
 #[cfg(test)]
 mod session_tests {
     use super::*;
+    use crate::session::SessionState;
 
     #[test]
     fn the_rules_answer_keeps_its_json() {
