@@ -24,6 +24,9 @@ const PATCHES: usize = 1000;
 const BIG_SET: u32 = 50_000;
 const ECHO_HOST: &str = "bench-echo";
 const CLASSIC_ECHO_HOST: &str = "bench-echo-classic";
+/// The agent-like echo with the default agent's prefetch (4): what the transport allows
+/// with that many deliveries in flight.
+const ECHO4_HOST: &str = "bench-echo-prefetch4";
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -39,7 +42,8 @@ fn ms(d: Duration) -> f64 {
 /// declares its queue exactly as an agent's (a quorum queue, whose publishes and acks the
 /// broker syncs to disk); otherwise it is a classic durable queue (what this bench compared
 /// with before 2026-12-02, which left the broker's quorum work on the agent's side).
-async fn echo_responder(host: &'static str, like_agent: bool) -> anyhow::Result<()> {
+/// `prefetch`: deliveries the broker may push ahead of the acks.
+async fn echo_responder(host: &'static str, like_agent: bool, prefetch: u16) -> anyhow::Result<()> {
     let config = rampart::config::Config::load(&env().manager_config)?;
     let b = config.broker.clone();
     let (_, tls) = rampart::certs::tls::from_config(&b)?;
@@ -78,7 +82,7 @@ async fn echo_responder(host: &'static str, like_agent: bool) -> anyhow::Result<
             .await
             .unwrap();
         }
-        ch.basic_qos(32, Default::default()).await.unwrap();
+        ch.basic_qos(prefetch, Default::default()).await.unwrap();
         let publish = broker::confirm_channel(&conn).await.unwrap();
         let mut consumer = ch
             .basic_consume(
@@ -223,14 +227,17 @@ fn main() -> anyhow::Result<()> {
         m.watch_host(&host.id).await?;
         m.watch_host(&wide.id).await?;
         m.watch_host(ECHO_HOST).await?;
-        echo_responder(ECHO_HOST, true).await?;
-        echo_responder(CLASSIC_ECHO_HOST, false).await?;
+        m.watch_host(ECHO4_HOST).await?;
+        echo_responder(ECHO_HOST, true, 32).await?;
+        echo_responder(CLASSIC_ECHO_HOST, false, 32).await?;
+        echo_responder(ECHO4_HOST, true, 4).await?;
         let agent_seq = sequential(&mut m, &host.id, "agent").await?;
         let echo_seq = sequential(&mut m, ECHO_HOST, "echo").await?;
         let classic_seq = sequential(&mut m, CLASSIC_ECHO_HOST, "classic").await?;
         let agent_rate = pipelined(&mut m, &host.id, "agent").await?;
         let echo_rate = pipelined(&mut m, ECHO_HOST, "echo").await?;
         let classic_rate = pipelined(&mut m, CLASSIC_ECHO_HOST, "classic").await?;
+        let echo4_rate = pipelined(&mut m, ECHO4_HOST, "echo4").await?;
         let wide_rate = pipelined(&mut m, &wide.id, "wide").await?;
         let patch_rate = patch_stream(&mut m, &host.id, 1, 1).await?;
         let wide_patch_rate = patch_stream(&mut m, &wide.id, 1, 1).await?;
@@ -269,6 +276,10 @@ fn main() -> anyhow::Result<()> {
         );
         println!("  {:<36} {classic_rate:>8.0}", "bare echo, classic queue");
         println!(
+            "  {:<36} {echo4_rate:>8.0}",
+            "bare echo, agent's queue, prefetch 4"
+        );
+        println!(
             "  {:<36} {:>8.2}",
             "ratio agent/echo",
             agent_rate / echo_rate
@@ -282,6 +293,11 @@ fn main() -> anyhow::Result<()> {
             "  {:<36} {:>8.2}",
             "ratio wide agent/echo",
             wide_rate / echo_rate
+        );
+        println!(
+            "  {:<36} {:>8.2}",
+            "ratio agent/echo, both prefetch 4",
+            agent_rate / echo4_rate
         );
         println!("{PATCHES} one-address firewall.patch commands, pipelined (commands/s):");
         println!("  {:<36} {patch_rate:>8.0}", "agent (rampart run)");

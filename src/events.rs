@@ -32,6 +32,8 @@ pub fn envelope(host: &str, kind: &str, data: Value, at_ms: u64) -> Value {
     })
 }
 
+/// Events (`drift`, `stats`, `cert`) kept in the store until a session publishes them,
+/// bounded in bytes and count (the oldest dropped, and counted, past the bounds).
 pub struct Outbox {
     store: Arc<Store>,
     host: String,
@@ -42,6 +44,7 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// An outbox over `store` for `host`, bounded as `config` says.
     pub fn new(
         store: Arc<Store>,
         host: String,

@@ -1,6 +1,7 @@
 //! Leaf: the agent's version string, its logging (set up once, level changed on reload) and
 //! what it tells systemd. Every layer may use it; it uses none of them.
 
+/// The version and the git revision it was built from, as `rampart --version` prints it.
 pub const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (",
@@ -12,7 +13,9 @@ pub const VERSION: &str = concat!(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line (for journald or a log shipper).
     Json,
 }
 
@@ -26,6 +29,8 @@ fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
     tracing_subscriber::EnvFilter::new(format!("{level},lapin=off"))
 }
 
+/// Sets up logging to stderr at `level` (`RAMPART_LOG` overrides it), in `format`; the
+/// level can be changed later with [`set_log_level`].
 pub fn init_logging(level: &str, format: LogFormat) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;

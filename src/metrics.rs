@@ -20,14 +20,19 @@ use prometheus_client::registry::Registry;
 
 use crate::ids::now_ms;
 
+/// The labels of `rampart_commands`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommandLabels {
+    /// The command type (`firewall.patch`, ...).
     pub r#type: String,
+    /// The ack status, or `duplicate`.
     pub status: String,
 }
 
+/// The label of `rampart_command_duration_seconds`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabel {
+    /// The command type.
     pub r#type: String,
 }
 
@@ -41,17 +46,27 @@ pub struct Metrics {
     registry: Registry,
     commands: Family<CommandLabels, Counter>,
     durations: Family<TypeLabel, Histogram, fn() -> Histogram>,
+    /// `rampart_firewall_generation`: the applied rule set's generation.
     pub firewall_generation: Gauge,
+    /// `rampart_firewall_rules`: its rules.
     pub firewall_rules: Gauge,
+    /// `rampart_firewall_elements`: its address set elements.
     pub firewall_elements: Gauge,
+    /// `rampart_drift_repairs`: tables and routers restored after a change behind our back.
     pub drift_repairs: Counter,
+    /// `rampart_session_up`: 1 while a broker session serves commands.
     pub session_up: Gauge,
+    /// `rampart_sessions`: broker sessions opened.
     pub sessions: Counter,
+    /// `rampart_certificate_not_after_seconds`: the certificate's expiry.
     pub certificate_not_after: Gauge,
+    /// `rampart_outbox_events`: events kept for the next session.
     pub outbox_events: Gauge,
+    /// `rampart_events_dropped`: kept events dropped unsent.
     pub events_dropped: Counter,
+    /// `rampart_conntrack_entries_cut`: open connections cut because the rules deny them.
     pub connections_cut: Counter,
-    /// For `/healthz`: when the main loop last turned (ms since the epoch).
+    /// For `/healthz`: when the pipeline's loop last turned (ms since the epoch).
     pub alive_ms: AtomicU64,
     /// When the session actor last went round (ms since the epoch).
     pub link_alive_ms: AtomicU64,
@@ -66,6 +81,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every metric at zero, registered under the `rampart_` prefix.
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("rampart");
         let m = Metrics {
@@ -167,6 +183,7 @@ impl Metrics {
     /// The applied rule set's generation and size.
     /// The rule set in force: its generation, rules and set elements (plain numbers: the
     /// firewall reports to this module, not the other way round).
+    /// The applied rule set's generation, rules and elements.
     pub fn firewall(&self, generation: u64, rules: usize, elements: usize) {
         let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         self.firewall_generation.set(gauge(generation));
@@ -174,6 +191,7 @@ impl Metrics {
         self.firewall_elements.set(gauge(elements as u64));
     }
 
+    /// The OpenMetrics text of every metric (what `/metrics` serves).
     pub fn text(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)

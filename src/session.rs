@@ -56,17 +56,29 @@ impl SessionState {
 /// The broker session as the actor last saw it: what `rampart status` shows.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionStatus {
+    /// Where the session is.
     pub state: SessionState,
+    /// The broker URL of the current (or last) session, without credentials.
     pub url: Option<String>,
+    /// Its port.
     pub broker_port: Option<u16>,
+    /// The TLS version the handshake agreed.
     pub tls_version: Option<String>,
+    /// The cipher suite the handshake agreed.
     pub cipher: Option<String>,
+    /// The broker certificate's subject.
     pub broker_certificate: Option<String>,
+    /// The broker certificate's expiry.
     pub broker_certificate_not_after: Option<String>,
+    /// When the current session opened (ms since the epoch); `None` while there is none.
     pub connected_since_ms: Option<u64>,
+    /// When the last heartbeat event was confirmed (ms since the epoch).
     pub last_heartbeat_ms: Option<u64>,
+    /// Sessions opened since the agent started.
     pub sessions: u64,
+    /// Of those, the ones after a lost session (an identity hand-over is not one).
     pub reconnects: u64,
+    /// Why the last session ended or the last dial failed.
     pub last_error: Option<String>,
     /// Since when the broker blocks this connection's publishes (a resource alarm).
     pub blocked_since_ms: Option<u64>,
@@ -80,7 +92,9 @@ pub struct SessionStatus {
 /// A delivery as the pipeline takes it: the tag it is settled by, and the request.
 #[derive(Debug)]
 pub struct Received {
+    /// The delivery tag the session settles it by.
     pub tag: u64,
+    /// The delivery's properties and body, as the dispatcher reads them.
     pub incoming: Incoming,
 }
 
@@ -89,22 +103,31 @@ pub struct Received {
 pub enum Inbound {
     /// Session `session` is subscribed; `missing`: shared objects its broker lacks.
     Up {
+        /// The session's id (counted from 1 since the agent started).
         session: u64,
+        /// Shared objects (exchanges, queues) its broker lacks.
         missing: Vec<&'static str>,
     },
     /// Deliveries of session `session`, in queue order (the ones waiting together).
     Batch {
+        /// The session they came on.
         session: u64,
+        /// The deliveries, in queue order.
         deliveries: Vec<Received>,
     },
     /// Session `session` ended; its unsettled deliveries go back to the queue.
-    Down { session: u64 },
+    Down {
+        /// The session that ended.
+        session: u64,
+    },
 }
 
 /// One command's answer: the ack to publish, then what to do with its delivery.
 #[derive(Debug)]
 pub struct Reply {
+    /// The ack, published with a confirm.
     pub ack: Ack,
+    /// Then the delivery is acked or rejected.
     pub disposition: Disposition,
 }
 
@@ -148,11 +171,17 @@ pub trait Host: Send + Sync + 'static {
 
 /// What the actor is started with.
 pub struct Start {
+    /// The brokers to dial and the identity to present.
     pub connector: Connector,
+    /// The host whose queue is consumed and whose name acks and events carry.
     pub host_id: String,
+    /// The broker user the messages are published as (their `user_id`).
     pub broker_user: String,
+    /// The settings in force (backoff, URL order, prefetch, queue arguments).
     pub settings: SettingsWatch,
+    /// Where sessions are counted.
     pub metrics: Arc<Metrics>,
+    /// Where the session's state is kept for the control socket and heartbeats.
     pub status: watch::Sender<SessionStatus>,
     /// How often the actor reports that it turns (`metrics.link_alive_ms`).
     pub pulse: Duration,

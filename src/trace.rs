@@ -21,7 +21,9 @@ use crate::sys::nftrace::{TraceEvent, TraceKind, TraceSocket};
 /// Which packets to trace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filter {
+    /// Packets from this address (either direction of its flows is traced).
     pub from: IpAddr,
+    /// And to this one, if set.
     pub to: Option<IpAddr>,
     /// Destination port (TCP or UDP).
     pub port: Option<u16>,

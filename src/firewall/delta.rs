@@ -21,7 +21,9 @@ pub enum SetPatch {
     /// A set there before and after: the elements it gains (none of them there before) and
     /// loses (all of them there before).
     Edit {
+        /// Elements the set gains.
         added: BTreeSet<IpNet>,
+        /// Elements the set loses.
         removed: BTreeSet<IpNet>,
     },
     /// A set the patch makes, with its elements.

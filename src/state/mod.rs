@@ -42,6 +42,7 @@ const OUTBOX_DROPPED: &str = "outbox_dropped";
 /// The state change a command made, committed together with its dedup record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
+    /// Nothing but the answer is kept (pings, reads, failures, no-ops).
     None,
     /// A whole rule set (canonical JSON) replaces the firewall state.
     FirewallReplace(String),
@@ -49,7 +50,9 @@ pub enum Change {
     FirewallPatch(String),
     /// Router `id` is now as `spec` (canonical JSON) says.
     RouterPut {
+        /// The router's id.
         id: String,
+        /// Its spec, canonical JSON.
         spec: String,
     },
     /// Router `id` is gone: neither wanted nor owned any more.
@@ -81,9 +84,11 @@ enum Remembered {
 /// An event kept in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeptEvent {
+    /// Its place in the outbox (published in this order).
     pub seq: u64,
     /// When it happened (ms since the epoch).
     pub at_ms: u64,
+    /// The event type (`drift`, `stats`, `cert`).
     pub kind: String,
     /// The whole event (envelope and data), as it will be published.
     pub body: Vec<u8>,
@@ -92,33 +97,52 @@ pub struct KeptEvent {
 /// The firewall as stored: a snapshot and the patches since, to be replayed in order.
 #[derive(Debug, Default)]
 pub struct StoredFirewall {
+    /// The last full rule set (canonical JSON), if any.
     pub snapshot: Option<Vec<u8>>,
+    /// The patches since (their `data` JSON), oldest first.
     pub journal: Vec<Vec<u8>>,
 }
 
+/// Every way the store fails; each is answered `failed` with `store_failed`.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    /// The state directory could not be made.
     #[error("cannot create state directory {path}: {cause}")]
     Dir {
+        /// The directory.
         path: PathBuf,
+        /// Why.
         cause: std::io::Error,
     },
+    /// The database could not be opened.
     #[error("state store {path}: {cause}")]
     Open {
+        /// The database file.
         path: PathBuf,
+        /// Why.
         cause: redb::DatabaseError,
     },
+    /// The database was written by a newer agent.
     #[error("state store schema {found} is newer than this agent understands ({SCHEMA_VERSION})")]
-    Schema { found: u64 },
+    Schema {
+        /// The schema version it holds.
+        found: u64,
+    },
+    /// A read or a write of the database failed.
     #[error("state store: {0}")]
     Db(redb::Error),
+    /// A stored ack does not parse.
     #[error("state store holds an ack that does not parse: {0}")]
     Corrupt(serde_json::Error),
+    /// Records made before a reopen were lost with it.
     #[error("state store was reopened after an I/O error before its last commits were synced")]
     Unsynced,
+    /// The record log could not be read or written.
     #[error("state store record log {path}: {cause}")]
     Ledger {
+        /// The log file.
         path: PathBuf,
+        /// Why.
         cause: std::io::Error,
     },
 }
@@ -198,6 +222,9 @@ mod firewall_tests {
     }
 }
 
+/// The crash-safe store (redb, one file): the record of every processed command id, the
+/// firewall snapshot and journal, the owned routers, the outbox; beside it, the record log
+/// of commands that changed nothing.
 pub struct Store {
     /// `None` only while it is being reopened.
     db: std::sync::RwLock<Option<Database>>,
@@ -359,6 +386,7 @@ impl Store {
         Ok(())
     }
 
+    /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
     }
