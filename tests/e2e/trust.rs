@@ -196,12 +196,27 @@ fn vm_hwm_kib(pid: i32) -> Result<u64> {
         .context("no VmHWM")
 }
 
+/// The prefetch the broker holds for `host`'s consumer.
+fn consumer_prefetch(host: &str) -> Result<u32> {
+    let queue = rampart::broker::host_queue(host);
+    let out = env()
+        .broker
+        .ctl_ok(&["list_consumers", "-q", "queue_name", "prefetch_count"]);
+    out.lines()
+        .find_map(|l| {
+            let mut cols = l.split_whitespace();
+            (cols.next()? == queue).then(|| cols.next()?.parse().ok())?
+        })
+        .with_context(|| format!("no consumer on {queue}:\n{out}"))
+}
+
 fn delivery_memory() -> Result<()> {
     const BODY: usize = 4 * 1024 * 1024;
     const QUEUED: usize = 32;
     // The same agent twice: with a byte budget of two bodies, and with one that lets the
     // whole prefetch (32) be in flight, as before the budget existed.
     let mut peaks = vec![];
+    let mut prefetches = vec![];
     for (name, budget) in [("tr-mem-bounded", 2 * BODY), ("tr-mem-wide", 32 * BODY)] {
         let host = env().host(
             name,
@@ -235,6 +250,7 @@ fn delivery_memory() -> Result<()> {
             agent.current_log()
         );
         let hwm = vm_hwm_kib(agent.pid())?;
+        prefetches.push(consumer_prefetch(name)?);
         eprintln!(
             "{name}: budget {} MiB, peak RSS {:.1} MiB with {QUEUED} queued bodies of {} MiB",
             budget >> 20,
@@ -243,15 +259,18 @@ fn delivery_memory() -> Result<()> {
         );
         peaks.push(hwm);
     }
-    let (bounded, wide) = (peaks[0], peaks[1]);
+    let bounded = peaks[0];
     // Two bodies in flight plus the one being decoded, on top of the agent's own ~30 MiB.
     ensure!(
         bounded < 64 * 1024,
         "peak RSS {bounded} KiB with a budget of two 4 MiB bodies"
     );
+    // What the budget does: the broker may push two bodies ahead, not the whole prefetch.
+    // (How much more the wide agent holds at its peak depends on how far the broker gets
+    // ahead of it, a race: 44 to 100 MiB over the runs of 2026-12-03; not asserted.)
     ensure!(
-        bounded + 16 * 1024 < wide,
-        "the budget makes a difference: bounded {bounded} KiB, wide {wide} KiB"
+        prefetches == [2, 32],
+        "the consumers' prefetch (bounded, wide): {prefetches:?}"
     );
     Ok(())
 }
