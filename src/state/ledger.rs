@@ -24,6 +24,13 @@ struct Line {
 pub(super) struct Ledger {
     path: PathBuf,
     file: File,
+    /// The bytes of whole records in the file: a write cut short (a full disk) is cut back
+    /// to this, so that no record is left in part for the next one to be glued to (and
+    /// lost at the next start), and none of a write whose commands were answered `failed`
+    /// comes back.
+    whole: u64,
+    /// The file may hold more than `whole` (cutting it back failed): cut before writing.
+    ragged: bool,
     recent: HashMap<String, Ack>,
     /// The ids in the order they were recorded (the store prunes oldest first).
     order: Vec<String>,
@@ -43,8 +50,14 @@ impl Ledger {
             .open(&path)?;
         let mut recent = HashMap::new();
         let mut order = Vec::new();
+        let len = file.metadata()?.len();
+        // The end of the last line read, had it ended in a newline.
+        let (mut end, mut last) = (0, 0);
         for line in std::io::BufReader::new(&file).split(b'\n') {
-            match serde_json::from_slice::<Line>(&line?) {
+            let line = line?;
+            last = line.len() as u64;
+            end += last + 1;
+            match serde_json::from_slice::<Line>(&line) {
                 Ok(l) => {
                     if recent.insert(l.id.clone(), l.ack).is_none() {
                         order.push(l.id);
@@ -55,9 +68,13 @@ impl Ledger {
                 }
             }
         }
+        // A last line without its newline was cut short: it is cut off before the next write.
+        let ragged = end > len;
         Ok(Ledger {
             path,
             file,
+            whole: if ragged { end - last - 1 } else { end },
+            ragged,
             recent,
             order,
         })
@@ -79,7 +96,16 @@ impl Ledger {
             lines.push(b'\n');
             added.push(line);
         }
-        self.file.write_all(&lines)?;
+        if self.ragged {
+            self.file.set_len(self.whole)?;
+            self.ragged = false;
+        }
+        if let Err(e) = self.file.write_all(&lines) {
+            // None of these records is kept: their commands are answered `failed`.
+            self.ragged = self.file.set_len(self.whole).is_err();
+            return Err(e);
+        }
+        self.whole += lines.len() as u64;
         for Line { id, ack } in added {
             if self.recent.insert(id.clone(), ack).is_none() {
                 self.order.push(id);
@@ -106,6 +132,7 @@ impl Ledger {
     pub(super) fn clear(&mut self) -> std::io::Result<()> {
         self.file.set_len(0)?;
         self.file.sync_all()?;
+        (self.whole, self.ragged) = (0, false);
         self.recent.clear();
         self.order.clear();
         Ok(())
@@ -150,5 +177,39 @@ mod tests {
         let l = Ledger::open(dir.path()).unwrap();
         let order: Vec<&String> = l.records().map(|(id, _)| id).collect();
         assert_eq!(order, ids.iter().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_record_cut_short_is_cut_off_before_the_next_one_is_written() {
+        // A power loss (or a write cut short whose cutting back failed) leaves part of a
+        // record at the end: the next record must not be glued to it.
+        let dir = tempfile::tempdir().unwrap();
+        let ack = |id: &str| {
+            Ack::new(
+                "h",
+                Some(id.into()),
+                None,
+                crate::protocol::Status::Applied,
+                None,
+                serde_json::json!({}),
+            )
+        };
+        let (a, b) = (ack("a"), ack("b"));
+        Ledger::open(dir.path())
+            .unwrap()
+            .append([("a", &a)].into_iter())
+            .unwrap();
+        let path = dir.path().join("records.log");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(br#"{"id":"cut","ack":{"spec"#).unwrap();
+        let mut l = Ledger::open(dir.path()).unwrap();
+        assert_eq!(l.len(), 1);
+        l.append([("b", &b)].into_iter()).unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
+        let ids: Vec<&String> = l.records().map(|(id, _)| id).collect();
+        assert_eq!(ids, ["a", "b"]);
     }
 }

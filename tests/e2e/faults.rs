@@ -54,6 +54,10 @@ pub fn tests() -> Vec<Trial> {
             unsynced_patches,
         ),
         trial(
+            "faults::a_record_log_write_cut_short_by_a_full_disk_leaves_only_whole_records",
+            cut_record_log,
+        ),
+        trial(
             "faults::cluster_node_of_the_session_killed_under_a_command_stream",
             cluster_node_kills,
         ),
@@ -589,6 +593,78 @@ fn unsynced_patches() -> Result<()> {
         t.probe(81) == Tcp::Open,
         "generation 2 restored after restart"
     );
+    Ok(())
+}
+
+/// The records of commands that changed nothing go to the record log (`records.log`) with
+/// one write per batch. On a full disk that write can be cut short: the commands are
+/// answered `failed`/`store_failed`, and the log must be left ending on a whole record, or
+/// the next record written is glued to the cut one and lost at the next start (and the
+/// whole records of the failed write would come back as records of commands answered
+/// `failed`).
+fn cut_record_log() -> Result<()> {
+    let host = env().host("fl-cutlog", HostOptions::default());
+    let state = host.dir.join("state");
+    let disk = SmallDisk::mount(&state)?;
+    let log = state.join("records.log");
+    let mut agent = AgentProc::start(&host);
+    agent.wait_serving();
+    let failed = runtime().block_on(async {
+        let mut m = manager(&host.id).await?;
+        // A first record, so that the log has a page with room left when the disk fills.
+        applied(&mut m, &host.id, "ping", "cl-first", json!({})).await?;
+        disk.fill()?;
+        // Each ping's record fills the log's last page further; the first one that does
+        // not fit is written in part, then fails.
+        let mut failed = None;
+        for i in 0..100 {
+            let id = format!("cl-{i}");
+            let ack = send(&mut m, &host.id, "ping", &id, json!({})).await?;
+            if ack.status == rampart::protocol::Status::Failed {
+                ensure!(
+                    ack.error.as_ref().map(|e| e.code)
+                        == Some(rampart::protocol::ErrorCode::StoreFailed),
+                    "{ack:?}"
+                );
+                failed = Some(id);
+                break;
+            }
+        }
+        let failed = failed.context("no record write failed on a full disk")?;
+        eprintln!(
+            "{failed} failed; the log holds {} bytes",
+            std::fs::metadata(&log)?.len()
+        );
+        let text = std::fs::read(&log)?;
+        ensure!(
+            text.is_empty() || text.ends_with(b"\n"),
+            "the record log ends in a cut record: ...{:?}",
+            String::from_utf8_lossy(&text[text.len().saturating_sub(80)..])
+        );
+        disk.free()?;
+        applied(&mut m, &host.id, "ping", "cl-after", json!({})).await?;
+        m.close().await;
+        anyhow::Ok(failed)
+    })?;
+    agent.kill9();
+    let agent = AgentProc::start(&host);
+    agent.wait_serving();
+    runtime().block_on(async {
+        let mut m = manager(&host.id).await?;
+        let again = send(&mut m, &host.id, "ping", "cl-after", json!({})).await?;
+        ensure!(
+            again.duplicate && again.status == rampart::protocol::Status::Applied,
+            "the record written after the cut one survives a restart: {again:?}"
+        );
+        let retried = send(&mut m, &host.id, "ping", &failed, json!({})).await?;
+        ensure!(
+            !retried.duplicate,
+            "a command answered failed has no record: {retried:?}"
+        );
+        m.close().await;
+        anyhow::Ok(())
+    })?;
+    drop(agent);
     Ok(())
 }
 
