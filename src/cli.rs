@@ -12,16 +12,19 @@ use crate::logs::{VERSION, init_logging};
 use crate::manager::Manager;
 use crate::protocol::Status;
 
+/// The command line, as parsed.
 #[derive(Debug, Parser)]
 #[command(name = "rampart", version = VERSION, about = "Host agent for firewall rules, certificates and logical routers pushed over a mutual-TLS AMQP bus")]
 pub struct Cli {
     /// Configuration file.
     #[arg(long, global = true, default_value = DEFAULT_CONFIG_PATH, env = "RAMPART_CONFIG")]
     pub config: PathBuf,
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// `rampart rules ...`: work on rule sets without the daemon.
 #[derive(Debug, Subcommand)]
 pub enum RulesAction {
     /// Validate a rule set (the `data` of firewall.apply, as JSON) and print the nft input it
@@ -32,6 +35,7 @@ pub enum RulesAction {
     },
 }
 
+/// `rampart connection ...`.
 #[derive(Debug, Subcommand)]
 pub enum ConnectionAction {
     /// Every TCP connection and listener of the host, with the owning process; the agent's
@@ -43,25 +47,32 @@ pub enum ConnectionAction {
         /// Only rows in this TCP state (LISTEN, ESTABLISHED, ...; any case).
         #[arg(long)]
         state: Option<String>,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// The daemon's control socket, to mark the broker session (default: control.socket
+        /// of the configuration).
         #[arg(long)]
         socket: Option<PathBuf>,
     },
 }
 
+/// `rampart <command>`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The running daemon: session, firewall, commands. Exit 1 when the daemon does not
     /// answer, 2 when it is not connected to a broker.
     Status {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// The daemon's control socket (default: control.socket of the configuration).
         #[arg(long)]
         socket: Option<PathBuf>,
     },
     /// TCP connections of the host.
     Connection {
+        /// What to show.
         #[command(subcommand)]
         action: ConnectionAction,
     },
@@ -73,6 +84,7 @@ pub enum Command {
         /// The daemon's control socket (default: control.socket of the configuration).
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Without one: show the applied rule set.
         #[command(subcommand)]
         action: Option<RulesAction>,
     },
@@ -82,6 +94,7 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// The daemon's control socket (default: control.socket of the configuration).
         #[arg(long)]
         socket: Option<PathBuf>,
     },
@@ -118,7 +131,10 @@ pub enum Command {
     Run,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(hide = true)]
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
     /// Print the man page (roff).
     #[command(hide = true)]
     Man,
@@ -156,6 +172,7 @@ pub fn send_exit_code(status: Status) -> i32 {
     }
 }
 
+/// The exit code of `rampart send` when no ack came in time.
 pub const EXIT_TIMEOUT: i32 = 5;
 
 /// Runs one parsed command line; returns the process exit code.

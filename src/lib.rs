@@ -46,18 +46,14 @@ pub mod dispatch;
 /// The session actor: owns the broker connection and channels; the pipeline's handle.
 pub mod session;
 /// Local control socket for inspection (rules, ...).
-#[allow(missing_docs)]
 pub mod control;
 /// Wires the stages into the running daemon.
 pub mod daemon;
 /// The manager's side of the bus (`rampart send`, tests).
-#[allow(missing_docs)]
 pub mod manager;
 /// TCP connections of the host, mapped to processes (`rampart connection list`).
-#[allow(missing_docs)]
 pub mod netstat;
 /// `rampart trace`: which rule decided each packet, live.
 pub mod trace;
 /// Command-line interface.
-#[allow(missing_docs)]
 pub mod cli;

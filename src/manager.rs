@@ -17,20 +17,38 @@ use crate::config::{AuthMechanism, Config};
 use crate::ids::now_ms;
 use crate::protocol::Ack;
 
+/// Every way the manager's side fails.
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
+    /// A broker operation failed.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// The manager's TLS identity is unusable.
     #[error(transparent)]
     Tls(#[from] crate::certs::tls::TlsError),
+    /// The signing key could not be read.
     #[error("signing key {path}: {message}")]
-    SigningKey { path: String, message: String },
+    SigningKey {
+        /// The key file.
+        path: String,
+        /// Why it is unusable.
+        message: String,
+    },
+    /// No configured broker accepted a session.
     #[error("no broker could be reached: {0}")]
     Unreachable(String),
+    /// No ack came in time.
     #[error("no ack for command {id} within {secs} s (is the agent running and connected?)")]
-    Timeout { id: String, secs: u64 },
+    Timeout {
+        /// The command waited for.
+        id: String,
+        /// How long it was waited for.
+        secs: u64,
+    },
+    /// The acks' consumer ended.
     #[error("the ack stream closed before the ack for {0} arrived")]
     AckStreamClosed(String),
+    /// An ack did not parse.
     #[error("an ack that is not valid JSON arrived: {0}")]
     BadAck(serde_json::Error),
 }
@@ -39,8 +57,11 @@ pub enum ManagerError {
 /// send malformed input too.
 #[derive(Debug, Clone, Default)]
 pub struct Outgoing {
+    /// The body, as sent (it need not be JSON).
     pub body: Vec<u8>,
+    /// The AMQP `message_id` (the command id).
     pub message_id: Option<String>,
+    /// The AMQP `type` (the command type).
     pub kind: Option<String>,
     /// Sets the AMQP `user_id` to the manager's own user (the broker checks it).
     pub with_user_id: bool,
@@ -96,6 +117,7 @@ async fn consume_no_ack(
     .map_err(amqp(context))
 }
 
+/// A manager's session on the bus: sends commands to hosts, waits for their acks.
 pub struct Manager {
     session: Session,
     channel: Channel,
@@ -166,6 +188,7 @@ impl Manager {
         })
     }
 
+    /// The broker user this manager sends as.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -319,6 +342,7 @@ impl Manager {
             .map_err(amqp("opening a channel"))?)
     }
 
+    /// Closes the session in order.
     pub async fn close(self) {
         broker::close_bounded(&self.session.connection, "OK").await;
     }

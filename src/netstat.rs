@@ -8,19 +8,30 @@ use std::path::Path;
 
 use serde::Serialize;
 
+/// One TCP socket of the host, as `rampart connection list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Connection {
+    /// `tcp` or `tcp6`.
     pub proto: &'static str,
+    /// Bytes received and not yet read by the program.
     pub recv_q: u64,
+    /// Bytes sent and not yet acknowledged by the peer.
     pub send_q: u64,
+    /// The local address and port.
     pub local: SocketAddr,
+    /// The peer's address and port (unspecified for a listener).
     pub foreign: SocketAddr,
+    /// The TCP state, as netstat names it (`ESTABLISHED`, `LISTEN`, ...).
     pub state: &'static str,
+    /// The socket's inode, which ties it to the process holding it.
     pub inode: u64,
+    /// The process holding it, when one was found.
     pub pid: Option<u32>,
+    /// That process's command name.
     pub program: Option<String>,
 }
 
+/// The netstat name of kernel TCP state `code` (as in `/proc/net/tcp`).
 pub fn state_name(code: u8) -> &'static str {
     match code {
         0x01 => "ESTABLISHED",

@@ -13,24 +13,34 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::firewall::Firewall;
 use crate::session::SessionStatus;
 
+/// Every way a request to the control socket fails, as the CLI reports it.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
+    /// The socket could not be bound, reached, read or written.
     #[error("control socket {path}: {cause}")]
     Io {
+        /// The socket.
         path: PathBuf,
+        /// Why.
         cause: std::io::Error,
     },
+    /// The answer did not parse.
     #[error("the daemon answered something that is not JSON: {0}")]
     BadAnswer(String),
+    /// The daemon answered with an error.
     #[error("the daemon refused the request: {0}")]
     Refused(String),
 }
 
+/// One request line: `{"request": "rules"}` and so on.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum Request {
+    /// The rule set in force with its counters ([`RulesAnswer`]).
     Rules,
+    /// The daemon's status ([`Status`]).
     Status,
+    /// The routers as the kernel has them ([`RoutersAnswer`]).
     Routers,
 }
 
@@ -38,13 +48,21 @@ pub enum Request {
 /// `--json`, what scripts read), made by the daemon and read by the CLI as this one type.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
+    /// The host id.
     pub host: String,
+    /// The agent's version.
     pub version: String,
+    /// The daemon's process id.
     pub pid: u32,
+    /// Seconds since the daemon started.
     pub uptime_secs: u64,
+    /// The broker session.
     pub session: SessionStatus,
+    /// The rule set in force: generation and sizes.
     pub firewall: crate::firewall::spec::Counts,
+    /// Each router and its state.
     pub routers: Vec<crate::router::Summary>,
+    /// The TLS identity in use.
     pub certificate: crate::certs::Summary,
     /// Commands answered, by ack status (duplicates counted apart).
     pub commands: std::collections::BTreeMap<String, u64>,
@@ -58,11 +76,17 @@ pub struct Status {
 
 /// What the daemon shares with the control socket.
 pub struct Shared {
+    /// The firewall (its lock is the firewall commands' lock).
     pub firewall: Arc<tokio::sync::Mutex<Firewall>>,
+    /// The routers (their lock is the router commands' lock).
     pub routers: Arc<tokio::sync::Mutex<crate::router::Routers>>,
+    /// The store, for the number of records.
     pub store: Arc<crate::state::Store>,
+    /// The host id.
     pub host_id: String,
+    /// When the daemon started (ms since the epoch).
     pub started_ms: u64,
+    /// The TLS identity in use (replaced by a rotation).
     pub identity: Arc<std::sync::RwLock<crate::certs::Current>>,
     /// The session actor's state as it changes.
     pub session: tokio::sync::watch::Receiver<SessionStatus>,
@@ -184,39 +208,50 @@ async fn rules(shared: &Shared) -> Value {
 /// The `routers` answer.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RoutersAnswer {
+    /// Each router as recorded and as the kernel has it.
     pub routers: Vec<crate::router::View>,
 }
 
 /// The `rules` answer: the rule set in force, rules in evaluation order with their counts.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RulesAnswer {
+    /// The agent's nftables table (`inet <table>`).
     pub table: String,
     /// Whether the table is in the kernel.
     pub in_kernel: bool,
+    /// The rule set's generation.
     pub generation: u64,
     /// When the rule set was applied (`None`: restored at start).
     pub applied_at_ms: Option<u64>,
+    /// The default policies.
     pub defaults: DefaultsShown,
     /// Elements per address set.
     pub address_sets: std::collections::BTreeMap<String, usize>,
+    /// The rules, in evaluation order.
     pub rules: Vec<RuleShown>,
 }
 
 /// The default policies, as the contract spells them.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DefaultsShown {
+    /// For traffic to the host (`in`).
     #[serde(rename = "in")]
     pub input: String,
+    /// For traffic from the host.
     pub out: String,
+    /// For traffic through the host (to and from workloads).
     pub forward: String,
 }
 
 /// One rule as the contract spells it, with its counters.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RuleShown {
+    /// The rule, as sent.
     #[serde(flatten)]
     pub rule: crate::firewall::spec::WireRule,
+    /// Packets it matched since it was applied.
     pub packets: u64,
+    /// Bytes it matched since it was applied.
     pub bytes: u64,
 }
 
