@@ -487,18 +487,28 @@ impl Store {
     }
 
     /// Moves the log's records into the database, in one durable transaction, then empties
-    /// the log.
+    /// the log. The log is not held while the database is written: lookups (every
+    /// command's dedup, on an async worker) read it meanwhile, and find each record there
+    /// until it is in the database. Nothing is appended meanwhile: appends and folds are
+    /// made under `writer` (or at open, alone).
     fn fold(&self) -> Result<(), StateError> {
-        let mut ledger = self.ledger.lock().expect("ledger lock");
-        if ledger.len() == 0 {
+        let records: Vec<(String, Vec<u8>)> = {
+            let ledger = self.ledger.lock().expect("ledger lock");
+            (ledger.records())
+                .map(|(id, ack)| (id.clone(), ack.to_json()))
+                .collect()
+        };
+        if records.is_empty() {
             return Ok(());
         }
         let tx = self.write_tx()?;
         let mut written = known::Written::default();
-        for (id, ack) in ledger.records() {
-            self.insert_record(&tx, id, &ack.to_json(), &mut written)?;
+        for (id, ack) in &records {
+            self.insert_record(&tx, id, ack, &mut written)?;
         }
         tx.commit()?;
+        // Out of the log and into the database's ids at once (for `processed_count`).
+        let mut ledger = self.ledger.lock().expect("ledger lock");
         self.known.lock().expect("known lock").apply(written);
         ledger.clear().map_err(|cause| StateError::Ledger {
             path: ledger.path().to_path_buf(),
@@ -867,7 +877,12 @@ impl Store {
 
     /// How many processed command ids are held.
     pub fn processed_count(&self) -> Result<u64, StateError> {
-        let logged = self.ledger.lock().expect("ledger lock").len() as u64;
+        // The log's lock is held while the database's ids are counted: a fold moves its
+        // records from one to the other under it.
+        let ledger = self.ledger.lock().expect("ledger lock");
+        let logged = ledger.len() as u64;
+        let stored = self.known.lock().expect("known lock").len() as u64;
+        drop(ledger);
         let epoch = self.epoch();
         let waiting = |list: &std::sync::Mutex<Vec<Deferred>>| {
             let list = list.lock().expect("deferred lock");
@@ -875,7 +890,6 @@ impl Store {
         };
         let light = logged + waiting(&self.light);
         let deferred = waiting(&self.deferred);
-        let stored = self.known.lock().expect("known lock").len() as u64;
         Ok(stored + light + deferred)
     }
 }
@@ -960,6 +974,54 @@ mod tests {
         assert_eq!(s.ledger.lock().unwrap().len(), 5, "folded once full");
         // Retention holds across the fold: at most keep + keep / 10 records.
         assert!(s.processed_count().unwrap() <= 110 + 5);
+    }
+
+    #[test]
+    fn lookups_do_not_wait_for_a_fold_writing_the_database() {
+        // Every command's dedup looks in the record log, on an async worker: a fold must
+        // not hold the log while it writes (and fsyncs) the database. Here the database
+        // is held by another write transaction, so the fold waits inside its write.
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(Store::open(dir.path(), 100_000).unwrap());
+        for i in 0..FOLD_AFTER - 1 {
+            s.commit_deferred(s.epoch(), &format!("f{i}"), &ack("f"), Change::None);
+        }
+        s.sync().unwrap();
+        s.commit_deferred(s.epoch(), "last", &ack("last"), Change::None);
+        let held = s.write_tx().unwrap();
+        let folding = {
+            let s = s.clone();
+            std::thread::spawn(move || s.sync().map(|_| ()))
+        };
+        // The last record is in the log, and the fold begins.
+        while s.waiting("last").is_some() {
+            std::thread::yield_now();
+        }
+        // Give a fold that keeps the log locked the chance to take it.
+        for _ in 0..1000 {
+            if matches!(
+                s.ledger.try_lock(),
+                Err(std::sync::TryLockError::WouldBlock)
+            ) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let looking = {
+            let s = s.clone();
+            std::thread::spawn(move || tx.send(s.may_have("f1")).unwrap())
+        };
+        // Not a timer on speed: a bound on waiting for ever.
+        let found = rx.recv_timeout(std::time::Duration::from_secs(10));
+        let fold_still_waiting = !folding.is_finished();
+        drop(held);
+        folding.join().unwrap().unwrap();
+        looking.join().unwrap();
+        assert_eq!(found, Ok(true), "a lookup waited for the fold's write");
+        assert!(fold_still_waiting, "the lookup ran while the fold waited");
+        assert_eq!(s.ledger.lock().unwrap().len(), 0, "folded");
+        assert!(s.lookup("f1").unwrap().is_some() && s.lookup("last").unwrap().is_some());
     }
 
     #[test]
