@@ -12,17 +12,33 @@ use crate::ids::is_valid_host_id;
 /// Where every subcommand looks for its configuration unless `--config` says otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/rampart/rampart.toml";
 
+/// Why a configuration file is refused (the agent does not start, a reload changes nothing).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("cannot read {path}: {cause}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// Why.
         cause: std::io::Error,
     },
+    /// It is not valid TOML, or has unknown or mistyped keys.
     #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, on one line.
+        message: String,
+    },
+    /// A setting has a value the agent cannot use.
     #[error("invalid setting {key}: {message}")]
-    Invalid { key: &'static str, message: String },
+    Invalid {
+        /// The setting, `section.key`.
+        key: &'static str,
+        /// What is wrong with its value.
+        message: String,
+    },
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -32,24 +48,34 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The configuration file (`/etc/rampart/rampart.toml`); docs/operations.md lists every
+/// key with its default.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// This host's id; defaults to the client certificate's CN.
     pub host_id: Option<String>,
+    /// Where the crash-safe state lives (made mode 0700).
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// `[broker]`: the session.
     pub broker: BrokerConfig,
+    /// `[commands]`: what commands are accepted.
     #[serde(default)]
     pub commands: CommandsConfig,
+    /// `[control]`: the local control socket.
     #[serde(default)]
     pub control: ControlConfig,
+    /// `[log]`.
     #[serde(default)]
     pub log: LogConfig,
+    /// `[firewall]`: the agent's table and its limits.
     #[serde(default)]
     pub firewall: FirewallConfig,
+    /// `[events]`: the outbox's bounds.
     #[serde(default)]
     pub events: EventsConfig,
+    /// `[metrics]`: the opt-in endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
     /// Only read by `rampart send` (the manager side).
@@ -93,6 +119,7 @@ fn default_outbox_max_events() -> u64 {
     10_000
 }
 
+/// `[firewall]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FirewallConfig {
@@ -105,10 +132,13 @@ pub struct FirewallConfig {
     /// Always allowed out, ahead of every rule (the brokers are always allowed).
     #[serde(default)]
     pub failsafe_out: Vec<String>,
+    /// How often the table and the routers are compared with the record and repaired.
     #[serde(default = "default_drift_check_secs")]
     pub drift_check_secs: u64,
+    /// Most rules a rule set may have (commands only: the stored one always comes back).
     #[serde(default = "default_max_rules")]
     pub max_rules: usize,
+    /// Most address set elements a rule set may have, all sets together.
     #[serde(default = "default_max_elements")]
     pub max_elements: usize,
     /// Kernel statements one rule may expand into (sources x destinations x interfaces x
@@ -189,22 +219,30 @@ pub fn parse_failsafe(s: &str) -> Option<(crate::firewall::render::FailsafeProto
     Some((proto, port))
 }
 
+/// The type of the host queue (`x-queue-type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {
+    /// Replicated over a cluster's nodes (Raft): survives a node.
     Quorum,
+    /// On one node.
     Classic,
 }
 
+/// Where each round of connection attempts starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum UrlOrder {
+    /// A place in the list chosen by the host id: a fleet with one list spreads over a
+    /// cluster's nodes.
     #[default]
     Spread,
+    /// Always the first URL: a preferred node.
     Listed,
 }
 
 impl QueueType {
+    /// As the broker spells it.
     pub fn as_str(self) -> &'static str {
         match self {
             QueueType::Quorum => "quorum",
@@ -213,6 +251,7 @@ impl QueueType {
     }
 }
 
+/// How the agent logs in to the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMechanism {
@@ -222,21 +261,30 @@ pub enum AuthMechanism {
     Plain,
 }
 
+/// `[broker]`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
+    /// `amqps://host:port/vhost`, tried in turn.
     pub urls: Vec<String>,
+    /// The CA bundle the brokers' certificates must chain to.
     pub ca_file: PathBuf,
+    /// The agent's certificate (chain), PEM.
     pub cert_file: PathBuf,
+    /// Its private key, PEM.
     pub key_file: PathBuf,
     /// Name the broker's certificate must carry; defaults to each URL's host.
     pub server_name: Option<String>,
+    /// The AMQP heartbeat and the heartbeat events' period.
     #[serde(default = "default_heartbeat_secs")]
     pub heartbeat_secs: u16,
+    /// The host queue's type.
     #[serde(default = "default_queue_type")]
     pub queue_type: QueueType,
+    /// The host queue's `x-message-ttl`.
     #[serde(default = "default_message_ttl_ms")]
     pub message_ttl_ms: u32,
+    /// Broker users whose commands are accepted (the AMQP `user_id` the broker checked).
     #[serde(default = "default_trusted_senders")]
     pub trusted_senders: Vec<String>,
     /// Unacknowledged deliveries the broker may push ahead of the one in hand.
@@ -247,15 +295,21 @@ pub struct BrokerConfig {
     /// `listed` (always the first URL: a preferred node).
     #[serde(default)]
     pub url_order: UrlOrder,
+    /// The first reconnect backoff's ceiling.
     #[serde(default = "default_backoff_initial_ms")]
     pub backoff_initial_ms: u64,
+    /// The largest.
     #[serde(default = "default_backoff_max_ms")]
     pub backoff_max_ms: u64,
+    /// One connection attempt, TCP to AMQP open.
     #[serde(default = "default_connect_timeout_secs")]
     pub connect_timeout_secs: u64,
+    /// Certificate login (`external`) or user and password (`plain`).
     #[serde(default = "default_auth")]
     pub auth: AuthMechanism,
+    /// The user, for `plain` only.
     pub username: Option<String>,
+    /// The file holding the password, for `plain` only.
     pub password_file: Option<PathBuf>,
     /// A `cert.<host>` event warns once a day when the agent's certificate expires within
     /// this many days.
@@ -263,9 +317,11 @@ pub struct BrokerConfig {
     pub cert_warn_days: u32,
 }
 
+/// `[commands]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandsConfig {
+    /// Larger bodies are rejected (`too_large`).
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
     /// Ed25519 public keys (PEM, SubjectPublicKeyInfo); when any is set, commands must be signed.
@@ -296,9 +352,11 @@ impl Default for CommandsConfig {
     }
 }
 
+/// `[control]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlConfig {
+    /// The control socket's path.
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
 }
@@ -313,11 +371,14 @@ impl Default for ControlConfig {
 
 pub use crate::logs::LogFormat;
 
+/// `[log]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
+    /// A tracing filter: `info`, `info,rampart::dispatch=debug`.
     #[serde(default = "default_log_level")]
     pub level: String,
+    /// `text` or `json`.
     #[serde(default = "default_log_format")]
     pub format: LogFormat,
 }
@@ -331,6 +392,7 @@ impl Default for LogConfig {
     }
 }
 
+/// `[manager]`: read by `rampart send` only.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ManagerConfig {
@@ -477,6 +539,7 @@ impl Config {
         Ok(config)
     }
 
+    /// A configuration from TOML text, validated.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
@@ -486,6 +549,7 @@ impl Config {
         Ok(config)
     }
 
+    /// Every check a file must pass beyond its syntax.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(id) = &self.host_id
             && !is_valid_host_id(id)
@@ -555,14 +619,18 @@ impl Config {
 #[derive(Debug, thiserror::Error)]
 #[error("broker URL {url}: {message}")]
 pub struct UrlError {
+    /// The URL, its password hidden.
     pub url: String,
+    /// What is wrong with it.
     pub message: String,
 }
 
 /// A broker URL as configured, parsed, with the password (if any) hidden when displayed.
 #[derive(Debug, Clone)]
 pub struct BrokerUrl {
+    /// The parsed URL.
     pub uri: AMQPUri,
+    /// The URL to show (logs, status), its password hidden.
     pub display: String,
 }
 

@@ -3,9 +3,7 @@
 
 // Production functions stay short enough to read at once (clippy.toml: 80 lines).
 #![cfg_attr(not(test), warn(clippy::too_many_lines))]
-// Every public item says what it is for (CI denies warnings). The modules marked
-// `allow(missing_docs)` below are the ones not documented item by item yet: the lint is
-// lifted from each as its documentation is completed, never put back.
+// Every public item says what it is for (CI denies warnings).
 #![warn(missing_docs)]
 
 /// Leaf: host id validation and the clock.
@@ -15,27 +13,20 @@ pub mod logs;
 /// Leaf: the test-only crash points (`RAMPART_FAULT`).
 pub mod faults;
 /// Generic kernel plumbing: nftables, nfnetlink, conntrack, namespaces, the host's view.
-#[allow(missing_docs)]
 pub mod sys;
 /// The opt-in Prometheus metrics and health endpoint.
 pub mod metrics;
 /// Typed configuration file, broker URLs.
-#[allow(missing_docs)]
 pub mod config;
 /// Host firewall: checked rule sets, layout, rendering, apply, drift.
-#[allow(missing_docs)]
 pub mod firewall;
 /// Logical routers: network namespaces with veth interfaces, converged via netlink.
-#[allow(missing_docs)]
 pub mod router;
 /// The agent's own TLS identity: validation, installed identities, rotation.
-#[allow(missing_docs)]
 pub mod certs;
 /// Transport: AMQP session, topology, confirmed publishing, backoff.
-#[allow(missing_docs)]
 pub mod broker;
 /// Wire contract: deliveries -> checked requests; acks.
-#[allow(missing_docs)]
 pub mod protocol;
 /// Crash-safe store of processed commands and applied state.
 pub mod state;

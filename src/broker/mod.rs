@@ -19,45 +19,94 @@ use serde::Serialize;
 
 use crate::config::{AuthMechanism, BrokerConfig, BrokerUrl, parse_url};
 
+/// Where managers publish commands (direct, routing key: the host id).
 pub const COMMANDS_EXCHANGE: &str = "rampart.commands";
+/// Where agents publish acks (direct, routing key: the host id).
 pub const ACKS_EXCHANGE: &str = "rampart.acks";
+/// Where agents publish events (topic, routing key: `<event>.<host>`).
 pub const EVENTS_EXCHANGE: &str = "rampart.events";
+/// Where rejected commands are dead-lettered.
 pub const DEAD_EXCHANGE: &str = "rampart.dead";
+/// The queue that keeps dead-lettered commands.
 pub const DEAD_QUEUE: &str = "rampart.dead";
 
+/// The durable queue holding host `host_id`'s commands.
 pub fn host_queue(host_id: &str) -> String {
     format!("rampart.host.{host_id}")
 }
 
+/// Every way a broker operation fails; each ends the session it happened on.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    /// A broker URL does not parse.
     #[error(transparent)]
     Url(#[from] crate::config::UrlError),
+    /// The password file (PLAIN login) could not be read.
     #[error("cannot read the broker password file: {0}")]
     Password(std::io::Error),
+    /// The TCP, TLS or AMQP handshake took too long.
     #[error("connecting to {url} timed out after {secs} s")]
-    Timeout { url: String, secs: u64 },
+    Timeout {
+        /// The broker, without credentials.
+        url: String,
+        /// The bound.
+        secs: u64,
+    },
+    /// The broker refused the connection, the handshake or the login.
     #[error("{url}: {cause}")]
-    Connect { url: String, cause: lapin::Error },
-    #[error("{context}: {cause}")]
-    Amqp {
-        context: &'static str,
+    Connect {
+        /// The broker, without credentials.
+        url: String,
+        /// lapin's reason.
         cause: lapin::Error,
     },
+    /// An AMQP operation failed.
+    #[error("{context}: {cause}")]
+    Amqp {
+        /// What was being done.
+        context: &'static str,
+        /// lapin's reason.
+        cause: lapin::Error,
+    },
+    /// A publish was not confirmed in time (time under a resource alarm not counted).
     #[error(
         "no publisher confirm for a message to {exchange} within {secs} s (is the broker blocking publishers?)"
     )]
-    ConfirmTimeout { exchange: String, secs: u64 },
+    ConfirmTimeout {
+        /// Where it was published.
+        exchange: String,
+        /// The bound.
+        secs: u64,
+    },
+    /// The connection ended while a confirm was awaited.
     #[error("the connection ended while a publish to {exchange} waited for its confirm")]
-    ConnectionLost { exchange: String },
+    ConnectionLost {
+        /// Where it was published.
+        exchange: String,
+    },
+    /// The connection ended while a frame was owed (an ack, a settlement).
     #[error("the connection ended while {context}")]
-    Ended { context: &'static str },
+    Ended {
+        /// What was being done.
+        context: &'static str,
+    },
+    /// Shared topology the agent needs is missing on the broker.
     #[error("{0}")]
     Missing(String),
+    /// The broker kept nacking a publish.
     #[error("the broker refused (nacked) a message published to {exchange}")]
-    Nacked { exchange: String },
+    Nacked {
+        /// Where it was published.
+        exchange: String,
+    },
+    /// A mandatory publish matched no queue.
     #[error("the broker returned an unroutable message published to {exchange} with key {key}")]
-    Unroutable { exchange: String, key: String },
+    Unroutable {
+        /// Where it was published.
+        exchange: String,
+        /// With which routing key.
+        key: String,
+    },
 }
 
 /// Wraps a lapin error with what we were doing.
@@ -88,31 +137,48 @@ pub(crate) async fn unless_ended<T>(
 /// What the TLS handshake established, for status and `connection list`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TlsDetails {
+    /// The TLS version agreed.
     pub version: String,
+    /// The cipher suite agreed.
     pub cipher: String,
+    /// The broker certificate's subject.
     pub peer_subject: String,
+    /// The broker certificate's end of validity.
     pub peer_not_after: String,
+    /// Our end of the TCP connection.
     pub local_addr: String,
+    /// The broker's end.
     pub peer_addr: String,
 }
 
 /// One established AMQP session.
 pub struct Session {
+    /// The AMQP connection.
     pub connection: Connection,
+    /// The broker's URL, without credentials.
     pub url: String,
+    /// Its port.
     pub port: u16,
+    /// What the TLS handshake established.
     pub tls: TlsDetails,
+    /// When it was opened.
     pub connected_at: SystemTime,
 }
 
 /// Everything needed to open sessions to the configured brokers.
 #[derive(Clone)]
 pub struct Connector {
+    /// The brokers, in the configured order.
     pub urls: Vec<BrokerUrl>,
+    /// The name to verify the brokers' certificates against, when not each URL's host.
     pub server_name: Option<String>,
+    /// The TLS client configuration: the agent's identity and the CA it trusts.
     pub tls: Arc<rustls::ClientConfig>,
+    /// The connection name the broker shows (`rampart/<host>`).
     pub connection_name: String,
+    /// The bound on TCP, TLS and AMQP handshakes together.
     pub connect_timeout: Duration,
+    /// User and password, with PLAIN login; `None` with certificate login (EXTERNAL).
     pub plain_credentials: Option<(String, String)>,
 }
 
@@ -128,6 +194,8 @@ type Pins = HashMap<(String, u16), Vec<SocketAddr>>;
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Connector {
+    /// A connector for `cfg`'s brokers with the TLS identity in `tls`; the connection name
+    /// is what the broker's management UI shows.
     pub fn new(
         cfg: &BrokerConfig,
         tls: Arc<rustls::ClientConfig>,
@@ -301,6 +369,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Delays from `initial` (the first ceiling), doubling up to `cap`.
     pub fn new(initial: Duration, cap: Duration) -> Backoff {
         Backoff {
             initial,
@@ -315,6 +384,7 @@ impl Backoff {
         self.initial.saturating_mul(factor).min(self.cap)
     }
 
+    /// The next delay, drawn under the ceiling, which then doubles.
     pub fn next_delay(&mut self) -> Duration {
         let ceiling = self.ceiling();
         self.attempt = self.attempt.saturating_add(1);
@@ -322,6 +392,7 @@ impl Backoff {
         Duration::from_millis(ms)
     }
 
+    /// Back to the first ceiling (after a session that lasted).
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
@@ -348,6 +419,7 @@ pub struct Dialer {
 }
 
 impl Dialer {
+    /// A dialer over `count` brokers, with a backoff from `initial` to `cap`.
     pub fn new(count: usize, initial: Duration, cap: Duration) -> Dialer {
         Dialer {
             count: count.max(1),
@@ -736,6 +808,7 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// A confirm-mode channel on `conn`.
     pub async fn open(conn: &Connection) -> Result<Publisher, BrokerError> {
         Ok(Publisher {
             ch: confirm_channel(conn).await?,

@@ -20,9 +20,12 @@ pub const MAX_PEM_BYTES: usize = 64 * 1024;
 
 /// `cert.install` data after the wire checks: the PEM texts, not yet validated.
 pub struct Bundle {
+    /// The new certificate, then its intermediates.
     pub certificate_pem: String,
     /// `None`: use the pending key of the last `cert.request`.
     pub private_key_pem: Option<String>,
+    /// A new CA bundle to verify the broker with (a CA transition); `None`: keep the one
+    /// in use.
     pub ca_pem: Option<String>,
 }
 
@@ -58,41 +61,74 @@ impl Clone for Bundle {
 /// Why a bundle is refused. Messages name the problem, never the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CertError {
+    /// A PEM field does not parse as what it must hold.
     #[error("{what}: {message}")]
     BadPem {
+        /// The field, as a JSON path (`$.data.certificate_pem`).
         field: &'static str,
+        /// What it should hold (`certificate_pem`, `the private key`, ...).
         what: &'static str,
+        /// What is wrong with it.
         message: String,
     },
+    /// The key is not the certificate's.
     #[error("the private key does not match the certificate's public key")]
     KeyMismatch,
+    /// No key in the command and none pending from a `cert.request`.
     #[error("no private_key_pem and no pending key: send cert.request first")]
     NoPendingKey,
+    /// The certificate is past its validity.
     #[error("the certificate expired on {not_after}")]
-    Expired { not_after: String },
+    Expired {
+        /// Its end of validity.
+        not_after: String,
+    },
+    /// The certificate is not valid yet.
     #[error("the certificate is not valid before {not_before}")]
-    NotYetValid { not_before: String },
+    NotYetValid {
+        /// Its start of validity.
+        not_before: String,
+    },
+    /// The certificate is for another host.
     #[error("the certificate names {names}, not this host ({host})")]
-    WrongHost { names: String, host: String },
+    WrongHost {
+        /// The names it holds (CN and DNS names).
+        names: String,
+        /// This host's id.
+        host: String,
+    },
+    /// With certificate login, the new CN would log in as another broker user.
     #[error(
         "the broker logs in by certificate CN: the new CN {new} is not the agent's user {user}"
     )]
-    LoginName { new: String, user: String },
+    LoginName {
+        /// The new certificate's CN.
+        new: String,
+        /// The broker user the agent logs in as.
+        user: String,
+    },
+    /// The certificate does not chain to the CA it must.
     #[error("the certificate does not chain to {against}: {message}")]
     UntrustedChain {
+        /// Which CA (the one in use, or the bundle's new one).
         against: &'static str,
+        /// What the verifier said.
         message: String,
     },
 }
 
 /// A bundle that passed every check, ready to be tried and installed.
 pub struct Validated {
+    /// The new identity, parsed.
     pub identity: Identity,
     /// The CA the agent verifies the broker with from now on (the new `ca_pem`, or the
     /// CA in use), as PEM text and as a store.
     pub ca_pem: String,
+    /// The same CA, as the TLS client's trust roots.
     pub roots: RootCertStore,
+    /// The certificate chain, as it will be written.
     pub certificate_pem: String,
+    /// The key, as it will be written (mode 0600).
     pub private_key_pem: String,
 }
 
@@ -272,7 +308,9 @@ pub fn validate(
 /// The identity the agent uses now.
 #[derive(Debug, Clone)]
 pub struct Current {
+    /// What the certificate says.
     pub info: CertInfo,
+    /// The files it was read from.
     pub files: store::InUse,
     /// The CA bundle the broker is verified with (what a new certificate must chain to
     /// when `cert.install` brings no `ca_pem`).
@@ -328,9 +366,13 @@ impl Current {
 /// The identity in use, as heartbeats and `rampart status` show it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
+    /// The subject, as text.
     pub subject: String,
+    /// The serial number, hex.
     pub serial: String,
+    /// The end of validity.
     pub not_after: String,
+    /// The SHA-256 of the certificate (DER), hex: what the broker lists per connection.
     pub sha256: String,
     /// Whole days until it expires (negative once expired).
     pub days_left: i64,

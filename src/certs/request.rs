@@ -16,13 +16,18 @@ pub struct CertRequest {
     pub dns_names: Vec<String>,
 }
 
+/// Why `cert.request` made no CSR.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
+    /// The key pair or the CSR could not be made.
     #[error("making the key pair or the request failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// The pending key could not be written.
     #[error("keeping the pending key in {path}: {cause}")]
     Store {
+        /// The pending key's file.
         path: PathBuf,
+        /// Why.
         cause: std::io::Error,
     },
 }

@@ -19,18 +19,24 @@ const DIR: &str = "identities";
 /// Where an identity was installed from, for `rampart cert`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Installed {
+    /// When (ms since the epoch).
     pub installed_ms: u64,
+    /// By which `cert.install`.
     pub command_id: String,
 }
 
 /// The files the agent uses for its TLS identity.
 #[derive(Debug, Clone, Serialize)]
 pub struct InUse {
+    /// The certificate chain.
     pub cert: PathBuf,
+    /// The private key.
     pub key: PathBuf,
+    /// The CA bundle the broker is verified with.
     pub ca: PathBuf,
     /// `installed` (by `cert.install`, under state_dir) or `configured` (broker.*_file).
     pub source: &'static str,
+    /// When and by which command, for an installed one.
     pub installed: Option<Installed>,
 }
 

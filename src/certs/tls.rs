@@ -9,19 +9,42 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
+/// Why an identity or a CA bundle cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// A file could not be read.
     #[error("cannot read {path}: {cause}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// Why.
         cause: std::io::Error,
     },
+    /// A file holds no PEM block of the kind needed.
     #[error("{path}: no PEM {what} found")]
-    Empty { path: PathBuf, what: &'static str },
+    Empty {
+        /// The file.
+        path: PathBuf,
+        /// What was looked for (`certificate`, `private key`).
+        what: &'static str,
+    },
+    /// A PEM block does not decode.
     #[error("{path}: bad PEM: {message}")]
-    Pem { path: PathBuf, message: String },
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A certificate does not parse (or is refused as a trust root).
     #[error("{path}: certificate does not parse: {message}")]
-    X509 { path: PathBuf, message: String },
+    X509 {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// rustls refused the configuration (a key it cannot use, ...).
     #[error("TLS configuration: {0}")]
     Rustls(rustls::Error),
 }
@@ -35,24 +58,35 @@ impl From<rustls::Error> for TlsError {
 /// The facts about a certificate that acks, events and the CLI show.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CertInfo {
+    /// The subject, as text.
     pub subject: String,
+    /// The subject's CN, if it has one (the broker user with certificate login).
     pub common_name: Option<String>,
+    /// The issuer, as text.
     pub issuer: String,
     /// Hex, colon-separated, as `openssl x509 -serial` groups it.
     pub serial: String,
     /// DNS names and IP addresses of the subjectAltName extension.
     pub sans: Vec<String>,
+    /// The start of validity, as text.
     pub not_before: String,
+    /// The same, in seconds since the epoch.
     pub not_before_unix: i64,
+    /// The end of validity, as text.
     pub not_after: String,
+    /// The same, in seconds since the epoch.
     pub not_after_unix: i64,
+    /// The SHA-256 of the certificate (DER), hex.
     pub sha256: String,
 }
 
 /// A client identity: certificate chain and private key.
 pub struct Identity {
+    /// The certificate, then its intermediates.
     pub chain: Vec<CertificateDer<'static>>,
+    /// Its private key.
     pub key: PrivateKeyDer<'static>,
+    /// What the certificate says.
     pub info: CertInfo,
 }
 
@@ -72,6 +106,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
+/// Every certificate of the PEM file at `path`, in order (at least one).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
@@ -89,6 +124,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
+/// The identity of a certificate chain file and a key file.
 pub fn load_identity(cert_file: &Path, key_file: &Path) -> Result<Identity, TlsError> {
     let chain = load_certs(cert_file)?;
     let key_pem = read(key_file)?;
@@ -103,6 +139,7 @@ pub fn load_identity(cert_file: &Path, key_file: &Path) -> Result<Identity, TlsE
     Ok(Identity { chain, key, info })
 }
 
+/// The trust roots of a CA bundle file.
 pub fn load_roots(ca_file: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(ca_file)? {
@@ -114,6 +151,7 @@ pub fn load_roots(ca_file: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// What certificate `der` says; `Err`: it does not parse.
 pub fn cert_info(der: &CertificateDer<'_>) -> Result<CertInfo, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| e.to_string())?;
     let common_name = cert

@@ -76,6 +76,7 @@ impl Seeds {
         self.0.remove(id)
     }
 
+    /// No counts kept.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

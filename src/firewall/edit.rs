@@ -23,12 +23,14 @@ pub struct AddedRule {
     pub before: Option<usize>,
     /// The same rule as nft text (for logs and checks).
     pub text: String,
+    /// The rule, for the netlink batch.
     pub rule: NewRule,
 }
 
 /// The change of one bucket chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BucketEdit {
+    /// The bucket chain.
     pub chain: String,
     /// The comment of each kernel rule of the chain as we last wrote it, in order: what the
     /// kernel's listing must show for the indices below to mean the right rules.
@@ -42,8 +44,11 @@ pub struct BucketEdit {
 /// A named set a patch makes (one family's half), with its elements.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewSet {
+    /// The address set's name (the kernel set is its family's half).
     pub name: String,
+    /// Which half.
     pub family: Family,
+    /// Its elements.
     pub elements: Vec<Element>,
 }
 
@@ -51,8 +56,11 @@ pub struct NewSet {
 /// sets deleted (once no rule uses them).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SetEdits {
+    /// Sets made.
     pub create: Vec<NewSet>,
+    /// Element changes of existing sets.
     pub elements: Vec<SetChange>,
+    /// Kernel sets deleted, by name.
     pub delete: Vec<String>,
 }
 
@@ -62,14 +70,19 @@ const NAMED_SET_IDS: u32 = 1 << 30;
 /// Why a netlink rule patch was not applied (nothing of it was).
 #[derive(Debug, thiserror::Error)]
 pub enum EditError {
+    /// The chain in the kernel is not as the agent last wrote it (someone changed it).
     #[error(
         "chain {chain} is not as last written ({found} rules in the kernel, {expected} recorded, or other comments)"
     )]
     Differs {
+        /// The chain.
         chain: String,
+        /// Rules the kernel lists in it.
         found: usize,
+        /// Rules we last wrote there.
         expected: usize,
     },
+    /// The kernel refused the batch.
     #[error(transparent)]
     Kernel(#[from] NfnlError),
 }

@@ -37,12 +37,17 @@ const INDEX_RANGE: u16 = 256;
 /// A packet as a hook sees it: what rules can match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Packet {
+    /// The hook that sees it.
     pub hook: Hook,
     /// Interface indexes (0: none or unknown).
     pub iif: u32,
+    /// The output interface's index (0: none or unknown).
     pub oif: u32,
+    /// The IP protocol number.
     pub proto: u8,
+    /// The source address.
     pub saddr: IpAddr,
+    /// The destination address.
     pub daddr: IpAddr,
     /// Destination port (tcp and udp; 0 for other protocols).
     pub dport: u16,
@@ -470,6 +475,7 @@ pub struct Sweep<'a> {
 }
 
 impl<'a> Sweep<'a> {
+    /// A sweep judging with `judge` over the host's interfaces and addresses in `view`.
     pub fn new(judge: &'a Judge, view: &'a HostView) -> Sweep<'a> {
         Sweep {
             judge,
@@ -504,10 +510,13 @@ pub fn tracked_connections() -> Option<u64> {
     }
 }
 
+/// Why a sweep of open connections failed (the rule set is in force either way).
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
+    /// The host's interfaces and addresses could not be read.
     #[error(transparent)]
     HostView(#[from] crate::sys::hostview::HostViewError),
+    /// The conntrack table could not be read or changed.
     #[error(transparent)]
     Conntrack(#[from] crate::sys::conntrack::CtError),
 }
@@ -523,6 +532,7 @@ pub struct SweepReport {
     pub denied: usize,
     /// Entries removed (`denied` less those that ended meanwhile; 0 for a count only).
     pub cut: usize,
+    /// How long the sweep took.
     pub elapsed_us: u64,
 }
 

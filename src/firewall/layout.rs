@@ -10,16 +10,22 @@ use super::spec::{Direction, Rule, RuleKey};
 /// Rules per bucket after a full apply; a bucket is split when it grows past twice that.
 pub const BUCKET: usize = 64;
 
+/// A netfilter hook the table has a base chain on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Hook {
+    /// Packets to the host.
     Input,
+    /// Packets from the host.
     Output,
+    /// Packets through the host (workloads).
     Forward,
 }
 
 impl Hook {
+    /// Every hook, in the order the table is written.
     pub const ALL: [Hook; 3] = [Hook::Input, Hook::Output, Hook::Forward];
 
+    /// The base chain's name.
     pub fn base_chain(self) -> &'static str {
         match self {
             Hook::Input => "input",
@@ -28,6 +34,7 @@ impl Hook {
         }
     }
 
+    /// The prefix of its bucket chains' names (`in_3`).
     pub fn bucket_prefix(self) -> &'static str {
         match self {
             Hook::Input => "in",
@@ -52,13 +59,18 @@ pub fn hooks_of(rule: &Rule) -> Vec<Hook> {
     }
 }
 
+/// A run of consecutive rules (in evaluation order) in a chain of its own, so that a
+/// patch rewrites a bucket, not the hook.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bucket {
+    /// Its chain's number (unique within the table).
     pub chain: u32,
+    /// Its rules, in evaluation order.
     pub keys: BTreeSet<RuleKey>,
 }
 
 impl Bucket {
+    /// Its chain's name under `hook`.
     pub fn chain_name(&self, hook: Hook) -> String {
         format!("{}_{}", hook.bucket_prefix(), self.chain)
     }
@@ -69,6 +81,7 @@ impl Bucket {
 /// table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Layout {
+    /// Each hook's buckets, in evaluation order.
     pub hooks: BTreeMap<Hook, Vec<Arc<Bucket>>>,
     next_chain: u32,
 }
@@ -112,10 +125,12 @@ impl Layout {
         layout
     }
 
+    /// `hook`'s buckets, in evaluation order.
     pub fn buckets(&self, hook: Hook) -> &[Arc<Bucket>] {
         self.hooks.get(&hook).map(Vec::as_slice).unwrap_or(&[])
     }
 
+    /// `hook`'s bucket with chain number `chain`.
     pub fn bucket(&self, hook: Hook, chain: u32) -> Option<&Bucket> {
         self.buckets(hook)
             .iter()
@@ -123,6 +138,8 @@ impl Layout {
             .map(Arc::as_ref)
     }
 
+    /// Takes rule `key` out of its bucket under `hook` (the bucket goes when emptied),
+    /// noting the change in `ch`.
     pub fn remove(&mut self, hook: Hook, key: &RuleKey, ch: &mut Changes) {
         let buckets = self.hooks.entry(hook).or_default();
         let Some(i) = buckets.iter().position(|b| b.keys.contains(key)) else {
@@ -145,6 +162,8 @@ impl Layout {
         }
     }
 
+    /// Puts rule `key` in the bucket its place falls in under `hook` (a bucket grown past
+    /// twice [`BUCKET`] is split), noting the change in `ch`.
     pub fn insert(&mut self, hook: Hook, key: RuleKey, ch: &mut Changes) {
         let next = &mut self.next_chain;
         let buckets = self.hooks.entry(hook).or_default();

@@ -25,28 +25,51 @@ use layout::{Changes, Hook, Layout, hooks_of};
 use render::{Family, Range, RenderCtx};
 use spec::{Defaults, Limits, Patch, Rule, RuleSet};
 
+/// Why a firewall command is not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum FirewallError {
+    /// The command builds on another generation than the one in force.
     #[error(
         "generation conflict: the host is at generation {current}, the command needs {expected}"
     )]
-    Stale { current: u64, expected: String },
+    Stale {
+        /// The generation in force.
+        current: u64,
+        /// What the command needs, in words.
+        expected: String,
+    },
+    /// A rule or a patch names a set that does not exist.
     #[error("address set {name:?} is not defined")]
-    UnknownSet { name: String, field: String },
+    UnknownSet {
+        /// The set.
+        name: String,
+        /// Where it is named, as a JSON path.
+        field: String,
+    },
+    /// A patch deletes a set a rule still uses.
     #[error("address set {name:?} is still used by rule {rule:?}")]
     SetInUse {
+        /// The set.
         name: String,
+        /// A rule using it.
         rule: String,
+        /// The deletion, as a JSON path.
         field: String,
     },
+    /// The result would be over a limit.
     #[error("the result would have more than {limit} {what}")]
     TooMany {
+        /// What is counted (`rules`, `address set elements`, ...).
         what: &'static str,
+        /// The limit.
         limit: usize,
+        /// What went over it, as a JSON path.
         field: String,
     },
+    /// nft refused the transaction.
     #[error(transparent)]
     Nft(#[from] NftError),
+    /// The kernel refused the netlink batch.
     #[error(transparent)]
     Netlink(#[from] NfnlError),
 }
@@ -54,15 +77,20 @@ pub enum FirewallError {
 /// How a plan reaches the kernel: nft text, or one nfnetlink batch for element changes and
 /// rule changes within existing bucket chains. Either way one transaction.
 pub enum KernelChange {
+    /// nft input, for `nft -f -` (what netlink does not cover here).
     Text(String),
+    /// Element changes of named sets, one netlink batch.
     Elements(Vec<SetChange>),
     /// Rules added and deleted by handle in existing bucket chains, with the named sets
     /// made, changed and deleted.
     /// `text` is the same change as nft text (flushing the chains), applied instead when a
     /// chain in the kernel is not as we last wrote it.
     Rules {
+        /// The named sets' changes.
         sets: edit::SetEdits,
+        /// Rules added and deleted, by bucket chain.
         buckets: Vec<edit::BucketEdit>,
+        /// The same change as nft text.
         text: String,
     },
 }
@@ -71,8 +99,11 @@ pub enum KernelChange {
 pub enum ApplyPlan {
     /// Same generation, same content: nothing to do.
     NoOp,
+    /// The table replaced whole, in one batch.
     Replace {
+        /// The new table, encoded.
         batch: TableBatch,
+        /// Where its rules go (chains and buckets).
         layout: Layout,
     },
 }
@@ -84,10 +115,12 @@ pub struct TableBatch {
 }
 
 impl TableBatch {
+    /// Its size in bytes.
     pub fn len(&self) -> usize {
         self.bytes.len()
     }
 
+    /// Whether it holds nothing.
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
@@ -95,6 +128,7 @@ impl TableBatch {
 
 /// A checked patch, rendered, ready to be applied and then committed.
 pub struct PatchPlan {
+    /// What to do in the kernel, in one transaction.
     pub kernel: KernelChange,
     generation: u64,
     defaults: Defaults,
@@ -115,11 +149,14 @@ pub struct PatchPlan {
 /// What a drift check found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Drift {
+    /// The table is as the agent made it.
     None,
     /// The table was missing or changed; it was restored.
     Repaired(String),
 }
 
+/// The host firewall: the rule set in force, where its rules are in the agent's table, and
+/// how to change and repair that table.
 pub struct Firewall {
     nft: Nft,
     ctx: RenderCtx,
@@ -130,6 +167,7 @@ pub struct Firewall {
     refs: HashMap<String, BTreeSet<String>>,
     /// Fingerprint of our table as last seen after our own change.
     baseline: Option<String>,
+    /// When the rule set in force was applied (`None`: restored at start).
     pub applied_at_ms: Option<u64>,
     /// The kernel's handle of our table as we last made it, 0 while unknown (see
     /// [`Firewall::made_handle`]).
@@ -270,6 +308,7 @@ fn fingerprint(listing: &str) -> String {
 }
 
 impl Firewall {
+    /// A firewall holding `restored` (not yet in the kernel: see [`Firewall::restore`]).
     pub fn new(nft: Nft, ctx: RenderCtx, limits: Limits, restored: RuleSet) -> Firewall {
         Firewall {
             nft,
@@ -392,14 +431,17 @@ impl Firewall {
         changed
     }
 
+    /// The rule set in force.
     pub fn current(&self) -> &RuleSet {
         &self.current
     }
 
+    /// The agent's table (`inet <table>`).
     pub fn table(&self) -> &str {
         &self.ctx.table
     }
 
+    /// The limits commands are checked against.
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
@@ -525,6 +567,7 @@ impl Firewall {
         seeds.seed_text(text)
     }
 
+    /// Makes a planned change in the kernel, in one transaction.
     pub async fn apply_kernel(&self, change: &KernelChange) -> Result<(), FirewallError> {
         match change {
             // A patch changes chains and sets of the table, never the table itself.
@@ -592,6 +635,7 @@ impl Firewall {
         self.baseline = None;
     }
 
+    /// `rs`, in the kernel and recorded, becomes the rule set in force.
     pub fn commit_replace(&mut self, rs: RuleSet, layout: Layout) {
         self.refs = refs_of(&rs);
         self.current = rs;
@@ -1083,6 +1127,7 @@ impl Firewall {
         (rs, layout)
     }
 
+    /// A patch, in the kernel and recorded, becomes part of the rule set in force.
     pub fn commit_patch(&mut self, plan: PatchPlan) {
         let cur = &mut self.current;
         for (name, change) in &plan.sets {

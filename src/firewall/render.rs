@@ -14,6 +14,7 @@ use super::spec::{Action, Addr, Direction, Iface, Policy, PortRange, Protocol, R
 /// What the rendering needs besides the rule set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenderCtx {
+    /// The agent's table (`inet <table>`).
     pub table: String,
     /// The agent's brokers, always reachable: (address, TCP port).
     pub brokers: Vec<(IpAddr, u16)>,
@@ -22,6 +23,7 @@ pub struct RenderCtx {
     pub resolvers: Vec<IpAddr>,
     /// `firewall.failsafe_in` / `failsafe_out` as (protocol, port).
     pub failsafe_in: Vec<(FailsafeProto, u16)>,
+    /// The same, outbound.
     pub failsafe_out: Vec<(FailsafeProto, u16)>,
 }
 
@@ -38,9 +40,12 @@ impl RenderCtx {
     }
 }
 
+/// The protocol of a failsafe port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailsafeProto {
+    /// `tcp/N`.
     Tcp,
+    /// `udp/N`.
     Udp,
 }
 
@@ -53,9 +58,12 @@ impl FailsafeProto {
     }
 }
 
+/// An address family: each address set is two kernel sets, one per family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Family {
+    /// IPv4.
     V4,
+    /// IPv6.
     V6,
 }
 
@@ -72,6 +80,7 @@ impl Family {
             Family::V6 => "ip6",
         }
     }
+    /// The kernel set holding this family's half of address set `name`.
     pub fn set_name(self, name: &str) -> String {
         match self {
             Family::V4 => format!("as4_{name}"),
@@ -89,7 +98,9 @@ impl Family {
 /// An inclusive address range, as the kernel's interval sets hold them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Range {
+    /// The first address.
     pub start: u128,
+    /// The last address.
     pub end: u128,
 }
 
@@ -125,6 +136,7 @@ pub fn merged(elements: &BTreeSet<IpNet>, family: Family) -> Vec<Range> {
     out
 }
 
+/// A range as nft spells an element (`10.0.0.0-10.0.0.255`, or one address).
 pub fn range_text(r: &Range, family: Family) -> String {
     let show = |v: u128| match family {
         Family::V4 => std::net::Ipv4Addr::from(v as u32).to_string(),
@@ -148,6 +160,7 @@ fn element_list(ranges: &[Range], family: Family) -> String {
 /// One side's address match of one kernel rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AddrMatch<'a> {
+    /// One literal.
     Net(IpNet),
     /// Several literals: an anonymous set.
     Nets(Vec<IpNet>),
@@ -250,12 +263,15 @@ pub enum IfMatch<'a> {
 /// The layer-4 match of one kernel rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum L4Match<'a> {
+    /// No layer-4 match.
     Any,
     /// `meta l4proto P` (tcp or udp without ports, icmp, ipv6-icmp).
     Proto(Protocol),
     /// `tcp dport ...` / `udp dport ...`: one port or range, or an anonymous set.
     Ports {
+        /// TCP (else UDP).
         tcp: bool,
+        /// The ports and ranges.
         ports: &'a [PortRange],
     },
 }
@@ -264,13 +280,20 @@ pub enum L4Match<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tail<'a> {
     /// Rate-limited logging; a separate rule, as a limit would skip the verdict.
-    Log { id: &'a str },
+    Log {
+        /// The rule id, the log line's prefix.
+        id: &'a str,
+    },
     /// Counter and verdict, commented with the rule id. `tcp_only` adds `meta l4proto tcp`
     /// (the TCP half of a reject of any protocol); `tcp_reset` rejects with a TCP reset.
     Verdict {
+        /// The rule id, the comment (and the counters' owner).
         id: &'a str,
+        /// What it does.
         action: Action,
+        /// Matches TCP only.
         tcp_only: bool,
+        /// Rejects with a TCP reset.
         tcp_reset: bool,
     },
 }
@@ -279,12 +302,17 @@ pub enum Tail<'a> {
 /// made from it, so the two cannot disagree on what a rule matches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KRule<'a> {
+    /// The workload interface (forward hook).
     pub iface: Option<IfMatch<'a>>,
     /// The family that the address matches fix (`None`: no address match).
     pub family: Option<Family>,
+    /// The source match.
     pub saddr: Option<AddrMatch<'a>>,
+    /// The destination match.
     pub daddr: Option<AddrMatch<'a>>,
+    /// The protocol and ports.
     pub l4: L4Match<'a>,
+    /// What it does.
     pub tail: Tail<'a>,
 }
 
@@ -501,15 +529,31 @@ pub enum BaseRule {
     /// `ct state invalid drop`
     Invalid,
     /// `iif "lo" accept` (input) or `oif "lo" accept` (output).
-    Loopback { input: bool },
+    Loopback {
+        /// The input hook (else output).
+        input: bool,
+    },
     /// IPv6 neighbour and router discovery, always let through.
     NeighbourDiscovery,
     /// `tcp dport N accept comment "failsafe"`
-    Failsafe { proto: FailsafeProto, port: u16 },
+    Failsafe {
+        /// TCP or UDP.
+        proto: FailsafeProto,
+        /// The port.
+        port: u16,
+    },
     /// The way to a broker: `ip daddr A tcp dport P accept comment "failsafe: broker"`.
-    Broker { ip: IpAddr, port: u16 },
+    Broker {
+        /// The broker's address.
+        ip: IpAddr,
+        /// Its port.
+        port: u16,
+    },
     /// DNS to a resolver, TCP and UDP port 53.
-    Resolver { ip: IpAddr },
+    Resolver {
+        /// The resolver's address.
+        ip: IpAddr,
+    },
     /// `jump <bucket chain>`
     Jump(String),
     /// The hook's default: `counter accept|drop comment "default"`.
@@ -521,6 +565,7 @@ fn ip_kw(ip: &IpAddr) -> &'static str {
 }
 
 impl BaseRule {
+    /// The rule as nft text, without the `add rule` prefix.
     pub fn text(&self) -> String {
         match self {
             BaseRule::Established => "ct state established,related accept".into(),
@@ -596,6 +641,7 @@ fn base_lines(hook: Hook, layout: &Layout, default: Policy, ctx: &RenderCtx) -> 
         .collect()
 }
 
+/// The default policy of `hook`'s direction.
 pub fn default_of(defaults: &super::spec::Defaults, hook: Hook) -> Policy {
     match hook {
         Hook::Input => defaults.input,
@@ -680,6 +726,7 @@ pub fn rewrite_chain(out: &mut String, table: &str, chain: &str, lines: &[String
     }
 }
 
+/// The nft rule lines of `bucket` of `hook`, in evaluation order.
 pub fn render_bucket<'a>(
     lookup: impl Fn(&str) -> Option<&'a Rule>,
     hook: Hook,
@@ -688,6 +735,7 @@ pub fn render_bucket<'a>(
     bucket_lines(lookup, hook, bucket)
 }
 
+/// The nft rule lines of `hook`'s base chain: failsafe, jumps to the buckets, default.
 pub fn render_base(hook: Hook, layout: &Layout, default: Policy, ctx: &RenderCtx) -> Vec<String> {
     base_lines(hook, layout, default, ctx)
 }
@@ -718,6 +766,7 @@ pub fn element_delta_text(
     }
 }
 
+/// Appends the nft line that makes `family`'s half of address set `name`.
 pub fn add_set_text(out: &mut String, table: &str, name: &str, family: Family) {
     let _ = writeln!(
         out,
@@ -727,6 +776,7 @@ pub fn add_set_text(out: &mut String, table: &str, name: &str, family: Family) {
     );
 }
 
+/// Appends the nft line that deletes `family`'s half of address set `name`.
 pub fn delete_set_text(out: &mut String, table: &str, name: &str, family: Family) {
     let _ = writeln!(out, "delete set inet {table} {}", family.set_name(name));
 }

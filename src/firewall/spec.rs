@@ -8,36 +8,53 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+/// What a rule does with the packets it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
+    /// Accept them.
     Allow,
+    /// Drop them silently.
     Drop,
+    /// Refuse them: a TCP reset, or an ICMP(v6) "administratively prohibited".
     Reject,
 }
 
+/// Which traffic a rule applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
+    /// To the host, or to a workload through it (with `applied_to`).
     In,
+    /// From the host, or from a workload through it.
     Out,
+    /// Both.
     Both,
 }
 
+/// The transport protocol a rule matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    /// Any (no `ports` then).
     Any,
+    /// TCP.
     Tcp,
+    /// UDP.
     Udp,
+    /// ICMP (IPv4 only).
     Icmp,
+    /// ICMPv6 (IPv6 only).
     Icmpv6,
 }
 
+/// A default policy: what happens to traffic no rule decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Policy {
+    /// Accepted.
     Allow,
+    /// Dropped.
     Drop,
 }
 
@@ -52,10 +69,14 @@ pub enum Established {
     Keep,
 }
 
+/// The default policies of the three directions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Defaults {
+    /// To the host (`in` on the wire).
     pub input: Policy,
+    /// From the host (`out`).
     pub output: Policy,
+    /// Through the host (`forward`).
     pub forward: Policy,
 }
 
@@ -69,16 +90,21 @@ impl Default for Defaults {
     }
 }
 
+/// A destination port or range (`"22"`, `"8000-8080"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PortRange {
+    /// The first port.
     pub lo: u16,
+    /// The last port (`lo` for a single port).
     pub hi: u16,
 }
 
 /// One entry of `sources` / `destinations`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Addr {
+    /// An address or prefix.
     Net(IpNet),
+    /// An address set, by name (`$name` on the wire).
     Set(String),
 }
 
@@ -87,23 +113,36 @@ pub enum Addr {
 pub struct Iface(pub String);
 
 impl Iface {
+    /// `*`: every interface.
     pub fn is_all(&self) -> bool {
         self.0 == "*"
     }
 }
 
+/// One checked rule (PROTOCOL.md section 4).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
+    /// Its id, unique in the rule set; counters belong to it.
     pub id: String,
+    /// Evaluation order: lower first (ties by id).
     pub priority: u32,
+    /// What it does.
     pub action: Action,
+    /// Which traffic it applies to.
     pub direction: Direction,
+    /// The transport protocol.
     pub protocol: Protocol,
+    /// Source addresses and sets (empty: any).
     pub sources: Vec<Addr>,
+    /// Destination addresses and sets (empty: any).
     pub destinations: Vec<Addr>,
+    /// Destination ports (TCP, UDP; empty: any).
     pub ports: Vec<PortRange>,
+    /// The workload interfaces it applies to (empty: the host itself).
     pub applied_to: Vec<Iface>,
+    /// Matches are logged (rate-limited), prefixed with the rule id.
     pub log: bool,
+    /// Kept in the rule set, not in the kernel.
     pub disabled: bool,
     /// Free text; kept in state and shown by the CLI, never rendered into nft input.
     pub comment: String,
@@ -115,6 +154,7 @@ impl Rule {
         (self.priority, self.id.clone())
     }
 
+    /// The address sets it names, sources first.
     pub fn set_refs(&self) -> impl Iterator<Item = &str> {
         self.sources
             .iter()
@@ -145,6 +185,7 @@ impl Rule {
     }
 }
 
+/// A rule's place in evaluation order: (priority, id).
 pub type RuleKey = (u32, String);
 
 #[cfg(test)]
@@ -171,17 +212,24 @@ impl Rule {
 /// A whole, valid rule set.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RuleSet {
+    /// Its generation; each change names the one it builds on.
     pub generation: u64,
+    /// The default policies.
     pub defaults: Defaults,
+    /// What a change does to open connections it denies.
     pub established: Established,
+    /// The address sets, by name.
     pub sets: BTreeMap<String, BTreeSet<IpNet>>,
+    /// The rules, by id.
     pub rules: BTreeMap<String, Rule>,
 }
 
 /// Limits of section 4, configurable.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Most rules.
     pub max_rules: usize,
+    /// Most address set elements, all sets together.
     pub max_elements: usize,
     /// Kernel rules one rule may render to (see `render::expansion`).
     pub max_rule_expansion: usize,
@@ -211,25 +259,40 @@ impl Limits {
 /// is decided when it is applied.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Patch {
+    /// The generation it applies to.
     pub base_generation: u64,
+    /// The generation it makes.
     pub generation: u64,
+    /// Rules added, or replaced by id.
     pub upsert_rules: Vec<Rule>,
+    /// Rules removed, by id.
     pub delete_rules: Vec<String>,
+    /// Sets made, or replaced whole.
     pub set_address_sets: BTreeMap<String, BTreeSet<IpNet>>,
+    /// Addresses added to existing sets.
     pub add_addresses: BTreeMap<String, BTreeSet<IpNet>>,
+    /// Addresses removed from existing sets.
     pub remove_addresses: BTreeMap<String, BTreeSet<IpNet>>,
+    /// Sets removed (none may still be in use).
     pub delete_address_sets: Vec<String>,
+    /// Default policies changed.
     pub defaults: PartialDefaults,
+    /// A new `established` behaviour, if any.
     pub established: Option<Established>,
 }
 
+/// The default policies a patch changes (`None`: unchanged).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PartialDefaults {
+    /// To the host.
     pub input: Option<Policy>,
+    /// From the host.
     pub output: Option<Policy>,
+    /// Through the host.
     pub forward: Option<Policy>,
 }
 
+/// A rule id: 1-64 of `[A-Za-z0-9._:-]`, starting alphanumeric.
 pub fn is_valid_rule_id(id: &str) -> bool {
     let b = id.as_bytes();
     !b.is_empty()
@@ -239,6 +302,7 @@ pub fn is_valid_rule_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
 }
 
+/// A set name: 1-31 of `[A-Za-z0-9_-]`, starting with a letter (it becomes an nft name).
 pub fn is_valid_set_name(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()
@@ -309,6 +373,7 @@ pub fn net_text(net: &IpNet) -> String {
 }
 
 impl Policy {
+    /// As the wire spells it.
     pub fn as_str(self) -> &'static str {
         match self {
             Policy::Allow => "allow",
@@ -318,6 +383,7 @@ impl Policy {
 }
 
 impl Addr {
+    /// As the wire spells it (`10.0.0.0/8`, `$web`).
     pub fn text(&self) -> String {
         match self {
             Addr::Net(n) => net_text(n),
@@ -327,6 +393,7 @@ impl Addr {
 }
 
 impl PortRange {
+    /// As the wire spells it (`22`, `8000-8080`).
     pub fn text(&self) -> String {
         if self.lo == self.hi {
             self.lo.to_string()
@@ -340,17 +407,29 @@ impl PortRange {
 /// the stored rule set and in `rampart rules`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct WireRule {
+    /// See [`Rule::id`].
     pub id: String,
+    /// See [`Rule::priority`].
     pub priority: u32,
+    /// `allow`, `drop` or `reject`.
     pub action: String,
+    /// `in`, `out` or `both`.
     pub direction: String,
+    /// `any`, `tcp`, `udp`, `icmp` or `icmpv6`.
     pub protocol: String,
+    /// Addresses, prefixes and `$set` names.
     pub sources: Vec<String>,
+    /// Addresses, prefixes and `$set` names.
     pub destinations: Vec<String>,
+    /// Ports and ranges.
     pub ports: Vec<String>,
+    /// Interface names and `prefix*` patterns.
     pub applied_to: Vec<String>,
+    /// See [`Rule::log`].
     pub log: bool,
+    /// See [`Rule::disabled`].
     pub disabled: bool,
+    /// See [`Rule::comment`].
     pub comment: String,
 }
 
@@ -384,13 +463,18 @@ impl Rule {
 /// A rule set's generation and size: in heartbeats, metrics and `rampart status`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Counts {
+    /// The generation.
     pub generation: u64,
+    /// Rules.
     pub rules: usize,
+    /// Address sets.
     pub address_sets: usize,
+    /// Their elements, all sets together.
     pub elements: usize,
 }
 
 impl RuleSet {
+    /// Address set elements, all sets together.
     pub fn element_count(&self) -> usize {
         self.sets.values().map(BTreeSet::len).sum()
     }
@@ -416,6 +500,7 @@ impl RuleSet {
         serde_json::to_string(&v).expect("a JSON value serialises")
     }
 
+    /// SHA-256 of the canonical JSON, hex: equal digests, equal rule sets.
     pub fn digest(&self) -> String {
         hex::encode(Sha256::digest(self.canonical_json().as_bytes()))
     }

@@ -14,20 +14,30 @@ const ECHO_MAX: usize = 64;
 /// What the broker handed us, before any check.
 #[derive(Debug, Clone, Default)]
 pub struct Incoming {
+    /// The body, as delivered.
     pub body: Vec<u8>,
+    /// The AMQP `message_id`.
     pub message_id: Option<String>,
+    /// The AMQP `type`.
     pub kind: Option<String>,
+    /// The AMQP `user_id` (the broker checked it is the publisher's user).
     pub user_id: Option<String>,
+    /// The `x-rampart-signature` header.
     pub signature: Option<String>,
 }
 
 /// What decoding needs to know about this agent.
 #[derive(Debug, Clone)]
 pub struct DecodeContext {
+    /// The host commands must name.
     pub host_id: String,
+    /// Broker users whose commands are accepted.
     pub trusted_senders: Vec<String>,
+    /// Larger bodies are `too_large`.
     pub max_body_bytes: usize,
+    /// When any: commands must be signed under one of them.
     pub signing_keys: Vec<ed25519_dalek::VerifyingKey>,
+    /// A rule set's limits.
     pub limits: crate::firewall::spec::Limits,
     /// Oldest command accepted, by its `timestamp` (replay window).
     pub max_age_ms: u64,
@@ -36,43 +46,62 @@ pub struct DecodeContext {
 /// How far a command's `timestamp` may lie in the future (clock skew between hosts).
 pub const MAX_FUTURE_MS: u64 = 5 * 60 * 1000;
 
+/// A command that passed every check of the contract.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
+    /// The command id (the dedup key).
     pub id: String,
+    /// The manager that sent it.
     pub source: String,
+    /// When it was sent (ms since the epoch).
     pub timestamp: u64,
+    /// What it asks for.
     pub kind: RequestKind,
 }
 
+/// What a checked command asks for, one variant per command type.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RequestKind {
+    /// `ping`.
     Ping,
     /// `counters`: the answer also carries every rule's packet and byte counts.
     StateSync {
+        /// Every rule's counters in the answer too.
         counters: bool,
     },
+    /// `firewall.apply`: a whole rule set.
     FirewallApply {
+        /// The rule set, checked.
         rules: Box<crate::firewall::spec::RuleSet>,
         /// The `data` JSON as received, compact: what the snapshot stores.
         raw: String,
         /// Checked and planned only: nothing changed, nothing recorded.
         dry_run: bool,
     },
+    /// `firewall.patch`: a change on top of the rule set in force.
     FirewallPatch {
+        /// The patch, checked.
         patch: Box<crate::firewall::spec::Patch>,
         /// The `data` JSON as received, compact: what the journal stores.
         raw: String,
+        /// Checked and planned only: nothing changed, nothing recorded.
         dry_run: bool,
     },
+    /// `router.create`: make or converge a router.
     RouterCreate(Box<crate::router::spec::RouterSpec>),
+    /// `cert.request`: a new key pair and its CSR.
     CertRequest(Box<crate::certs::request::CertRequest>),
+    /// `cert.install`: a new identity, make-before-break.
     CertInstall(Box<crate::certs::Bundle>),
+    /// `router.delete`.
     RouterDelete {
+        /// The router's id.
         id: String,
     },
 }
 
 impl RequestKind {
+    /// The command type, as the wire spells it.
     pub fn type_name(&self) -> &'static str {
         match self {
             RequestKind::Ping => "ping",
@@ -90,8 +119,11 @@ impl RequestKind {
 /// A command refused before it could have any effect.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rejection {
+    /// The command's id, when it could be read.
     pub correlation_id: Option<String>,
+    /// Its type, when it could be read.
     pub command_type: Option<String>,
+    /// Why it was refused.
     pub error: AckError,
 }
 

@@ -23,7 +23,9 @@ use crate::sys::netns::{self, Ctx};
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{step}: {cause}")]
 pub struct KernelError {
+    /// What was being done (`create netns rampart-lr1`, ...).
     pub step: String,
+    /// The kernel's reason.
     pub cause: String,
 }
 

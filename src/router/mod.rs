@@ -15,10 +15,18 @@ use kernel::KernelError;
 use plan::{Observed, Step};
 use spec::{NETNS_PREFIX, RouterSpec};
 
+/// Why a router command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
+    /// An interface names a bridge the host does not have.
     #[error("bridge {bridge} does not exist on this host (or is not a bridge)")]
-    UnknownBridge { bridge: String, field: String },
+    UnknownBridge {
+        /// The bridge.
+        bridge: String,
+        /// The interface field that names it, as a JSON path.
+        field: String,
+    },
+    /// A kernel operation failed (what was done before it is rolled back).
     #[error("{0}")]
     Kernel(#[from] KernelError),
 }
@@ -36,8 +44,11 @@ pub enum RouterState {
 /// One router as the state summary and `rampart status` list it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Summary {
+    /// The router's id.
     pub id: String,
+    /// Its interfaces' names (inside its namespace).
     pub interfaces: Vec<String>,
+    /// How it stood against the kernel when last seen.
     pub state: RouterState,
 }
 
@@ -53,11 +64,14 @@ pub struct Reconciled {
 }
 
 impl Reconciled {
+    /// Nothing was found to change.
     pub fn is_empty(&self) -> bool {
         self.repaired.is_empty() && self.removed.is_empty() && self.failed.is_empty()
     }
 }
 
+/// The logical routers: the ones wanted (as recorded), the ids the agent owns, and how
+/// each stood against the kernel; the kernel side goes through the netns worker thread.
 pub struct Routers {
     worker: NetnsWorker,
     wanted: BTreeMap<String, RouterSpec>,
@@ -67,6 +81,7 @@ pub struct Routers {
 }
 
 impl Routers {
+    /// The routers as recorded, made through `worker`.
     pub fn new(worker: NetnsWorker, wanted: Vec<RouterSpec>, owned: BTreeSet<String>) -> Routers {
         Routers {
             worker,
@@ -76,10 +91,12 @@ impl Routers {
         }
     }
 
+    /// The recorded spec of router `id`.
     pub fn get(&self, id: &str) -> Option<&RouterSpec> {
         self.wanted.get(id)
     }
 
+    /// Whether the agent may have made router `id`'s namespace (so may remove it).
     pub fn is_owned(&self, id: &str) -> bool {
         self.owned.contains(id)
     }
@@ -269,11 +286,15 @@ impl Routers {
 /// A router as `rampart routers` shows it: its record, and how the kernel differs.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct View {
+    /// The router's id.
     pub id: String,
+    /// Its network namespace.
     pub namespace: String,
     /// Whether the namespace exists.
     pub present: bool,
+    /// Its interfaces.
     pub interfaces: Vec<InterfaceView>,
+    /// Its static routes.
     pub routes: Vec<RouteView>,
     /// The kernel matches the record.
     pub in_sync: bool,
@@ -286,12 +307,17 @@ pub struct View {
 /// One interface of a [`View`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct InterfaceView {
+    /// The name inside the router's namespace.
     pub name: String,
     /// The host end's name.
     pub host: String,
+    /// Its addresses (CIDR), as recorded.
     pub addresses: Vec<String>,
+    /// Its MTU.
     pub mtu: u32,
+    /// The host bridge the host end is enslaved to, if any.
     pub bridge: Option<String>,
+    /// Whether both ends are up.
     pub state: LinkState,
 }
 
@@ -299,12 +325,16 @@ pub struct InterfaceView {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LinkState {
+    /// Both ends exist and are up.
     Up,
+    /// Both exist; one is down.
     Down,
+    /// An end is missing.
     Missing,
 }
 
 impl LinkState {
+    /// As `rampart routers` and the JSON spell it.
     pub fn as_str(self) -> &'static str {
         match self {
             LinkState::Up => "up",
@@ -317,7 +347,9 @@ impl LinkState {
 /// One static route of a [`View`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RouteView {
+    /// The destination prefix.
     pub destination: String,
+    /// The next hop.
     pub via: String,
 }
 

@@ -12,7 +12,9 @@ use super::spec::{Interface, Route, RouterSpec};
 /// One router as the kernel holds it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Observed {
+    /// The namespace exists.
     pub namespace: bool,
+    /// Its loopback is up.
     pub lo_up: bool,
     /// IPv4 and IPv6 forwarding both on.
     pub forwarding: bool,
@@ -22,19 +24,27 @@ pub struct Observed {
     pub routes: BTreeSet<Route>,
 }
 
+/// One interface inside a router's namespace, as the kernel holds it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ObservedInterface {
+    /// It is a veth (the agent only makes veths).
     pub veth: bool,
+    /// It is up.
     pub up: bool,
+    /// Its MTU.
     pub mtu: u32,
+    /// Its addresses (link-local IPv6 left out).
     pub addresses: BTreeSet<IpNet>,
     /// The host end, when one with the expected name exists.
     pub host: Option<ObservedHost>,
 }
 
+/// The host end of a router's interface, as the kernel holds it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ObservedHost {
+    /// It is up.
     pub up: bool,
+    /// Its MTU.
     pub mtu: u32,
     /// The bridge it is attached to.
     pub bridge: Option<String>,
@@ -47,28 +57,43 @@ pub enum Step {
     CreateNamespace,
     /// Loopback up and forwarding on in an existing namespace.
     EnableNamespace,
+    /// Remove a static route.
     RemoveRoute(Route),
     /// Delete the inner end (the kernel deletes the pair).
     RemoveInterface(String),
     /// A veth pair with MTU, both ends up, the host end on its bridge, and the addresses.
     AddInterface(Interface),
+    /// Set both ends' MTU.
     SetMtu {
+        /// The interface (inner name).
         name: String,
+        /// The MTU.
         mtu: u32,
     },
+    /// Bring both ends of the interface up.
     SetUp(String),
+    /// Put the host end on a bridge, or take it off.
     SetBridge {
+        /// The interface (inner name).
         name: String,
+        /// The bridge; `None`: none.
         bridge: Option<String>,
     },
+    /// Remove an address from the inner end.
     RemoveAddress {
+        /// The interface (inner name).
         name: String,
+        /// The address.
         address: IpNet,
     },
+    /// Add an address to the inner end.
     AddAddress {
+        /// The interface (inner name).
         name: String,
+        /// The address.
         address: IpNet,
     },
+    /// Add a static route.
     AddRoute(Route),
 }
 

@@ -18,15 +18,20 @@ pub const NETNS_PREFIX: &str = "lr-";
 /// The alias the agent puts on every host-side veth end: `rampart <router>/<interface>`.
 pub const ALIAS_PREFIX: &str = "rampart ";
 
+/// A logical router as `router.create` describes it (and the store records it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouterSpec {
+    /// Its id (the namespace is `rampart-<id>`).
     pub id: String,
+    /// Its interfaces, each a veth pair.
     pub interfaces: Vec<Interface>,
+    /// Its static routes.
     #[serde(default)]
     pub routes: Vec<Route>,
 }
 
+/// One interface of a router: a veth pair, the inner end in the router's namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Interface {
@@ -34,19 +39,25 @@ pub struct Interface {
     pub name: String,
     /// Interface addresses (host bits set), e.g. `192.168.10.1/24`.
     pub addresses: Vec<IpNet>,
+    /// Both ends' MTU.
     pub mtu: u32,
+    /// The host bridge the host end joins, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridge: Option<String>,
 }
 
+/// A static route of a router.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
+    /// The destination prefix.
     pub destination: IpNet,
+    /// The next hop (on one of the router's interfaces).
     pub via: IpAddr,
 }
 
 impl RouterSpec {
+    /// Its network namespace's name.
     pub fn netns(&self) -> String {
         netns_name(&self.id)
     }
@@ -56,6 +67,7 @@ impl RouterSpec {
         serde_json::to_string(self).expect("router spec serialises")
     }
 
+    /// A spec from the store's canonical JSON.
     pub fn from_json(bytes: &[u8]) -> Result<RouterSpec, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
@@ -68,6 +80,7 @@ impl Interface {
     }
 }
 
+/// The network namespace of router `id`.
 pub fn netns_name(id: &str) -> String {
     format!("{NETNS_PREFIX}{id}")
 }

@@ -25,12 +25,16 @@ const CTA_ZONE: u16 = 18;
 /// Messages per `sendmsg` when removing or making entries; each is under 200 bytes.
 const CHUNK: usize = 512;
 
+/// Why a conntrack dump or change failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CtError {
+    /// The netlink socket failed.
     #[error(transparent)]
     Netlink(#[from] NfnlError),
+    /// The dump held a message that does not decode.
     #[error("the conntrack dump could not be read: {0}")]
     Decode(String),
+    /// The kernel answered a request with an error.
     #[error("the kernel refused a conntrack request: {0}")]
     Refused(std::io::Error),
 }
@@ -39,12 +43,19 @@ pub enum CtError {
 /// reply comes from, which after destination NAT is the address the filter hooks saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Flow {
+    /// The IP protocol number (6: TCP, 17: UDP, ...).
     pub proto: u8,
+    /// The original direction's source address.
     pub src: IpAddr,
+    /// Its destination address.
     pub dst: IpAddr,
+    /// Its source port (0 without ports).
     pub sport: u16,
+    /// Its destination port (0 without ports).
     pub dport: u16,
+    /// Where replies come from (the real destination after DNAT).
     pub reply_src: IpAddr,
+    /// The port replies come from.
     pub reply_sport: u16,
     /// What names the entry for its removal: the original tuple, its zone and its id (so a
     /// new entry that took the same tuple meanwhile is not removed).
@@ -303,11 +314,17 @@ pub fn delete(flows: &[Flow]) -> Result<usize, CtError> {
 /// entries without as many sockets. TCP entries are made established.
 #[derive(Debug, Clone, Copy)]
 pub struct NewFlow {
+    /// The IP protocol number (6: TCP, 17: UDP).
     pub proto: u8,
+    /// The source address.
     pub src: IpAddr,
+    /// The destination address.
     pub dst: IpAddr,
+    /// The source port.
     pub sport: u16,
+    /// The destination port.
     pub dport: u16,
+    /// How long the kernel keeps it without traffic.
     pub timeout_s: u32,
 }
 

@@ -91,6 +91,7 @@ impl HostView {
         }
     }
 
+    /// The name of interface `index`.
     pub fn name(&self, index: u32) -> Option<&str> {
         self.names.get(&index).map(String::as_str)
     }
@@ -121,10 +122,13 @@ impl HostView {
     }
 }
 
+/// Why the host's interfaces, addresses and routes could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum HostViewError {
+    /// The rtnetlink socket could not be opened.
     #[error("rtnetlink socket: {0}")]
     Socket(#[from] std::io::Error),
+    /// A dump failed.
     #[error("reading interfaces, addresses and routes: {0}")]
     Netlink(#[from] rtnetlink::Error),
 }

@@ -207,6 +207,7 @@ fn join_host_mounts() {
     }
 }
 
+/// Where `ip netns` keeps namespace `name` (`/run/netns/<name>`).
 pub fn ns_path(name: &str) -> PathBuf {
     Path::new(NETNS_DIR).join(name)
 }
@@ -290,6 +291,7 @@ pub fn write_sysctl(key: &str, value: &str) -> io::Result<()> {
     std::fs::write(sysctl_path(key), value)
 }
 
+/// The value of sysctl `key` (`net.ipv4.ip_forward`) in the calling thread's namespace.
 pub fn read_sysctl(key: &str) -> io::Result<String> {
     Ok(std::fs::read_to_string(sysctl_path(key))?
         .trim()

@@ -37,12 +37,16 @@ const NFTA_SET_ELEM_USERDATA: u16 = 6;
 const NFTNL_UDATA_SET_ELEM_FLAGS: u8 = 1;
 const NFTNL_SET_ELEM_F_INTERVAL_OPEN: u32 = 1;
 
+/// Why a netfilter netlink request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NfnlError {
+    /// The socket could not be opened, written or read.
     #[error("netlink socket: {0}")]
     Socket(nix::Error),
+    /// The kernel answered with an error (the whole batch is undone).
     #[error("the kernel refused the set element batch: {0}")]
     Refused(std::io::Error),
+    /// The kernel did not answer.
     #[error("no answer from the kernel for the set element batch")]
     NoAnswer,
 }
@@ -50,7 +54,9 @@ pub enum NfnlError {
 /// One interval-set element: its key (network byte order) and whether it closes a range.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Element {
+    /// The key: an address, network byte order.
     pub key: Vec<u8>,
+    /// It ends an interval (the first address after it).
     pub end: bool,
     /// Starts the last interval, which runs to the top of the key's range (no end
     /// element follows); nft marks it so for its listing.
@@ -60,8 +66,11 @@ pub struct Element {
 /// Element changes of one set, applied in the order given (deletions before additions).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetChange {
+    /// The set's name in the agent's table.
     pub set: String,
+    /// Elements to remove.
     pub delete: Vec<Element>,
+    /// Elements to add.
     pub add: Vec<Element>,
 }
 
@@ -254,16 +263,22 @@ pub fn encode_batch(table: &str, changes: &[SetChange], first_seq: u32) -> (Vec<
 /// Why bytes are not a batch [`encode_batch`] could have written.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BatchDecodeError {
+    /// A message's length runs past the batch.
     #[error("message at byte {0} is cut short or has a bad length")]
     BadLength(usize),
+    /// No batch-begin message first.
     #[error("the batch does not begin with a batch-begin message")]
     NoBegin,
+    /// No batch-end message last.
     #[error("the batch does not end with a batch-end message")]
     NoEnd,
+    /// A message that is not a set element change.
     #[error("message at byte {0} is not a set element change")]
     Unexpected(usize),
+    /// A message for another table than the agent's.
     #[error("message at byte {0} names another table")]
     OtherTable(usize),
+    /// A message without a table or set name.
     #[error("message at byte {0} has no table or set name")]
     NoName(usize),
 }

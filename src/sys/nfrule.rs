@@ -62,68 +62,97 @@ const REG_VERDICT: u32 = 0;
 /// Meta keys (`meta load KEY`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetaKey {
+    /// The input interface's index.
     Iif = 4,
+    /// The output interface's index.
     Oif = 5,
+    /// The input interface's name.
     IifName = 6,
+    /// The output interface's name.
     OifName = 7,
+    /// The family (IPv4 or IPv6, in an `inet` table).
     NfProto = 15,
+    /// The transport protocol number.
     L4Proto = 16,
 }
 
 /// Comparison operators of `cmp`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CmpOp {
+    /// Equal.
     Eq = 0,
+    /// Not equal.
     Neq = 1,
+    /// At most (network byte order).
     Lte = 3,
+    /// At least (network byte order).
     Gte = 5,
 }
 
 /// Payload bases of `payload load`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PayloadBase {
+    /// The IP header.
     Network = 1,
+    /// The TCP or UDP header.
     Transport = 2,
 }
 
 /// A set a `lookup` reads: a named one, or an anonymous one made in the same batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SetRef {
+    /// A named set of the table.
     Named(String),
+    /// An anonymous set of the same batch, by its id.
     Anonymous(u32),
 }
 
 /// One nftables expression, all reading and writing register 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expr {
+    /// `meta load <key>`.
     Meta(MetaKey),
     /// `ct load state`: the connection's state bits, host byte order.
     CtState,
+    /// Compares the register with a value; the rule stops here when it fails.
     Cmp(CmpOp, Vec<u8>),
+    /// `payload load`: `len` bytes at `offset` of a header.
     Payload {
+        /// Which header.
         base: PayloadBase,
+        /// Where in it.
         offset: u32,
+        /// How many bytes.
         len: u32,
     },
     /// `reg = (reg & mask) ^ 0`, over the mask's length.
     Mask(Vec<u8>),
+    /// Whether the register is in a set; the rule stops here when it is not.
     Lookup(SetRef),
     /// A counter, starting from the given values (a rule made anew that carries on the
     /// count of the rule it replaces).
     Counter(Counts),
     /// Packets per `unit_s` seconds, with `burst` packets.
     Limit {
+        /// Packets per unit.
         rate: u64,
+        /// The unit, in seconds.
         unit_s: u64,
+        /// Packets allowed above the rate at once.
         burst: u32,
     },
+    /// `log prefix <prefix> level <level>`.
     Log {
+        /// The prefix of the log line (the rule id, for `rampart trace` and operators).
         prefix: String,
+        /// The syslog level.
         level: u32,
     },
     /// `reject` of kind `NFT_REJECT_*` with an ICMP(x) code.
     Reject {
+        /// `NFT_REJECT_*`: ICMP, TCP reset, ICMPx.
         kind: u32,
+        /// The ICMP(x) code.
         code: u8,
     },
     /// An immediate verdict: `NF_DROP` 0, `NF_ACCEPT` 1.
@@ -252,17 +281,24 @@ pub struct AnonSet {
     pub id: u32,
     /// nft's datatype number of the key (7 ipv4_addr, 8 ipv6_addr, 13 inet_service).
     pub key_type: u32,
+    /// The key's length in bytes.
     pub key_len: u32,
+    /// Its elements are intervals (addresses with prefixes, port ranges).
     pub interval: bool,
+    /// Its elements.
     pub elements: Vec<Element>,
 }
 
 /// A rule to add to `chain`: before the rule with handle `before`, or at the end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewRule {
+    /// Its expressions, in order.
     pub exprs: Vec<Expr>,
+    /// The anonymous sets its lookups read, made in the same batch.
     pub sets: Vec<AnonSet>,
+    /// Its comment (the rule id), in the rule's user data.
     pub comment: Option<String>,
+    /// The handle of the rule to insert it before; `None`: at the end.
     pub before: Option<u64>,
 }
 
@@ -281,7 +317,9 @@ impl NewRule {
 /// A counter's values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Counts {
+    /// Packets counted.
     pub packets: u64,
+    /// Bytes counted.
     pub bytes: u64,
 }
 
@@ -295,9 +333,13 @@ impl std::ops::AddAssign for Counts {
 /// A rule as the kernel lists it: its handle, its comment and its counters' sum.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListedRule {
+    /// Its chain.
     pub chain: String,
+    /// Its handle.
     pub handle: u64,
+    /// Its comment.
     pub comment: Option<String>,
+    /// The sum of its counters.
     pub counts: Counts,
 }
 
@@ -411,17 +453,24 @@ const NFTA_HOOK_PRIORITY: u16 = 2;
 /// A base chain's hook: `type filter hook <hook> priority filter; policy accept;`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FilterHook {
+    /// Packets to the host.
     Input = 1,
+    /// Packets through the host.
     Forward = 2,
+    /// Packets from the host.
     Output = 3,
 }
 
 /// A named interval set of addresses (`type ipv4_addr; flags interval;`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NamedSet<'n> {
+    /// Its name in the table.
     pub name: &'n str,
+    /// Unique within the batch: the rules made in the same batch name it by this.
     pub id: u32,
+    /// nft's datatype number of the key (7 ipv4_addr, 8 ipv6_addr).
     pub key_type: u32,
+    /// The key's length in bytes.
     pub key_len: u32,
 }
 
@@ -529,6 +578,7 @@ impl<'a> TableBatch<'a> {
             .push(NFT_MSG_NEWRULE, flags, &new_rule_body(self.table, chain, r));
     }
 
+    /// Deletes the rule with handle `handle` from `chain`.
     pub fn delete_rule(&mut self, chain: &str, handle: u64) {
         let mut b = vec![];
         rule_head(&mut b, self.table, chain);

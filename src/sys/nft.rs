@@ -7,13 +7,18 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+/// Why an `nft` run failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
+    /// The binary could not be started.
     #[error("cannot run {path}: {cause}")]
     Spawn {
+        /// The binary.
         path: PathBuf,
+        /// Why.
         cause: std::io::Error,
     },
+    /// nft refused its input (the first lines of its complaint).
     #[error("nft refused the transaction: {0}")]
     Refused(String),
 }
@@ -31,12 +36,15 @@ fn summarise(stderr: &[u8]) -> String {
     s
 }
 
+/// The `nft` binary: whole-table transactions (`nft -f -`) and listings.
 #[derive(Debug, Clone)]
 pub struct Nft {
+    /// Where it is (`firewall.nft`).
     pub path: PathBuf,
 }
 
 impl Nft {
+    /// The binary at `path`.
     pub fn new(path: &Path) -> Nft {
         Nft {
             path: path.to_path_buf(),

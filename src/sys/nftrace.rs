@@ -35,32 +35,46 @@ pub enum TraceKind {
     Return,
     /// A base chain's policy decided.
     Policy,
+    /// A trace type this agent does not read.
     Other(u32),
 }
 
 /// A packet's header fields, as far as the trace carried them.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Headers {
+    /// The source address.
     pub src: Option<IpAddr>,
+    /// The destination address.
     pub dst: Option<IpAddr>,
+    /// The IP protocol number.
     pub proto: Option<u8>,
+    /// The source port (TCP, UDP).
     pub sport: Option<u16>,
+    /// The destination port (TCP, UDP).
     pub dport: Option<u16>,
 }
 
+/// One step of a traced packet's walk through the ruleset, as the kernel reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceEvent {
     /// The same for every event of one packet's walk.
     pub id: u32,
+    /// The table it is in.
     pub table: String,
+    /// The chain.
     pub chain: String,
+    /// The rule's handle (none for a chain's policy).
     pub handle: Option<u64>,
+    /// What happened there.
     pub kind: TraceKind,
     /// `NF_DROP` 0, `NF_ACCEPT` 1, and nftables' own negative codes (continue -1, jump -3,
     /// goto -4, return -5).
     pub verdict: Option<i32>,
+    /// The input interface's index.
     pub iif: Option<u32>,
+    /// The output interface's index.
     pub oif: Option<u32>,
+    /// The packet's headers (first event of a walk).
     pub headers: Headers,
 }
 
@@ -152,6 +166,7 @@ pub fn parse(body: &[u8]) -> Option<TraceEvent> {
 pub struct TraceSocket(OwnedFd);
 
 impl TraceSocket {
+    /// Joins the trace multicast group (needs CAP_NET_ADMIN).
     pub fn open() -> Result<TraceSocket, NfnlError> {
         let fd = super::nfnl::netlink_socket(1 << (NFNLGRP_NFTRACE - 1))?;
         let _ = setsockopt(&fd, sockopt::RcvBuf, &(4 << 20));
