@@ -1077,38 +1077,53 @@ impl Agent {
         let mut window = Instant::now();
         let mut rest = deliveries.into_iter();
         let mut rotation = None;
+        let mut run = self.dispatcher.batch();
         for delivery in rest.by_ref() {
-            let (tag, mut outcome) = self.execute(delivery).await;
-            // An identity switched stays switched, whatever becomes of the record.
-            rotation = outcome.rotation.take();
-            executed.push((tag, outcome));
+            let large = delivery.incoming.body.len() > LARGE_BODY;
+            let done = run.handle(delivery.tag, delivery.incoming).await;
+            if large {
+                let _ = tokio::task::spawn_blocking(crate::sys::trim_heap).await;
+            }
+            rotation = self.counted(done, &mut executed);
             if rotation.is_some() {
                 break;
             }
             // A batch of slow commands (whole rule sets) answers as it goes.
             if window.elapsed() >= BATCH_WINDOW {
+                self.counted(run.flush().await, &mut executed);
                 self.answer(link, session, std::mem::take(&mut executed));
                 window = Instant::now();
             }
         }
+        self.counted(run.flush().await, &mut executed);
         self.answer(link, session, executed);
         link.requeue(session, rest.map(|d| d.tag).collect());
         rotation
     }
 
-    /// One delivery through the dispatcher, counted; its tag for later.
-    async fn execute(&self, delivery: Received) -> (u64, crate::dispatch::Outcome) {
-        let large = delivery.incoming.body.len() > LARGE_BODY;
-        let started = Instant::now();
-        let outcome = self.dispatcher.handle(delivery.incoming).await;
-        self.count(&outcome.ack, started.elapsed()).await;
-        if large {
-            let _ = tokio::task::spawn_blocking(crate::sys::trim_heap).await;
+    /// Counts the outcomes and puts them with the ones to answer; the rotation, if one of
+    /// them made one (it is the last: an identity command runs after the ones before it).
+    fn counted(
+        &self,
+        done: Vec<crate::dispatch::Done>,
+        executed: &mut Vec<(u64, crate::dispatch::Outcome)>,
+    ) -> Option<Box<Rotation>> {
+        let mut rotation = None;
+        for crate::dispatch::Done {
+            tag,
+            mut outcome,
+            took,
+        } in done
+        {
+            self.count(&outcome.ack, took);
+            // An identity switched stays switched, whatever becomes of the record.
+            rotation = rotation.or(outcome.rotation.take());
+            executed.push((tag, outcome));
         }
-        (delivery.tag, outcome)
+        rotation
     }
 
-    async fn count(&self, ack: &crate::protocol::Ack, took: Duration) {
+    fn count(&self, ack: &crate::protocol::Ack, took: Duration) {
         let key = if ack.duplicate {
             "duplicate"
         } else {
@@ -1116,10 +1131,6 @@ impl Agent {
         };
         let kind = ack.command_type.as_deref().unwrap_or("unknown");
         self.metrics.command(kind, key, took.as_secs_f64());
-        if kind.starts_with("firewall.") {
-            let counts = self.firewall.lock().await.current().counts();
-            (self.metrics).firewall(counts.generation, counts.rules, counts.elements);
-        }
         *self
             .shared
             .commands

@@ -199,7 +199,7 @@ impl Firewalls {
     }
 
     /// Folds the patch journal into a snapshot now and then, so restarts stay fast.
-    async fn maybe_compact(&self, fw: &Firewall) {
+    pub(super) async fn maybe_compact(&self, fw: &Firewall) {
         if self.store.journal_len() < COMPACT_AFTER {
             return;
         }

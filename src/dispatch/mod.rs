@@ -18,11 +18,13 @@ use crate::protocol::{
 use crate::router::{RouterError, Routers};
 use crate::state::{Change, StateError, Store};
 
+mod batch;
 mod cert;
 mod firewall;
 mod read;
 mod router;
 
+pub use batch::{Batch, Done};
 pub use firewall::replay_firewall;
 pub use router::reconcile_routers;
 
@@ -410,26 +412,9 @@ impl Dispatcher {
         decoded
     }
 
-    /// One command, as the contract reads: deduplicate and check it, then run it in its
-    /// domain.
-    #[tracing::instrument(name = "command", skip_all, fields(id, kind))]
-    pub async fn handle(&self, incoming: Incoming) -> Outcome {
-        let started = Instant::now();
-        let request = match self.admit(incoming).await {
-            Ok(request) => request,
-            Err(answered) => return answered,
-        };
-        let type_name = request.kind.type_name();
-        let span = tracing::Span::current();
-        span.record("id", request.id.as_str());
-        span.record("kind", type_name);
-        let Request { id, kind, .. } = request;
-        let command = Command {
-            id: &id,
-            type_name,
-            started,
-        };
-        match Routed::of(kind) {
+    /// Runs a checked request in its domain.
+    async fn route(&self, command: Command<'_>, routed: Routed) -> Outcome {
+        match routed {
             Routed::Firewall(r) => self.run(&self.firewall, command, r).await,
             Routed::Router(r) => self.run(&self.routers, command, r).await,
             Routed::Cert(r) => self.run(&self.certs, command, r).await,

@@ -56,6 +56,18 @@ impl SetPatch {
         }
     }
 
+    /// The edit that takes this one back, for an edit of a set there before and after
+    /// (`None` for a set made or deleted).
+    pub fn inverse(&self) -> Option<SetPatch> {
+        match self {
+            SetPatch::Edit { added, removed } => Some(SetPatch::Edit {
+                added: removed.clone(),
+                removed: added.clone(),
+            }),
+            SetPatch::Create(_) | SetPatch::Delete => None,
+        }
+    }
+
     /// Makes the change in `sets`, in place.
     pub fn apply(&self, name: &str, sets: &mut BTreeMap<String, BTreeSet<IpNet>>) {
         match self {

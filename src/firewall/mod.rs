@@ -146,6 +146,38 @@ pub struct PatchPlan {
     pub may_deny_more: bool,
 }
 
+/// What takes back an element-only patch committed before its kernel change was made
+/// ([`Firewall::commit_elements`]).
+#[derive(Debug)]
+pub struct Undo {
+    generation: u64,
+    defaults: Defaults,
+    established: spec::Established,
+    applied_at_ms: Option<u64>,
+    /// Each set's inverse edit.
+    sets: Vec<(String, SetPatch)>,
+}
+
+impl PatchPlan {
+    /// For a patch that changes set elements only (no rule, set made or deleted, default
+    /// or layout): its kernel change, which may join other such patches' in one netlink
+    /// transaction.
+    pub fn elements(&self) -> Option<&[SetChange]> {
+        let only_edits = (self.sets.values()).all(|s| matches!(s, SetPatch::Edit { .. }));
+        match &self.kernel {
+            KernelChange::Elements(changes)
+                if only_edits
+                    && self.layout.is_none()
+                    && self.upsert_rules.is_empty()
+                    && self.delete_rules.is_empty() =>
+            {
+                Some(changes)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// What a drift check found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Drift {
@@ -633,6 +665,7 @@ impl Firewall {
         self.layout = replayed.layout;
         self.refs = replayed.refs;
         self.baseline = None;
+        self.show_counts();
     }
 
     /// `rs`, in the kernel and recorded, becomes the rule set in force.
@@ -642,6 +675,15 @@ impl Firewall {
         self.layout = layout;
         self.baseline = None;
         self.applied_at_ms = Some(crate::ids::now_ms());
+        self.show_counts();
+    }
+
+    /// The rule set's generation and size on the metrics endpoint.
+    fn show_counts(&self) {
+        if let Some(m) = &self.metrics {
+            let c = self.current.counts();
+            m.firewall(c.generation, c.rules, c.elements);
+        }
     }
 
     /// Checks a patch against the current rule set and renders the one transaction that
@@ -1148,6 +1190,42 @@ impl Firewall {
         }
         self.baseline = None;
         self.applied_at_ms = Some(crate::ids::now_ms());
+        self.show_counts();
+    }
+
+    /// Commits a plan that changes set elements only ([`PatchPlan::elements`]) before its
+    /// kernel change is made, so that the next patch plans on top of it; the kernel change
+    /// of several such patches then goes in one transaction. The returned [`Undo`] takes it
+    /// back when that transaction fails.
+    pub fn commit_elements(&mut self, plan: PatchPlan) -> Undo {
+        let cur = &self.current;
+        let undo = Undo {
+            generation: cur.generation,
+            defaults: cur.defaults,
+            established: cur.established,
+            applied_at_ms: self.applied_at_ms,
+            sets: (plan.sets.iter())
+                .map(|(name, change)| {
+                    let back = change.inverse().expect("an element-only plan edits sets");
+                    (name.clone(), back)
+                })
+                .collect(),
+        };
+        self.commit_patch(plan);
+        undo
+    }
+
+    /// Takes back a commit of [`Firewall::commit_elements`] (the last one not yet taken back).
+    pub fn undo(&mut self, undo: Undo) {
+        for (name, back) in &undo.sets {
+            back.apply(name, &mut self.current.sets);
+        }
+        self.current.generation = undo.generation;
+        self.current.defaults = undo.defaults;
+        self.current.established = undo.established;
+        self.applied_at_ms = undo.applied_at_ms;
+        self.baseline = None;
+        self.show_counts();
     }
 
     /// Compares our table with what we last applied; restores it when it differs or is gone.
@@ -1316,6 +1394,60 @@ mod tests {
         assert_eq!(chain_rule_counts(&listing), fw.expected_counts());
         let tampered = listing.replacen("jump in_0", "jump in_0\n\t\ttcp dport 83 accept", 1);
         assert_ne!(chain_rule_counts(&tampered), fw.expected_counts());
+    }
+
+    #[test]
+    fn element_patches_committed_ahead_of_the_kernel_are_taken_back_exactly() {
+        // A group of element-only patches is committed in memory one after the other (each
+        // planned on the one before), then their one kernel transaction fails: undoing them
+        // in reverse must give back the rule set as it was, element for element.
+        let mut fw = firewall();
+        let before = fw.current().clone();
+        let net = |s: &str| -> BTreeSet<IpNet> { [spec::parse_net(s).unwrap()].into() };
+        let patches = [
+            Patch {
+                add_addresses: [("web".into(), net("10.0.0.2"))].into(),
+                ..Default::default()
+            },
+            Patch {
+                remove_addresses: [("web".into(), net("10.0.0.1"))].into(),
+                established: Some(spec::Established::Keep),
+                ..Default::default()
+            },
+            // Takes back the first one's address: the group's sets edit the same element.
+            Patch {
+                remove_addresses: [("web".into(), net("10.0.0.2"))].into(),
+                add_addresses: [("web".into(), net("10.0.0.0/30"))].into(),
+                ..Default::default()
+            },
+        ];
+        let mut undos = vec![];
+        for (i, p) in patches.into_iter().enumerate() {
+            let g = 1 + i as u64;
+            let plan = fw
+                .plan_patch(&Patch {
+                    base_generation: g,
+                    generation: g + 1,
+                    ..p
+                })
+                .unwrap();
+            assert!(plan.elements().is_some(), "patch {i} changes elements only");
+            undos.push(fw.commit_elements(plan));
+        }
+        assert_eq!(fw.current().generation, 4);
+        assert_eq!(fw.current().sets["web"], net("10.0.0.0/30"));
+        for undo in undos.into_iter().rev() {
+            fw.undo(undo);
+        }
+        assert_eq!(fw.current(), &before);
+        // A patch that changes a rule is not one of them.
+        let rule = Patch {
+            base_generation: 1,
+            generation: 2,
+            upsert_rules: vec![Rule::for_test("s", 2, Direction::Out)],
+            ..Default::default()
+        };
+        assert!(fw.plan_patch(&rule).unwrap().elements().is_none());
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub fn tests() -> Vec<Trial> {
             cut_record_log,
         ),
         trial(
+            "faults::patches_of_a_batch_share_one_transaction_and_fall_back_one_by_one",
+            grouped_patches,
+        ),
+        trial(
             "faults::cluster_node_of_the_session_killed_under_a_command_stream",
             cluster_node_kills,
         ),
@@ -665,6 +669,199 @@ fn cut_record_log() -> Result<()> {
         anyhow::Ok(())
     })?;
     drop(agent);
+    Ok(())
+}
+
+/// Sends `patches` (id, data) while the agent is stopped, so that they come as one batch.
+async fn queued(
+    m: &mut rampart::manager::Manager,
+    agent: &AgentProc,
+    host: &str,
+    patches: &[(&str, Value)],
+) -> Result<()> {
+    agent.signal(Signal::SIGSTOP);
+    let sent = async {
+        for (id, data) in patches {
+            m.send(host, "firewall.patch", id, data).await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    agent.signal(Signal::SIGCONT);
+    sent
+}
+
+/// The firewall patches of one batch that change set elements only go to the kernel in one
+/// transaction; the answers, the kernel and the record are as if each had run alone: a
+/// redelivery among them is a duplicate, a patch changing rules runs after the ones before
+/// it. When that one transaction fails, each patch runs alone and gets its own answer.
+fn grouped_patches() -> Result<()> {
+    use crate::firewall::Topo;
+    use crate::support::netns::{Servers, Tcp};
+    use rampart::protocol::{ErrorCode, Status};
+    let t = Topo::with_options(
+        18,
+        "fl-grouped",
+        HostOptions {
+            // The whole prefetch (32) in flight, so that a batch holds every patch.
+            commands: format!("max_buffered_bytes = {}", 32 * 16 * 1024 * 1024),
+            ..Default::default()
+        },
+    );
+    let _srv = Servers::start(&t.site.ag.name, "0.0.0.0", &[81], &[]);
+    let client = format!("10.202.{}.2", t.n);
+    let mut agent = t.site.start(&[(
+        "RAMPART_LOG",
+        "info,lapin=off,rampart::dispatch::batch=debug",
+    )]);
+    let set = |id: &str| -> Result<String> {
+        let out = t
+            .site
+            .ag
+            .exec(&["nft", "list", "set", "inet", "rampart", id]);
+        ensure!(out.status.success(), "nft list set {id}");
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    runtime().block_on(async {
+        let h = &t.site.host.id;
+        let mut m = manager(h).await?;
+        let rs = json!({"generation": 1, "defaults": {"in": "drop"},
+                "address_sets": {"clients": ["192.0.2.1"]},
+                "rules": [{"id": "r81", "priority": 1, "action": "allow", "direction": "in",
+                           "protocol": "tcp", "ports": ["81"], "sources": ["$clients"]}]});
+        applied(&mut m, h, "firewall.apply", "gp-1", rs).await?;
+        let add = |base: u64, addrs: &[&str]| {
+            json!({"base_generation": base, "generation": base + 1,
+                   "add_addresses": {"clients": addrs}})
+        };
+        let mut acks = m.subscribe(rampart::broker::ACKS_EXCHANGE, h).await?;
+        let p2 = add(1, &[&client]);
+        let patches = [
+            ("gp-2", p2.clone()),
+            ("gp-2", p2),
+            ("gp-3", add(2, &["192.0.2.9"])),
+            (
+                "gp-4",
+                json!({"base_generation": 3, "generation": 4,
+                "remove_addresses": {"clients": ["192.0.2.9"]},
+                "add_addresses": {"clients": ["192.0.2.10"]}}),
+            ),
+            ("gp-5", add(4, &["192.0.2.11"])),
+            (
+                "gp-6",
+                json!({"base_generation": 5, "generation": 6, "upsert_rules": [
+                {"id": "r82", "priority": 2, "action": "allow", "direction": "in",
+                 "protocol": "tcp", "ports": ["82"], "sources": ["$clients"]}]}),
+            ),
+            (
+                "gp-7",
+                json!({"base_generation": 6, "generation": 7,
+                "remove_addresses": {"clients": ["192.0.2.10"]}}),
+            ),
+            ("gp-8", add(6, &["192.0.2.12"])),
+        ];
+        queued(&mut m, &agent, h, &patches).await?;
+        let mut answers: Vec<rampart::protocol::Ack> = vec![];
+        while answers.len() < patches.len() {
+            let next = tokio::time::timeout(
+                Duration::from_secs(20),
+                futures_util::StreamExt::next(&mut acks),
+            )
+            .await
+            .context("the patches' acks")?
+            .context("the ack stream ended")??;
+            answers.push(serde_json::from_slice(&next.data)?);
+        }
+        let of = |id: &str| -> Vec<(Status, bool)> {
+            (answers.iter())
+                .filter(|a| a.correlation_id.as_deref() == Some(id))
+                .map(|a| (a.status, a.duplicate))
+                .collect()
+        };
+        for id in ["gp-3", "gp-4", "gp-5", "gp-6", "gp-7"] {
+            ensure!(of(id) == [(Status::Applied, false)], "{id}: {answers:?}");
+        }
+        ensure!(
+            of("gp-2") == [(Status::Applied, false), (Status::Applied, true)],
+            "a redelivery among grouped patches is a duplicate: {answers:?}"
+        );
+        ensure!(of("gp-8") == [(Status::Stale, false)], "{answers:?}");
+        ensure!(t.probe(81) == Tcp::Open, "the client was added");
+        let listed = set("as4_clients")?;
+        ensure!(
+            listed.contains("192.0.2.11")
+                && !listed.contains("192.0.2.9")
+                && !listed.contains("192.0.2.10"),
+            "{listed}"
+        );
+        ensure!(
+            agent
+                .current_log()
+                .lines()
+                .any(|l| l.contains("in one transaction")
+                    && l.split_whitespace().any(|w| w
+                        .strip_prefix("patches=")
+                        .and_then(|n| n.parse::<u32>().ok())
+                        >= Some(2))),
+            "no two patches went to the kernel together:\n{}",
+            agent.current_log()
+        );
+        // Now the kernel refuses one of them (an overlapping interval put in behind the
+        // agent's back): the three run one by one instead.
+        let injected = t.site.ag.exec(&[
+            "nft",
+            "add",
+            "element",
+            "inet",
+            "rampart",
+            "as4_clients",
+            "{ 192.0.2.48/29 }",
+        ]);
+        ensure!(injected.status.success(), "{injected:?}");
+        let patches = [
+            ("gp-9", add(7, &["192.0.2.40"])),
+            ("gp-10", add(8, &["192.0.2.50"])),
+            ("gp-11", add(9, &["192.0.2.60"])),
+        ];
+        queued(&mut m, &agent, h, &patches).await?;
+        let wait = Duration::from_secs(20);
+        let a9 = m.wait_ack("gp-9", wait).await?;
+        let a10 = m.wait_ack("gp-10", wait).await?;
+        let a11 = m.wait_ack("gp-11", wait).await?;
+        ensure!(a9.status == Status::Applied, "{a9:?}");
+        ensure!(
+            a10.status == Status::Failed
+                && a10.error.as_ref().map(|e| e.code) == Some(ErrorCode::NftFailed),
+            "{a10:?}"
+        );
+        ensure!(a11.status == Status::Stale, "{a11:?}");
+        ensure!(
+            agent.current_log().contains("running them one by one"),
+            "{}",
+            agent.current_log()
+        );
+        let sync = send(&mut m, h, "state.sync", "gp-sync", json!({})).await?;
+        ensure!(
+            sync.data["firewall"]["generation"] == 8,
+            "{}",
+            sync.data["firewall"]
+        );
+        let listed = set("as4_clients")?;
+        ensure!(
+            listed.contains("192.0.2.40") && !listed.contains("192.0.2.60"),
+            "{listed}"
+        );
+        m.close().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // What was recorded comes back as it was.
+    let _agent = as_after_a_reboot(&t, &mut agent);
+    ensure!(t.probe(81) == Tcp::Open, "restored after restart");
+    let listed = set("as4_clients")?;
+    ensure!(
+        listed.contains("192.0.2.11") && listed.contains("192.0.2.40"),
+        "{listed}"
+    );
     Ok(())
 }
 
