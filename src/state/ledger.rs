@@ -147,21 +147,22 @@ impl Ledger {
 mod tests {
     use super::*;
 
+    fn ack(id: &str) -> Ack {
+        Ack::new(
+            "h",
+            Some(id.into()),
+            None,
+            crate::protocol::Status::Applied,
+            None,
+            serde_json::json!({}),
+        )
+    }
+
     #[test]
     fn records_fold_in_the_order_they_were_made() {
         // The store prunes the oldest records first: a fold must hand them over oldest
         // first, or a record newer than the ones kept could be pruned.
         let dir = tempfile::tempdir().unwrap();
-        let ack = |id: &str| {
-            Ack::new(
-                "h",
-                Some(id.into()),
-                None,
-                crate::protocol::Status::Applied,
-                None,
-                serde_json::json!({}),
-            )
-        };
         let ids: Vec<String> = (0..40).map(|i| format!("r{i}")).collect();
         {
             let mut l = Ledger::open(dir.path()).unwrap();
@@ -184,16 +185,6 @@ mod tests {
         // A power loss (or a write cut short whose cutting back failed) leaves part of a
         // record at the end: the next record must not be glued to it.
         let dir = tempfile::tempdir().unwrap();
-        let ack = |id: &str| {
-            Ack::new(
-                "h",
-                Some(id.into()),
-                None,
-                crate::protocol::Status::Applied,
-                None,
-                serde_json::json!({}),
-            )
-        };
         let (a, b) = (ack("a"), ack("b"));
         Ledger::open(dir.path())
             .unwrap()

@@ -498,6 +498,14 @@ fn full_disk() -> Result<()> {
     Ok(())
 }
 
+/// Generation 1: port 81 open to the addresses of set `clients` (192.0.2.1 to begin with).
+fn clients_on_81() -> Value {
+    json!({"generation": 1, "defaults": {"in": "drop"},
+        "address_sets": {"clients": ["192.0.2.1"]},
+        "rules": [{"id": "r81", "priority": 1, "action": "allow", "direction": "in",
+                   "protocol": "tcp", "ports": ["81"], "sources": ["$clients"]}]})
+}
+
 /// Firewall patches share one fsync per batch (their records are committed first, synced
 /// before the acks go out). When that sync fails (the disk filled up under the agent), the
 /// patches are undone in memory and in the kernel and answered `failed`/`store_failed`;
@@ -514,10 +522,7 @@ fn unsynced_patches() -> Result<()> {
     runtime().block_on(async {
         let h = &t.site.host.id;
         let mut m = manager(h).await?;
-        let rs = json!({"generation": 1, "defaults": {"in": "drop"},
-                "address_sets": {"clients": ["192.0.2.1"]},
-                "rules": [{"id": "r81", "priority": 1, "action": "allow", "direction": "in",
-                           "protocol": "tcp", "ports": ["81"], "sources": ["$clients"]}]});
+        let rs = clients_on_81();
         applied(&mut m, h, "firewall.apply", "us-1", rs).await?;
         ensure!(t.probe(81) == Tcp::Silent, "the client is not allowed yet");
         disk.fill()?;
@@ -725,10 +730,7 @@ fn grouped_patches() -> Result<()> {
     runtime().block_on(async {
         let h = &t.site.host.id;
         let mut m = manager(h).await?;
-        let rs = json!({"generation": 1, "defaults": {"in": "drop"},
-                "address_sets": {"clients": ["192.0.2.1"]},
-                "rules": [{"id": "r81", "priority": 1, "action": "allow", "direction": "in",
-                           "protocol": "tcp", "ports": ["81"], "sources": ["$clients"]}]});
+        let rs = clients_on_81();
         applied(&mut m, h, "firewall.apply", "gp-1", rs).await?;
         let add = |base: u64, addrs: &[&str]| {
             json!({"base_generation": base, "generation": base + 1,
