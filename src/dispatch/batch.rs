@@ -84,7 +84,11 @@ impl Batch<'_> {
         }
         let request = match self.d.admit(incoming).await {
             Ok(request) => request,
-            Err(answered) => return with(done, tag, answered, started),
+            Err(answered) => {
+                // Answered at once (refused, or a duplicate): after the ones before it.
+                done.extend(self.flush().await);
+                return with(done, tag, answered, started);
+            }
         };
         let type_name = request.kind.type_name();
         let span = tracing::Span::current();

@@ -748,6 +748,11 @@ fn grouped_patches() -> Result<()> {
                 "remove_addresses": {"clients": ["192.0.2.9"]},
                 "add_addresses": {"clients": ["192.0.2.10"]}}),
             ),
+            // Refused while the two before wait for their transaction: answered after them.
+            (
+                "gp-bad",
+                json!({"base_generation": 4, "generation": 5, "bogus": 1}),
+            ),
             ("gp-5", add(4, &["192.0.2.11"])),
             (
                 "gp-6",
@@ -788,6 +793,13 @@ fn grouped_patches() -> Result<()> {
             "a redelivery among grouped patches is a duplicate: {answers:?}"
         );
         ensure!(of("gp-8") == [(Status::Stale, false)], "{answers:?}");
+        ensure!(of("gp-bad") == [(Status::Rejected, false)], "{answers:?}");
+        // Acks go out in queue order.
+        let order: Vec<&str> = (answers.iter())
+            .filter_map(|a| a.correlation_id.as_deref())
+            .collect();
+        let sent: Vec<&str> = patches.iter().map(|(id, _)| *id).collect();
+        ensure!(order == sent, "acks in {order:?}, commands in {sent:?}");
         ensure!(t.probe(81) == Tcp::Open, "the client was added");
         let listed = set("as4_clients")?;
         ensure!(
