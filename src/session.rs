@@ -350,6 +350,18 @@ enum End {
     Lost(String),
 }
 
+impl End {
+    /// What the channels and the connection are closed with.
+    fn reason(&self) -> &'static str {
+        match self {
+            End::Closed => "agent stopping",
+            End::HandOver(_) => "identity rotated",
+            End::Reconnect(_) => "configuration reloaded",
+            End::Lost(_) => "reconnecting",
+        }
+    }
+}
+
 /// How a wait between sessions ended.
 enum Wait {
     Elapsed,
@@ -503,20 +515,14 @@ impl<H: Host> Actor<H> {
             Ok(subscribed) => self.serve(id, conn, subscribed, prefetch, orders).await,
             Err(e) => End::Lost(e.to_string()),
         };
-        let reason = match &end {
-            End::Closed => "agent stopping",
-            End::HandOver(_) => "identity rotated",
-            End::Reconnect(_) => "configuration reloaded",
-            End::Lost(why) => {
-                tracing::warn!(url = %session.url, error = %why, "broker session lost");
-                crate::logs::notify(&[sd_notify::NotifyState::Status(&format!(
-                    "broker session lost ({why}); retrying"
-                ))]);
-                self.note_error(why.clone());
-                "reconnecting"
-            }
-        };
-        self.with_pulse(conn, broker::close_bounded(conn, reason))
+        if let End::Lost(why) = &end {
+            tracing::warn!(url = %session.url, error = %why, "broker session lost");
+            crate::logs::notify(&[sd_notify::NotifyState::Status(&format!(
+                "broker session lost ({why}); retrying"
+            ))]);
+            self.note_error(why.clone());
+        }
+        self.with_pulse(conn, broker::close_bounded(conn, end.reason()))
             .await;
         let _ = self.inbound.send(Inbound::Down { session: id });
         end
@@ -636,12 +642,7 @@ impl<H: Host> Actor<H> {
         if let Err(error) = self.with_pulse(conn, live.finish()).await {
             tracing::warn!(%error, "the last batch's acks did not all go out; its commands will come again");
         }
-        let reason = if matches!(end, End::Closed) {
-            "agent stopping"
-        } else {
-            "session handed over"
-        };
-        broker::close_channels(&[&consume_ch, publisher.channel()], reason).await;
+        broker::close_channels(&[&consume_ch, publisher.channel()], end.reason()).await;
         end
     }
 
